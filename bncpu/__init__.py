@@ -1,0 +1,39 @@
+"""bncpu: fast, accurate batch normalization (and its relatives) for NumPy and C.
+
+Functions follow PyTorch's names, argument order and semantics, and NumPy's calling
+conventions (array-likes in, ``out=``, dtype rules: see bncpu._validate). Every kernel
+releases the GIL and uses OpenMP threads for large inputs; results are bitwise
+identical for any number of threads.
+
+The plain-NumPy twin of every function is in ``bncpu.reference``; ``python -m bncpu``
+prints the speed report; ``bncpu.get_include()`` locates ``bncpu.h`` for C callers.
+"""
+import os
+
+from bncpu._dispatch import ISA as _ISA
+from bncpu._threads import get_num_threads, openmp_enabled, set_num_threads
+from bncpu._batch_norm import (
+    batch_norm, batch_norm_forward, batch_norm_backward,
+    batch_norm_stats, batch_norm_gather_stats, batch_norm_elemt,
+    batch_norm_backward_reduce, batch_norm_backward_elemt,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_norm", "batch_norm_forward", "batch_norm_backward",
+    "batch_norm_stats", "batch_norm_gather_stats", "batch_norm_elemt",
+    "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+    "get_num_threads", "set_num_threads", "get_include", "isa", "openmp_enabled",
+]
+
+
+def isa():
+    """The instruction set the kernels were compiled for and run with: 'avx512',
+    'avx2' or 'baseline' (portable x86-64). Set BNCPU_ISA before import to force one."""
+    return _ISA
+
+
+def get_include():
+    """Directory holding bncpu.h, for compiling C programs and extensions."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")

@@ -1,0 +1,109 @@
+"""The C API's function table, handed to C code through a capsule.
+
+bncpu/__init__.py fills the table at import: each kernel family module (in the
+instruction-set build bncpu._dispatch chose) writes its entries, then the table is
+published as ``bncpu._capi._C_API``, a capsule named "bncpu._capi._C_API" that
+include/bncpu.h's bncpu_import() reads. The table lives as long as the process.
+"""
+from cpython.pycapsule cimport PyCapsule_New
+from libc.string cimport memset
+
+cdef extern from *:
+    """
+    #include "bncpu.h"
+    static const char *bncpu_strerror_impl(int status) {
+        switch (status) {
+        case BNCPU_OK: return "success";
+        case BNCPU_ERR_NULL_POINTER: return "a required pointer argument is NULL";
+        case BNCPU_ERR_BAD_SIZE: return "a size is negative or the sizes disagree";
+        case BNCPU_ERR_ONE_VALUE: return "expected more than 1 value per channel when training";
+        case BNCPU_ERR_BAD_EPS: return "eps must be finite and >= 0";
+        case BNCPU_ERR_BAD_MOMENTUM: return "momentum must be in [0, 1]";
+        case BNCPU_ERR_ALIASED_STATS: return "running_mean and running_var must be different arrays";
+        case BNCPU_ERR_BAD_GROUPS: return "the number of channels must be divisible by the number of groups (>= 1)";
+        case BNCPU_ERR_NO_MEMORY: return "out of memory for a temporary buffer";
+        case BNCPU_ERR_NOT_IMPORTED: return "bncpu_import() has not succeeded";
+        case BNCPU_ERR_IMPORT: return "the bncpu Python package could not be imported";
+        default: return "unknown bncpu status";
+        }
+    }
+    static bncpu_api bncpu_table;
+    static char bncpu_isa_name[32];
+    """
+    ctypedef struct bncpu_api:
+        int api_version
+        const char* version
+        const char* isa
+        const char* (*strerror)(int) noexcept nogil
+        int (*get_num_threads)() noexcept nogil
+        void (*set_num_threads)(int) noexcept nogil
+    int BNCPU_API_VERSION
+    const char* BNCPU_VERSION_STRING
+    bncpu_api bncpu_table
+    char bncpu_isa_name[32]
+    const char* bncpu_strerror_impl(int status) noexcept nogil
+
+from bncpu._threads cimport c_get_num_threads, c_set_num_threads
+
+
+def _new_table(str isa):
+    """Reset the table and return a capsule the kernel modules write into."""
+    cdef bytes name = isa.encode()[:31]
+    memset(&bncpu_table, 0, sizeof(bncpu_table))
+    memset(bncpu_isa_name, 0, sizeof(bncpu_isa_name))
+    for i in range(len(name)):
+        bncpu_isa_name[i] = name[i]
+    bncpu_table.api_version = BNCPU_API_VERSION
+    bncpu_table.version = BNCPU_VERSION_STRING
+    bncpu_table.isa = bncpu_isa_name
+    bncpu_table.strerror = bncpu_strerror_impl
+    bncpu_table.get_num_threads = c_get_num_threads
+    bncpu_table.set_num_threads = c_set_num_threads
+    return PyCapsule_New(&bncpu_table, "bncpu._capi.table", NULL)
+
+
+def _publish():
+    """The capsule bncpu_import() reads: call once the table is complete."""
+    global _C_API
+    _C_API = PyCapsule_New(&bncpu_table, "bncpu._capi._C_API", NULL)
+
+
+def strerror(int status):
+    """The message of a bncpu_status code."""
+    return bncpu_strerror_impl(status).decode()
+
+
+cdef extern from *:
+    """
+    static int bncpu_cpu_supports_avx2(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    #else
+        return 0;
+    #endif
+    }
+    static int bncpu_cpu_supports_avx512(void) {
+    #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("fma");
+    #else
+        return 0;
+    #endif
+    }
+    """
+    int bncpu_cpu_supports_avx2() noexcept nogil
+    int bncpu_cpu_supports_avx512() noexcept nogil
+
+
+def cpu_isas():
+    """Instruction-set levels this CPU runs, best first (always ends with 'baseline')."""
+    levels = []
+    if bncpu_cpu_supports_avx512():
+        levels.append("avx512")
+    if bncpu_cpu_supports_avx2():
+        levels.append("avx2")
+    levels.append("baseline")
+    return levels

@@ -1,0 +1,1 @@
+"""Cython kernels, one module per family; bncpu._dispatch picks the instruction-set build."""

@@ -1,0 +1,53 @@
+# Declarations every kernel family shares: the C API's status codes and table type
+# (from include/bncpu.h, so the Cython and C views of the ABI cannot drift apart),
+# argument checks, and raw-pointer access to validated NumPy arrays.
+from libc.math cimport isfinite
+from libc.stdint cimport int64_t, INT64_MAX
+cimport numpy as cnp
+
+cdef extern from "bncpu.h":
+    ctypedef enum bncpu_status:
+        BNCPU_OK
+        BNCPU_ERR_NULL_POINTER
+        BNCPU_ERR_BAD_SIZE
+        BNCPU_ERR_ONE_VALUE
+        BNCPU_ERR_BAD_EPS
+        BNCPU_ERR_BAD_MOMENTUM
+        BNCPU_ERR_ALIASED_STATS
+        BNCPU_ERR_BAD_GROUPS
+        BNCPU_ERR_NO_MEMORY
+    ctypedef struct bncpu_api:
+        pass
+
+
+cdef inline int check_sizes(int64_t a, int64_t b, int64_t c) noexcept nogil:
+    """Sizes must be >= 0 and their product must fit in int64."""
+    if a < 0 or b < 0 or c < 0:
+        return BNCPU_ERR_BAD_SIZE
+    if a != 0 and b != 0 and c != 0:
+        if b > INT64_MAX // a or c > INT64_MAX // (a * b):
+            return BNCPU_ERR_BAD_SIZE
+    return BNCPU_OK
+
+
+cdef inline int check_eps(double eps) noexcept nogil:
+    if not (isfinite(eps) and eps >= 0):
+        return BNCPU_ERR_BAD_EPS
+    return BNCPU_OK
+
+
+cdef inline int check_momentum(double momentum) noexcept nogil:
+    if not (momentum >= 0 and momentum <= 1):   # NaN fails both
+        return BNCPU_ERR_BAD_MOMENTUM
+    return BNCPU_OK
+
+
+cdef inline void* data_or_null(object array):
+    """Data pointer of a validated ndarray, NULL for None."""
+    if array is None:
+        return NULL
+    return cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+cdef inline bint is_float32(object array):
+    return cnp.PyArray_TYPE(<cnp.ndarray>array) == cnp.NPY_FLOAT32

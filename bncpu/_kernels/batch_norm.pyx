@@ -1,0 +1,942 @@
+"""Batch-norm kernels on C-contiguous (N, C, S) buffers, float32 or float64.
+
+Per channel j over its M = N·S values:
+    mean = Σx / M,  var = Σ(x - mean)² / M (biased),  invstd = 1/√(var + eps)
+    y = (x - mean)·invstd·weight + bias
+Backward (training), x̂ = (x - mean)·invstd:
+    dbias = Σdy,  dweight = Σdy·x̂,  dx = weight·invstd·(dy - Σdy/M - x̂·Σ(dy·x̂)/M)
+
+How the work is cut (the same cut for any number of threads, so results are bitwise
+identical):
+* A channel is the sequence of its N rows x[i, j, :], each cut into pieces of at
+  most PIECE values. Statistics fold the pieces in (row, piece) order; each piece is
+  summarized on its own (see _primitives.span_stats).
+* Channel mode (many channels): one thread owns a channel, computes its statistics
+  and, while the channel is still in L2 cache, normalizes it: one read from memory,
+  one write.
+* Split mode (fewer channels than threads, e.g. (4, 1, 512, 512)): the pieces of all
+  channels are spread over the threads, the per-piece partials are merged per
+  channel in (row, piece) order, then a second parallel pass normalizes.
+* Column mode (S == 1, i.e. (N, C) input): blocks of CHANNEL_CHUNK adjacent channels,
+  with the rows folded in blocks of ROW_BLOCK so the loops run along contiguous memory.
+
+Every kernel checks its arguments first and returns a bncpu_status; nothing is
+written unless the arguments are valid.
+"""
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
+from cpython.pycapsule cimport PyCapsule_GetPointer
+cimport numpy as cnp
+
+from bncpu._threads cimport threads_begin, threads_end
+from bncpu._kernels._common cimport (
+    BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_SIZE, BNCPU_ERR_ONE_VALUE,
+    BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY, bncpu_api,
+    check_sizes, check_eps, check_momentum, data_or_null, is_float32)
+from bncpu._kernels._primitives cimport (
+    real, span_stats, merge_stats, sum_dy_xmu_span, split_center,
+    affine_span, scale_span, backward_span)
+
+cnp.import_array()
+
+cdef enum:
+    PIECE = 65536          # values per piece of a row (a unit of parallel work)
+    SPLIT_MIN_S = 4096     # split mode only when rows are at least this long
+    CHANNEL_CHUNK = 64     # column mode: channels per task
+    ROW_BLOCK = 64         # column mode: rows per statistics block
+
+# Per-channel coefficients of the elementwise passes, CHANNEL_COEFS rows of c values:
+#   forward:  y  = ((x - hi) - lo)·scale + offset
+#   backward: dx = (dy - offset - ((x - hi) - lo)·k)·scale
+cdef enum:
+    COEF_HI = 0
+    COEF_LO = 1
+    COEF_SCALE = 2
+    COEF_OFFSET = 3
+    COEF_K = 4
+    CHANNEL_COEFS = 5
+
+cdef enum Pass:
+    PASS_AFFINE
+    PASS_BACKWARD
+    PASS_SCALE
+
+
+# --------------------------------------------------------------------------------
+# Work layout helpers
+# --------------------------------------------------------------------------------
+cdef inline int64_t pieces_per_row(int64_t s) noexcept nogil:
+    return (s + PIECE - 1) // PIECE if s > 0 else 0
+
+
+cdef inline bint use_split_mode(int64_t c, int64_t s, int n_threads) noexcept nogil:
+    return n_threads > 1 and s >= SPLIT_MIN_S and c < 2 * n_threads
+
+
+cdef inline void piece_bounds(int64_t task, int64_t n, int64_t c, int64_t s,
+                              int64_t* channel, int64_t* offset, int64_t* length) noexcept nogil:
+    """Task t covers piece p of row i of channel j, t = (j·N + i)·P + p."""
+    cdef int64_t per_row = pieces_per_row(s)
+    cdef int64_t p = task % per_row
+    cdef int64_t i = (task // per_row) % n
+    channel[0] = task // (per_row * n)
+    offset[0] = (i * c + channel[0]) * s + p * PIECE
+    length[0] = min(<int64_t>PIECE, s - p * PIECE)
+
+
+cdef void piece_stats_task(const real* x, int64_t task, int64_t n, int64_t c, int64_t s,
+                           double* partials) noexcept nogil:
+    """Split mode: (count, mean, M2) of one piece into partials[3·task:3·task+3]."""
+    cdef int64_t j, offset, length
+    piece_bounds(task, n, c, s, &j, &offset, &length)
+    partials[3 * task] = 0
+    partials[3 * task + 1] = 0
+    partials[3 * task + 2] = 0
+    span_stats(x + offset, length, &partials[3 * task], &partials[3 * task + 1], &partials[3 * task + 2])
+
+
+cdef void piece_grad_sums_task(const real* dy, const real* x, int64_t task, int64_t n, int64_t c,
+                               int64_t s, const double* mean, double* partials) noexcept nogil:
+    """Split mode: Σdy and Σdy·(x - mean) of one piece into partials[2·task:2·task+2]."""
+    cdef int64_t j, offset, length
+    piece_bounds(task, n, c, s, &j, &offset, &length)
+    partials[2 * task] = 0
+    partials[2 * task + 1] = 0
+    sum_dy_xmu_span(dy + offset, x + offset, length, mean[j], &partials[2 * task], &partials[2 * task + 1])
+
+
+cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t j,
+                        double* mean, double* m2) noexcept nogil:
+    """Mean and M2 of channel j, folding its pieces in (row, piece) order."""
+    cdef int64_t i, start, start_index, length
+    cdef double count = 0, piece_count, piece_mean, piece_m2
+    mean[0] = 0
+    m2[0] = 0
+    for i in range(n):
+        for start_index in range((s + PIECE - 1) // PIECE):
+            start = start_index * PIECE
+            length = min(<int64_t>PIECE, s - start)
+            piece_count = 0
+            piece_mean = 0
+            piece_m2 = 0
+            span_stats(x + (i * c + j) * s + start, length, &piece_count, &piece_mean, &piece_m2)
+            merge_stats(&count, mean, m2, piece_count, piece_mean, piece_m2)
+
+
+cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
+                            int64_t j, double mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """Σdy and Σdy·(x - mean) of channel j; pieces summed in (row, piece) order."""
+    cdef int64_t i, start, start_index, offset
+    cdef double piece_dy, piece_dy_xmu
+    sum_dy[0] = 0
+    sum_dy_xmu[0] = 0
+    for i in range(n):
+        for start_index in range((s + PIECE - 1) // PIECE):
+            start = start_index * PIECE
+            offset = (i * c + j) * s + start
+            piece_dy = 0
+            piece_dy_xmu = 0
+            sum_dy_xmu_span(dy + offset, x + offset, min(<int64_t>PIECE, s - start), mean,
+                            &piece_dy, &piece_dy_xmu)
+            sum_dy[0] += piece_dy
+            sum_dy_xmu[0] += piece_dy_xmu
+
+
+cdef void column_stats(const real* x, int64_t n, int64_t c, int64_t j0, int64_t width,
+                       double* count, double* mean, double* m2) noexcept nogil:
+    """Column mode (S == 1): statistics of channels j0..j0+width, rows in blocks."""
+    cdef double block_sum[CHANNEL_CHUNK]
+    cdef double block_m2[CHANNEL_CHUNK]
+    cdef double block_mean, d
+    cdef int64_t r0, r0_index, rows, i, jj
+    cdef const real* row
+    for jj in range(width):
+        count[jj] = 0
+        mean[jj] = 0
+        m2[jj] = 0
+    for r0_index in range((n + ROW_BLOCK - 1) // ROW_BLOCK):
+        r0 = r0_index * ROW_BLOCK
+        rows = min(<int64_t>ROW_BLOCK, n - r0)
+        for jj in range(width):
+            block_sum[jj] = 0
+            block_m2[jj] = 0
+        for i in range(r0, r0 + rows):
+            row = x + i * c + j0
+            for jj in range(width):
+                block_sum[jj] += row[jj]
+        for i in range(r0, r0 + rows):
+            row = x + i * c + j0
+            for jj in range(width):
+                d = row[jj] - block_sum[jj] / rows
+                block_m2[jj] += d * d
+        for jj in range(width):
+            merge_stats(&count[jj], &mean[jj], &m2[jj], <double>rows,
+                        block_sum[jj] / rows, block_m2[jj])
+
+
+cdef void column_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t j0,
+                           int64_t width, const double* mean,
+                           double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """Column mode: Σdy and Σdy·(x - mean) of channels j0..j0+width, row by row."""
+    cdef int64_t i, jj
+    for jj in range(width):
+        sum_dy[j0 + jj] = 0
+        sum_dy_xmu[j0 + jj] = 0
+    for i in range(n):
+        for jj in range(width):
+            sum_dy[j0 + jj] += dy[i * c + j0 + jj]
+            sum_dy_xmu[j0 + jj] += dy[i * c + j0 + jj] * (<double>x[i * c + j0 + jj] - mean[j0 + jj])
+
+
+# --------------------------------------------------------------------------------
+# Elementwise passes with per-channel coefficients
+# --------------------------------------------------------------------------------
+cdef void pass_span(Pass kind, const real* a, const real* b, real* out, int64_t length,
+                    const real* coefs, int64_t c, int64_t j) noexcept nogil:
+    if kind == PASS_AFFINE:
+        affine_span(a, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
+                    coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j])
+    elif kind == PASS_BACKWARD:
+        backward_span(a, b, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
+                      coefs[COEF_K * c + j], coefs[COEF_OFFSET * c + j], coefs[COEF_SCALE * c + j])
+    else:
+        scale_span(a, out, length, coefs[COEF_SCALE * c + j])
+
+
+cdef void pass_piece_task(Pass kind, const real* a, const real* b, real* out, int64_t task,
+                          int64_t n, int64_t c, int64_t s, const real* coefs) noexcept nogil:
+    cdef int64_t j, offset, length
+    piece_bounds(task, n, c, s, &j, &offset, &length)
+    pass_span(kind, a + offset, b + offset if b != NULL else NULL, out + offset, length, coefs, c, j)
+
+
+cdef void pass_columns(Pass kind, const real* a, const real* b, real* out, int64_t c,
+                       int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+                       const real* coefs) noexcept nogil:
+    """Column mode: rows r0..r1 of channels j0..j1, vectorized along the channels."""
+    cdef const real* hi = coefs + COEF_HI * c
+    cdef const real* lo = coefs + COEF_LO * c
+    cdef const real* scale = coefs + COEF_SCALE * c
+    cdef const real* offset = coefs + COEF_OFFSET * c
+    cdef const real* k = coefs + COEF_K * c
+    cdef int64_t i, j, row
+    for i in range(r0, r1):
+        row = i * c
+        if kind == PASS_AFFINE:
+            for j in range(j0, j1):
+                out[row + j] = ((a[row + j] - hi[j]) - lo[j]) * scale[j] + offset[j]
+        elif kind == PASS_BACKWARD:
+            for j in range(j0, j1):
+                out[row + j] = (a[row + j] - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
+        else:
+            for j in range(j0, j1):
+                out[row + j] = a[row + j] * scale[j]
+
+
+cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
+                   int64_t n, int64_t c, int64_t s, const real* coefs, int n_threads) noexcept nogil:
+    """out = pass(a, b) over the whole (N, C, S) buffer, in parallel."""
+    cdef int64_t task, n_tasks, r0
+    if s == 1:
+        n_tasks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+        if n_threads > 1:
+            for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+                r0 = task * ROW_BLOCK
+                pass_columns(kind, a, b, out, c, r0, min(r0 + ROW_BLOCK, n), 0, c, coefs)
+        else:
+            pass_columns(kind, a, b, out, c, 0, n, 0, c, coefs)
+        return
+    n_tasks = c * n * pieces_per_row(s)
+    if n_threads > 1:
+        for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+            pass_piece_task(kind, a, b, out, task, n, c, s, coefs)
+    else:
+        for task in range(n_tasks):
+            pass_piece_task(kind, a, b, out, task, n, c, s, coefs)
+
+
+cdef inline void set_affine_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,
+                                  const real* weight, const real* bias) noexcept nogil:
+    """y = (x - mean)·invstd·w + b as ((x - hi) - lo)·scale + offset."""
+    cdef double w = weight[j] if weight != NULL else 1.0
+    split_center(mean, &coefs[COEF_HI * c + j], &coefs[COEF_LO * c + j])
+    coefs[COEF_SCALE * c + j] = <real>(invstd * w)
+    coefs[COEF_OFFSET * c + j] = bias[j] if bias != NULL else 0
+
+
+cdef inline void set_backward_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,
+                                    const real* weight, double sum_dy, double sum_dy_xmu,
+                                    double count) noexcept nogil:
+    """dx = w·invstd·(dy - Σdy/M - (x - mean)·invstd²·Σdy(x - mean)/M)."""
+    cdef double w = weight[j] if weight != NULL else 1.0
+    split_center(mean, &coefs[COEF_HI * c + j], &coefs[COEF_LO * c + j])
+    coefs[COEF_SCALE * c + j] = <real>(w * invstd)
+    coefs[COEF_OFFSET * c + j] = <real>(sum_dy / count)
+    coefs[COEF_K * c + j] = <real>(sum_dy_xmu / count * invstd * invstd)
+
+
+cdef inline double invstd_of(double var, double eps) noexcept nogil:
+    return 1.0 / sqrt(var + eps)
+
+
+cdef inline void update_running(real* running_mean, real* running_var, int64_t j,
+                                double mean, double var, double count,
+                                double momentum) noexcept nogil:
+    """PyTorch's convention: the running variance is the unbiased one."""
+    if running_mean == NULL or count == 0:
+        return
+    running_mean[j] = <real>((1 - momentum) * running_mean[j] + momentum * mean)
+    running_var[j] = <real>((1 - momentum) * running_var[j]
+                            + momentum * var * (count / (count - 1)))
+
+
+# --------------------------------------------------------------------------------
+# Statistics of all channels (shared by the fused and split-phase entry points)
+# --------------------------------------------------------------------------------
+cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n_threads,
+                           double* mean, double* m2) noexcept nogil:
+    """Per-channel mean and M2 of x in any mode; returns a status (allocation)."""
+    cdef int64_t j, task, n_tasks, chunk, t
+    cdef double count
+    cdef double* partials
+    cdef double* counts
+    if s == 1:
+        counts = <double*>malloc(c * sizeof(double) + 1)
+        if counts == NULL:
+            return BNCPU_ERR_NO_MEMORY
+        n_tasks = (c + CHANNEL_CHUNK - 1) // CHANNEL_CHUNK
+        for chunk in prange(n_tasks, schedule='static', num_threads=n_threads):
+            column_stats(x, n, c, chunk * CHANNEL_CHUNK, min(<int64_t>CHANNEL_CHUNK, c - chunk * CHANNEL_CHUNK),
+                         counts + chunk * CHANNEL_CHUNK, mean + chunk * CHANNEL_CHUNK,
+                         m2 + chunk * CHANNEL_CHUNK)
+        free(counts)
+    elif use_split_mode(c, s, n_threads):
+        n_tasks = c * n * pieces_per_row(s)
+        partials = <double*>malloc(3 * n_tasks * sizeof(double) + 1)
+        if partials == NULL:
+            return BNCPU_ERR_NO_MEMORY
+        for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+            piece_stats_task(x, task, n, c, s, partials)
+        n_tasks = n * pieces_per_row(s)
+        for j in range(c):
+            count = 0
+            mean[j] = 0
+            m2[j] = 0
+            for t in range(j * n_tasks, (j + 1) * n_tasks):
+                merge_stats(&count, &mean[j], &m2[j], partials[3 * t], partials[3 * t + 1],
+                            partials[3 * t + 2])
+        free(partials)
+    else:
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            channel_stats(x, n, c, s, j, &mean[j], &m2[j])
+    return BNCPU_OK
+
+
+cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
+                               const double* mean, int n_threads,
+                               double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """Per-channel Σdy and Σdy·(x - mean) in any mode; returns a status."""
+    cdef int64_t j, task, n_tasks, chunk, t
+    cdef double* partials
+    if s == 1:
+        n_tasks = (c + CHANNEL_CHUNK - 1) // CHANNEL_CHUNK
+        for chunk in prange(n_tasks, schedule='static', num_threads=n_threads):
+            column_grad_sums(dy, x, n, c, chunk * CHANNEL_CHUNK,
+                             min(<int64_t>CHANNEL_CHUNK, c - chunk * CHANNEL_CHUNK),
+                             mean, sum_dy, sum_dy_xmu)
+    elif use_split_mode(c, s, n_threads):
+        n_tasks = c * n * pieces_per_row(s)
+        partials = <double*>malloc(2 * n_tasks * sizeof(double) + 1)
+        if partials == NULL:
+            return BNCPU_ERR_NO_MEMORY
+        for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+            piece_grad_sums_task(dy, x, task, n, c, s, mean, partials)
+        n_tasks = n * pieces_per_row(s)
+        for j in range(c):
+            sum_dy[j] = 0
+            sum_dy_xmu[j] = 0
+            for t in range(j * n_tasks, (j + 1) * n_tasks):
+                sum_dy[j] += partials[2 * t]
+                sum_dy_xmu[j] += partials[2 * t + 1]
+        free(partials)
+    else:
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
+    return BNCPU_OK
+
+
+# --------------------------------------------------------------------------------
+# Fused training forward: statistics and normalization per channel while in cache
+# --------------------------------------------------------------------------------
+cdef void train_channel(const real* x, real* y, int64_t n, int64_t c, int64_t s, int64_t j,
+                        const real* weight, const real* bias, double eps,
+                        double* mean, double* var, real* coefs) noexcept nogil:
+    cdef double m2
+    cdef int64_t i, start, start_index
+    channel_stats(x, n, c, s, j, &mean[j], &m2)
+    var[j] = m2 / (n * s)
+    set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
+    for i in range(n):
+        for start_index in range((s + PIECE - 1) // PIECE):
+            start = start_index * PIECE
+            pass_span(PASS_AFFINE, x + (i * c + j) * s + start, NULL, y + (i * c + j) * s + start,
+                      min(<int64_t>PIECE, s - start), coefs, c, j)
+
+
+cdef void train_columns(const real* x, real* y, int64_t n, int64_t c, int64_t j0, int64_t width,
+                        const real* weight, const real* bias, double eps,
+                        double* mean, double* var, real* coefs) noexcept nogil:
+    cdef double count[CHANNEL_CHUNK]
+    cdef double m2[CHANNEL_CHUNK]
+    cdef int64_t jj
+    column_stats(x, n, c, j0, width, count, mean + j0, m2)
+    for jj in range(width):
+        var[j0 + jj] = m2[jj] / count[jj]
+        set_affine_coefs(coefs, c, j0 + jj, mean[j0 + jj], invstd_of(var[j0 + jj], eps), weight, bias)
+    pass_columns(PASS_AFFINE, x, NULL, y, c, 0, n, j0, j0 + width, coefs)
+
+
+cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                          const real* weight, const real* bias,
+                          real* running_mean, real* running_var,
+                          double momentum, double eps,
+                          real* save_mean, real* save_invstd) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t j, chunk, n_chunks, count = n * s
+    cdef double* mean
+    cdef double* var
+    cdef real* coefs
+    if status == BNCPU_OK:
+        status = check_eps(eps)
+    if status == BNCPU_OK:
+        status = check_momentum(momentum)
+    if status != BNCPU_OK:
+        return status
+    if (x == NULL or y == NULL) and n * c * s > 0:
+        return BNCPU_ERR_NULL_POINTER
+    if (running_mean == NULL) != (running_var == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    if running_mean != NULL and running_mean == running_var and c > 0:
+        return BNCPU_ERR_ALIASED_STATS
+    if count == 1:
+        return BNCPU_ERR_ONE_VALUE
+    if c == 0:
+        return BNCPU_OK
+    mean = <double*>malloc(2 * c * sizeof(double))
+    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    if mean == NULL or coefs == NULL:
+        free(mean)
+        free(coefs)
+        return BNCPU_ERR_NO_MEMORY
+    var = mean + c
+    if count == 0:
+        # Empty batch: nothing to normalize, running statistics untouched.
+        for j in range(c):
+            mean[j] = 0
+            var[j] = 0
+    else:
+        n_threads = threads_begin(n * c * s)
+        if s == 1:
+            n_chunks = (c + CHANNEL_CHUNK - 1) // CHANNEL_CHUNK
+            for chunk in prange(n_chunks, schedule='static', num_threads=n_threads):
+                train_columns(x, y, n, c, chunk * CHANNEL_CHUNK,
+                              min(<int64_t>CHANNEL_CHUNK, c - chunk * CHANNEL_CHUNK),
+                              weight, bias, eps, mean, var, coefs)
+        elif use_split_mode(c, s, n_threads):
+            status = all_channel_stats(x, n, c, s, n_threads, mean, var)
+            if status == BNCPU_OK:
+                for j in range(c):
+                    var[j] = var[j] / count
+                    set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
+                run_pass(PASS_AFFINE, x, NULL, y, n, c, s, coefs, n_threads)
+        else:
+            for j in prange(c, schedule='static', num_threads=n_threads):
+                train_channel(x, y, n, c, s, j, weight, bias, eps, mean, var, coefs)
+        threads_end(n_threads)
+    if status == BNCPU_OK:
+        for j in range(c):
+            if save_mean != NULL:
+                save_mean[j] = <real>mean[j]
+            if save_invstd != NULL:
+                save_invstd[j] = <real>invstd_of(var[j], eps)
+            update_running(running_mean, running_var, j, mean[j], var[j], <double>count, momentum)
+    free(mean)
+    free(coefs)
+    return status
+
+
+cdef int bn_forward_eval(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                         const real* weight, const real* bias,
+                         const real* running_mean, const real* running_var,
+                         double eps) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t j
+    cdef real* coefs
+    if status == BNCPU_OK:
+        status = check_eps(eps)
+    if status != BNCPU_OK:
+        return status
+    if c > 0 and (running_mean == NULL or running_var == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    if (x == NULL or y == NULL) and n * c * s > 0:
+        return BNCPU_ERR_NULL_POINTER
+    if n * c * s == 0:
+        return BNCPU_OK
+    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    if coefs == NULL:
+        return BNCPU_ERR_NO_MEMORY
+    for j in range(c):
+        set_affine_coefs(coefs, c, j, running_mean[j], invstd_of(running_var[j], eps), weight, bias)
+    n_threads = threads_begin(n * c * s)
+    run_pass(PASS_AFFINE, x, NULL, y, n, c, s, coefs, n_threads)
+    threads_end(n_threads)
+    free(coefs)
+    return BNCPU_OK
+
+
+# --------------------------------------------------------------------------------
+# Fused backward: reduce per channel, then the elementwise pass while in cache
+# --------------------------------------------------------------------------------
+cdef void backward_channel(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
+                           int64_t s, int64_t j, const double* mean, const double* invstd,
+                           const real* weight, bint training,
+                           double* sum_dy, double* sum_dy_xmu, real* coefs) noexcept nogil:
+    cdef int64_t i, start, start_index, offset
+    channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
+    if dx == NULL:
+        return
+    if training:
+        set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j], sum_dy_xmu[j], <double>(n * s))
+    for i in range(n):
+        for start_index in range((s + PIECE - 1) // PIECE):
+            start = start_index * PIECE
+            offset = (i * c + j) * s + start
+            pass_span(PASS_BACKWARD if training else PASS_SCALE, dy + offset, x + offset,
+                      dx + offset, min(<int64_t>PIECE, s - start), coefs, c, j)
+
+
+cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
+                     const real* weight, const real* running_mean, const real* running_var,
+                     const real* save_mean, const real* save_invstd, int training, double eps,
+                     real* dweight, real* dbias) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t j, count = n * s
+    cdef double* mean
+    cdef double* invstd
+    cdef double* sum_dy
+    cdef double* sum_dy_xmu
+    cdef real* coefs
+    cdef bint need_sums = training or dweight != NULL or dbias != NULL
+    if status == BNCPU_OK and not training:
+        status = check_eps(eps)
+    if status != BNCPU_OK:
+        return status
+    if n * c * s > 0 and (dy == NULL or (x == NULL and need_sums)):
+        return BNCPU_ERR_NULL_POINTER
+    if c > 0 and training and (save_mean == NULL or save_invstd == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    if c > 0 and not training and (running_mean == NULL or running_var == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    if c == 0:
+        return BNCPU_OK
+    mean = <double*>malloc(4 * c * sizeof(double))
+    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    if mean == NULL or coefs == NULL:
+        free(mean)
+        free(coefs)
+        return BNCPU_ERR_NO_MEMORY
+    invstd = mean + c
+    sum_dy = mean + 2 * c
+    sum_dy_xmu = mean + 3 * c
+    for j in range(c):
+        if training:
+            mean[j] = save_mean[j]
+            invstd[j] = save_invstd[j]
+        else:
+            mean[j] = running_mean[j]
+            invstd[j] = invstd_of(running_var[j], eps)
+            # Eval: the statistics are constants, dx = dy·w·invstd.
+            coefs[COEF_SCALE * c + j] = <real>(invstd[j] * (weight[j] if weight != NULL else 1.0))
+        sum_dy[j] = 0
+        sum_dy_xmu[j] = 0
+    n_threads = threads_begin(n * c * s)
+    if count > 0:
+        if s == 1 or use_split_mode(c, s, n_threads) or not need_sums:
+            if need_sums:
+                status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
+            if status == BNCPU_OK and dx != NULL:
+                if training:
+                    for j in range(c):
+                        set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
+                                           sum_dy_xmu[j], <double>count)
+                run_pass(PASS_BACKWARD if training else PASS_SCALE, dy, x, dx, n, c, s, coefs, n_threads)
+        else:
+            for j in prange(c, schedule='static', num_threads=n_threads):
+                backward_channel(dy, x, dx, n, c, s, j, mean, invstd, weight, training,
+                                 sum_dy, sum_dy_xmu, coefs)
+    threads_end(n_threads)
+    if status == BNCPU_OK:
+        for j in range(c):
+            if dweight != NULL:
+                dweight[j] = <real>(sum_dy_xmu[j] * invstd[j])
+            if dbias != NULL:
+                dbias[j] = <real>sum_dy[j]
+    free(mean)
+    free(coefs)
+    return status
+
+
+# --------------------------------------------------------------------------------
+# Split phase: the building blocks of synchronized batch norm
+# --------------------------------------------------------------------------------
+cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
+                  double* mean, double* m2) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t j
+    if status != BNCPU_OK:
+        return status
+    if c > 0 and (mean == NULL or m2 == NULL or (x == NULL and n * s > 0)):
+        return BNCPU_ERR_NULL_POINTER
+    if n * s == 0:
+        for j in range(c):
+            mean[j] = 0
+            m2[j] = 0
+        return BNCPU_OK
+    n_threads = threads_begin(n * c * s)
+    status = all_channel_stats(x, n, c, s, n_threads, mean, m2)
+    threads_end(n_threads)
+    return status
+
+
+cdef int bn_gather_stats(int64_t p, int64_t c, const double* mean, const double* m2,
+                         const int64_t* counts, real* running_mean, real* running_var,
+                         double momentum, double eps,
+                         double* mean_out, double* invstd_out) noexcept nogil:
+    cdef int status = check_sizes(p, c, 1)
+    cdef int64_t j, q
+    cdef double count, total_mean, total_m2
+    if status == BNCPU_OK:
+        status = check_eps(eps)
+    if status == BNCPU_OK:
+        status = check_momentum(momentum)
+    if status != BNCPU_OK:
+        return status
+    if c > 0 and (mean_out == NULL or invstd_out == NULL
+                  or (p > 0 and (mean == NULL or m2 == NULL or counts == NULL))):
+        return BNCPU_ERR_NULL_POINTER
+    if (running_mean == NULL) != (running_var == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    if running_mean != NULL and running_mean == running_var and c > 0:
+        return BNCPU_ERR_ALIASED_STATS
+    for q in range(p):
+        if counts[q] < 0:
+            return BNCPU_ERR_BAD_SIZE
+    count = 0
+    for q in range(p):
+        count += counts[q]
+    if count == 1:
+        return BNCPU_ERR_ONE_VALUE
+    for j in range(c):
+        count = 0
+        total_mean = 0
+        total_m2 = 0
+        for q in range(p):
+            merge_stats(&count, &total_mean, &total_m2, <double>counts[q], mean[q * c + j], m2[q * c + j])
+        mean_out[j] = total_mean
+        invstd_out[j] = invstd_of(total_m2 / count if count > 0 else 0.0, eps)
+        update_running(running_mean, running_var, j, total_mean,
+                       total_m2 / count if count > 0 else 0.0, count, momentum)
+    return BNCPU_OK
+
+
+cdef int bn_elemt(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                  const double* mean, const double* invstd,
+                  const real* weight, const real* bias) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t j
+    cdef real* coefs
+    if status != BNCPU_OK:
+        return status
+    if n * c * s == 0:
+        return BNCPU_OK
+    if x == NULL or y == NULL or mean == NULL or invstd == NULL:
+        return BNCPU_ERR_NULL_POINTER
+    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    if coefs == NULL:
+        return BNCPU_ERR_NO_MEMORY
+    for j in range(c):
+        set_affine_coefs(coefs, c, j, mean[j], invstd[j], weight, bias)
+    n_threads = threads_begin(n * c * s)
+    run_pass(PASS_AFFINE, x, NULL, y, n, c, s, coefs, n_threads)
+    threads_end(n_threads)
+    free(coefs)
+    return BNCPU_OK
+
+
+cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
+                            const double* mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t j
+    if status != BNCPU_OK:
+        return status
+    if c > 0 and (mean == NULL or sum_dy == NULL or sum_dy_xmu == NULL
+                  or (n * s > 0 and (dy == NULL or x == NULL))):
+        return BNCPU_ERR_NULL_POINTER
+    if n * s == 0:
+        for j in range(c):
+            sum_dy[j] = 0
+            sum_dy_xmu[j] = 0
+        return BNCPU_OK
+    n_threads = threads_begin(n * c * s)
+    status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
+    threads_end(n_threads)
+    return status
+
+
+cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
+                           const double* mean, const double* invstd, const real* weight,
+                           const double* sum_dy, const double* sum_dy_xmu,
+                           int64_t count) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t j
+    cdef real* coefs
+    if status != BNCPU_OK:
+        return status
+    if count < 0 or (count == 0 and n * s > 0):
+        return BNCPU_ERR_BAD_SIZE
+    if n * c * s == 0:
+        return BNCPU_OK
+    if (dy == NULL or x == NULL or dx == NULL or mean == NULL or invstd == NULL
+            or sum_dy == NULL or sum_dy_xmu == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    if coefs == NULL:
+        return BNCPU_ERR_NO_MEMORY
+    for j in range(c):
+        set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j], sum_dy_xmu[j], <double>count)
+    n_threads = threads_begin(n * c * s)
+    run_pass(PASS_BACKWARD, dy, x, dx, n, c, s, coefs, n_threads)
+    threads_end(n_threads)
+    free(coefs)
+    return BNCPU_OK
+
+
+# --------------------------------------------------------------------------------
+# The C API: this module's entries of the bncpu_api table
+# --------------------------------------------------------------------------------
+cdef extern from "bncpu.h":
+    ctypedef struct bncpu_api_bn "bncpu_api":
+        void* batch_norm_forward_train_f32
+        void* batch_norm_forward_train_f64
+        void* batch_norm_forward_eval_f32
+        void* batch_norm_forward_eval_f64
+        void* batch_norm_backward_f32
+        void* batch_norm_backward_f64
+        void* batch_norm_stats_f32
+        void* batch_norm_stats_f64
+        void* batch_norm_gather_stats_f32
+        void* batch_norm_gather_stats_f64
+        void* batch_norm_elemt_f32
+        void* batch_norm_elemt_f64
+        void* batch_norm_backward_reduce_f32
+        void* batch_norm_backward_reduce_f64
+        void* batch_norm_backward_elemt_f32
+        void* batch_norm_backward_elemt_f64
+
+
+def _fill_api(object table_capsule):
+    """Write this module's kernels into the C API table held by the capsule."""
+    cdef bncpu_api_bn* table = <bncpu_api_bn*>PyCapsule_GetPointer(table_capsule, "bncpu._capi.table")
+    table.batch_norm_forward_train_f32 = <void*>bn_forward_train[float]
+    table.batch_norm_forward_train_f64 = <void*>bn_forward_train[double]
+    table.batch_norm_forward_eval_f32 = <void*>bn_forward_eval[float]
+    table.batch_norm_forward_eval_f64 = <void*>bn_forward_eval[double]
+    table.batch_norm_backward_f32 = <void*>bn_backward[float]
+    table.batch_norm_backward_f64 = <void*>bn_backward[double]
+    table.batch_norm_stats_f32 = <void*>bn_stats[float]
+    table.batch_norm_stats_f64 = <void*>bn_stats[double]
+    table.batch_norm_gather_stats_f32 = <void*>bn_gather_stats[float]
+    table.batch_norm_gather_stats_f64 = <void*>bn_gather_stats[double]
+    table.batch_norm_elemt_f32 = <void*>bn_elemt[float]
+    table.batch_norm_elemt_f64 = <void*>bn_elemt[double]
+    table.batch_norm_backward_reduce_f32 = <void*>bn_backward_reduce[float]
+    table.batch_norm_backward_reduce_f64 = <void*>bn_backward_reduce[double]
+    table.batch_norm_backward_elemt_f32 = <void*>bn_backward_elemt[float]
+    table.batch_norm_backward_elemt_f64 = <void*>bn_backward_elemt[double]
+
+
+# --------------------------------------------------------------------------------
+# Python entry points: arrays already validated by bncpu._validate (C-contiguous,
+# one float dtype, right sizes); each releases the GIL and returns the status.
+# --------------------------------------------------------------------------------
+def forward_train(x, y, int64_t n, int64_t c, int64_t s, weight, bias, running_mean, running_var,
+                  double momentum, double eps, save_mean, save_invstd):
+    cdef void* px = data_or_null(x)
+    cdef void* py = data_or_null(y)
+    cdef void* pw = data_or_null(weight)
+    cdef void* pb = data_or_null(bias)
+    cdef void* prm = data_or_null(running_mean)
+    cdef void* prv = data_or_null(running_var)
+    cdef void* psm = data_or_null(save_mean)
+    cdef void* psi = data_or_null(save_invstd)
+    cdef int status
+    if is_float32(x):
+        with nogil:
+            status = bn_forward_train(<const float*>px, <float*>py, n, c, s, <const float*>pw,
+                                      <const float*>pb, <float*>prm, <float*>prv, momentum, eps,
+                                      <float*>psm, <float*>psi)
+    else:
+        with nogil:
+            status = bn_forward_train(<const double*>px, <double*>py, n, c, s, <const double*>pw,
+                                      <const double*>pb, <double*>prm, <double*>prv, momentum, eps,
+                                      <double*>psm, <double*>psi)
+    return status
+
+
+def forward_eval(x, y, int64_t n, int64_t c, int64_t s, weight, bias, running_mean, running_var,
+                 double eps):
+    cdef void* px = data_or_null(x)
+    cdef void* py = data_or_null(y)
+    cdef void* pw = data_or_null(weight)
+    cdef void* pb = data_or_null(bias)
+    cdef void* prm = data_or_null(running_mean)
+    cdef void* prv = data_or_null(running_var)
+    cdef int status
+    if is_float32(x):
+        with nogil:
+            status = bn_forward_eval(<const float*>px, <float*>py, n, c, s, <const float*>pw,
+                                     <const float*>pb, <const float*>prm, <const float*>prv, eps)
+    else:
+        with nogil:
+            status = bn_forward_eval(<const double*>px, <double*>py, n, c, s, <const double*>pw,
+                                     <const double*>pb, <const double*>prm, <const double*>prv, eps)
+    return status
+
+
+def backward(dy, x, dx, int64_t n, int64_t c, int64_t s, weight, running_mean, running_var,
+             save_mean, save_invstd, bint training, double eps, dweight, dbias):
+    cdef void* pdy = data_or_null(dy)
+    cdef void* px = data_or_null(x)
+    cdef void* pdx = data_or_null(dx)
+    cdef void* pw = data_or_null(weight)
+    cdef void* prm = data_or_null(running_mean)
+    cdef void* prv = data_or_null(running_var)
+    cdef void* psm = data_or_null(save_mean)
+    cdef void* psi = data_or_null(save_invstd)
+    cdef void* pdw = data_or_null(dweight)
+    cdef void* pdb = data_or_null(dbias)
+    cdef int status
+    if is_float32(dy):
+        with nogil:
+            status = bn_backward(<const float*>pdy, <const float*>px, <float*>pdx, n, c, s,
+                                 <const float*>pw, <const float*>prm, <const float*>prv,
+                                 <const float*>psm, <const float*>psi, training, eps,
+                                 <float*>pdw, <float*>pdb)
+    else:
+        with nogil:
+            status = bn_backward(<const double*>pdy, <const double*>px, <double*>pdx, n, c, s,
+                                 <const double*>pw, <const double*>prm, <const double*>prv,
+                                 <const double*>psm, <const double*>psi, training, eps,
+                                 <double*>pdw, <double*>pdb)
+    return status
+
+
+def stats(x, int64_t n, int64_t c, int64_t s, mean, m2):
+    cdef void* px = data_or_null(x)
+    cdef double* pmean = <double*>data_or_null(mean)
+    cdef double* pm2 = <double*>data_or_null(m2)
+    cdef int status
+    if is_float32(x):
+        with nogil:
+            status = bn_stats(<const float*>px, n, c, s, pmean, pm2)
+    else:
+        with nogil:
+            status = bn_stats(<const double*>px, n, c, s, pmean, pm2)
+    return status
+
+
+def gather_stats(int64_t p, int64_t c, mean, m2, counts, running_mean, running_var,
+                 double momentum, double eps, mean_out, invstd_out, bint is_f32):
+    cdef const double* pmean = <const double*>data_or_null(mean)
+    cdef const double* pm2 = <const double*>data_or_null(m2)
+    cdef const int64_t* pcounts = <const int64_t*>data_or_null(counts)
+    cdef void* prm = data_or_null(running_mean)
+    cdef void* prv = data_or_null(running_var)
+    cdef double* pmo = <double*>data_or_null(mean_out)
+    cdef double* pio = <double*>data_or_null(invstd_out)
+    cdef int status
+    if is_f32:
+        with nogil:
+            status = bn_gather_stats(p, c, pmean, pm2, pcounts, <float*>prm, <float*>prv,
+                                     momentum, eps, pmo, pio)
+    else:
+        with nogil:
+            status = bn_gather_stats(p, c, pmean, pm2, pcounts, <double*>prm, <double*>prv,
+                                     momentum, eps, pmo, pio)
+    return status
+
+
+def elemt(x, y, int64_t n, int64_t c, int64_t s, mean, invstd, weight, bias):
+    cdef void* px = data_or_null(x)
+    cdef void* py = data_or_null(y)
+    cdef const double* pmean = <const double*>data_or_null(mean)
+    cdef const double* pinv = <const double*>data_or_null(invstd)
+    cdef void* pw = data_or_null(weight)
+    cdef void* pb = data_or_null(bias)
+    cdef int status
+    if is_float32(x):
+        with nogil:
+            status = bn_elemt(<const float*>px, <float*>py, n, c, s, pmean, pinv,
+                              <const float*>pw, <const float*>pb)
+    else:
+        with nogil:
+            status = bn_elemt(<const double*>px, <double*>py, n, c, s, pmean, pinv,
+                              <const double*>pw, <const double*>pb)
+    return status
+
+
+def backward_reduce(dy, x, int64_t n, int64_t c, int64_t s, mean, sum_dy, sum_dy_xmu):
+    cdef void* pdy = data_or_null(dy)
+    cdef void* px = data_or_null(x)
+    cdef const double* pmean = <const double*>data_or_null(mean)
+    cdef double* psdy = <double*>data_or_null(sum_dy)
+    cdef double* psdyx = <double*>data_or_null(sum_dy_xmu)
+    cdef int status
+    if is_float32(dy):
+        with nogil:
+            status = bn_backward_reduce(<const float*>pdy, <const float*>px, n, c, s, pmean, psdy, psdyx)
+    else:
+        with nogil:
+            status = bn_backward_reduce(<const double*>pdy, <const double*>px, n, c, s, pmean, psdy, psdyx)
+    return status
+
+
+def backward_elemt(dy, x, dx, int64_t n, int64_t c, int64_t s, mean, invstd, weight,
+                   sum_dy, sum_dy_xmu, int64_t count):
+    cdef void* pdy = data_or_null(dy)
+    cdef void* px = data_or_null(x)
+    cdef void* pdx = data_or_null(dx)
+    cdef const double* pmean = <const double*>data_or_null(mean)
+    cdef const double* pinv = <const double*>data_or_null(invstd)
+    cdef void* pw = data_or_null(weight)
+    cdef const double* psdy = <const double*>data_or_null(sum_dy)
+    cdef const double* psdyx = <const double*>data_or_null(sum_dy_xmu)
+    cdef int status
+    if is_float32(dy):
+        with nogil:
+            status = bn_backward_elemt(<const float*>pdy, <const float*>px, <float*>pdx, n, c, s,
+                                       pmean, pinv, <const float*>pw, psdy, psdyx, count)
+    else:
+        with nogil:
+            status = bn_backward_elemt(<const double*>pdy, <const double*>px, <double*>pdx, n, c, s,
+                                       pmean, pinv, <const double*>pw, psdy, psdyx, count)
+    return status

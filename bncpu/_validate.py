@@ -1,0 +1,209 @@
+"""Argument checks and conversions for the public API: one place, pure Python.
+
+Rules (NumPy's, with PyTorch's names in the messages):
+* Inputs are array-likes. float32 and float64 are kept; float16 is computed and
+  returned as float32; integer, bool and other real types as float64 (like np.mean).
+  Complex, object, string and datetime inputs raise TypeError naming the dtype.
+  Masked arrays raise TypeError (the mask would be silently lost); other ndarray
+  subclasses such as np.matrix are converted to plain arrays.
+* Any layout is accepted (Fortran order, negative or zero strides, byte-swapped):
+  the kernels get a native C-contiguous copy when the input is not one already.
+* Running statistics are updated in place, so they must already be writeable,
+  C-contiguous, 1-D ndarrays of the compute dtype; they are never converted.
+* ``out`` follows NumPy's contract: an ndarray of the result's shape, writeable,
+  castable from the result dtype under 'same_kind'. It may be non-contiguous or alias
+  an input; the kernels then write to a temporary that is copied into ``out``.
+* Everything is checked before any kernel runs, so an error writes nothing.
+"""
+import math
+import numbers
+import operator
+
+import numpy as np
+
+from bncpu import _capi
+
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
+
+
+def compute_dtype(dtype, name):
+    """The kernel dtype for an input dtype, or TypeError."""
+    if dtype == _FLOAT32 or dtype == _FLOAT64:
+        return dtype
+    if dtype.kind == "f" and dtype.itemsize <= 4:
+        return _FLOAT32
+    if dtype.kind in "biuf":
+        return _FLOAT64
+    raise TypeError(f"{name} has unsupported dtype {dtype}: bncpu computes with real numbers "
+                    f"(float32, float64; integer and bool inputs are computed as float64)")
+
+
+def as_array(value, name):
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{name} is a masked array; bncpu does not handle masks: pass "
+                        f"{name}.filled(value) or {name}.data explicitly")
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} cannot be converted to an array: {exc}") from None
+
+
+def as_input(value, name="input", min_ndim=2, dtype=None):
+    """Array, C-contiguous, native, of its compute dtype (or of ``dtype`` when given)."""
+    array = as_array(value, name)
+    if dtype is None:
+        dtype = compute_dtype(array.dtype, name)
+    elif array.dtype.kind not in "biuf":
+        compute_dtype(array.dtype, name)   # raises the TypeError
+    if array.ndim < min_ndim:
+        raise ValueError(f"Expected {name} with at least {min_ndim} dimensions, "
+                         f"got {name} of shape {array.shape}")
+    if not (array.dtype == dtype and array.flags.c_contiguous and array.dtype.isnative):
+        array = np.ascontiguousarray(array, dtype=dtype)
+    return array
+
+
+def channel_view(shape):
+    """(N, C, S) of a shape (N, C, *spatial)."""
+    n, c = shape[0], shape[1]
+    return n, c, math.prod(shape[2:])
+
+
+def per_channel(value, name, c, dtype):
+    """Optional per-channel parameter (weight, bias): None or a contiguous 1-D copy."""
+    if value is None:
+        return None
+    array = as_array(value, name)
+    compute_dtype(array.dtype, name)
+    if array.ndim != 1 or array.shape[0] != c:
+        raise ValueError(f"{name} should contain {c} elements not {array.size}"
+                         + ("" if array.ndim == 1 else f" (shape {array.shape}, expected ({c},))"))
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def running_stat(value, name, c, dtype):
+    """A running statistic updated in place: strict checks, never converted."""
+    if value is None:
+        return None
+    if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
+                        f"got {type(value).__name__}")
+    if value.ndim != 1 or value.shape[0] != c:
+        raise ValueError(f"{name} should contain {c} elements not {value.size}"
+                         + ("" if value.ndim == 1 else f" (shape {value.shape}, expected ({c},))"))
+    if value.dtype != dtype or not value.dtype.isnative:
+        raise TypeError(f"{name} has dtype {value.dtype} but the input is computed as {dtype}; "
+                        f"running statistics must have the compute dtype")
+    if not value.flags.writeable:
+        raise ValueError(f"{name} is read-only but is updated in place")
+    if not value.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous: it is updated in place")
+    return value
+
+
+def running_pair(running_mean, running_var, c, dtype, required):
+    rm = running_stat(running_mean, "running_mean", c, dtype)
+    rv = running_stat(running_var, "running_var", c, dtype)
+    if (rm is None) != (rv is None) or (required and rm is None):
+        what = "must be given when training=False" if required else "must be given together"
+        raise ValueError(f"running_mean and running_var {what}")
+    if rm is not None and c > 0 and np.may_share_memory(rm, rv):
+        raise ValueError("running_mean and running_var must not share memory")
+    return rm, rv
+
+
+def stats_array(value, name, c):
+    """Per-channel statistics of the split-phase functions: float64, 1-D, c values."""
+    array = as_array(value, name)
+    compute_dtype(array.dtype, name)
+    if array.ndim != 1 or array.shape[0] != c:
+        raise ValueError(f"{name} should contain {c} elements not {array.size}")
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+def check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def check_momentum(momentum):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return momentum
+
+
+def check_count(count, name="count"):
+    try:
+        count = operator.index(count)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(count).__name__}") from None
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0, got {count}")
+    return count
+
+
+def same_shape(array, name, shape):
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape} but input has shape {shape}")
+
+
+class Output:
+    """Where a kernel writes a result of ``shape`` and ``dtype``, honouring ``out``.
+
+    ``target`` is the C-contiguous array the kernel writes; ``finish()`` copies it into
+    ``out`` when a temporary was needed and returns the caller's result.
+    """
+    __slots__ = ("target", "out")
+
+    def __init__(self, out, shape, dtype, inputs, name="out"):
+        self.out = out
+        if out is None:
+            self.target = np.empty(shape, dtype=dtype)
+            return
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"{name} must be a numpy.ndarray (return arrays must be of "
+                            f"ArrayType), got {type(out).__name__}")
+        if out.shape != tuple(shape):
+            raise ValueError(f"{name} has shape {out.shape}, expected {tuple(shape)}")
+        if not out.flags.writeable:
+            raise ValueError(f"{name} is read-only")
+        if not np.can_cast(dtype, out.dtype, casting="same_kind"):
+            raise TypeError(f"cannot cast the result from {dtype} to {name}'s dtype "
+                            f"{out.dtype} with casting rule 'same_kind'")
+        direct = (out.dtype == dtype and out.flags.c_contiguous and out.dtype.isnative
+                  and not any(_overlaps_partially(out, a) for a in inputs if a is not None))
+        self.target = out if direct else np.empty(shape, dtype=dtype)
+
+    def finish(self):
+        if self.out is None:
+            return self.target
+        if self.target is not self.out:
+            np.copyto(self.out, self.target, casting="same_kind")
+        return self.out
+
+
+def _overlaps_partially(out, array):
+    """True when out and array share memory other than element for element."""
+    if not np.may_share_memory(out, array):
+        return False
+    same = (out.__array_interface__["data"][0] == array.__array_interface__["data"][0]
+            and out.strides == array.strides and out.shape == array.shape
+            and out.itemsize == array.itemsize)
+    return not same
+
+
+def raise_for_status(status):
+    if status == 0:
+        return
+    message = _capi.strerror(status)
+    if status == 8:
+        raise MemoryError(message)
+    raise ValueError(message)

@@ -1,0 +1,537 @@
+"""The slow twin: plain-NumPy versions of every public bncpu function.
+
+bncpu's Cython kernels are written to be fast; the functions here are written to be obviously
+right. Each one has the same name, arguments and results as its fast counterpart and follows the
+formula above it line by line, so the tests can hold the kernels to it and the benchmark
+(`python -m bncpu`) can show what the kernels buy. Nothing here is tuned for speed.
+
+Conventions, shared with the kernels and taken from PyTorch, whose semantics these follow:
+
+* Inputs may be any array-likes. All arithmetic is in float64 and results are new float64 arrays.
+  Statistics are two-pass: the mean first, then the squared deviations from it, which avoids the
+  cancellation of E[x^2] - E[x]^2 when the mean is large against the spread.
+* Batch, group and instance norm see an input of shape (N, C, *) as (N, C, S), S the product of
+  the trailing dims (S = 1 for 2-D input). Layer and RMS norm normalize over the trailing dims
+  named by `normalized_shape`.
+* `eps` is added to the variance (or mean square) under the square root; `rstd` and `invstd` both
+  mean 1 / sqrt(var + eps). Variances are biased (divided by the count), except in the update of
+  a running variance, which is unbiased (divided by the count - 1).
+* Running statistics are the one side effect: when given, they are ndarrays updated in place.
+* A missing weight acts as 1 and a missing bias as 0. Backward functions return the parameter
+  gradients as None when `weight` is None.
+"""
+
+import math
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_stats",
+    "batch_norm_gather_stats",
+    "batch_norm_elemt",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+    "layer_norm",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "group_norm",
+    "group_norm_forward",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_forward",
+    "instance_norm_backward",
+    "rms_norm",
+    "rms_norm_forward",
+    "rms_norm_backward",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+def _float64(array):
+    return np.asarray(array, dtype=np.float64)
+
+
+def _channels(x):
+    """View (N, C, *) as (N, C, S): one row of S values per sample and channel."""
+    # math.prod rather than reshape(..., -1): -1 cannot be resolved when N == 0.
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _grouped(x, num_groups):
+    """View (N, C, *) as (N, G, C/G, S): group g holds the contiguous channels g*C/G ... (g+1)*C/G - 1."""
+    n, c = x.shape[:2]
+    if c % num_groups != 0:
+        raise ValueError(
+            "Expected number of channels in input to be divisible by num_groups, "
+            f"but got input of shape {list(x.shape)} and num_groups={num_groups}"
+        )
+    return x.reshape(n, num_groups, c // num_groups, math.prod(x.shape[2:]))
+
+
+def _trailing_axes(x, normalized_shape):
+    """The axes layer and RMS norm reduce over: the last len(normalized_shape), which must match it."""
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(d) for d in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or k > x.ndim or x.shape[x.ndim - k:] != normalized_shape:
+        raise ValueError(
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(x.shape)}"
+        )
+    return tuple(range(x.ndim - k, x.ndim))
+
+
+def _affine(y, weight, bias, param_shape):
+    """y * weight + bias, the parameters reshaped to `param_shape` to broadcast against y."""
+    if weight is not None:
+        y = y * _float64(weight).reshape(param_shape)
+    if bias is not None:
+        y = y + _float64(bias).reshape(param_shape)
+    return y
+
+
+def _update_running_stats(running_mean, running_var, mean, unbiased_var, momentum):
+    """Exponential moving averages, in place:
+
+        running = (1 - momentum) * running + momentum * value_of_this_batch
+    """
+    if running_mean is not None:
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1 - momentum) * running_var + momentum * unbiased_var
+
+
+def _standardize(x, axes, eps):
+    """xhat = (x - mean) * rstd over `axes`, returned with mean and rstd (reduced axes kept as 1s).
+
+        mean = sum(x) / n,  var = sum((x - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
+    """
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    return (x - mean) * rstd, mean, rstd
+
+
+def _standardize_backward(grad_xhat, xhat, rstd, axes, centered=True):
+    """dL/dx from g = dL/dxhat, means taken over `axes`, for xhat = (x - mean) * rstd:
+
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+
+    The mean(g) term is x's share in the mean and the last term its share in the variance. With
+    centered=False it is the gradient of RMS norm's xhat = x * rstd, which has no mean to share in.
+    """
+    grad_input = grad_xhat - xhat * (grad_xhat * xhat).mean(axis=axes, keepdims=True)
+    if centered:
+        grad_input = grad_input - grad_xhat.mean(axis=axes, keepdims=True)
+    return rstd * grad_input
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch norm: statistics per channel over N and S
+# ---------------------------------------------------------------------------------------------
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch norm as torch.nn.functional.batch_norm: the output of batch_norm_forward."""
+    return batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+
+
+def batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """Batch norm with its saved statistics, as torch.ops.aten.native_batch_norm.
+
+    For channel c, over the M = N * S values of the batch:
+
+        training:  mean_c = sum(x) / M,        var_c = sum((x - mean_c)^2) / M
+        eval:      mean_c = running_mean_c,    var_c = running_var_c
+        y = (x - mean_c) / sqrt(var_c + eps) * weight_c + bias_c
+
+    Training returns (output, save_mean, save_invstd), save_invstd = 1 / sqrt(var + eps), and
+    updates the running statistics in place as batch_norm_gather_stats describes. Eval mode saves
+    nothing: it returns empty (0,) arrays in their place, as torch does.
+
+    Training on one value per channel (M == 1) raises ValueError, as torch.nn.functional.batch_norm
+    does: its unbiased variance would be 0/0. An empty batch (M == 0) gives an empty output, saves
+    mean 0 and invstd 1 / sqrt(eps), and leaves the running statistics unchanged.
+    """
+    x = _float64(input)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given in evaluation mode")
+        invstd = 1.0 / np.sqrt(_float64(running_var) + eps)
+        return batch_norm_elemt(x, weight, bias, running_mean, invstd), np.empty(0), np.empty(0)
+
+    if x.shape[0] * math.prod(x.shape[2:]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+    # One process is the P = 1 case of synchronized batch norm: the same three steps serve both.
+    mean, m2, count = batch_norm_stats(x)
+    save_mean, save_invstd = batch_norm_gather_stats(
+        mean[None], m2[None], [count], running_mean, running_var, momentum, eps
+    )
+    return batch_norm_elemt(x, weight, bias, save_mean, save_invstd), save_mean, save_invstd
+
+
+def batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
+                        save_invstd, training, eps):
+    """Batch norm backward, as torch.ops.aten.native_batch_norm_backward.
+
+    Sums run per channel over N and S. Training, where the statistics came from this batch
+    (saved by batch_norm_forward), with xhat = (x - save_mean) * save_invstd and M = N * S:
+
+        grad_bias = sum(dy),  grad_weight = sum(dy * xhat)
+        dx = weight * save_invstd * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)
+
+    Eval, where the running statistics are constants, with invstd = 1 / sqrt(running_var + eps):
+
+        grad_bias = sum(dy),  grad_weight = sum(dy * (x - running_mean)) * invstd
+        dx = dy * weight * invstd
+
+    Returns (grad_input, grad_weight, grad_bias).
+    """
+    x = _float64(input)
+    if training:
+        mean, invstd = _float64(save_mean), _float64(save_invstd)
+    else:
+        mean, invstd = _float64(running_mean), 1.0 / np.sqrt(_float64(running_var) + eps)
+    sum_dy, sum_dy_xmu, grad_weight, grad_bias = batch_norm_backward_reduce(
+        grad_output, x, mean, invstd, weight
+    )
+    if training:
+        count = x.shape[0] * math.prod(x.shape[2:])
+        grad_input = batch_norm_backward_elemt(
+            grad_output, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count
+        )
+    else:
+        dy = _channels(_float64(grad_output))
+        grad_input = _affine(dy * invstd[:, None], weight, None, (-1, 1)).reshape(x.shape)
+    return grad_input, grad_weight, grad_bias
+
+
+# Split phase: the building blocks of synchronized batch norm, where P processes each hold a part
+# of the batch. Forward: batch_norm_stats on each part, exchange, batch_norm_gather_stats,
+# batch_norm_elemt on each part. Backward: batch_norm_backward_reduce on each part, sum the
+# reductions over processes, batch_norm_backward_elemt on each part.
+
+def batch_norm_stats(input):
+    """Per-channel partial statistics of one process's part of the batch: (mean, m2, count).
+
+        count = N * S,  mean_c = sum(x) / count,  m2_c = sum((x - mean_c)^2)
+
+    m2 is the sum of squared deviations, not yet divided by anything: that is what merges exactly
+    across processes. An empty part gives mean 0 and m2 0, not 0/0.
+    """
+    x = _channels(_float64(input))
+    count = x.shape[0] * x.shape[2]
+    mean = x.sum(axis=(0, 2)) / max(count, 1)
+    m2 = ((x - mean[:, None]) ** 2).sum(axis=(0, 2))
+    return mean, m2, count
+
+
+def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None, momentum=0.1,
+                            eps=1e-5):
+    """Merge the partial statistics of P processes into the batch's (mean, invstd).
+
+    Row p of the (P, C) arrays `mean` and `m2` and entry p of `count` come from batch_norm_stats
+    on process p. Chan et al.'s parallel formula, written for P parts at once, gives exactly
+
+        n = sum_p n_p
+        mean = sum_p n_p * mean_p / n
+        M2 = sum_p (m2_p + n_p * (mean_p - mean)^2)
+        invstd = 1 / sqrt(M2 / n + eps)
+
+    each part's spread about its own mean plus its mean's spread about the total mean. When n > 0,
+    the running statistics, if given, are updated in place with the unbiased variance:
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean
+        running_var  = (1 - momentum) * running_var  + momentum * M2 / (n - 1)
+
+    n == 1 makes that 0/0 = nan, as in torch. n == 0 gives mean 0 and invstd 1 / sqrt(eps).
+    """
+    part_means, part_m2s, part_counts = _float64(mean), _float64(m2), _float64(count)
+    n = part_counts.sum()
+    # max(n, 1): with n == 0 every numerator is 0 too, and the statistics come out as 0.
+    total_mean = part_counts @ part_means / max(n, 1)
+    total_m2 = (part_m2s + part_counts[:, None] * (part_means - total_mean) ** 2).sum(axis=0)
+    if n > 0:
+        _update_running_stats(running_mean, running_var, total_mean, total_m2 / (n - 1), momentum)
+    return total_mean, 1.0 / np.sqrt(total_m2 / max(n, 1) + eps)
+
+
+def batch_norm_elemt(input, weight, bias, mean, invstd):
+    """The elementwise half of batch norm, given the batch statistics of channel c:
+
+        y = (x - mean_c) * invstd_c * weight_c + bias_c
+    """
+    x = _float64(input)
+    xhat = (_channels(x) - _float64(mean)[:, None]) * _float64(invstd)[:, None]
+    return _affine(xhat, weight, bias, (-1, 1)).reshape(x.shape)
+
+
+def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None):
+    """The reduction half of the batch norm backward, per channel over one process's part:
+
+        sum_dy = sum(dy),  sum_dy_xmu = sum(dy * (x - mean_c))
+        grad_weight = sum_dy_xmu * invstd_c,  grad_bias = sum_dy
+
+    Returns (sum_dy, sum_dy_xmu, grad_weight, grad_bias). Summed over processes, all four are the
+    batch's: sum_dy and sum_dy_xmu feed batch_norm_backward_elemt.
+    """
+    dy = _channels(_float64(grad_output))
+    x = _channels(_float64(input))
+    sum_dy = dy.sum(axis=(0, 2))
+    sum_dy_xmu = (dy * (x - _float64(mean)[:, None])).sum(axis=(0, 2))
+    if weight is None:
+        return sum_dy, sum_dy_xmu, None, None
+    return sum_dy, sum_dy_xmu, sum_dy_xmu * _float64(invstd), sum_dy.copy()
+
+
+def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+    """The elementwise half of the training-mode batch norm backward, given the reductions summed
+    over all processes and the batch's total count:
+
+        dx = weight_c * invstd_c * (dy - sum_dy_c / count - (x - mean_c) * invstd_c^2 * sum_dy_xmu_c / count)
+
+    This is batch_norm_backward's training formula, with xhat * sum(dy * xhat) written as
+    (x - mean) * invstd^2 * sum_dy_xmu. `count` may also be the per-process counts, which are
+    summed, as torch.batch_norm_backward_elemt takes them.
+    """
+    x = _float64(input)
+    dy = _channels(_float64(grad_output))
+    mean, invstd = _float64(mean)[:, None], _float64(invstd)[:, None]
+    # An empty batch has no gradient to spread; max(..., 1) keeps 0/0 out of its empty result.
+    count = max(np.sum(count), 1)
+    grad_xhat = (dy - _float64(sum_dy)[:, None] / count
+                 - (_channels(x) - mean) * invstd**2 * _float64(sum_dy_xmu)[:, None] / count)
+    return _affine(grad_xhat * invstd, weight, None, (-1, 1)).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer norm: statistics per leading index over the trailing normalized_shape
+# ---------------------------------------------------------------------------------------------
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Layer norm as torch.nn.functional.layer_norm: the output of layer_norm_forward."""
+    return layer_norm_forward(input, normalized_shape, weight, bias, eps)[0]
+
+
+def layer_norm_forward(input, normalized_shape, weight, bias, eps):
+    """Layer norm with its statistics, as torch.ops.aten.native_layer_norm: (output, mean, rstd).
+
+    For each leading index, over the n values of the trailing dims D named by normalized_shape:
+
+        mean = sum_D(x) / n,  var = sum_D((x - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
+        y = (x - mean) * rstd * weight + bias          (weight and bias of shape normalized_shape)
+
+    mean and rstd have shape input.shape[:-len(normalized_shape)] (torch keeps trailing 1s).
+    """
+    x = _float64(input)
+    axes = _trailing_axes(x, normalized_shape)
+    xhat, mean, rstd = _standardize(x, axes, eps)
+    leading_shape, normalized = x.shape[:axes[0]], x.shape[axes[0]:]
+    output = _affine(xhat, weight, bias, normalized)
+    return output, mean.reshape(leading_shape), rstd.reshape(leading_shape)
+
+
+def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight):
+    """Layer norm backward, as torch.ops.aten.native_layer_norm_backward.
+
+    With xhat = (x - mean) * rstd and g = dy * weight, means over the normalized dims D and
+    sums over the leading dims:
+
+        dx = rstd * (g - mean_D(g) - xhat * mean_D(g * xhat))
+        grad_weight = sum(dy * xhat),  grad_bias = sum(dy)
+
+    Returns (grad_input, grad_weight, grad_bias).
+    """
+    x, dy = _float64(input), _float64(grad_output)
+    axes = _trailing_axes(x, normalized_shape)
+    leading_axes, normalized = tuple(range(axes[0])), x.shape[axes[0]:]
+    stats_shape = x.shape[:axes[0]] + (1,) * len(axes)
+    rstd = _float64(rstd).reshape(stats_shape)
+    xhat = (x - _float64(mean).reshape(stats_shape)) * rstd
+    grad_input = _standardize_backward(_affine(dy, weight, None, normalized), xhat, rstd, axes)
+    if weight is None:
+        return grad_input, None, None
+    return grad_input, (dy * xhat).sum(axis=leading_axes), dy.sum(axis=leading_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Group norm: statistics per sample and group of channels
+# ---------------------------------------------------------------------------------------------
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    """Group norm as torch.nn.functional.group_norm: the output of group_norm_forward."""
+    return group_norm_forward(input, num_groups, weight, bias, eps)[0]
+
+
+def group_norm_forward(input, num_groups, weight, bias, eps):
+    """Group norm with its statistics, as torch.ops.aten.native_group_norm: (output, mean, rstd).
+
+    The C channels form G = num_groups contiguous groups of C/G. For sample n and group g, over the
+    n_g = C/G * S values of the group's channels:
+
+        mean = sum(x) / n_g,  var = sum((x - mean)^2) / n_g,  rstd = 1 / sqrt(var + eps)
+        y = (x - mean) * rstd * weight_c + bias_c      (weight and bias per channel, shape (C,))
+
+    mean and rstd have shape (N, G).
+    """
+    x = _float64(input)
+    xhat, mean, rstd = _standardize(_grouped(x, num_groups), (2, 3), eps)
+    output = _affine(_channels(xhat.reshape(x.shape)), weight, bias, (-1, 1)).reshape(x.shape)
+    return output, mean.reshape(x.shape[0], num_groups), rstd.reshape(x.shape[0], num_groups)
+
+
+def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight):
+    """Group norm backward, as torch.ops.aten.native_group_norm_backward.
+
+    With xhat = (x - mean) * rstd and g = dy * weight_c, means over each group's values and sums per
+    channel over N and S:
+
+        dx = rstd * (g - mean_group(g) - xhat * mean_group(g * xhat))
+        grad_weight = sum(dy * xhat),  grad_bias = sum(dy)
+
+    Returns (grad_input, grad_weight, grad_bias).
+    """
+    x, dy = _float64(input), _channels(_float64(grad_output))
+    groups = _grouped(x, num_groups)
+    stats_shape = (x.shape[0], num_groups, 1, 1)
+    rstd = _float64(rstd).reshape(stats_shape)
+    xhat = (groups - _float64(mean).reshape(stats_shape)) * rstd
+    grad_xhat = _affine(dy, weight, None, (-1, 1)).reshape(groups.shape)
+    grad_input = _standardize_backward(grad_xhat, xhat, rstd, (2, 3)).reshape(x.shape)
+    if weight is None:
+        return grad_input, None, None
+    xhat = xhat.reshape(dy.shape)
+    return grad_input, (dy * xhat).sum(axis=(0, 2)), dy.sum(axis=(0, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Instance norm: statistics per sample and channel
+# ---------------------------------------------------------------------------------------------
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+    """Instance norm as torch.nn.functional.instance_norm: the output of instance_norm_forward."""
+    return instance_norm_forward(
+        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps
+    )[0]
+
+
+def instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
+                          momentum, eps):
+    """Instance norm with its statistics: (output, mean, rstd).
+
+    With use_input_stats, sample n and channel c are normalized over their own S values, which
+    is group norm with one channel per group:
+
+        mean = sum_S(x) / S,  var = sum_S((x - mean)^2) / S,  rstd = 1 / sqrt(var + eps)
+        y = (x - mean) * rstd * weight_c + bias_c
+
+    and the running statistics, if given, move in place toward the batch averages of the
+    per-instance statistics, the variances unbiased:
+
+        running_mean = (1 - momentum) * running_mean + momentum * mean_N(mean)
+        running_var  = (1 - momentum) * running_var  + momentum * mean_N(var * S / (S - 1))
+
+    mean and rstd have shape (N, C). S == 1 raises ValueError, as torch.nn.functional.instance_norm
+    does. An empty batch leaves the running statistics unchanged.
+
+    Without use_input_stats this is batch norm in eval mode: the running statistics normalize,
+    and empty (0,) arrays stand in for mean and rstd, as batch_norm_forward returns them.
+    """
+    x = _float64(input)
+    if not use_input_stats:
+        return batch_norm_forward(x, weight, bias, running_mean, running_var, False, momentum, eps)
+
+    spatial_size = math.prod(x.shape[2:])
+    if spatial_size == 1:
+        raise ValueError(
+            f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}"
+        )
+    output, mean, rstd = group_norm_forward(x, x.shape[1], weight, bias, eps)
+    if x.shape[0] > 0:
+        unbiased_var = ((_channels(x) - mean[:, :, None]) ** 2).sum(axis=2) / (spatial_size - 1)
+        _update_running_stats(
+            running_mean, running_var, mean.mean(axis=0), unbiased_var.mean(axis=0), momentum
+        )
+    return output, mean, rstd
+
+
+def instance_norm_backward(grad_output, input, mean, rstd, weight):
+    """Instance norm backward with the input's own statistics: group norm's with one channel per
+    group (see group_norm_backward). Returns (grad_input, grad_weight, grad_bias).
+    """
+    x = _float64(input)
+    return group_norm_backward(grad_output, x, x.shape[1], mean, rstd, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMS norm: root mean square per leading index over the trailing normalized_shape
+# ---------------------------------------------------------------------------------------------
+
+def _rms_norm_default_eps(dtype):
+    """torch's eps=None: the machine epsilon of the type torch computes in. That is float32 for
+    float16 input too (torch's "opmath" type for half precision), and we compute non-float input
+    in float64.
+    """
+    if dtype.kind != "f":
+        return np.finfo(np.float64).eps
+    return np.finfo(np.promote_types(dtype, np.float32)).eps
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """RMS norm as torch.nn.functional.rms_norm: the output of rms_norm_forward."""
+    return rms_norm_forward(input, normalized_shape, weight, eps)[0]
+
+
+def rms_norm_forward(input, normalized_shape, weight, eps):
+    """RMS norm with its statistic, as torch.ops.aten._fused_rms_norm: (output, rstd).
+
+    For each leading index, over the n values of the trailing dims D named by normalized_shape:
+
+        rstd = 1 / sqrt(sum_D(x^2) / n + eps),  y = x * rstd * weight
+
+    No mean is subtracted and there is no bias. eps=None means the machine epsilon of the input's
+    floating type, float32's for float16 input (see _rms_norm_default_eps). rstd has shape
+    input.shape[:-len(normalized_shape)].
+    """
+    input = np.asarray(input)
+    if eps is None:
+        eps = _rms_norm_default_eps(input.dtype)
+    x = _float64(input)
+    axes = _trailing_axes(x, normalized_shape)
+    rstd = 1.0 / np.sqrt((x**2).mean(axis=axes, keepdims=True) + eps)
+    output = _affine(x * rstd, weight, None, x.shape[axes[0]:])
+    return output, rstd.reshape(x.shape[:axes[0]])
+
+
+def rms_norm_backward(grad_output, input, normalized_shape, rstd, weight):
+    """RMS norm backward, as torch.ops.aten._fused_rms_norm_backward.
+
+    With xhat = x * rstd and g = dy * weight, means over the normalized dims D and sums over the
+    leading dims:
+
+        dx = rstd * (g - xhat * mean_D(g * xhat))
+        grad_weight = sum(dy * xhat)
+
+    Returns (grad_input, grad_weight).
+    """
+    x, dy = _float64(input), _float64(grad_output)
+    axes = _trailing_axes(x, normalized_shape)
+    leading_axes, normalized = tuple(range(axes[0])), x.shape[axes[0]:]
+    rstd = _float64(rstd).reshape(x.shape[:axes[0]] + (1,) * len(axes))
+    xhat = x * rstd
+    grad_xhat = _affine(dy, weight, None, normalized)
+    grad_input = _standardize_backward(grad_xhat, xhat, rstd, axes, centered=False)
+    if weight is None:
+        return grad_input, None
+    return grad_input, (dy * xhat).sum(axis=leading_axes)
