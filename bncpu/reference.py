@@ -65,7 +65,7 @@ def _channels(x):
 
 
 def _grouped(x, num_groups):
-    """View (N, C, *) as (N, G, C/G, S): group g holds the contiguous channels g*C/G ... (g+1)*C/G - 1."""
+    """View (N, C, *) as (N, G, C/G, S): group g holds channels g*C/G to (g+1)*C/G - 1."""
     n, c = x.shape[:2]
     if c % num_groups != 0:
         raise ValueError(
@@ -76,7 +76,7 @@ def _grouped(x, num_groups):
 
 
 def _trailing_axes(x, normalized_shape):
-    """The axes layer and RMS norm reduce over: the last len(normalized_shape), which must match it."""
+    """The axes layer and RMS norm reduce over: the last len(normalized_shape), matching it."""
     if isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(int(d) for d in normalized_shape)
@@ -141,7 +141,9 @@ def _standardize_backward(grad_xhat, xhat, rstd, axes, centered=True):
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """Batch norm as torch.nn.functional.batch_norm: the output of batch_norm_forward."""
-    return batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps)[0]
+    return batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )[0]
 
 
 def batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -158,7 +160,8 @@ def batch_norm_forward(input, weight, bias, running_mean, running_var, training,
     nothing: it returns empty (0,) arrays in their place, as torch does.
 
     Training on one value per channel (M == 1) raises ValueError, as torch.nn.functional.batch_norm
-    does: its unbiased variance would be 0/0. An empty batch (M == 0) gives an empty output, saves
+    does: its unbiased variance would be 0/0 (native_batch_norm makes running_var nan instead).
+    An empty batch (M == 0) gives an empty output, saves
     mean 0 and invstd 1 / sqrt(eps), and leaves the running statistics unchanged.
     """
     x = _float64(input)
@@ -298,7 +301,8 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
     """The elementwise half of the training-mode batch norm backward, given the reductions summed
     over all processes and the batch's total count:
 
-        dx = weight_c * invstd_c * (dy - sum_dy_c / count - (x - mean_c) * invstd_c^2 * sum_dy_xmu_c / count)
+        dx = weight_c * invstd_c
+             * (dy - sum_dy_c / count - (x - mean_c) * invstd_c^2 * sum_dy_xmu_c / count)
 
     This is batch_norm_backward's training formula, with xhat * sum(dy * xhat) written as
     (x - mean) * invstd^2 * sum_dy_xmu. `count` may also be the per-process counts, which are

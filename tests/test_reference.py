@@ -1,6 +1,7 @@
 """bncpu.reference, the slow twin, checked two ways: against PyTorch's forward, backward and
-running-statistics updates (when torch is importable), and, without torch, its backward
-functions against central finite differences of its forward functions."""
+running-statistics updates (when torch is importable), and, without torch, against itself: every
+backward against central finite differences of its forward, and the split-phase batch norm
+statistics merged over processes against those of the whole batch."""
 
 import functools
 
@@ -20,16 +21,21 @@ assert_close = functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e
 CHANNEL_SHAPES = [(4, 3), (5, 1), (2, 3, 5), (3, 5, 7, 11), (2, 1, 3, 4, 5)]
 
 # Which of weight and bias are given.
-AFFINE = {"weight+bias": (True, True), "weight": (True, False), "bias": (False, True), "none": (False, False)}
+AFFINE = {
+    "weight+bias": (True, True),
+    "weight": (True, False),
+    "bias": (False, True),
+    "none": (False, False),
+}
 
 
 @pytest.fixture(scope="module")
 def torch():
-    return pytest.importorskip("torch", reason="PyTorch is the oracle for the forward/backward checks")
+    return pytest.importorskip("torch", reason="PyTorch is the oracle for the torch checks")
 
 
 def random_input(shape, seed=0):
-    """Values with a mean well away from 0, where one-pass variances lose digits."""
+    """Values with a mean away from 0, so that a slip in the centering shows."""
     return np.random.default_rng(seed).normal(3.0, 2.0, size=shape)
 
 
@@ -52,10 +58,18 @@ def to_torch(torch, array):
     return None if array is None else torch.tensor(np.asarray(array, dtype=np.float64))
 
 
-def assert_grads_close(ours, theirs):
-    """Gradients that are None on our side are not compared: torch may compute them anyway."""
-    for our_grad, their_grad in zip(ours, theirs, strict=True):
-        if our_grad is not None:
+def output_mask(weight):
+    """torch's native backward ops compute the parameter gradients only when asked."""
+    return [True, weight is not None, weight is not None]
+
+
+def assert_grads_close(ours, theirs, weight):
+    """(grad_input, grad_weight, grad_bias) against torch's; ours for the parameters are None
+    exactly when there is no weight."""
+    assert_close(ours[0], theirs[0].numpy())
+    for our_grad, their_grad in zip(ours[1:], theirs[1:], strict=True):
+        assert (our_grad is None) == (weight is None)
+        if weight is not None:
             assert_close(our_grad, their_grad.numpy())
 
 
@@ -70,9 +84,12 @@ def test_batch_norm_forward_matches_torch(torch, shape, affine, training):
     x = random_input(shape)
     weight, bias = random_params(shape[1], affine)
     running_mean, running_var = running_stats(shape[1])
-    torch_running_mean, torch_running_var = to_torch(torch, running_mean), to_torch(torch, running_var)
+    torch_running_mean = to_torch(torch, running_mean)
+    torch_running_var = to_torch(torch, running_var)
 
-    ours = ref.batch_norm_forward(x, weight, bias, running_mean, running_var, training, MOMENTUM, EPS)
+    ours = ref.batch_norm_forward(
+        x, weight, bias, running_mean, running_var, training, MOMENTUM, EPS
+    )
     theirs = torch.ops.aten.native_batch_norm(
         to_torch(torch, x), to_torch(torch, weight), to_torch(torch, bias),
         torch_running_mean, torch_running_var, training, MOMENTUM, EPS,
@@ -90,7 +107,8 @@ def test_batch_norm_functional_matches_torch(torch, shape, track_running_stats):
     x = random_input(shape)
     weight, bias = random_params(shape[1], "weight+bias")
     running_mean, running_var = running_stats(shape[1]) if track_running_stats else (None, None)
-    torch_running_mean, torch_running_var = to_torch(torch, running_mean), to_torch(torch, running_var)
+    torch_running_mean = to_torch(torch, running_mean)
+    torch_running_var = to_torch(torch, running_var)
 
     ours = ref.batch_norm(x, running_mean, running_var, weight, bias, True, MOMENTUM, EPS)
     theirs = torch.nn.functional.batch_norm(
@@ -122,10 +140,9 @@ def test_batch_norm_backward_matches_torch(torch, shape, affine, training):
         to_torch(torch, grad_output), to_torch(torch, x), to_torch(torch, weight),
         to_torch(torch, running_mean), to_torch(torch, running_var),
         to_torch(torch, save_mean), to_torch(torch, save_invstd), training, EPS,
-        [True, weight is not None, weight is not None],
+        output_mask(weight),
     )
-    assert_grads_close(ours, theirs)
-    assert (ours[1] is None) == (weight is None) and (ours[2] is None) == (weight is None)
+    assert_grads_close(ours, theirs, weight)
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 2, 1, 1)])
@@ -143,7 +160,8 @@ def test_batch_norm_empty_batch_leaves_running_stats_like_torch(torch):
     # one), so the functional form is the one to compare with.
     x = np.empty((0, 3, 5))
     running_mean, running_var = running_stats(3)
-    torch_running_mean, torch_running_var = to_torch(torch, running_mean), to_torch(torch, running_var)
+    torch_running_mean = to_torch(torch, running_mean)
+    torch_running_var = to_torch(torch, running_var)
     before = running_mean.copy(), running_var.copy()
 
     ours = ref.batch_norm(x, running_mean, running_var, training=True)
@@ -182,24 +200,23 @@ def test_batch_norm_gather_stats_merges_exactly(seed):
     rng = np.random.default_rng(seed)
     part_sizes = rng.integers(0, 4, size=5)
     part_sizes[0] += 1
-    parts = [random_input((size, 3, 2), seed=seed + 10 * p) + 10 * p for p, size in enumerate(part_sizes)]
+    parts = [random_input((size, 3, 2), seed=seed + 10 * p) + 10 * p
+             for p, size in enumerate(part_sizes)]
     whole = np.concatenate(parts)
     means, m2s, counts = zip(*(ref.batch_norm_stats(part) for part in parts))
     running_mean, running_var = running_stats(3)
-    expected_running_mean, expected_running_var = running_mean.copy(), running_var.copy()
+    old_running_mean, old_running_var = running_mean.copy(), running_var.copy()
 
     mean, invstd = ref.batch_norm_gather_stats(
         np.stack(means), np.stack(m2s), counts, running_mean, running_var, MOMENTUM, EPS
     )
     whole_mean, whole_m2, whole_count = ref.batch_norm_stats(whole)
+    assert whole_count == sum(counts)
     assert_close(mean, whole_mean)
     assert_close(invstd, 1 / np.sqrt(whole_m2 / whole_count + EPS))
-    expected_mean, expected_invstd = ref.batch_norm_gather_stats(
-        whole_mean[None], whole_m2[None], [whole_count],
-        expected_running_mean, expected_running_var, MOMENTUM, EPS,
-    )
-    assert_close(running_mean, expected_running_mean)
-    assert_close(running_var, expected_running_var)
+    assert_close(running_mean, (1 - MOMENTUM) * old_running_mean + MOMENTUM * whole_mean)
+    assert_close(running_var,
+                 (1 - MOMENTUM) * old_running_var + MOMENTUM * whole_m2 / (whole_count - 1))
 
 
 @pytest.mark.parametrize("affine", ["weight+bias", "none"])
@@ -212,13 +229,16 @@ def test_batch_norm_split_phase_matches_torch_on_the_whole_batch(torch, shape, a
     part_sizes = [1, 0, shape[0] - 1]
     x_parts, grad_parts = split_batch(x, part_sizes), split_batch(grad_output, part_sizes)
     running_mean, running_var = running_stats(shape[1])
-    torch_running_mean, torch_running_var = to_torch(torch, running_mean), to_torch(torch, running_var)
+    torch_running_mean = to_torch(torch, running_mean)
+    torch_running_var = to_torch(torch, running_var)
 
     means, m2s, counts = zip(*(ref.batch_norm_stats(part) for part in x_parts))
     mean, invstd = ref.batch_norm_gather_stats(
         np.stack(means), np.stack(m2s), counts, running_mean, running_var, MOMENTUM, EPS
     )
-    output = np.concatenate([ref.batch_norm_elemt(part, weight, bias, mean, invstd) for part in x_parts])
+    output = np.concatenate(
+        [ref.batch_norm_elemt(part, weight, bias, mean, invstd) for part in x_parts]
+    )
 
     reductions = [ref.batch_norm_backward_reduce(dy, part, mean, invstd, weight)
                   for dy, part in zip(grad_parts, x_parts)]
@@ -234,7 +254,7 @@ def test_batch_norm_split_phase_matches_torch_on_the_whole_batch(torch, shape, a
     )
     their_grads = torch.ops.aten.native_batch_norm_backward(
         to_torch(torch, grad_output), to_torch(torch, x), to_torch(torch, weight), None, None,
-        their_mean, their_invstd, True, EPS, [True, weight is not None, weight is not None],
+        their_mean, their_invstd, True, EPS, output_mask(weight),
     )
     assert_close(mean, their_mean.numpy())
     assert_close(invstd, their_invstd.numpy())
@@ -282,15 +302,14 @@ def test_layer_norm_matches_torch(torch, shape, normalized_shape, affine):
     their_grads = torch.ops.aten.native_layer_norm_backward(
         to_torch(torch, grad_output), to_torch(torch, x), list(normalized), theirs[1], theirs[2],
         to_torch(torch, weight), to_torch(torch, np.zeros(normalized)),
-        [True, weight is not None, weight is not None],
+        output_mask(weight),
     )
     assert mean.shape == rstd.shape == leading
     assert_close(output, theirs[0].numpy())
     assert_close(mean, theirs[1].numpy().reshape(leading))
     assert_close(rstd, theirs[2].numpy().reshape(leading))
     assert_close(ref.layer_norm(x, normalized_shape, weight, bias, EPS), theirs[0].numpy())
-    assert_grads_close(grads, their_grads)
-    assert (grads[1] is None) == (weight is None) and (grads[2] is None) == (weight is None)
+    assert_grads_close(grads, their_grads, weight)
 
 
 @pytest.mark.parametrize("eps", [EPS, None])
@@ -364,15 +383,14 @@ def test_group_norm_matches_torch(torch, shape, num_groups, affine):
         n, c, spatial_size, num_groups, EPS,
     )
     their_grads = torch.ops.aten.native_group_norm_backward(
-        to_torch(torch, grad_output), to_torch(torch, x), theirs[1], theirs[2], to_torch(torch, weight),
-        n, c, spatial_size, num_groups, [True, weight is not None, weight is not None],
+        to_torch(torch, grad_output), to_torch(torch, x), theirs[1], theirs[2],
+        to_torch(torch, weight), n, c, spatial_size, num_groups, output_mask(weight),
     )
     assert mean.shape == rstd.shape == (n, num_groups)
     for our_value, their_value in zip((output, mean, rstd), theirs, strict=True):
         assert_close(our_value, their_value.numpy())
     assert_close(ref.group_norm(x, num_groups, weight, bias, EPS), theirs[0].numpy())
-    assert_grads_close(grads, their_grads)
-    assert (grads[1] is None) == (weight is None) and (grads[2] is None) == (weight is None)
+    assert_grads_close(grads, their_grads, weight)
 
 
 def test_group_norm_indivisible_channels_raise():
@@ -391,7 +409,8 @@ def test_instance_norm_matches_torch(torch, shape, affine, track_running_stats):
     grad_output = random_input(shape, seed=3)
     weight, bias = random_params(shape[1], affine)
     running_mean, running_var = running_stats(shape[1]) if track_running_stats else (None, None)
-    torch_running_mean, torch_running_var = to_torch(torch, running_mean), to_torch(torch, running_var)
+    torch_running_mean = to_torch(torch, running_mean)
+    torch_running_var = to_torch(torch, running_var)
     x_t, weight_t, bias_t = (to_torch(torch, a) for a in (x, weight, bias))
     for tensor in (x_t, weight_t, bias_t):
         if tensor is not None:
@@ -436,7 +455,8 @@ def test_instance_norm_without_input_stats_matches_torch(torch, shape):
         to_torch(torch, weight), to_torch(torch, bias), False, MOMENTUM, EPS,
     )
     assert_close(output, theirs.numpy())
-    assert_close(ref.instance_norm(x, running_mean, running_var, weight, bias, False), theirs.numpy())
+    functional = ref.instance_norm(x, running_mean, running_var, weight, bias, False)
+    assert_close(functional, theirs.numpy())
     assert mean.shape == rstd.shape == (0,)
 
 
@@ -467,7 +487,9 @@ def batch_norm_training(x, weight=None, bias=None):
 
 
 def batch_norm_eval(x, weight=None, bias=None):
-    output, _, _ = ref.batch_norm_forward(x, weight, bias, RUNNING_MEAN, RUNNING_VAR, False, MOMENTUM, EPS)
+    output, _, _ = ref.batch_norm_forward(
+        x, weight, bias, RUNNING_MEAN, RUNNING_VAR, False, MOMENTUM, EPS
+    )
     return output, lambda dy: ref.batch_norm_backward(
         dy, x, weight, RUNNING_MEAN, RUNNING_VAR, None, None, False, EPS
     )
@@ -478,7 +500,9 @@ def batch_norm_split_phase(x, weight=None, bias=None):
     x_parts = split_batch(x, [1, len(x) - 1])
     means, m2s, counts = zip(*(ref.batch_norm_stats(part) for part in x_parts))
     mean, invstd = ref.batch_norm_gather_stats(np.stack(means), np.stack(m2s), counts)
-    output = np.concatenate([ref.batch_norm_elemt(part, weight, bias, mean, invstd) for part in x_parts])
+    output = np.concatenate(
+        [ref.batch_norm_elemt(part, weight, bias, mean, invstd) for part in x_parts]
+    )
 
     def vjp(dy):
         grad_parts = split_batch(dy, [1, len(x) - 1])
@@ -486,7 +510,9 @@ def batch_norm_split_phase(x, weight=None, bias=None):
                       for g, part in zip(grad_parts, x_parts)]
         sum_dy, sum_dy_xmu = sum(r[0] for r in reductions), sum(r[1] for r in reductions)
         grad_input = np.concatenate([
-            ref.batch_norm_backward_elemt(g, part, mean, invstd, weight, sum_dy, sum_dy_xmu, sum(counts))
+            ref.batch_norm_backward_elemt(
+                g, part, mean, invstd, weight, sum_dy, sum_dy_xmu, sum(counts)
+            )
             for g, part in zip(grad_parts, x_parts)
         ])
         if weight is None:

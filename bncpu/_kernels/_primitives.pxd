@@ -7,8 +7,10 @@
 # gets bit-identical results whatever the number of threads.
 #
 # Vectorization: gcc may not reorder a floating-point sum (that would change the
-# result), so the loops keep eight independent accumulators that the compiler packs
-# into vector registers, then add them in a fixed tree.
+# result), so the sums run in LANES independent accumulators (an array the compiler
+# keeps in vector registers: several dependency chains, so the adds pipeline), then
+# add them in a fixed tree. Lane k always sums the same elements, whatever the vector
+# width, so every build gives the same result for any number of threads.
 from libc.stdint cimport int64_t
 
 ctypedef fused real:
@@ -19,52 +21,85 @@ ctypedef fused real:
 # (mean, then squared deviations from it) read the block from L1 cache.
 cdef enum:
     STATS_BLOCK = 2048
+    LANES = 16
+
+
+cdef inline double sum_lanes(const double* lanes) noexcept nogil:
+    """The LANES partial sums added in a fixed pairwise tree."""
+    cdef double tree[LANES]
+    cdef int k, width = LANES
+    for k in range(LANES):
+        tree[k] = lanes[k]
+    while width > 1:
+        width = width >> 1
+        for k in range(width):
+            tree[k] = tree[k] + tree[k + width]
+    return tree[0]
+
+
+cdef inline void zero_lanes(double* lanes) noexcept nogil:
+    cdef int k
+    for k in range(LANES):
+        lanes[k] = 0
+
+
+cdef inline void add_span(double* lanes, const real* x, int64_t length) noexcept nogil:
+    """lanes += x, element i going to lane i % LANES."""
+    cdef int64_t i, i_block, stop = length - length % LANES
+    cdef int k
+    for i_block in range(stop // LANES):
+        i = i_block * LANES
+        for k in range(LANES):
+            lanes[k] += x[i + k]
+    for i in range(stop, length):
+        lanes[i - stop] += x[i]
+
+
+cdef inline void add_sq_dev_span(double* lanes, const real* x, int64_t length,
+                                 double center) noexcept nogil:
+    """lanes += (x - center)²."""
+    cdef double d
+    cdef int64_t i, i_block, stop = length - length % LANES
+    cdef int k
+    for i_block in range(stop // LANES):
+        i = i_block * LANES
+        for k in range(LANES):
+            d = x[i + k] - center
+            lanes[k] += d * d
+    for i in range(stop, length):
+        d = x[i] - center
+        lanes[i - stop] += d * d
+
+
+cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const real* dy,
+                                 const real* x, int64_t length, double mean) noexcept nogil:
+    """dy_lanes += dy; dy_xmu_lanes += dy·(x - mean)."""
+    cdef int64_t i, i_block, stop = length - length % LANES
+    cdef int k
+    for i_block in range(stop // LANES):
+        i = i_block * LANES
+        for k in range(LANES):
+            dy_lanes[k] += dy[i + k]
+            dy_xmu_lanes[k] += dy[i + k] * (<double>x[i + k] - mean)
+    for i in range(stop, length):
+        dy_lanes[i - stop] += dy[i]
+        dy_xmu_lanes[i - stop] += dy[i] * (<double>x[i] - mean)
 
 
 cdef inline double sum_span(const real* x, int64_t length) noexcept nogil:
     """Σ x, in float64."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef int64_t i, stop = length - length % 8
-    for i in range(0, stop, 8):
-        a0 += x[i]
-        a1 += x[i + 1]
-        a2 += x[i + 2]
-        a3 += x[i + 3]
-        a4 += x[i + 4]
-        a5 += x[i + 5]
-        a6 += x[i + 6]
-        a7 += x[i + 7]
-    for i in range(stop, length):
-        a0 += x[i]
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    cdef double lanes[LANES]
+    zero_lanes(lanes)
+    add_span(lanes, x, length)
+    return sum_lanes(lanes)
 
 
 cdef inline double sum_sq_dev_span(const real* x, int64_t length, double center) noexcept nogil:
     """Σ (x - center)², in float64."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef double d0, d1, d2, d3, d4, d5, d6, d7
-    cdef int64_t i, stop = length - length % 8
-    for i in range(0, stop, 8):
-        d0 = x[i] - center
-        d1 = x[i + 1] - center
-        d2 = x[i + 2] - center
-        d3 = x[i + 3] - center
-        d4 = x[i + 4] - center
-        d5 = x[i + 5] - center
-        d6 = x[i + 6] - center
-        d7 = x[i + 7] - center
-        a0 += d0 * d0
-        a1 += d1 * d1
-        a2 += d2 * d2
-        a3 += d3 * d3
-        a4 += d4 * d4
-        a5 += d5 * d5
-        a6 += d6 * d6
-        a7 += d7 * d7
-    for i in range(stop, length):
-        d0 = x[i] - center
-        a0 += d0 * d0
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    cdef double lanes[LANES]
+    zero_lanes(lanes)
+    add_sq_dev_span(lanes, x, length, center)
+    return sum_lanes(lanes)
 
 
 cdef inline double sum_sq_span(const real* x, int64_t length) noexcept nogil:
@@ -75,22 +110,13 @@ cdef inline double sum_sq_span(const real* x, int64_t length) noexcept nogil:
 cdef inline void sum_dy_xmu_span(const real* dy, const real* x, int64_t length, double mean,
                                  double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     """Adds Σ dy and Σ dy·(x - mean) over the span to the two accumulators."""
-    cdef double s0 = 0, s1 = 0, s2 = 0, s3 = 0, p0 = 0, p1 = 0, p2 = 0, p3 = 0
-    cdef int64_t i, stop = length - length % 4
-    for i in range(0, stop, 4):
-        s0 += dy[i]
-        s1 += dy[i + 1]
-        s2 += dy[i + 2]
-        s3 += dy[i + 3]
-        p0 += dy[i] * (<double>x[i] - mean)
-        p1 += dy[i + 1] * (<double>x[i + 1] - mean)
-        p2 += dy[i + 2] * (<double>x[i + 2] - mean)
-        p3 += dy[i + 3] * (<double>x[i + 3] - mean)
-    for i in range(stop, length):
-        s0 += dy[i]
-        p0 += dy[i] * (<double>x[i] - mean)
-    sum_dy[0] += (s0 + s1) + (s2 + s3)
-    sum_dy_xmu[0] += (p0 + p1) + (p2 + p3)
+    cdef double dy_lanes[LANES]
+    cdef double dy_xmu_lanes[LANES]
+    zero_lanes(dy_lanes)
+    zero_lanes(dy_xmu_lanes)
+    add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, x, length, mean)
+    sum_dy[0] += sum_lanes(dy_lanes)
+    sum_dy_xmu[0] += sum_lanes(dy_xmu_lanes)
 
 
 cdef inline void merge_stats(double* count, double* mean, double* m2,

@@ -36,7 +36,8 @@ from bncpu._kernels._common cimport (
     BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY, bncpu_api,
     check_sizes, check_eps, check_momentum, data_or_null, is_float32)
 from bncpu._kernels._primitives cimport (
-    real, span_stats, merge_stats, sum_dy_xmu_span, split_center,
+    real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
+    zero_lanes, sum_lanes, add_span, add_sq_dev_span, add_dy_xmu_span,
     affine_span, scale_span, backward_span)
 
 cnp.import_array()
@@ -45,7 +46,7 @@ cdef enum:
     PIECE = 65536          # values per piece of a row (a unit of parallel work)
     SPLIT_MIN_S = 4096     # split mode only when rows are at least this long
     CHANNEL_CHUNK = 64     # column mode: channels per task
-    ROW_BLOCK = 64         # column mode: rows per statistics block
+    ROW_BLOCK = 256        # column mode: rows per statistics block
 
 # Per-channel coefficients of the elementwise passes, CHANNEL_COEFS rows of c values:
 #   forward:  y  = ((x - hi) - lo)·scale + offset
@@ -109,47 +110,82 @@ cdef void piece_grad_sums_task(const real* dy, const real* x, int64_t task, int6
 
 cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t j,
                         double* mean, double* m2) noexcept nogil:
-    """Mean and M2 of channel j, folding its pieces in (row, piece) order."""
-    cdef int64_t i, start, start_index, length
-    cdef double count = 0, piece_count, piece_mean, piece_m2
+    """Mean and M2 of channel j.
+
+    Long rows (s >= STATS_BLOCK): each piece of a row is summarized by span_stats and
+    the pieces merged in (row, piece) order, exactly as split mode does. Short rows:
+    blocks of whole consecutive rows (at most STATS_BLOCK values), each summarized
+    two-pass with its lanes running across the rows, merged in row order.
+    """
+    cdef int64_t i, start, start_index, length, rows_per_block, block, r0, r1
+    cdef double count = 0, piece_count, piece_mean, piece_m2, block_mean
+    cdef double lanes[LANES]
     mean[0] = 0
     m2[0] = 0
-    for i in range(n):
-        for start_index in range((s + PIECE - 1) // PIECE):
-            start = start_index * PIECE
-            length = min(<int64_t>PIECE, s - start)
-            piece_count = 0
-            piece_mean = 0
-            piece_m2 = 0
-            span_stats(x + (i * c + j) * s + start, length, &piece_count, &piece_mean, &piece_m2)
-            merge_stats(&count, mean, m2, piece_count, piece_mean, piece_m2)
+    if s >= STATS_BLOCK:
+        for i in range(n):
+            for start_index in range((s + PIECE - 1) // PIECE):
+                start = start_index * PIECE
+                length = min(<int64_t>PIECE, s - start)
+                piece_count = 0
+                piece_mean = 0
+                piece_m2 = 0
+                span_stats(x + (i * c + j) * s + start, length, &piece_count, &piece_mean, &piece_m2)
+                merge_stats(&count, mean, m2, piece_count, piece_mean, piece_m2)
+        return
+    rows_per_block = STATS_BLOCK // s
+    for block in range((n + rows_per_block - 1) // rows_per_block):
+        r0 = block * rows_per_block
+        r1 = min(r0 + rows_per_block, n)
+        zero_lanes(lanes)
+        for i in range(r0, r1):
+            add_span(lanes, x + (i * c + j) * s, s)
+        block_mean = sum_lanes(lanes) / ((r1 - r0) * s)
+        zero_lanes(lanes)
+        for i in range(r0, r1):
+            add_sq_dev_span(lanes, x + (i * c + j) * s, s, block_mean)
+        merge_stats(&count, mean, m2, <double>((r1 - r0) * s), block_mean, sum_lanes(lanes))
 
 
 cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
                             int64_t j, double mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """Σdy and Σdy·(x - mean) of channel j; pieces summed in (row, piece) order."""
+    """Σdy and Σdy·(x - mean) of channel j: rows that split mode cuts (s >= SPLIT_MIN_S)
+    are summed per piece and the pieces added in (row, piece) order, as split mode does;
+    shorter rows run their lanes across the whole channel."""
     cdef int64_t i, start, start_index, offset
     cdef double piece_dy, piece_dy_xmu
+    cdef double dy_lanes[LANES]
+    cdef double dy_xmu_lanes[LANES]
     sum_dy[0] = 0
     sum_dy_xmu[0] = 0
+    if s >= SPLIT_MIN_S:
+        for i in range(n):
+            for start_index in range((s + PIECE - 1) // PIECE):
+                start = start_index * PIECE
+                offset = (i * c + j) * s + start
+                piece_dy = 0
+                piece_dy_xmu = 0
+                sum_dy_xmu_span(dy + offset, x + offset, min(<int64_t>PIECE, s - start), mean,
+                                &piece_dy, &piece_dy_xmu)
+                sum_dy[0] += piece_dy
+                sum_dy_xmu[0] += piece_dy_xmu
+        return
+    zero_lanes(dy_lanes)
+    zero_lanes(dy_xmu_lanes)
     for i in range(n):
-        for start_index in range((s + PIECE - 1) // PIECE):
-            start = start_index * PIECE
-            offset = (i * c + j) * s + start
-            piece_dy = 0
-            piece_dy_xmu = 0
-            sum_dy_xmu_span(dy + offset, x + offset, min(<int64_t>PIECE, s - start), mean,
-                            &piece_dy, &piece_dy_xmu)
-            sum_dy[0] += piece_dy
-            sum_dy_xmu[0] += piece_dy_xmu
+        offset = (i * c + j) * s
+        add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy + offset, x + offset, s, mean)
+    sum_dy[0] = sum_lanes(dy_lanes)
+    sum_dy_xmu[0] = sum_lanes(dy_xmu_lanes)
 
 
 cdef void column_stats(const real* x, int64_t n, int64_t c, int64_t j0, int64_t width,
                        double* count, double* mean, double* m2) noexcept nogil:
     """Column mode (S == 1): statistics of channels j0..j0+width, rows in blocks."""
     cdef double block_sum[CHANNEL_CHUNK]
+    cdef double block_mean[CHANNEL_CHUNK]
     cdef double block_m2[CHANNEL_CHUNK]
-    cdef double block_mean, d
+    cdef double d
     cdef int64_t r0, r0_index, rows, i, jj
     cdef const real* row
     for jj in range(width):
@@ -159,35 +195,47 @@ cdef void column_stats(const real* x, int64_t n, int64_t c, int64_t j0, int64_t 
     for r0_index in range((n + ROW_BLOCK - 1) // ROW_BLOCK):
         r0 = r0_index * ROW_BLOCK
         rows = min(<int64_t>ROW_BLOCK, n - r0)
-        for jj in range(width):
+        for jj in range(CHANNEL_CHUNK):
             block_sum[jj] = 0
             block_m2[jj] = 0
         for i in range(r0, r0 + rows):
             row = x + i * c + j0
             for jj in range(width):
                 block_sum[jj] += row[jj]
+        for jj in range(width):
+            block_mean[jj] = block_sum[jj] / rows
         for i in range(r0, r0 + rows):
             row = x + i * c + j0
             for jj in range(width):
-                d = row[jj] - block_sum[jj] / rows
+                d = row[jj] - block_mean[jj]
                 block_m2[jj] += d * d
         for jj in range(width):
-            merge_stats(&count[jj], &mean[jj], &m2[jj], <double>rows,
-                        block_sum[jj] / rows, block_m2[jj])
+            merge_stats(&count[jj], &mean[jj], &m2[jj], <double>rows, block_mean[jj], block_m2[jj])
 
 
 cdef void column_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t j0,
                            int64_t width, const double* mean,
                            double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     """Column mode: Σdy and Σdy·(x - mean) of channels j0..j0+width, row by row."""
+    cdef double local_mean[CHANNEL_CHUNK]
+    cdef double local_dy[CHANNEL_CHUNK]
+    cdef double local_dy_xmu[CHANNEL_CHUNK]
     cdef int64_t i, jj
+    cdef const real* dy_row
+    cdef const real* x_row
     for jj in range(width):
-        sum_dy[j0 + jj] = 0
-        sum_dy_xmu[j0 + jj] = 0
+        local_mean[jj] = mean[j0 + jj]
+        local_dy[jj] = 0
+        local_dy_xmu[jj] = 0
     for i in range(n):
+        dy_row = dy + i * c + j0
+        x_row = x + i * c + j0
         for jj in range(width):
-            sum_dy[j0 + jj] += dy[i * c + j0 + jj]
-            sum_dy_xmu[j0 + jj] += dy[i * c + j0 + jj] * (<double>x[i * c + j0 + jj] - mean[j0 + jj])
+            local_dy[jj] += dy_row[jj]
+            local_dy_xmu[jj] += dy_row[jj] * (<double>x_row[jj] - local_mean[jj])
+    for jj in range(width):
+        sum_dy[j0 + jj] = local_dy[jj]
+        sum_dy_xmu[j0 + jj] = local_dy_xmu[jj]
 
 
 # --------------------------------------------------------------------------------
@@ -206,10 +254,13 @@ cdef void pass_span(Pass kind, const real* a, const real* b, real* out, int64_t 
 
 
 cdef void pass_piece_task(Pass kind, const real* a, const real* b, real* out, int64_t task,
-                          int64_t n, int64_t c, int64_t s, const real* coefs) noexcept nogil:
-    cdef int64_t j, offset, length
-    piece_bounds(task, n, c, s, &j, &offset, &length)
-    pass_span(kind, a + offset, b + offset if b != NULL else NULL, out + offset, length, coefs, c, j)
+                          int64_t c, int64_t s, int64_t per_row, const real* coefs) noexcept nogil:
+    """Piece p of segment t = i·C + j (memory order), task = t·per_row + p."""
+    cdef int64_t segment = task // per_row if per_row > 1 else task
+    cdef int64_t start = (task - segment * per_row) * PIECE
+    cdef int64_t offset = segment * s + start
+    pass_span(kind, a + offset, b + offset if b != NULL else NULL, out + offset,
+              min(<int64_t>PIECE, s - start), coefs, c, segment % c)
 
 
 cdef void pass_columns(Pass kind, const real* a, const real* b, real* out, int64_t c,
@@ -238,7 +289,7 @@ cdef void pass_columns(Pass kind, const real* a, const real* b, real* out, int64
 cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
                    int64_t n, int64_t c, int64_t s, const real* coefs, int n_threads) noexcept nogil:
     """out = pass(a, b) over the whole (N, C, S) buffer, in parallel."""
-    cdef int64_t task, n_tasks, r0
+    cdef int64_t task, n_tasks, r0, per_row
     if s == 1:
         n_tasks = (n + ROW_BLOCK - 1) // ROW_BLOCK
         if n_threads > 1:
@@ -248,13 +299,14 @@ cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
         else:
             pass_columns(kind, a, b, out, c, 0, n, 0, c, coefs)
         return
-    n_tasks = c * n * pieces_per_row(s)
+    per_row = pieces_per_row(s)
+    n_tasks = c * n * per_row
     if n_threads > 1:
         for task in prange(n_tasks, schedule='static', num_threads=n_threads):
-            pass_piece_task(kind, a, b, out, task, n, c, s, coefs)
+            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs)
     else:
         for task in range(n_tasks):
-            pass_piece_task(kind, a, b, out, task, n, c, s, coefs)
+            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs)
 
 
 cdef inline void set_affine_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,
