@@ -70,7 +70,10 @@ def copy_header():
 
 
 omp_compile, omp_link = openmp_flags()
-base_compile = ["-O3", "-fno-math-errno"] + omp_compile
+# -ffp-contract=off: gcc would fuse a*b + c into one FMA in some inlined copies of a
+# shared helper and not in others (e.g. channel mode vs split mode), changing the last
+# bit between thread counts; without contraction every copy rounds the same way.
+base_compile = ["-O3", "-fno-math-errno", "-ffp-contract=off"] + omp_compile
 if os.environ.get("BNCPU_NATIVE"):
     base_compile.append("-march=native")
 if sys.platform == "win32":
@@ -82,7 +85,7 @@ ISA_LEVELS = {
     "_avx2": ["-mavx2", "-mfma"],
     "_avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mprefer-vector-width=512"],
 }
-KERNEL_FAMILIES = ["batch_norm"]
+KERNEL_FAMILIES = ["batch_norm", "row_norm"]
 IS_X86 = any(m in (sysconfig.get_platform() + os.uname().machine if hasattr(os, "uname") else "")
              for m in ("x86_64", "amd64", "i686"))
 if os.environ.get("BNCPU_NATIVE") or not IS_X86:

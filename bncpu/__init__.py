@@ -17,6 +17,12 @@ from bncpu._batch_norm import (
     batch_norm_stats, batch_norm_gather_stats, batch_norm_elemt,
     batch_norm_backward_reduce, batch_norm_backward_elemt,
 )
+from bncpu._row_norm import (
+    layer_norm, layer_norm_forward, layer_norm_backward,
+    group_norm, group_norm_forward, group_norm_backward,
+    instance_norm, instance_norm_forward, instance_norm_backward,
+    rms_norm, rms_norm_forward, rms_norm_backward,
+)
 
 __version__ = "0.1.0"
 
@@ -24,6 +30,10 @@ __all__ = [
     "batch_norm", "batch_norm_forward", "batch_norm_backward",
     "batch_norm_stats", "batch_norm_gather_stats", "batch_norm_elemt",
     "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+    "layer_norm", "layer_norm_forward", "layer_norm_backward",
+    "group_norm", "group_norm_forward", "group_norm_backward",
+    "instance_norm", "instance_norm_forward", "instance_norm_backward",
+    "rms_norm", "rms_norm_forward", "rms_norm_backward",
     "get_num_threads", "set_num_threads", "get_include", "isa", "openmp_enabled",
 ]
 

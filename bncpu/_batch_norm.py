@@ -40,7 +40,8 @@ def batch_norm_forward(input, weight, bias, running_mean, running_var, training,
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
     training = bool(training)
-    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training)
+    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
+                            updated=training)
     w = v.per_channel(weight, "weight", c, dtype)
     b = v.per_channel(bias, "bias", c, dtype)
     if training and n * s == 1:
@@ -148,8 +149,8 @@ def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None
     counts = np.ascontiguousarray(counts, dtype=np.int64)
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
-    dtype = running_mean.dtype if isinstance(running_mean, np.ndarray) else np.dtype(np.float64)
-    v.compute_dtype(dtype, "running_mean")
+    dtype = (v.compute_dtype(running_mean.dtype, "running_mean")
+             if isinstance(running_mean, np.ndarray) else np.dtype(np.float64))
     rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
     if counts.sum() == 1:
         raise ValueError("Expected more than 1 value per channel when training, got a total count of 1")

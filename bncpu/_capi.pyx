@@ -11,22 +11,6 @@ from libc.string cimport memset
 cdef extern from *:
     """
     #include "bncpu.h"
-    static const char *bncpu_strerror_impl(int status) {
-        switch (status) {
-        case BNCPU_OK: return "success";
-        case BNCPU_ERR_NULL_POINTER: return "a required pointer argument is NULL";
-        case BNCPU_ERR_BAD_SIZE: return "a size is negative or the sizes disagree";
-        case BNCPU_ERR_ONE_VALUE: return "expected more than 1 value per channel when training";
-        case BNCPU_ERR_BAD_EPS: return "eps must be finite and >= 0";
-        case BNCPU_ERR_BAD_MOMENTUM: return "momentum must be in [0, 1]";
-        case BNCPU_ERR_ALIASED_STATS: return "running_mean and running_var must be different arrays";
-        case BNCPU_ERR_BAD_GROUPS: return "the number of channels must be divisible by the number of groups (>= 1)";
-        case BNCPU_ERR_NO_MEMORY: return "out of memory for a temporary buffer";
-        case BNCPU_ERR_NOT_IMPORTED: return "bncpu_import() has not succeeded";
-        case BNCPU_ERR_IMPORT: return "the bncpu Python package could not be imported";
-        default: return "unknown bncpu status";
-        }
-    }
     static bncpu_api bncpu_table;
     static char bncpu_isa_name[32];
     """
@@ -41,7 +25,7 @@ cdef extern from *:
     const char* BNCPU_VERSION_STRING
     bncpu_api bncpu_table
     char bncpu_isa_name[32]
-    const char* bncpu_strerror_impl(int status) noexcept nogil
+    const char* bncpu_strerror(int status) noexcept nogil
 
 from bncpu._threads cimport c_get_num_threads, c_set_num_threads
 
@@ -56,7 +40,7 @@ def _new_table(str isa):
     bncpu_table.api_version = BNCPU_API_VERSION
     bncpu_table.version = BNCPU_VERSION_STRING
     bncpu_table.isa = bncpu_isa_name
-    bncpu_table.strerror = bncpu_strerror_impl
+    bncpu_table.strerror = bncpu_strerror
     bncpu_table.get_num_threads = c_get_num_threads
     bncpu_table.set_num_threads = c_set_num_threads
     return PyCapsule_New(&bncpu_table, "bncpu._capi.table", NULL)
@@ -70,7 +54,7 @@ def _publish():
 
 def strerror(int status):
     """The message of a bncpu_status code."""
-    return bncpu_strerror_impl(status).decode()
+    return bncpu_strerror(status).decode()
 
 
 cdef extern from *:

@@ -11,7 +11,7 @@ import os
 
 from bncpu import _capi
 
-FAMILIES = ("batch_norm",)
+FAMILIES = ("batch_norm", "row_norm")
 _SUFFIX = {"baseline": "", "avx2": "_avx2", "avx512": "_avx512"}
 
 

@@ -81,8 +81,12 @@ cdef int c_get_num_threads() noexcept nogil:
     return configured_threads()
 
 
+# More threads than this is a mistake, not a machine: cap it rather than ask OpenMP.
+cdef int MAX_THREADS = 1 << 16
+
+
 cdef void c_set_num_threads(int n) noexcept nogil:
-    bncpu_store_requested(n if n > 0 else 0)
+    bncpu_store_requested(min(max(n, 0), MAX_THREADS))
 
 
 def get_num_threads():
@@ -96,7 +100,7 @@ def set_num_threads(n):
         raise TypeError(f"number of threads must be an int, got {type(n).__name__}")
     if n < 0:
         raise ValueError(f"number of threads must be >= 0, got {n}")
-    bncpu_store_requested(min(n, 1 << 16))
+    c_set_num_threads(min(n, MAX_THREADS))
 
 
 def openmp_enabled():

@@ -8,8 +8,9 @@ Rules (NumPy's, with PyTorch's names in the messages):
   subclasses such as np.matrix are converted to plain arrays.
 * Any layout is accepted (Fortran order, negative or zero strides, byte-swapped):
   the kernels get a native C-contiguous copy when the input is not one already.
-* Running statistics are updated in place, so they must already be writeable,
-  C-contiguous, 1-D ndarrays of the compute dtype; they are never converted.
+* Running statistics are 1-D ndarrays of the compute dtype (as in PyTorch). In
+  training they are updated in place, so they must also be writeable and C-contiguous
+  and are never converted; in evaluation they are only read.
 * ``out`` follows NumPy's contract: an ndarray of the result's shape, writeable,
   castable from the result dtype under 'same_kind'. It may be non-contiguous or alias
   an input; the kernels then write to a temporary that is copied into ``out``.
@@ -82,8 +83,9 @@ def per_channel(value, name, c, dtype):
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def running_stat(value, name, c, dtype):
-    """A running statistic updated in place: strict checks, never converted."""
+def running_stat(value, name, c, dtype, updated=True):
+    """A running statistic: strict checks, and never converted when it is ``updated`` in
+    place; in evaluation it is only read, so any layout will do."""
     if value is None:
         return None
     if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
@@ -92,9 +94,13 @@ def running_stat(value, name, c, dtype):
     if value.ndim != 1 or value.shape[0] != c:
         raise ValueError(f"{name} should contain {c} elements not {value.size}"
                          + ("" if value.ndim == 1 else f" (shape {value.shape}, expected ({c},))"))
-    if value.dtype != dtype or not value.dtype.isnative:
+    if value.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"{name} has dtype {value.dtype} but the input is computed as {dtype}; "
                         f"running statistics must have the compute dtype")
+    if not updated:
+        return np.ascontiguousarray(value, dtype=dtype)
+    if not value.dtype.isnative:
+        raise TypeError(f"{name} has dtype {value.dtype}, byte-swapped, but is updated in place")
     if not value.flags.writeable:
         raise ValueError(f"{name} is read-only but is updated in place")
     if not value.flags.c_contiguous:
@@ -102,13 +108,13 @@ def running_stat(value, name, c, dtype):
     return value
 
 
-def running_pair(running_mean, running_var, c, dtype, required):
-    rm = running_stat(running_mean, "running_mean", c, dtype)
-    rv = running_stat(running_var, "running_var", c, dtype)
+def running_pair(running_mean, running_var, c, dtype, required, updated=True):
+    rm = running_stat(running_mean, "running_mean", c, dtype, updated)
+    rv = running_stat(running_var, "running_var", c, dtype, updated)
     if (rm is None) != (rv is None) or (required and rm is None):
         what = "must be given when training=False" if required else "must be given together"
         raise ValueError(f"running_mean and running_var {what}")
-    if rm is not None and c > 0 and np.may_share_memory(rm, rv):
+    if rm is not None and c > 0 and np.may_share_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not share memory")
     return rm, rv
 
@@ -207,3 +213,27 @@ def raise_for_status(status):
     if status == 8:
         raise MemoryError(message)
     raise ValueError(message)
+
+
+def shaped_param(value, name, shape, dtype, shape_name="normalized_shape"):
+    """Optional parameter of a given shape (layer norm's weight, bias): None or a
+    contiguous copy in ``dtype``."""
+    if value is None:
+        return None
+    array = as_array(value, name)
+    compute_dtype(array.dtype, name)
+    if array.shape != tuple(shape):
+        raise ValueError(f"Expected {name} to be of same shape as {shape_name}, but got {name} "
+                         f"of shape {list(array.shape)} and {shape_name} = {list(shape)}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def saved_stats(value, name, shape, dtype, trailing_ones=0):
+    """Statistics a forward saved (mean, rstd): of ``shape``, or of ``shape`` followed by
+    ``trailing_ones`` 1s (the shape PyTorch keeps); a contiguous copy in ``dtype``."""
+    shape = tuple(shape)
+    array = as_array(value, name)
+    compute_dtype(array.dtype, name)
+    if array.shape != shape and array.shape != shape + (1,) * trailing_ones:
+        raise ValueError(f"{name} has shape {array.shape}, expected {shape}")
+    return np.ascontiguousarray(array, dtype=dtype).reshape(shape)

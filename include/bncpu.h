@@ -12,14 +12,28 @@
  * Why a table and an interpreter: the kernels are compiled by Cython, whose parallel
  * loops check the state of the Python interpreter on entry; called before any
  * interpreter exists they abort. bncpu_import() therefore starts an embedded
- * interpreter when none runs (standalone programs; link with
- * `python3-config --embed --ldflags`), imports the package, copies the table, and
- * leaves the interpreter idle with the GIL released. It costs one import of bncpu
- * (tens of milliseconds, once per process); kernel calls afterwards never touch Python
- * and may come from any thread. Inside a Python extension module the interpreter
- * already runs: call bncpu_import() from the module's init function with the GIL held.
+ * interpreter when none runs (standalone programs), imports the package, copies the
+ * table pointer from the capsule bncpu._capi._C_API, checks BNCPU_API_VERSION, and
+ * leaves the interpreter idle with the GIL released. That costs one start of Python
+ * and import of NumPy and bncpu, once per process (about 0.14 s, most of it NumPy's
+ * import); kernel calls afterwards never touch Python, cost one indirect call more
+ * than a direct one (nothing measurable: 33 ns for a tiny input either way), and may
+ * come from any thread. bncpu_finalize() ends that interpreter. Inside a Python
+ * extension module the interpreter already runs: call bncpu_import() from the
+ * module's init function.
  * Call bncpu_import() in every translation unit that uses the macros below (the table
  * pointer is per file; repeated calls are cheap).
+ *
+ * Building: this header includes <Python.h>, so compile with the include flags of the
+ * Python that has bncpu installed; a standalone program also links libpython:
+ *   cc prog.c -I"$(python3 -c 'import bncpu; print(bncpu.get_include())')" \
+ *      $(python3-config --includes) $(python3-config --embed --ldflags) -o prog
+ * A C extension module needs only the include flags (examples/c/ has both cases).
+ * Which Python environment the embedded interpreter uses: the one of the python named
+ * by the environment variable BNCPU_PYTHON at run time, else by the macro
+ * BNCPU_PYTHON_EXECUTABLE at compile time (-DBNCPU_PYTHON_EXECUTABLE='"/path/venv/bin/python"'),
+ * else the first python3 on PATH (an activated virtual environment). PYTHONPATH and the
+ * other PYTHON* variables apply as to python itself.
  *
  * Layout: every array is C-contiguous. Batch, group and instance norm see the input
  * as (n, c, s): n samples, c channels, s = product of the trailing dimensions
@@ -38,9 +52,11 @@
 #ifndef BNCPU_H
 #define BNCPU_H
 
+/* Python.h comes first, as CPython requires (it sets feature macros of the C library). */
+#include <Python.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <string.h>
+#include <stdlib.h>
 
 #define BNCPU_VERSION_MAJOR 0
 #define BNCPU_VERSION_MINOR 1
@@ -191,6 +207,253 @@ typedef struct bncpu_api {
     int (*rms_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t rows, int64_t d,
         const double *rstd, const double *weight, double *dweight);
 } bncpu_api;
+
+/* ==================================================================================
+ * Importing the table, and calling through it
+ * ================================================================================== */
+
+/* This translation unit's table: NULL until bncpu_import() succeeds. */
+static const bncpu_api *bncpu_api_table = NULL;
+
+/* What bncpu_import() and bncpu_finalize() remember in this translation unit. */
+static struct {
+    PyThreadState *interpreter_thread; /* non-NULL: this unit's bncpu_import() started the
+                                          interpreter and released the GIL with this state */
+    int attempted;                     /* bncpu_import() has been called */
+    char error[1024];                  /* why the last bncpu_import() failed, "" if it did not */
+} bncpu_import_state_;
+
+/* The message of a status code (any int); usable before bncpu_import(). */
+static inline const char *bncpu_strerror(int status)
+{
+    switch (status) {
+    case BNCPU_OK: return "success";
+    case BNCPU_ERR_NULL_POINTER: return "a required pointer argument is NULL";
+    case BNCPU_ERR_BAD_SIZE: return "a size is negative or the sizes disagree";
+    case BNCPU_ERR_ONE_VALUE: return "expected more than 1 value per channel when training";
+    case BNCPU_ERR_BAD_EPS: return "eps must be finite and >= 0";
+    case BNCPU_ERR_BAD_MOMENTUM: return "momentum must be in [0, 1]";
+    case BNCPU_ERR_ALIASED_STATS: return "running_mean and running_var must be different arrays";
+    case BNCPU_ERR_BAD_GROUPS:
+        return "the number of channels must be divisible by the number of groups (>= 1)";
+    case BNCPU_ERR_NO_MEMORY: return "out of memory for a temporary buffer";
+    case BNCPU_ERR_NOT_IMPORTED: return "bncpu_import() has not succeeded";
+    case BNCPU_ERR_IMPORT: return "the bncpu Python package could not be imported";
+    default: return "unknown bncpu status";
+    }
+}
+
+/* Record the pending Python exception as "context: Type: message" and clear it. */
+static inline void bncpu_record_python_error_(const char *context)
+{
+    PyObject *type, *value, *traceback = NULL, *text = NULL;
+    const char *message = NULL, *executable = NULL;
+#if PY_VERSION_HEX >= 0x030C0000
+    value = PyErr_GetRaisedException();
+    type = value != NULL ? (PyObject *)Py_NewRef(Py_TYPE(value)) : NULL;
+#else
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+#endif
+    if (value != NULL && (text = PyObject_Str(value)) != NULL)
+        message = PyUnicode_AsUTF8(text);
+    if (type != NULL && PyErr_GivenExceptionMatches(type, PyExc_ImportError)) {
+        /* The usual cause: the interpreter runs another environment than the one holding bncpu. */
+        PyObject *sys_executable = PySys_GetObject("executable");
+        if (sys_executable != NULL && PyUnicode_Check(sys_executable))
+            executable = PyUnicode_AsUTF8(sys_executable);
+    }
+    PyErr_Clear();
+    snprintf(bncpu_import_state_.error, sizeof bncpu_import_state_.error, "%s: %s: %s%s%s%s",
+             context, type != NULL ? ((PyTypeObject *)type)->tp_name : "error",
+             message != NULL ? message : "(no message)",
+             executable != NULL ? " (Python is " : "", executable != NULL ? executable : "",
+             executable != NULL ? "; set BNCPU_PYTHON to the python of the environment "
+                                  "where bncpu is installed)" : "");
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+/* Start an embedded interpreter for a program that has none; 0 on success (GIL held). */
+static inline int bncpu_start_interpreter_(void)
+{
+    PyPreConfig preconfig;
+    PyConfig config;
+    PyStatus status;
+    const char *python = getenv("BNCPU_PYTHON");
+#ifdef BNCPU_PYTHON_EXECUTABLE
+    if (python == NULL || python[0] == '\0')
+        python = BNCPU_PYTHON_EXECUTABLE;
+#endif
+    /* The host program keeps its locale: Python would otherwise set LC_CTYPE (and may
+     * coerce a C locale to C.UTF-8 in the environment). */
+    PyPreConfig_InitPythonConfig(&preconfig);
+    preconfig.configure_locale = 0;
+    status = Py_PreInitialize(&preconfig);
+    if (!PyStatus_Exception(status)) {
+        PyConfig_InitPythonConfig(&config);
+        /* The host program keeps its signal handlers (Ctrl-C, SIGPIPE). */
+        config.install_signal_handlers = 0;
+        /* Python derives sys.prefix, hence site-packages, from its executable: naming a
+         * virtual environment's python selects that environment (its pyvenv.cfg). */
+        if (python != NULL && python[0] != '\0')
+            status = PyConfig_SetBytesString(&config, &config.program_name, python);
+        if (!PyStatus_Exception(status))
+            status = Py_InitializeFromConfig(&config);
+        PyConfig_Clear(&config);
+    }
+    if (PyStatus_Exception(status)) {
+        snprintf(bncpu_import_state_.error, sizeof bncpu_import_state_.error,
+                 "starting the embedded Python interpreter failed: %s%s%s",
+                 status.func != NULL ? status.func : "", status.func != NULL ? ": " : "",
+                 status.err_msg != NULL ? status.err_msg : "unknown error");
+        return -1;
+    }
+    return 0;
+}
+
+/* Load the kernels: BNCPU_OK, or BNCPU_ERR_IMPORT with the reason in bncpu_import_error().
+ *
+ * Standalone program (no interpreter yet): starts one (see BNCPU_PYTHON at the top),
+ * imports bncpu, and returns with the GIL released, so that kernels may then be called
+ * from any thread. Call it once, before starting threads that use bncpu.
+ * Python extension module or embedding program (an interpreter runs): imports bncpu
+ * using the running interpreter; the calling thread may or may not hold the GIL.
+ * Each translation unit has its own table: call bncpu_import() in each one that calls
+ * kernels (after the first, a call costs a dictionary lookup). Once it has succeeded,
+ * further calls return BNCPU_OK at once. */
+static inline int bncpu_import(void)
+{
+    const bncpu_api *table;
+    PyObject *module;
+    PyGILState_STATE gil = PyGILState_UNLOCKED;
+    int started = 0;
+    if (bncpu_api_table != NULL)
+        return BNCPU_OK;
+    bncpu_import_state_.attempted = 1;
+    bncpu_import_state_.error[0] = '\0';
+    if (!Py_IsInitialized()) {
+        if (bncpu_start_interpreter_() != 0)
+            return BNCPU_ERR_IMPORT;
+        started = 1;
+    } else {
+        gil = PyGILState_Ensure();
+    }
+    /* Importing bncpu fills and publishes the table. Imported on its own first, because
+     * PyCapsule_Import would replace the reason of a failure with a generic message. */
+    module = PyImport_ImportModule("bncpu");
+    table = module != NULL ? (const bncpu_api *)PyCapsule_Import("bncpu._capi._C_API", 0) : NULL;
+    Py_XDECREF(module);
+    if (table == NULL) {
+        bncpu_record_python_error_("import bncpu failed");
+    } else if (table->api_version != BNCPU_API_VERSION) {
+        snprintf(bncpu_import_state_.error, sizeof bncpu_import_state_.error,
+                 "bncpu.h is for API version %d but the bncpu package %s provides version %d: "
+                 "compile against the header of the installed package (bncpu.get_include())",
+                 BNCPU_API_VERSION, table->version, table->api_version);
+        table = NULL;
+    }
+    if (started)
+        bncpu_import_state_.interpreter_thread = PyEval_SaveThread();
+    else
+        PyGILState_Release(gil);
+    bncpu_api_table = table;
+    return table != NULL ? BNCPU_OK : BNCPU_ERR_IMPORT;
+}
+
+/* Why the last bncpu_import() of this translation unit failed ("" if it succeeded). */
+static inline const char *bncpu_import_error(void)
+{
+    return bncpu_import_state_.attempted ? bncpu_import_state_.error
+                                         : "bncpu_import() has not been called";
+}
+
+/* End of use, for programs whose bncpu_import() started the interpreter: finalizes that
+ * interpreter (so leak checkers see its memory returned) and forgets the table. Call it
+ * once, from the thread that called bncpu_import(), after every kernel call of every
+ * thread has returned. No kernel may be called afterwards: the macros of this unit
+ * return BNCPU_ERR_NOT_IMPORTED, but a table pointer kept elsewhere would call code
+ * whose interpreter is gone. Where the interpreter was already running (an extension
+ * module), it only forgets the table and leaves the interpreter alone. */
+static inline void bncpu_finalize(void)
+{
+    bncpu_api_table = NULL;
+    if (bncpu_import_state_.interpreter_thread != NULL) {
+        PyEval_RestoreThread(bncpu_import_state_.interpreter_thread);
+        bncpu_import_state_.interpreter_thread = NULL;
+        Py_FinalizeEx();
+    }
+}
+
+/* Version of the loaded bncpu package, or of this header before bncpu_import(). */
+static inline const char *bncpu_version(void)
+{
+    return bncpu_api_table != NULL ? bncpu_api_table->version : BNCPU_VERSION_STRING;
+}
+
+/* Instruction set the loaded kernels use ("avx512", "avx2", "baseline"); "" before import. */
+static inline const char *bncpu_isa(void)
+{
+    return bncpu_api_table != NULL ? bncpu_api_table->isa : "";
+}
+
+/* Threads a large kernel call will use (process-wide setting); 0 before bncpu_import(). */
+static inline int bncpu_get_num_threads(void)
+{
+    return bncpu_api_table != NULL ? bncpu_api_table->get_num_threads() : 0;
+}
+
+/* Use n threads in every later call of this process (n >= 1), or OpenMP's default
+ * (n == 0: OMP_NUM_THREADS or the number of cores). The same setting as Python's
+ * bncpu.set_num_threads. n < 0 is BNCPU_ERR_BAD_SIZE. */
+static inline int bncpu_set_num_threads(int n)
+{
+    if (bncpu_api_table == NULL)
+        return BNCPU_ERR_NOT_IMPORTED;
+    if (n < 0)
+        return BNCPU_ERR_BAD_SIZE;
+    bncpu_api_table->set_num_threads(n);
+    return BNCPU_OK;
+}
+
+/* The kernels: bncpu_<entry>(arguments) calls the table's <entry> (documented in the
+ * struct above) and returns its status, or BNCPU_ERR_NOT_IMPORTED without evaluating
+ * the arguments when bncpu_import() has not succeeded in this translation unit or the
+ * loaded package lacks the entry. */
+#define BNCPU_CALL_(entry, ...) \
+    ((bncpu_api_table != NULL && bncpu_api_table->entry != NULL) \
+         ? bncpu_api_table->entry(__VA_ARGS__) : (int)BNCPU_ERR_NOT_IMPORTED)
+
+#define bncpu_batch_norm_forward_train_f32(...) BNCPU_CALL_(batch_norm_forward_train_f32, __VA_ARGS__)
+#define bncpu_batch_norm_forward_train_f64(...) BNCPU_CALL_(batch_norm_forward_train_f64, __VA_ARGS__)
+#define bncpu_batch_norm_forward_eval_f32(...) BNCPU_CALL_(batch_norm_forward_eval_f32, __VA_ARGS__)
+#define bncpu_batch_norm_forward_eval_f64(...) BNCPU_CALL_(batch_norm_forward_eval_f64, __VA_ARGS__)
+#define bncpu_batch_norm_backward_f32(...) BNCPU_CALL_(batch_norm_backward_f32, __VA_ARGS__)
+#define bncpu_batch_norm_backward_f64(...) BNCPU_CALL_(batch_norm_backward_f64, __VA_ARGS__)
+#define bncpu_batch_norm_stats_f32(...) BNCPU_CALL_(batch_norm_stats_f32, __VA_ARGS__)
+#define bncpu_batch_norm_stats_f64(...) BNCPU_CALL_(batch_norm_stats_f64, __VA_ARGS__)
+#define bncpu_batch_norm_gather_stats_f32(...) BNCPU_CALL_(batch_norm_gather_stats_f32, __VA_ARGS__)
+#define bncpu_batch_norm_gather_stats_f64(...) BNCPU_CALL_(batch_norm_gather_stats_f64, __VA_ARGS__)
+#define bncpu_batch_norm_elemt_f32(...) BNCPU_CALL_(batch_norm_elemt_f32, __VA_ARGS__)
+#define bncpu_batch_norm_elemt_f64(...) BNCPU_CALL_(batch_norm_elemt_f64, __VA_ARGS__)
+#define bncpu_batch_norm_backward_reduce_f32(...) BNCPU_CALL_(batch_norm_backward_reduce_f32, __VA_ARGS__)
+#define bncpu_batch_norm_backward_reduce_f64(...) BNCPU_CALL_(batch_norm_backward_reduce_f64, __VA_ARGS__)
+#define bncpu_batch_norm_backward_elemt_f32(...) BNCPU_CALL_(batch_norm_backward_elemt_f32, __VA_ARGS__)
+#define bncpu_batch_norm_backward_elemt_f64(...) BNCPU_CALL_(batch_norm_backward_elemt_f64, __VA_ARGS__)
+#define bncpu_layer_norm_forward_f32(...) BNCPU_CALL_(layer_norm_forward_f32, __VA_ARGS__)
+#define bncpu_layer_norm_forward_f64(...) BNCPU_CALL_(layer_norm_forward_f64, __VA_ARGS__)
+#define bncpu_layer_norm_backward_f32(...) BNCPU_CALL_(layer_norm_backward_f32, __VA_ARGS__)
+#define bncpu_layer_norm_backward_f64(...) BNCPU_CALL_(layer_norm_backward_f64, __VA_ARGS__)
+#define bncpu_group_norm_forward_f32(...) BNCPU_CALL_(group_norm_forward_f32, __VA_ARGS__)
+#define bncpu_group_norm_forward_f64(...) BNCPU_CALL_(group_norm_forward_f64, __VA_ARGS__)
+#define bncpu_group_norm_backward_f32(...) BNCPU_CALL_(group_norm_backward_f32, __VA_ARGS__)
+#define bncpu_group_norm_backward_f64(...) BNCPU_CALL_(group_norm_backward_f64, __VA_ARGS__)
+#define bncpu_rms_norm_forward_f32(...) BNCPU_CALL_(rms_norm_forward_f32, __VA_ARGS__)
+#define bncpu_rms_norm_forward_f64(...) BNCPU_CALL_(rms_norm_forward_f64, __VA_ARGS__)
+#define bncpu_rms_norm_backward_f32(...) BNCPU_CALL_(rms_norm_backward_f32, __VA_ARGS__)
+#define bncpu_rms_norm_backward_f64(...) BNCPU_CALL_(rms_norm_backward_f64, __VA_ARGS__)
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,776 @@
+"""Row-normalization kernels: layer norm, group norm (instance norm is group norm with
+one channel per group) and RMS norm, on C-contiguous buffers, float32 or float64.
+
+All of them normalize rows of contiguous values, each row on its own. The input is
+seen as (n, c, s) with its c channels in `groups` groups of cpg = c/groups contiguous
+channels; a row is one (sample, group): L = cpg·s contiguous values, and the value at
+offset k of the row belongs to channel p = k // s of the group, whose weight[p] and
+bias[p] apply.
+    group norm (n, c, s, groups);  instance norm: groups = c
+    layer norm (rows, d)  = (n = rows, c = d, s = 1, groups = 1): one channel per column
+    RMS norm (rows, d)    = layer norm without centering and without bias
+
+Forward, per row (RMS norm: mean = 0 and var is the mean square):
+    mean = Σx / L,  var = Σ(x - mean)² / L,  rstd = 1/√(var + eps)
+    y = ((x - hi) - lo)·rstd·weight[p] + bias[p],  hi + lo = mean (see split_center)
+Backward, centered, xmu = x - mean, g = dy·weight[p]:
+    dx = rstd·(g - Σg/L - xmu·rstd²·Σ(g·xmu)/L)      (RMS norm: no Σg/L term)
+    dweight[p] = Σ dy·xmu·rstd,  dbias[p] = Σ dy      (over every row and value of p)
+
+How the work is cut (fixed by the shape alone, so results are bitwise identical for
+any number of threads):
+* A row is cut into pieces: runs of whole channels of at most PIECE values, or, when
+  a channel is longer than PIECE, pieces of PIECE values inside one channel. Row
+  statistics and gradient sums are folded piece by piece in piece order; inside a
+  piece, a channel's values (s > 1) are summed as one span.
+* Row mode: one thread owns a row: statistics, then the elementwise pass while the
+  row is in cache (one read from memory, one write).
+* Piece mode (forward: fewer rows than twice the threads, rows of several pieces, e.g.
+  (2, 3_000_000)): the pieces of all rows are spread over the threads, their partials
+  folded per row in piece order, then a parallel elementwise pass over the pieces.
+  Row and piece mode run the same per-piece code and fold in the same order, so the
+  choice, which depends on the thread count, never changes a bit.
+* Backward: rows are grouped in blocks fixed by the shape; each block sums its rows'
+  dweight/dbias shares, in row order, into its own partial arrays, which are added in
+  block order. Row mode runs block by block; rows of several pieces, which leave the
+  cache between the reduction and the elementwise pass anyway, run in piece mode when
+  there are threads to share them: the reductions over (row, piece) tasks, then the
+  elementwise pass over (block, piece) tasks, each going down the block's rows.
+
+Every kernel checks its arguments first and returns a bncpu_status; nothing is
+written unless the arguments are valid.
+"""
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc, free, malloc
+from cpython.pycapsule cimport PyCapsule_GetPointer
+cimport numpy as cnp
+
+from bncpu._threads cimport threads_begin, threads_end
+from bncpu._kernels._common cimport (
+    BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_GROUPS, BNCPU_ERR_NO_MEMORY,
+    check_sizes, check_eps, data_or_null, is_float32)
+from bncpu._kernels._primitives cimport (
+    real, span_stats, merge_stats, sum_span, sum_sq_span, split_center, affine_span)
+
+cnp.import_array()
+
+cdef enum:
+    PIECE = 16384              # values per piece of a row (a unit of parallel work)
+    MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
+    PARTIALS_BUDGET = 1 << 20  # ... and at most this many partial values per array
+
+
+cdef struct Layout:
+    int64_t rows               # n·groups
+    int64_t length             # L = cpg·s values per row
+    int64_t seg                # s: values per channel
+    int64_t groups
+    int64_t channels           # cpg: channels per row
+    int64_t params             # c: length of weight, bias, dweight, dbias
+    int64_t piece              # values per piece when seg <= PIECE (whole channels)
+    int64_t pieces_per_seg     # pieces per channel when seg > PIECE, else 0
+    int64_t pieces             # pieces per row
+
+
+cdef Layout make_layout(int64_t n, int64_t c, int64_t s, int64_t groups) noexcept nogil:
+    cdef Layout lay
+    lay.rows = n * groups
+    lay.channels = c // groups
+    lay.seg = s
+    lay.length = lay.channels * s
+    lay.groups = groups
+    lay.params = c
+    if s <= PIECE:
+        lay.piece = (PIECE // s) * s if s > 0 else PIECE
+        lay.pieces_per_seg = 0
+        lay.pieces = (lay.length + lay.piece - 1) // lay.piece
+    else:
+        lay.piece = PIECE
+        lay.pieces_per_seg = (s + PIECE - 1) // PIECE
+        lay.pieces = lay.channels * lay.pieces_per_seg
+    return lay
+
+
+cdef inline void piece_span(const Layout* lay, int64_t q, int64_t* start,
+                            int64_t* length) noexcept nogil:
+    """Offset and length of piece q inside its row."""
+    cdef int64_t within
+    if lay.pieces_per_seg == 0:
+        start[0] = q * lay.piece
+        length[0] = min(lay.piece, lay.length - start[0])
+    else:
+        within = (q % lay.pieces_per_seg) * PIECE
+        start[0] = (q // lay.pieces_per_seg) * lay.seg + within
+        length[0] = min(<int64_t>PIECE, lay.seg - within)
+
+
+cdef inline int64_t first_param(const Layout* lay, int64_t row) noexcept nogil:
+    """Index in weight/bias of the row's first channel."""
+    return (row % lay.groups) * lay.channels
+
+
+cdef inline int64_t spans_per_row(const Layout* lay) noexcept nogil:
+    """Channel spans of a row (s > 1): one per channel, or one per piece of a long channel.
+    Span number o of a row belongs to channel o, or o // pieces_per_seg."""
+    return lay.channels if lay.pieces_per_seg == 0 else lay.pieces
+
+
+cdef inline int64_t span_channel(const Layout* lay, int64_t span) noexcept nogil:
+    return span if lay.pieces_per_seg == 0 else span // lay.pieces_per_seg
+
+
+cdef inline int64_t row_blocks(int64_t rows, int64_t params,
+                               int64_t* rows_per_block) noexcept nogil:
+    """Blocks of the dweight/dbias partial sums: their number, and rows per block."""
+    cdef int64_t budget = max(<int64_t>1, PARTIALS_BUDGET // max(params, <int64_t>1))
+    cdef int64_t blocks = min(rows, min(<int64_t>MAX_BLOCKS, budget))
+    rows_per_block[0] = (rows + blocks - 1) // blocks
+    return (rows + rows_per_block[0] - 1) // rows_per_block[0]
+
+
+cdef inline double rstd_of(const double* total, double eps) noexcept nogil:
+    """1/√(M2/count + eps); an empty row gives NaN, as in PyTorch."""
+    return 1.0 / sqrt(total[2] / total[0] + eps)
+
+
+# --------------------------------------------------------------------------------
+# Per-piece work, shared by row mode and piece mode
+# --------------------------------------------------------------------------------
+cdef void piece_stats(const real* row, const Layout* lay, int64_t q, bint centered,
+                      double* partial) noexcept nogil:
+    """partial = (count, mean, M2) of piece q (RMS norm: (count, 0, Σx²))."""
+    cdef int64_t start, length
+    piece_span(lay, q, &start, &length)
+    partial[0] = 0
+    partial[1] = 0
+    partial[2] = 0
+    if centered:
+        span_stats(row + start, length, &partial[0], &partial[1], &partial[2])
+    else:
+        partial[0] = length
+        partial[2] = sum_sq_span(row + start, length)
+
+
+cdef inline void fold_stats(double* total, const double* partial, bint centered) noexcept nogil:
+    if centered:
+        merge_stats(&total[0], &total[1], &total[2], partial[0], partial[1], partial[2])
+    else:
+        total[0] += partial[0]
+        total[2] += partial[2]
+
+
+cdef void piece_forward(const real* x, real* y, const Layout* lay, int64_t q, double mean,
+                        double rstd, const real* weight, const real* bias) noexcept nogil:
+    """y = ((x - hi) - lo)·rstd·weight[p] + bias[p] over piece q of a row; x, y, weight
+    and bias point at the row's first value and first channel; y may be x."""
+    cdef int64_t start, length, pos, stop, channel, span_stop, k
+    cdef real hi, lo
+    cdef real scale = <real>rstd
+    split_center(mean, &hi, &lo)
+    piece_span(lay, q, &start, &length)
+    if lay.seg == 1:
+        x += start
+        y += start
+        for k in range(length):
+            y[k] = (((x[k] - hi) - lo) * scale * (weight[start + k] if weight != NULL else 1)
+                    + (bias[start + k] if bias != NULL else 0))
+        return
+    pos = start
+    stop = start + length
+    while pos < stop:
+        channel = pos // lay.seg
+        span_stop = min(stop, (channel + 1) * lay.seg)
+        affine_span(x + pos, y + pos, span_stop - pos, hi, lo,
+                    <real>(rstd * (weight[channel] if weight != NULL else 1.0)),
+                    bias[channel] if bias != NULL else 0)
+        pos = span_stop
+
+
+cdef inline void add_channel_grads(double* dweight, double* dbias, int64_t p, double sum_dy,
+                                   double sum_dy_xmu, double rstd) noexcept nogil:
+    """One channel span's share of dweight[p] and dbias[p] (partials; either may be NULL)."""
+    if dweight != NULL:
+        dweight[p] += sum_dy_xmu * rstd
+    if dbias != NULL:
+        dbias[p] += sum_dy
+
+
+# Gradient sums in float64. gcc vectorizes a loop that keeps one sum in eight
+# independent accumulators (added in a fixed tree, see _primitives), but leaves a loop
+# that keeps two sums at once scalar: so one sum per loop, the second loop reading the
+# piece from cache.
+cdef inline double sum_dy_weight(const real* dy, const real* weight,
+                                 int64_t length) noexcept nogil:
+    """Σ dy·weight (Σ dy when weight is NULL)."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef int64_t k, stop = length - length % 8
+    if weight == NULL:
+        return sum_span(dy, length)
+    for k in range(0, stop, 8):
+        a0 += <double>dy[k] * weight[k]
+        a1 += <double>dy[k + 1] * weight[k + 1]
+        a2 += <double>dy[k + 2] * weight[k + 2]
+        a3 += <double>dy[k + 3] * weight[k + 3]
+        a4 += <double>dy[k + 4] * weight[k + 4]
+        a5 += <double>dy[k + 5] * weight[k + 5]
+        a6 += <double>dy[k + 6] * weight[k + 6]
+        a7 += <double>dy[k + 7] * weight[k + 7]
+    for k in range(stop, length):
+        a0 += <double>dy[k] * weight[k]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef inline double sum_dy_weight_xmu(const real* dy, const real* weight, const real* x,
+                                     int64_t length, double mean) noexcept nogil:
+    """Σ dy·weight·(x - mean) (without the weight when it is NULL)."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef int64_t k, stop = length - length % 8
+    if weight == NULL:
+        for k in range(0, stop, 8):
+            a0 += dy[k] * (<double>x[k] - mean)
+            a1 += dy[k + 1] * (<double>x[k + 1] - mean)
+            a2 += dy[k + 2] * (<double>x[k + 2] - mean)
+            a3 += dy[k + 3] * (<double>x[k + 3] - mean)
+            a4 += dy[k + 4] * (<double>x[k + 4] - mean)
+            a5 += dy[k + 5] * (<double>x[k + 5] - mean)
+            a6 += dy[k + 6] * (<double>x[k + 6] - mean)
+            a7 += dy[k + 7] * (<double>x[k + 7] - mean)
+        for k in range(stop, length):
+            a0 += dy[k] * (<double>x[k] - mean)
+    else:
+        for k in range(0, stop, 8):
+            a0 += <double>dy[k] * weight[k] * (<double>x[k] - mean)
+            a1 += <double>dy[k + 1] * weight[k + 1] * (<double>x[k + 1] - mean)
+            a2 += <double>dy[k + 2] * weight[k + 2] * (<double>x[k + 2] - mean)
+            a3 += <double>dy[k + 3] * weight[k + 3] * (<double>x[k + 3] - mean)
+            a4 += <double>dy[k + 4] * weight[k + 4] * (<double>x[k + 4] - mean)
+            a5 += <double>dy[k + 5] * weight[k + 5] * (<double>x[k + 5] - mean)
+            a6 += <double>dy[k + 6] * weight[k + 6] * (<double>x[k + 6] - mean)
+            a7 += <double>dy[k + 7] * weight[k + 7] * (<double>x[k + 7] - mean)
+        for k in range(stop, length):
+            a0 += <double>dy[k] * weight[k] * (<double>x[k] - mean)
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef void piece_grad_sums(const real* dy, const real* x, const Layout* lay, int64_t q,
+                          double mean, double rstd, const real* weight, double* sums,
+                          double* span_sums, double* dweight, double* dbias) noexcept nogil:
+    """sums = (Σg, Σg·xmu) over piece q of a row, g = dy·weight[p], xmu = x - mean.
+
+    Channels of several values (s > 1) are summed span by span; each span's
+    (Σdy, Σdy·xmu) is also stored in span_sums (by span number, if not NULL) and added
+    to the dweight/dbias partials (if not NULL)."""
+    cdef int64_t start, length, pos, stop, channel, span_stop, span
+    cdef double w, sum_dy, sum_dy_xmu
+    piece_span(lay, q, &start, &length)
+    sums[0] = 0
+    sums[1] = 0
+    if lay.seg == 1:
+        sums[0] = sum_dy_weight(dy + start, weight + start if weight != NULL else NULL, length)
+        sums[1] = sum_dy_weight_xmu(dy + start, weight + start if weight != NULL else NULL,
+                                    x + start, length, mean)
+        return
+    pos = start
+    stop = start + length
+    span = pos // lay.seg if lay.pieces_per_seg == 0 else q
+    while pos < stop:
+        channel = pos // lay.seg
+        span_stop = min(stop, (channel + 1) * lay.seg)
+        sum_dy = sum_span(dy + pos, span_stop - pos)
+        sum_dy_xmu = sum_dy_weight_xmu(dy + pos, <const real*>NULL, x + pos, span_stop - pos, mean)
+        w = weight[channel] if weight != NULL else 1.0
+        sums[0] += w * sum_dy
+        sums[1] += w * sum_dy_xmu
+        if span_sums != NULL:
+            span_sums[2 * span] = sum_dy
+            span_sums[2 * span + 1] = sum_dy_xmu
+        add_channel_grads(dweight, dbias, channel, sum_dy, sum_dy_xmu, rstd)
+        pos = span_stop
+        span += 1
+
+
+cdef void piece_backward(const real* dy, const real* x, real* dx, const Layout* lay, int64_t q,
+                         double mean, double rstd, double mean_g, double k_coef,
+                         const real* weight, double* dweight, double* dbias) noexcept nogil:
+    """dx = (g - mean_g - ((x - hi) - lo)·k)·rstd over piece q of a row (if dx is not NULL);
+    channels of one value (s == 1) also add dy·xmu·rstd and dy to the dweight/dbias
+    partials (if not NULL). dx may be dy or x."""
+    cdef int64_t start, length, pos, stop, channel, span_stop, k
+    cdef real hi, lo, w
+    cdef real scale = <real>rstd
+    cdef real mg = <real>mean_g
+    cdef real kk = <real>k_coef
+    split_center(mean, &hi, &lo)
+    piece_span(lay, q, &start, &length)
+    if lay.seg == 1:
+        # The partials first: dx may overwrite dy or x.
+        if dweight != NULL:
+            for k in range(start, start + length):
+                dweight[k] += dy[k] * (<double>x[k] - mean) * rstd
+        if dbias != NULL:
+            for k in range(start, start + length):
+                dbias[k] += dy[k]
+        if dx != NULL:
+            for k in range(start, start + length):
+                dx[k] = (dy[k] * (weight[k] if weight != NULL else 1) - mg
+                         - ((x[k] - hi) - lo) * kk) * scale
+        return
+    if dx == NULL:
+        return
+    pos = start
+    stop = start + length
+    while pos < stop:
+        channel = pos // lay.seg
+        span_stop = min(stop, (channel + 1) * lay.seg)
+        w = weight[channel] if weight != NULL else 1
+        for k in range(pos, span_stop):
+            dx[k] = (dy[k] * w - mg - ((x[k] - hi) - lo) * kk) * scale
+        pos = span_stop
+
+
+cdef inline void backward_coefs(double sum_g, double sum_g_xmu, double rstd, int64_t length,
+                                bint centered, double* mean_g, double* k_coef) noexcept nogil:
+    """mean_g = Σg/L (0 for RMS norm), k = rstd²·Σ(g·xmu)/L."""
+    mean_g[0] = sum_g / length if centered else 0.0
+    k_coef[0] = rstd * rstd * sum_g_xmu / length
+
+
+# --------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------
+cdef void forward_row(const real* x, real* y, Layout lay, int64_t r, const real* weight,
+                      const real* bias, double eps, bint centered,
+                      real* save_mean, real* save_rstd) noexcept nogil:
+    """Row mode: statistics of row r, then its elementwise pass while it is in cache."""
+    cdef double total[3]
+    cdef double partial[3]
+    cdef double rstd
+    cdef int64_t q, p0 = first_param(&lay, r)
+    total[0] = 0
+    total[1] = 0
+    total[2] = 0
+    x += r * lay.length
+    y += r * lay.length
+    for q in range(lay.pieces):
+        piece_stats(x, &lay, q, centered, partial)
+        fold_stats(total, partial, centered)
+    rstd = rstd_of(total, eps)
+    if save_mean != NULL:
+        save_mean[r] = <real>total[1]
+    if save_rstd != NULL:
+        save_rstd[r] = <real>rstd
+    for q in range(lay.pieces):
+        piece_forward(x, y, &lay, q, total[1], rstd, weight + p0 if weight != NULL else NULL,
+                      bias + p0 if bias != NULL else NULL)
+
+
+cdef void stats_task(const real* x, Layout lay, int64_t task, bint centered,
+                     double* partials) noexcept nogil:
+    """Piece mode: partials[3·task:3·task+3] = statistics of piece task % pieces of row
+    task // pieces."""
+    piece_stats(x + (task // lay.pieces) * lay.length, &lay, task % lay.pieces, centered,
+                partials + 3 * task)
+
+
+cdef void forward_piece_task(const real* x, real* y, Layout lay, int64_t task,
+                             const double* row_stats, const real* weight,
+                             const real* bias) noexcept nogil:
+    """Piece mode: the elementwise pass of one piece; row_stats holds (mean, rstd) per row."""
+    cdef int64_t r = task // lay.pieces
+    cdef int64_t p0 = first_param(&lay, r)
+    piece_forward(x + r * lay.length, y + r * lay.length, &lay, task % lay.pieces,
+                  row_stats[2 * r], row_stats[2 * r + 1],
+                  weight + p0 if weight != NULL else NULL, bias + p0 if bias != NULL else NULL)
+
+
+cdef int forward_pieces(const real* x, real* y, Layout lay, const real* weight,
+                        const real* bias, double eps, bint centered, real* save_mean,
+                        real* save_rstd, int n_threads) noexcept nogil:
+    cdef int64_t task, r, q, n_tasks = lay.rows * lay.pieces
+    cdef double total[3]
+    cdef double* partials = <double*>malloc(3 * n_tasks * sizeof(double))
+    cdef double* row_stats = <double*>malloc(2 * lay.rows * sizeof(double))
+    if partials == NULL or row_stats == NULL:
+        free(partials)
+        free(row_stats)
+        return BNCPU_ERR_NO_MEMORY
+    for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+        stats_task(x, lay, task, centered, partials)
+    for r in range(lay.rows):
+        total[0] = 0
+        total[1] = 0
+        total[2] = 0
+        for q in range(lay.pieces):
+            fold_stats(total, partials + 3 * (r * lay.pieces + q), centered)
+        row_stats[2 * r] = total[1]
+        row_stats[2 * r + 1] = rstd_of(total, eps)
+        if save_mean != NULL:
+            save_mean[r] = <real>row_stats[2 * r]
+        if save_rstd != NULL:
+            save_rstd[r] = <real>row_stats[2 * r + 1]
+    for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+        forward_piece_task(x, y, lay, task, row_stats, weight, bias)
+    free(partials)
+    free(row_stats)
+    return BNCPU_OK
+
+
+cdef int rows_forward(const real* x, real* y, int64_t n, int64_t c, int64_t s, int64_t groups,
+                      const real* weight, const real* bias, double eps, bint centered,
+                      real* save_mean, real* save_rstd) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t r
+    cdef Layout lay
+    if status == BNCPU_OK:
+        status = check_eps(eps)
+    if status == BNCPU_OK and groups >= 1:
+        status = check_sizes(n, groups, 1)
+    if status != BNCPU_OK:
+        return status
+    if groups < 1 or c % groups != 0:
+        return BNCPU_ERR_BAD_GROUPS
+    if n * c * s > 0 and (x == NULL or y == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    lay = make_layout(n, c, s, groups)
+    n_threads = threads_begin(n * c * s)
+    if n_threads > 1 and lay.rows < 2 * n_threads and lay.pieces > 1:
+        status = forward_pieces(x, y, lay, weight, bias, eps, centered, save_mean, save_rstd,
+                                n_threads)
+    elif n_threads > 1:
+        for r in prange(lay.rows, schedule='static', num_threads=n_threads):
+            forward_row(x, y, lay, r, weight, bias, eps, centered, save_mean, save_rstd)
+    else:
+        for r in range(lay.rows):
+            forward_row(x, y, lay, r, weight, bias, eps, centered, save_mean, save_rstd)
+    threads_end(n_threads)
+    return status
+
+
+# --------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------
+cdef inline double* block_partials(double* partials, const Layout* lay, int64_t block,
+                                   int64_t r) noexcept nogil:
+    """Row r's first channel in block's partial array (NULL stays NULL)."""
+    if partials == NULL:
+        return NULL
+    return partials + block * lay.params + first_param(lay, r)
+
+
+cdef inline double row_mean(const real* mean, int64_t r) noexcept nogil:
+    return mean[r] if mean != NULL else 0.0
+
+
+cdef void backward_piece_task(const real* dy, const real* x, real* dx, Layout lay, int64_t task,
+                              int64_t rows_per_block, const real* mean, const real* rstd,
+                              const double* row_coefs, const real* weight,
+                              double* dweight, double* dbias) noexcept nogil:
+    """Piece q of every row of one block, rows in order (task = block·pieces + q), so that
+    the block's partial sums of the piece stay in cache; row_coefs holds (mean_g, k)."""
+    cdef int64_t block = task // lay.pieces
+    cdef int64_t q = task % lay.pieces
+    cdef int64_t r, offset, p0
+    for r in range(block * rows_per_block, min(lay.rows, (block + 1) * rows_per_block)):
+        offset = r * lay.length
+        p0 = first_param(&lay, r)
+        piece_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, &lay, q,
+                       row_mean(mean, r), rstd[r], row_coefs[2 * r], row_coefs[2 * r + 1],
+                       weight + p0 if weight != NULL else NULL,
+                       block_partials(dweight, &lay, block, r) if lay.seg == 1 else NULL,
+                       block_partials(dbias, &lay, block, r) if lay.seg == 1 else NULL)
+
+
+cdef void backward_block(const real* dy, const real* x, real* dx, Layout lay, int64_t block,
+                         int64_t rows_per_block, const real* mean, const real* rstd,
+                         const real* weight, bint centered, double* dweight, double* dbias,
+                         double* row_coefs) noexcept nogil:
+    """Row mode: the rows of one block. A row of one piece is reduced, then passed over
+    while in cache; longer rows are out of cache by then anyway, so their elementwise
+    pass goes piece by piece over the block's rows (see backward_piece_task)."""
+    cdef int64_t r, q, offset, p0
+    cdef double sums[2]
+    cdef double sum_g, sum_g_xmu, m, rs
+    cdef const real* w
+    for r in range(block * rows_per_block, min(lay.rows, (block + 1) * rows_per_block)):
+        offset = r * lay.length
+        p0 = first_param(&lay, r)
+        w = weight + p0 if weight != NULL else NULL
+        m = row_mean(mean, r)
+        rs = rstd[r]
+        sum_g = 0
+        sum_g_xmu = 0
+        for q in range(lay.pieces):
+            piece_grad_sums(dy + offset, x + offset, &lay, q, m, rs, w, sums, NULL,
+                            block_partials(dweight, &lay, block, r) if lay.seg > 1 else NULL,
+                            block_partials(dbias, &lay, block, r) if lay.seg > 1 else NULL)
+            sum_g += sums[0]
+            sum_g_xmu += sums[1]
+        backward_coefs(sum_g, sum_g_xmu, rs, lay.length, centered,
+                       &row_coefs[2 * r], &row_coefs[2 * r + 1])
+        if lay.pieces == 1:
+            piece_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, &lay, 0,
+                           m, rs, row_coefs[2 * r], row_coefs[2 * r + 1], w,
+                           block_partials(dweight, &lay, block, r) if lay.seg == 1 else NULL,
+                           block_partials(dbias, &lay, block, r) if lay.seg == 1 else NULL)
+    if lay.pieces > 1:
+        for q in range(lay.pieces):
+            backward_piece_task(dy, x, dx, lay, block * lay.pieces + q, rows_per_block, mean,
+                                rstd, row_coefs, weight, dweight, dbias)
+
+
+cdef void grad_sums_task(const real* dy, const real* x, Layout lay, int64_t task,
+                         const real* mean, const real* rstd, const real* weight,
+                         double* sums, double* span_sums) noexcept nogil:
+    """Piece mode: (Σg, Σg·xmu) of one piece into sums[2·task:2·task+2]; the spans'
+    sums (s > 1) into span_sums (if not NULL) by row and span number."""
+    cdef int64_t r = task // lay.pieces
+    cdef int64_t p0 = first_param(&lay, r)
+    piece_grad_sums(dy + r * lay.length, x + r * lay.length, &lay, task % lay.pieces,
+                    row_mean(mean, r), rstd[r], weight + p0 if weight != NULL else NULL,
+                    sums + 2 * task,
+                    span_sums + 2 * r * spans_per_row(&lay) if span_sums != NULL else NULL,
+                    NULL, NULL)
+
+
+cdef int backward_pieces(const real* dy, const real* x, real* dx, Layout lay,
+                         int64_t rows_per_block, int64_t n_blocks, const real* mean,
+                         const real* rstd, const real* weight, bint centered,
+                         double* dweight, double* dbias, double* row_coefs,
+                         int n_threads) noexcept nogil:
+    cdef int64_t task, r, q, span, n_tasks = lay.rows * lay.pieces
+    cdef int64_t n_spans = spans_per_row(&lay)
+    cdef bint keep_spans = lay.seg > 1 and (dweight != NULL or dbias != NULL)
+    cdef double sum_g, sum_g_xmu
+    cdef double* sums = <double*>malloc(2 * n_tasks * sizeof(double))
+    cdef double* span_sums = NULL
+    if keep_spans:
+        span_sums = <double*>malloc(2 * lay.rows * n_spans * sizeof(double))
+    if sums == NULL or (keep_spans and span_sums == NULL):
+        free(sums)
+        free(span_sums)
+        return BNCPU_ERR_NO_MEMORY
+    for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+        grad_sums_task(dy, x, lay, task, mean, rstd, weight, sums, span_sums)
+    for r in range(lay.rows):
+        sum_g = 0
+        sum_g_xmu = 0
+        for q in range(lay.pieces):
+            sum_g += sums[2 * (r * lay.pieces + q)]
+            sum_g_xmu += sums[2 * (r * lay.pieces + q) + 1]
+        backward_coefs(sum_g, sum_g_xmu, rstd[r], lay.length, centered,
+                       &row_coefs[2 * r], &row_coefs[2 * r + 1])
+        if keep_spans:
+            # The spans' shares of dweight/dbias, in the order row mode adds them.
+            for span in range(n_spans):
+                add_channel_grads(block_partials(dweight, &lay, r // rows_per_block, r),
+                                  block_partials(dbias, &lay, r // rows_per_block, r),
+                                  span_channel(&lay, span),
+                                  span_sums[2 * (r * n_spans + span)],
+                                  span_sums[2 * (r * n_spans + span) + 1], rstd[r])
+    for task in prange(n_blocks * lay.pieces, schedule='static', num_threads=n_threads):
+        backward_piece_task(dy, x, dx, lay, task, rows_per_block, mean, rstd, row_coefs,
+                            weight, dweight, dbias)
+    free(sums)
+    free(span_sums)
+    return BNCPU_OK
+
+
+cdef void merge_blocks(const double* partials, int64_t n_blocks, int64_t params,
+                       real* result) noexcept nogil:
+    """result[p] = Σ over blocks of partials[block·params + p], blocks in order."""
+    cdef int64_t p, block
+    cdef double total
+    for p in range(params):
+        total = partials[p]
+        for block in range(1, n_blocks):
+            total += partials[block * params + p]
+        result[p] = <real>total
+
+
+cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
+                       int64_t groups, const real* mean, const real* rstd, const real* weight,
+                       bint centered, real* dweight, real* dbias) noexcept nogil:
+    cdef int status = check_sizes(n, c, s)
+    cdef int n_threads
+    cdef int64_t p, block, n_blocks, rows_per_block
+    cdef double* partial_dweight = NULL
+    cdef double* partial_dbias = NULL
+    cdef double* row_coefs
+    cdef Layout lay
+    if status == BNCPU_OK and groups >= 1:
+        status = check_sizes(n, groups, 1)
+    if status != BNCPU_OK:
+        return status
+    if groups < 1 or c % groups != 0:
+        return BNCPU_ERR_BAD_GROUPS
+    if n * c * s > 0 and (dy == NULL or x == NULL or rstd == NULL or (centered and mean == NULL)):
+        return BNCPU_ERR_NULL_POINTER
+    if n * c * s == 0 or (dx == NULL and dweight == NULL and dbias == NULL):
+        # No values (the parameter gradients are empty sums), or nothing asked for.
+        for p in range(c):
+            if dweight != NULL:
+                dweight[p] = 0
+            if dbias != NULL:
+                dbias[p] = 0
+        return BNCPU_OK
+    lay = make_layout(n, c, s, groups)
+    n_blocks = row_blocks(lay.rows, lay.params, &rows_per_block)
+    row_coefs = <double*>malloc(2 * lay.rows * sizeof(double))
+    if dweight != NULL:
+        partial_dweight = <double*>calloc(n_blocks * lay.params, sizeof(double))
+    if dbias != NULL:
+        partial_dbias = <double*>calloc(n_blocks * lay.params, sizeof(double))
+    if (row_coefs == NULL or (dweight != NULL and partial_dweight == NULL)
+            or (dbias != NULL and partial_dbias == NULL)):
+        free(row_coefs)
+        free(partial_dweight)
+        free(partial_dbias)
+        return BNCPU_ERR_NO_MEMORY
+    n_threads = threads_begin(n * c * s)
+    if n_threads > 1 and lay.pieces > 1:
+        # Rows of several pieces do not stay in cache between the two passes in either
+        # mode; piece mode spreads them better over the threads.
+        status = backward_pieces(dy, x, dx, lay, rows_per_block, n_blocks, mean, rstd, weight,
+                                 centered, partial_dweight, partial_dbias, row_coefs, n_threads)
+    elif n_threads > 1:
+        for block in prange(n_blocks, schedule='static', num_threads=n_threads):
+            backward_block(dy, x, dx, lay, block, rows_per_block, mean, rstd, weight, centered,
+                           partial_dweight, partial_dbias, row_coefs)
+    else:
+        for block in range(n_blocks):
+            backward_block(dy, x, dx, lay, block, rows_per_block, mean, rstd, weight, centered,
+                           partial_dweight, partial_dbias, row_coefs)
+    threads_end(n_threads)
+    if status == BNCPU_OK:
+        if dweight != NULL:
+            merge_blocks(partial_dweight, n_blocks, lay.params, dweight)
+        if dbias != NULL:
+            merge_blocks(partial_dbias, n_blocks, lay.params, dbias)
+    free(row_coefs)
+    free(partial_dweight)
+    free(partial_dbias)
+    return status
+
+
+# --------------------------------------------------------------------------------
+# The C API's entry points (signatures of include/bncpu.h)
+# --------------------------------------------------------------------------------
+cdef int layer_norm_forward(const real* x, real* y, int64_t rows, int64_t d, const real* weight,
+                            const real* bias, double eps, real* save_mean,
+                            real* save_rstd) noexcept nogil:
+    return rows_forward(x, y, rows, d, 1, 1, weight, bias, eps, True, save_mean, save_rstd)
+
+
+cdef int layer_norm_backward(const real* dy, const real* x, real* dx, int64_t rows, int64_t d,
+                             const real* mean, const real* rstd, const real* weight,
+                             real* dweight, real* dbias) noexcept nogil:
+    return rows_backward(dy, x, dx, rows, d, 1, 1, mean, rstd, weight, True, dweight, dbias)
+
+
+cdef int group_norm_forward(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                            int64_t groups, const real* weight, const real* bias, double eps,
+                            real* save_mean, real* save_rstd) noexcept nogil:
+    return rows_forward(x, y, n, c, s, groups, weight, bias, eps, True, save_mean, save_rstd)
+
+
+cdef int group_norm_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
+                             int64_t s, int64_t groups, const real* mean, const real* rstd,
+                             const real* weight, real* dweight, real* dbias) noexcept nogil:
+    return rows_backward(dy, x, dx, n, c, s, groups, mean, rstd, weight, True, dweight, dbias)
+
+
+cdef int rms_norm_forward(const real* x, real* y, int64_t rows, int64_t d, const real* weight,
+                          double eps, real* save_rstd) noexcept nogil:
+    return rows_forward(x, y, rows, d, 1, 1, weight, NULL, eps, False, NULL, save_rstd)
+
+
+cdef int rms_norm_backward(const real* dy, const real* x, real* dx, int64_t rows, int64_t d,
+                           const real* rstd, const real* weight, real* dweight) noexcept nogil:
+    return rows_backward(dy, x, dx, rows, d, 1, 1, NULL, rstd, weight, False, dweight, NULL)
+
+
+cdef extern from "bncpu.h":
+    ctypedef struct bncpu_api_rows "bncpu_api":
+        void* layer_norm_forward_f32
+        void* layer_norm_forward_f64
+        void* layer_norm_backward_f32
+        void* layer_norm_backward_f64
+        void* group_norm_forward_f32
+        void* group_norm_forward_f64
+        void* group_norm_backward_f32
+        void* group_norm_backward_f64
+        void* rms_norm_forward_f32
+        void* rms_norm_forward_f64
+        void* rms_norm_backward_f32
+        void* rms_norm_backward_f64
+
+
+def _fill_api(object table_capsule):
+    """Write this module's kernels into the C API table held by the capsule."""
+    cdef bncpu_api_rows* table = <bncpu_api_rows*>PyCapsule_GetPointer(table_capsule,
+                                                                       "bncpu._capi.table")
+    table.layer_norm_forward_f32 = <void*>layer_norm_forward[float]
+    table.layer_norm_forward_f64 = <void*>layer_norm_forward[double]
+    table.layer_norm_backward_f32 = <void*>layer_norm_backward[float]
+    table.layer_norm_backward_f64 = <void*>layer_norm_backward[double]
+    table.group_norm_forward_f32 = <void*>group_norm_forward[float]
+    table.group_norm_forward_f64 = <void*>group_norm_forward[double]
+    table.group_norm_backward_f32 = <void*>group_norm_backward[float]
+    table.group_norm_backward_f64 = <void*>group_norm_backward[double]
+    table.rms_norm_forward_f32 = <void*>rms_norm_forward[float]
+    table.rms_norm_forward_f64 = <void*>rms_norm_forward[double]
+    table.rms_norm_backward_f32 = <void*>rms_norm_backward[float]
+    table.rms_norm_backward_f64 = <void*>rms_norm_backward[double]
+
+
+# --------------------------------------------------------------------------------
+# Python entry points: arrays already validated by bncpu._validate (C-contiguous,
+# one float dtype, right sizes); each releases the GIL and returns the status.
+# Layer and RMS norm pass (n, c, s, groups) = (rows, d, 1, 1).
+# --------------------------------------------------------------------------------
+def forward(x, y, int64_t n, int64_t c, int64_t s, int64_t groups, weight, bias, double eps,
+            bint centered, save_mean, save_rstd):
+    cdef void* px = data_or_null(x)
+    cdef void* py = data_or_null(y)
+    cdef void* pw = data_or_null(weight)
+    cdef void* pb = data_or_null(bias)
+    cdef void* psm = data_or_null(save_mean)
+    cdef void* psr = data_or_null(save_rstd)
+    cdef int status
+    if is_float32(x):
+        with nogil:
+            status = rows_forward(<const float*>px, <float*>py, n, c, s, groups, <const float*>pw,
+                                  <const float*>pb, eps, centered, <float*>psm, <float*>psr)
+    else:
+        with nogil:
+            status = rows_forward(<const double*>px, <double*>py, n, c, s, groups,
+                                  <const double*>pw, <const double*>pb, eps, centered,
+                                  <double*>psm, <double*>psr)
+    return status
+
+
+def backward(dy, x, dx, int64_t n, int64_t c, int64_t s, int64_t groups, mean, rstd, weight,
+             bint centered, dweight, dbias):
+    cdef void* pdy = data_or_null(dy)
+    cdef void* px = data_or_null(x)
+    cdef void* pdx = data_or_null(dx)
+    cdef void* pmean = data_or_null(mean)
+    cdef void* prstd = data_or_null(rstd)
+    cdef void* pw = data_or_null(weight)
+    cdef void* pdw = data_or_null(dweight)
+    cdef void* pdb = data_or_null(dbias)
+    cdef int status
+    if is_float32(x):
+        with nogil:
+            status = rows_backward(<const float*>pdy, <const float*>px, <float*>pdx, n, c, s,
+                                   groups, <const float*>pmean, <const float*>prstd,
+                                   <const float*>pw, centered, <float*>pdw, <float*>pdb)
+    else:
+        with nogil:
+            status = rows_backward(<const double*>pdy, <const double*>px, <double*>pdx, n, c, s,
+                                   groups, <const double*>pmean, <const double*>prstd,
+                                   <const double*>pw, centered, <double*>pdw, <double*>pdb)
+    return status

@@ -1,0 +1,296 @@
+"""Layer, group, instance and RMS norm: the public Python functions (validation in
+bncpu._validate, kernels in bncpu/_kernels/row_norm.pyx).
+
+Each normalizes rows of contiguous values on their own: layer and RMS norm the values
+of the trailing ``normalized_shape`` dims, group norm the values of one sample's group
+of channels, instance norm those of one sample's channel.
+"""
+import math
+import operator
+
+import numpy as np
+
+from bncpu import _validate as v
+from bncpu._batch_norm import batch_norm_forward
+from bncpu._dispatch import KERNELS
+
+_rows = KERNELS["row_norm"]
+
+
+def _normalized_shape(normalized_shape, input_shape):
+    """normalized_shape as a tuple of ints, which must be the trailing dims of the input."""
+    try:
+        shape = (operator.index(normalized_shape),)
+    except TypeError:
+        try:
+            shape = tuple(operator.index(size) for size in normalized_shape)
+        except TypeError:
+            raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
+                            f"got {normalized_shape!r}") from None
+    if not shape:
+        raise ValueError("Expected normalized_shape to be at least 1-dimensional, i.e., containing "
+                         "at least one element, but got normalized_shape = []")
+    if len(shape) > len(input_shape) or tuple(input_shape[len(input_shape) - len(shape):]) != shape:
+        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape "
+                         f"[*, {', '.join(map(str, shape))}], but got input of size "
+                         f"{list(input_shape)}")
+    return shape
+
+
+def _rows_of(input_shape, normalized_shape):
+    """(leading shape, rows, d): the input as rows of d = prod(normalized_shape) values."""
+    leading = tuple(input_shape[:len(input_shape) - len(normalized_shape)])
+    return leading, math.prod(leading), math.prod(normalized_shape)
+
+
+def _num_groups(num_groups, input_shape):
+    try:
+        groups = operator.index(num_groups)
+    except TypeError:
+        raise TypeError(f"num_groups must be an integer, got {type(num_groups).__name__}") from None
+    if groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {groups}")
+    if input_shape[1] % groups != 0:
+        raise ValueError(f"Expected number of channels in input to be divisible by num_groups, "
+                         f"but got input of shape {list(input_shape)} and num_groups={groups}")
+    return groups
+
+
+# ----------------------------------------------------------------------------------
+# Layer norm
+# ----------------------------------------------------------------------------------
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Layer normalization, as ``torch.nn.functional.layer_norm``.
+
+    Over the values of the trailing dims named by ``normalized_shape`` (an int or a
+    tuple), for each leading index: ``y = (x - mean) / sqrt(var + eps) * weight + bias``,
+    the variance biased; weight and bias have shape ``normalized_shape``.
+    Returns the output (``out`` itself when given).
+    """
+    return layer_norm_forward(input, normalized_shape, weight, bias, eps, out=out)[0]
+
+
+def layer_norm_forward(input, normalized_shape, weight, bias, eps, *, out=None):
+    """``torch.ops.aten.native_layer_norm``: returns (output, mean, rstd).
+
+    mean and rstd = 1/sqrt(var + eps) have shape ``input.shape[:-len(normalized_shape)]``
+    and the input's dtype, as ``layer_norm_backward`` needs them.
+    """
+    x = v.as_input(input, min_ndim=0)
+    dtype = x.dtype
+    normalized_shape = _normalized_shape(normalized_shape, x.shape)
+    eps = v.check_eps(eps)
+    w = v.shaped_param(weight, "weight", normalized_shape, dtype)
+    b = v.shaped_param(bias, "bias", normalized_shape, dtype)
+    leading, rows, d = _rows_of(x.shape, normalized_shape)
+    result = v.Output(out, x.shape, dtype, (x, w, b))
+    mean = np.empty(leading, dtype)
+    rstd = np.empty(leading, dtype)
+    v.raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, b, eps, True, mean, rstd))
+    return result.finish(), mean, rstd
+
+
+def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight, *, out=None):
+    """``torch.ops.aten.native_layer_norm_backward``: (grad_input, grad_weight, grad_bias).
+
+    With x̂ = (x - mean)·rstd and g = dy·weight, means over the normalized values:
+    ``grad_input = rstd·(g - mean(g) - x̂·mean(g·x̂))``; sums over the leading dims:
+    ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy`` (None when weight is None). mean and
+    rstd come from ``layer_norm_forward`` (PyTorch's shape with trailing 1s is accepted
+    too). ``out`` receives grad_input and may be grad_output or input itself.
+    """
+    x = v.as_input(input, min_ndim=0)
+    dtype = x.dtype
+    dy = v.as_input(grad_output, "grad_output", min_ndim=0, dtype=dtype)
+    v.same_shape(dy, "grad_output", x.shape)
+    normalized_shape = _normalized_shape(normalized_shape, x.shape)
+    leading, rows, d = _rows_of(x.shape, normalized_shape)
+    mean = v.saved_stats(mean, "mean", leading, dtype, len(normalized_shape))
+    rstd = v.saved_stats(rstd, "rstd", leading, dtype, len(normalized_shape))
+    w = v.shaped_param(weight, "weight", normalized_shape, dtype)
+    result = v.Output(out, x.shape, dtype, (dy, x, w, mean, rstd))
+    grad_weight = np.empty(normalized_shape, dtype) if w is not None else None
+    grad_bias = np.empty(normalized_shape, dtype) if w is not None else None
+    v.raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, mean, rstd, w, True,
+                                      grad_weight, grad_bias))
+    return result.finish(), grad_weight, grad_bias
+
+
+# ----------------------------------------------------------------------------------
+# Group norm, and instance norm (one channel per group)
+# ----------------------------------------------------------------------------------
+def _grouped_forward(x, groups, w, b, eps, out, other_inputs=()):
+    """(output, mean, rstd) of group norm on a validated input; mean, rstd (N, groups)."""
+    n, c, s = v.channel_view(x.shape)
+    result = v.Output(out, x.shape, x.dtype, (x, w, b) + other_inputs)
+    mean = np.empty((n, groups), x.dtype)
+    rstd = np.empty((n, groups), x.dtype)
+    if groups > 0:   # instance norm of no channels has no groups
+        v.raise_for_status(_rows.forward(x, result.target, n, c, s, groups, w, b, eps, True,
+                                         mean, rstd))
+    return result.finish(), mean, rstd
+
+
+def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out):
+    """Group-norm backward; ``groups_of(shape)`` gives the validated number of groups."""
+    x = v.as_input(input)
+    dtype = x.dtype
+    dy = v.as_input(grad_output, "grad_output", dtype=dtype)
+    v.same_shape(dy, "grad_output", x.shape)
+    n, c, s = v.channel_view(x.shape)
+    groups = groups_of(x.shape)
+    mean = v.saved_stats(mean, "mean", (n, groups), dtype)
+    rstd = v.saved_stats(rstd, "rstd", (n, groups), dtype)
+    w = v.per_channel(weight, "weight", c, dtype)
+    result = v.Output(out, x.shape, dtype, (dy, x, w, mean, rstd))
+    grad_weight = np.empty(c, dtype) if w is not None else None
+    grad_bias = np.empty(c, dtype) if w is not None else None
+    if groups > 0:
+        v.raise_for_status(_rows.backward(dy, x, result.target, n, c, s, groups, mean, rstd, w,
+                                          True, grad_weight, grad_bias))
+    return result.finish(), grad_weight, grad_bias
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Group normalization, as ``torch.nn.functional.group_norm``.
+
+    The C channels of an (N, C, *spatial) input form ``num_groups`` groups of C/num_groups
+    contiguous channels; each sample's group is normalized over its values:
+    ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`` (weight, bias per channel).
+    Returns the output (``out`` itself when given).
+    """
+    return group_norm_forward(input, num_groups, weight, bias, eps, out=out)[0]
+
+
+def group_norm_forward(input, num_groups, weight, bias, eps, *, out=None):
+    """``torch.ops.aten.native_group_norm``: returns (output, mean, rstd), mean and
+    rstd = 1/sqrt(var + eps) of shape (N, num_groups) in the input's dtype."""
+    x = v.as_input(input)
+    groups = _num_groups(num_groups, x.shape)
+    eps = v.check_eps(eps)
+    w = v.per_channel(weight, "weight", x.shape[1], x.dtype)
+    b = v.per_channel(bias, "bias", x.shape[1], x.dtype)
+    return _grouped_forward(x, groups, w, b, eps, out)
+
+
+def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, out=None):
+    """``torch.ops.aten.native_group_norm_backward``: (grad_input, grad_weight, grad_bias).
+
+    With x̂ = (x - mean)·rstd and g = dy·weight[c], means over each group's values:
+    ``grad_input = rstd·(g - mean(g) - x̂·mean(g·x̂))``; per channel over N and spatial:
+    ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy`` (None when weight is None).
+    ``out`` receives grad_input and may be grad_output or input itself.
+    """
+    return _grouped_backward(grad_output, input, lambda shape: _num_groups(num_groups, shape),
+                             mean, rstd, weight, out)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None):
+    """Instance normalization, as ``torch.nn.functional.instance_norm``.
+
+    With ``use_input_stats`` each sample's channel is normalized over its own spatial
+    values (group norm with one channel per group) and the running statistics, when
+    given, are updated in place with the batch means of the per-instance statistics,
+    the variance unbiased: ``new = (1 - momentum)·old + momentum·mean_N(stat)``.
+    Without it the running statistics normalize (batch norm in evaluation).
+    Returns the output (``out`` itself when given).
+    """
+    return instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
+                                 momentum, eps, out=out)[0]
+
+
+def instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
+                          momentum, eps, *, out=None):
+    """Instance norm with its statistics: (output, mean, rstd), mean and
+    rstd = 1/sqrt(var + eps) of shape (N, C) in the input's dtype.
+
+    One spatial value per instance is an error with ``use_input_stats``, as in PyTorch.
+    An empty batch leaves the running statistics unchanged. Without
+    ``use_input_stats`` this is ``batch_norm_forward`` in evaluation, whose empty
+    statistics it returns.
+
+    The running variance is recovered from the saved statistics as
+    ``1/rstd² - eps`` (in float64; for float32 within a few units in the last place).
+    """
+    if not use_input_stats:
+        return batch_norm_forward(input, weight, bias, running_mean, running_var, False, momentum,
+                                  eps, out=out)
+    x = v.as_input(input)
+    dtype = x.dtype
+    n, c, s = v.channel_view(x.shape)
+    eps = v.check_eps(eps)
+    momentum = v.check_momentum(momentum)
+    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
+    w = v.per_channel(weight, "weight", c, dtype)
+    b = v.per_channel(bias, "bias", c, dtype)
+    if s == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, "
+                         f"got input size {x.shape}")
+    output, mean, rstd = _grouped_forward(x, c, w, b, eps, out, (rm, rv))
+    if rm is not None and n * s > 0:
+        var = np.maximum(1.0 / np.square(rstd.astype(np.float64)) - eps, 0.0)
+        rm[...] = (1 - momentum) * rm + momentum * mean.astype(np.float64).mean(axis=0)
+        rv[...] = (1 - momentum) * rv + momentum * (var * (s / (s - 1))).mean(axis=0)
+    return output, mean, rstd
+
+
+def instance_norm_backward(grad_output, input, mean, rstd, weight, *, out=None):
+    """Instance-norm backward with the input's own statistics (``use_input_stats``):
+    ``group_norm_backward`` with one channel per group; mean and rstd of shape (N, C).
+    Returns (grad_input, grad_weight, grad_bias)."""
+    return _grouped_backward(grad_output, input, lambda shape: shape[1], mean, rstd, weight, out)
+
+
+# ----------------------------------------------------------------------------------
+# RMS norm
+# ----------------------------------------------------------------------------------
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
+    """RMS normalization, as ``torch.nn.functional.rms_norm``.
+
+    Over the values of the trailing dims named by ``normalized_shape``:
+    ``y = x / sqrt(mean(x²) + eps) * weight``. ``eps=None`` is the machine epsilon of
+    the dtype computed in (float32 for float16 input, float64 for integers).
+    Returns the output (``out`` itself when given).
+    """
+    return rms_norm_forward(input, normalized_shape, weight, eps, out=out)[0]
+
+
+def rms_norm_forward(input, normalized_shape, weight, eps, *, out=None):
+    """RMS norm with its statistic, as ``torch.ops.aten._fused_rms_norm``: (output, rstd),
+    rstd = 1/sqrt(mean(x²) + eps) of shape ``input.shape[:-len(normalized_shape)]``."""
+    x = v.as_input(input, min_ndim=0)
+    dtype = x.dtype
+    normalized_shape = _normalized_shape(normalized_shape, x.shape)
+    eps = float(np.finfo(dtype).eps) if eps is None else v.check_eps(eps)
+    w = v.shaped_param(weight, "weight", normalized_shape, dtype)
+    leading, rows, d = _rows_of(x.shape, normalized_shape)
+    result = v.Output(out, x.shape, dtype, (x, w))
+    rstd = np.empty(leading, dtype)
+    v.raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, None, eps, False, None,
+                                     rstd))
+    return result.finish(), rstd
+
+
+def rms_norm_backward(grad_output, input, normalized_shape, rstd, weight, *, out=None):
+    """RMS-norm backward, as ``torch.ops.aten._fused_rms_norm_backward``:
+    (grad_input, grad_weight).
+
+    With x̂ = x·rstd and g = dy·weight, means over the normalized values:
+    ``grad_input = rstd·(g - x̂·mean(g·x̂))``; ``grad_weight = Σ dy·x̂`` over the leading
+    dims (None when weight is None). ``out`` receives grad_input and may be grad_output
+    or input itself.
+    """
+    x = v.as_input(input, min_ndim=0)
+    dtype = x.dtype
+    dy = v.as_input(grad_output, "grad_output", min_ndim=0, dtype=dtype)
+    v.same_shape(dy, "grad_output", x.shape)
+    normalized_shape = _normalized_shape(normalized_shape, x.shape)
+    leading, rows, d = _rows_of(x.shape, normalized_shape)
+    rstd = v.saved_stats(rstd, "rstd", leading, dtype, len(normalized_shape))
+    w = v.shaped_param(weight, "weight", normalized_shape, dtype)
+    result = v.Output(out, x.shape, dtype, (dy, x, w, rstd))
+    grad_weight = np.empty(normalized_shape, dtype) if w is not None else None
+    v.raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, None, rstd, w, False,
+                                      grad_weight, None))
+    return result.finish(), grad_weight

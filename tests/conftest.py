@@ -1,0 +1,144 @@
+"""What the test modules share: array generators, per-dtype tolerances, exact-equality
+checks, thread-count control and the optional PyTorch oracle.
+
+Hypothesis runs under the profile "ci" (fixed seed, bounded examples) unless pytest is
+given another one, e.g. a long fuzzing run:
+    pytest tests --hypothesis-profile=long
+"""
+import contextlib
+
+import numpy as np
+import pytest
+
+import bncpu
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:   # only the property tests need it; they import it themselves
+    pass
+else:
+    settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=20_000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile("ci")
+
+DTYPES = (np.float32, np.float64)
+
+# How far a result may be from the float64 reference, relative to the scale of the values
+# it is made of: a few units in the last place of the dtype, times the number of rounding
+# steps in the longest formula.
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+# Which of weight and bias are given.
+AFFINE = {"weight+bias": (True, True), "weight": (True, False), "bias": (False, True),
+          "none": (False, False)}
+
+
+# ----------------------------------------------------------------------------------
+# Array generators
+# ----------------------------------------------------------------------------------
+def random_input(shape, dtype=np.float64, seed=0, loc=0.5, scale=2.0):
+    """Normal values away from 0 (where one-pass variances would lose digits)."""
+    return np.random.default_rng(seed).normal(loc, scale, size=shape).astype(dtype)
+
+
+def channel_params(c, dtype=np.float64, affine="weight+bias", seed=1):
+    """(weight, bias) for c channels, each None unless AFFINE[affine] asks for it."""
+    rng = np.random.default_rng(seed)
+    has_weight, has_bias = AFFINE[affine]
+    weight = rng.uniform(0.5, 1.5, size=c).astype(dtype) if has_weight else None
+    bias = rng.normal(size=c).astype(dtype) if has_bias else None
+    return weight, bias
+
+
+def running_stats(c, dtype=np.float64, seed=2):
+    """(running_mean, running_var) for c channels, the variances positive."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=c).astype(dtype), rng.uniform(0.5, 2.0, size=c).astype(dtype)
+
+
+def _strided(x):
+    """Same values in every other element of a larger buffer along the last axis."""
+    buffer = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
+    buffer[..., ::2] = x
+    return buffer[..., ::2]
+
+
+def _read_only(x):
+    x = x.copy()
+    x.flags.writeable = False
+    return x
+
+
+# Equal values in another memory layout: each must give exactly the result of the
+# C-contiguous native array.
+LAYOUTS = {
+    "C": np.ascontiguousarray,
+    "fortran": np.asfortranarray,
+    "negative-strides": lambda x: np.flip(np.flip(x).copy()),
+    "strided": _strided,
+    "byte-swapped": lambda x: x.astype(x.dtype.newbyteorder()),
+    "read-only": _read_only,
+}
+
+
+# ----------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------
+def assert_close(actual, expected, dtype, scale=None):
+    """actual within RTOL[dtype] of the float64 ``expected``, errors measured against
+    ``scale`` (default: the largest |expected|, at least 1): a result that cancels to
+    near 0 still carries the rounding errors of the terms it came from."""
+    actual = np.asarray(actual)
+    with np.errstate(over="ignore"):
+        # Rounded to the dtype first: a value beyond its range is inf there.
+        expected = np.asarray(expected).astype(dtype).astype(np.float64)
+    assert actual.shape == expected.shape
+    if scale is None:
+        finite = np.abs(expected[np.isfinite(expected)])
+        scale = max(1.0, float(finite.max())) if finite.size else 1.0
+    rtol = RTOL[np.dtype(dtype)]
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def assert_bitwise_equal(actual, expected):
+    """Same dtype, shape and bytes: NaNs must match bit for bit too."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
+def assert_all_bitwise_equal(actual, expected):
+    """Element-wise assert_bitwise_equal over two equally long sequences (None == None)."""
+    assert len(actual) == len(expected)
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        if e is None:
+            assert a is None, f"result {index}"
+        else:
+            assert_bitwise_equal(a, e)
+
+
+# ----------------------------------------------------------------------------------
+# Threads and the PyTorch oracle
+# ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def num_threads(n):
+    """bncpu.set_num_threads(n) for the block, the default (0) afterwards."""
+    bncpu.set_num_threads(n)
+    try:
+        yield
+    finally:
+        bncpu.set_num_threads(0)
+
+
+@pytest.fixture(scope="session")
+def torch():
+    return pytest.importorskip(
+        "torch", reason="PyTorch is not installed: the differential tests against it are skipped")
+
+
+def to_torch(torch, array):
+    """A tensor holding a copy of ``array`` (None stays None)."""
+    return None if array is None else torch.tensor(np.array(array))
