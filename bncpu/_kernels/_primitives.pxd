@@ -73,13 +73,19 @@ cdef inline void add_sq_dev_span(double* lanes, const real* x, int64_t length,
 
 cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const real* dy,
                                  const real* x, int64_t length, double mean) noexcept nogil:
-    """dy_lanes += dy; dy_xmu_lanes += dy·(x - mean)."""
+    """dy_lanes += dy; dy_xmu_lanes += dy·(x - mean).
+
+    Two loops, one sum each: gcc leaves a loop that updates two lane arrays at once
+    mostly scalar (measured 2.4x slower with AVX2); the second loop reads from L1."""
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
     for i_block in range(stop // LANES):
         i = i_block * LANES
         for k in range(LANES):
             dy_lanes[k] += dy[i + k]
+    for i_block in range(stop // LANES):
+        i = i_block * LANES
+        for k in range(LANES):
             dy_xmu_lanes[k] += dy[i + k] * (<double>x[i + k] - mean)
     for i in range(stop, length):
         dy_lanes[i - stop] += dy[i]

@@ -230,8 +230,10 @@ cdef void column_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, 
     for i in range(n):
         dy_row = dy + i * c + j0
         x_row = x + i * c + j0
+        # One sum per loop: gcc vectorizes these, not a loop updating both arrays.
         for jj in range(width):
             local_dy[jj] += dy_row[jj]
+        for jj in range(width):
             local_dy_xmu[jj] += dy_row[jj] * (<double>x_row[jj] - local_mean[jj])
     for jj in range(width):
         sum_dy[j0 + jj] = local_dy[jj]
