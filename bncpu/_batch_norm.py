@@ -177,6 +177,16 @@ def batch_norm_elemt(input, weight, bias, mean, invstd, *, out=None):
     return result.finish()
 
 
+def _split_backward_args(grad_output, input, mean, invstd, weight):
+    """The checked arrays of the split-phase backward functions."""
+    x = v.as_input(input)
+    dy = v.as_input(grad_output, "grad_output", dtype=x.dtype)
+    v.same_shape(dy, "grad_output", x.shape)
+    c = x.shape[1]
+    return (dy, x, v.stats_array(mean, "mean", c), v.stats_array(invstd, "invstd", c),
+            v.per_channel(weight, "weight", c, x.dtype))
+
+
 def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None):
     """Per-channel (sum_dy, sum_dy_xmu, grad_weight, grad_bias).
 
@@ -184,14 +194,9 @@ def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None):
     all-reduce in synchronized batch norm; ``grad_weight = sum_dy_xmu·invstd`` and
     ``grad_bias = sum_dy`` (input dtype) are None when weight is None.
     """
-    x = v.as_input(input)
+    dy, x, mean, invstd, w = _split_backward_args(grad_output, input, mean, invstd, weight)
     dtype = x.dtype
-    dy = v.as_input(grad_output, "grad_output", dtype=dtype)
-    v.same_shape(dy, "grad_output", x.shape)
     n, c, s = v.channel_view(x.shape)
-    mean = v.stats_array(mean, "mean", c)
-    invstd = v.stats_array(invstd, "invstd", c)
-    w = v.per_channel(weight, "weight", c, dtype)
     sum_dy = np.empty(c, np.float64)
     sum_dy_xmu = np.empty(c, np.float64)
     v.raise_for_status(_bn.backward_reduce(dy, x, n, c, s, mean, sum_dy, sum_dy_xmu))
@@ -204,14 +209,9 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
                               count, *, out=None):
     """grad_input from the global sums and count of all processes:
     ``weight·invstd·(dy - sum_dy/count - (x - mean)·invstd²·sum_dy_xmu/count)``."""
-    x = v.as_input(input)
+    dy, x, mean, invstd, w = _split_backward_args(grad_output, input, mean, invstd, weight)
     dtype = x.dtype
-    dy = v.as_input(grad_output, "grad_output", dtype=dtype)
-    v.same_shape(dy, "grad_output", x.shape)
     n, c, s = v.channel_view(x.shape)
-    mean = v.stats_array(mean, "mean", c)
-    invstd = v.stats_array(invstd, "invstd", c)
-    w = v.per_channel(weight, "weight", c, dtype)
     sum_dy = v.stats_array(sum_dy, "sum_dy", c)
     sum_dy_xmu = v.stats_array(sum_dy_xmu, "sum_dy_xmu", c)
     count = v.check_count(count)
