@@ -407,12 +407,15 @@ THREAD_CASES = [
     ("layer_norm", (300, 1024), 1024),          # many rows
     ("layer_norm", (2, 150_001), 150_001),      # fewer rows than 2 threads x 2: pieces
     ("layer_norm", (3, 7, 10_000), (7, 10_000)),
-    ("layer_norm", (70, 17_000), 17_000),       # blocks of several rows of two pieces
+    ("layer_norm", (70, 17_000), 17_000),       # groups of many rows of two pieces
+    ("layer_norm", (7, 100_001), 100_001),      # two groups of rows, a short last run
+    ("layer_norm", (130, 2_000), 2_000),        # blocks of rows of one piece
     ("rms_norm", (2, 150_001), 150_001),
     ("rms_norm", (96, 2048), 2048),
     ("group_norm", (1, 4, 40_000), 2),          # channels of more than one piece
     ("group_norm", (1, 12, 3, 2_000), 3),       # pieces of whole channels
     ("group_norm", (1, 80_000, 1), 2),          # one value per channel, long rows
+    ("group_norm", (5, 60_000, 1), 3),          # ... of several groups and samples
     ("group_norm", (64, 32, 64), 8),
     ("group_norm", (40, 4, 9_000), 2),
     ("instance_norm", (1, 2, 70_000), None),

@@ -30,12 +30,21 @@ any number of threads):
   folded per row in piece order, then a parallel elementwise pass over the pieces.
   Row and piece mode run the same per-piece code and fold in the same order, so the
   choice, which depends on the thread count, never changes a bit.
-* Backward: rows are grouped in blocks fixed by the shape; each block sums its rows'
-  dweight/dbias shares, in row order, into its own partial arrays, which are added in
-  block order. Row mode runs block by block; rows of several pieces, which leave the
-  cache between the reduction and the elementwise pass anyway, run in piece mode when
-  there are threads to share them: the reductions over (row, piece) tasks, then the
-  elementwise pass over (block, piece) tasks, each going down the block's rows.
+* Backward, channels of several values (s > 1: group and instance norm): a channel
+  span's Σdy and Σdy·xmu come with the row's reduction. Rows are grouped in blocks fixed
+  by the shape; each block adds its rows' dweight/dbias shares, in row order, into its
+  own partial arrays, which are added in block order. Row mode runs block by block;
+  rows of several pieces, which leave the cache between the reduction and the
+  elementwise pass anyway, run in piece mode when there are threads to share them.
+* Backward, one value per channel (s == 1: layer and RMS norm): dweight and dbias have
+  a value per column, so they are summed down the columns. Rows of one piece: a task
+  per block of rows reduces each row and passes over it while it is in cache, adding
+  into the block's partial arrays. Longer rows go in groups of about REREAD_VALUES
+  values: the group is reduced in piece mode, then passed over while still in cache
+  (L3) by tasks of COLUMNS columns, each going down the group's rows in order and
+  adding into the one partial array that stays in cache; a column thus adds its rows
+  in row order, whatever the number of threads, and no row-sized array is read and
+  written per row.
 
 Every kernel checks its arguments first and returns a bncpu_status; nothing is
 written unless the arguments are valid.
@@ -59,6 +68,8 @@ cnp.import_array()
 cdef enum:
     PIECE = 16384              # values per piece of a row (a unit of parallel work)
     MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
+    COLUMNS = 2048             # columns per task of the backward's column pass (s == 1)
+    REREAD_VALUES = 1 << 19    # values of a group of long rows reduced, then read from cache
     PARTIALS_BUDGET = 1 << 20  # ... and at most this many partial values per array
 
 
@@ -293,10 +304,9 @@ cdef void piece_grad_sums(const real* dy, const real* x, const Layout* lay, int6
 
 cdef void piece_backward(const real* dy, const real* x, real* dx, const Layout* lay, int64_t q,
                          double mean, double rstd, double mean_g, double k_coef,
-                         const real* weight, double* dweight, double* dbias) noexcept nogil:
-    """dx = (g - mean_g - ((x - hi) - lo)·k)·rstd over piece q of a row (if dx is not NULL);
-    channels of one value (s == 1) also add dy·xmu·rstd and dy to the dweight/dbias
-    partials (if not NULL). dx may be dy or x."""
+                         const real* weight) noexcept nogil:
+    """dx = (g - mean_g - ((x - hi) - lo)·k)·rstd over piece q of a row of channels of
+    several values (s > 1); dx may be dy or x."""
     cdef int64_t start, length, pos, stop, channel, span_stop, k
     cdef real hi, lo, w
     cdef real scale = <real>rstd
@@ -304,21 +314,6 @@ cdef void piece_backward(const real* dy, const real* x, real* dx, const Layout* 
     cdef real kk = <real>k_coef
     split_center(mean, &hi, &lo)
     piece_span(lay, q, &start, &length)
-    if lay.seg == 1:
-        # The partials first: dx may overwrite dy or x.
-        if dweight != NULL:
-            for k in range(start, start + length):
-                dweight[k] += dy[k] * (<double>x[k] - mean) * rstd
-        if dbias != NULL:
-            for k in range(start, start + length):
-                dbias[k] += dy[k]
-        if dx != NULL:
-            for k in range(start, start + length):
-                dx[k] = (dy[k] * (weight[k] if weight != NULL else 1) - mg
-                         - ((x[k] - hi) - lo) * kk) * scale
-        return
-    if dx == NULL:
-        return
     pos = start
     stop = start + length
     while pos < stop:
@@ -328,6 +323,33 @@ cdef void piece_backward(const real* dy, const real* x, real* dx, const Layout* 
         for k in range(pos, span_stop):
             dx[k] = (dy[k] * w - mg - ((x[k] - hi) - lo) * kk) * scale
         pos = span_stop
+
+
+cdef void columns_backward(const real* dy, const real* x, real* dx, int64_t length, double mean,
+                           double rstd, double mean_g, double k_coef, const real* weight,
+                           double* dweight, double* dbias) noexcept nogil:
+    """A run of columns of one row of channels of one value (s == 1): dx = (dy·weight -
+    mean_g - ((x - hi) - lo)·k)·rstd (if dx is not NULL), and dy·xmu·rstd and dy added to
+    the dweight/dbias partials of these columns (if not NULL). dx may be dy or x."""
+    cdef int64_t k
+    cdef real hi, lo
+    cdef real scale = <real>rstd
+    cdef real mg = <real>mean_g
+    cdef real kk = <real>k_coef
+    cdef real dy_k, x_k
+    split_center(mean, &hi, &lo)
+    # One loop (gcc unswitches it on the NULL tests); dy and x are read before dx,
+    # which may be either of them, is written.
+    for k in range(length):
+        dy_k = dy[k]
+        x_k = x[k]
+        if dweight != NULL:
+            dweight[k] += dy_k * (<double>x_k - mean) * rstd
+        if dbias != NULL:
+            dbias[k] += dy_k
+        if dx != NULL:
+            dx[k] = (dy_k * (weight[k] if weight != NULL else 1) - mg
+                     - ((x_k - hi) - lo) * kk) * scale
 
 
 cdef inline void backward_coefs(double sum_g, double sum_g_xmu, double rstd, int64_t length,
@@ -464,32 +486,141 @@ cdef inline double row_mean(const real* mean, int64_t r) noexcept nogil:
     return mean[r] if mean != NULL else 0.0
 
 
-cdef void backward_piece_task(const real* dy, const real* x, real* dx, Layout lay, int64_t task,
-                              int64_t rows_per_block, const real* mean, const real* rstd,
-                              const double* row_coefs, const real* weight,
-                              double* dweight, double* dbias) noexcept nogil:
-    """Piece q of every row of one block, rows in order (task = block·pieces + q), so that
-    the block's partial sums of the piece stay in cache; row_coefs holds (mean_g, k)."""
-    cdef int64_t block = task // lay.pieces
-    cdef int64_t q = task % lay.pieces
-    cdef int64_t r, offset, p0
-    for r in range(block * rows_per_block, min(lay.rows, (block + 1) * rows_per_block)):
+cdef void grad_sums_task(const real* dy, const real* x, Layout lay, int64_t first_row,
+                         int64_t task, const real* mean, const real* rstd, const real* weight,
+                         double* sums, double* span_sums) noexcept nogil:
+    """Piece mode: (Σg, Σg·xmu) of piece task % pieces of row first_row + task // pieces
+    into sums[2·task:2·task+2]; the spans' sums (s > 1) into span_sums (if not NULL) by
+    row and span number."""
+    cdef int64_t r = first_row + task // lay.pieces
+    cdef int64_t p0 = first_param(&lay, r)
+    piece_grad_sums(dy + r * lay.length, x + r * lay.length, &lay, task % lay.pieces,
+                    row_mean(mean, r), rstd[r], weight + p0 if weight != NULL else NULL,
+                    sums + 2 * task,
+                    span_sums + 2 * r * spans_per_row(&lay) if span_sums != NULL else NULL,
+                    NULL, NULL)
+
+
+cdef int pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_row,
+                      int64_t last_row, const real* mean, const real* rstd, const real* weight,
+                      bint centered, double* row_coefs, double* span_sums,
+                      int n_threads) noexcept nogil:
+    """Piece mode's reduction of rows first_row..last_row-1: their (row, piece) tasks
+    spread over the threads, the (Σg, Σg·xmu) folded per row in piece order into
+    row_coefs = (mean_g, k) per row."""
+    cdef int64_t task, r, q, t, n_tasks = (last_row - first_row) * lay.pieces
+    cdef double sum_g, sum_g_xmu
+    cdef double* sums = <double*>malloc(2 * n_tasks * sizeof(double))
+    if sums == NULL:
+        return BNCPU_ERR_NO_MEMORY
+    for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+        grad_sums_task(dy, x, lay, first_row, task, mean, rstd, weight, sums, span_sums)
+    for r in range(first_row, last_row):
+        sum_g = 0
+        sum_g_xmu = 0
+        for q in range(lay.pieces):
+            t = (r - first_row) * lay.pieces + q
+            sum_g += sums[2 * t]
+            sum_g_xmu += sums[2 * t + 1]
+        backward_coefs(sum_g, sum_g_xmu, rstd[r], lay.length, centered,
+                       &row_coefs[2 * r], &row_coefs[2 * r + 1])
+    free(sums)
+    return BNCPU_OK
+
+
+# Channels of one value (s == 1; layer and RMS norm): dweight and dbias have a value per
+# column, so they are summed down the columns, by tasks that each own a run of columns
+# of a set of rows and go down these rows in order.
+
+
+cdef void column_task(const real* dy, const real* x, real* dx, Layout lay, int64_t start,
+                      int64_t length, int64_t first_row, int64_t last_row, const real* mean,
+                      const real* rstd, const real* weight, bint centered, double* row_coefs,
+                      double* dweight, double* dbias) noexcept nogil:
+    """Columns start..start+length-1 of rows first_row..last_row-1, rows in order: dx, and
+    the rows' shares of dweight/dbias added to these columns of the partials (which stay
+    in cache). Whole rows of one piece are reduced here first (row_coefs); other rows'
+    row_coefs are already there."""
+    cdef int64_t r, offset, p
+    cdef double sums[2]
+    cdef double m, rs
+    for r in range(first_row, last_row):
         offset = r * lay.length
-        p0 = first_param(&lay, r)
-        piece_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, &lay, q,
-                       row_mean(mean, r), rstd[r], row_coefs[2 * r], row_coefs[2 * r + 1],
-                       weight + p0 if weight != NULL else NULL,
-                       block_partials(dweight, &lay, block, r) if lay.seg == 1 else NULL,
-                       block_partials(dbias, &lay, block, r) if lay.seg == 1 else NULL)
+        p = first_param(&lay, r)
+        m = row_mean(mean, r)
+        rs = rstd[r]
+        if lay.pieces == 1:
+            piece_grad_sums(dy + offset, x + offset, &lay, 0, m, rs,
+                            weight + p if weight != NULL else NULL, sums, NULL, NULL, NULL)
+            backward_coefs(sums[0], sums[1], rs, lay.length, centered,
+                           &row_coefs[2 * r], &row_coefs[2 * r + 1])
+        offset += start
+        p += start
+        columns_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, length,
+                         m, rs, row_coefs[2 * r], row_coefs[2 * r + 1],
+                         weight + p if weight != NULL else NULL,
+                         dweight + p if dweight != NULL else NULL,
+                         dbias + p if dbias != NULL else NULL)
+
+
+cdef int backward_columns(const real* dy, const real* x, real* dx, Layout lay,
+                          int64_t rows_per_block, int64_t n_blocks, const real* mean,
+                          const real* rstd, const real* weight, bint centered,
+                          double* dweight, double* dbias, double* row_coefs,
+                          int n_threads) noexcept nogil:
+    """Rows of one piece: a task per block of rows, each row reduced and passed over in
+    cache, into the block's partials. Longer rows, in groups of about REREAD_VALUES
+    values: the group reduced in piece mode, then, while it is still in cache (L3),
+    passed over in runs of COLUMNS columns, each down the group's rows, into the one
+    partial array (n_blocks is 1): a column adds its rows in row order."""
+    cdef int64_t block, run, group, first, last, rows_per_group
+    cdef int64_t runs = (lay.length + COLUMNS - 1) // COLUMNS
+    cdef int status = BNCPU_OK
+    if lay.pieces == 1:
+        for block in prange(n_blocks, schedule='static', num_threads=n_threads):
+            column_task(dy, x, dx, lay, 0, lay.length, block * rows_per_block,
+                        min(lay.rows, (block + 1) * rows_per_block), mean, rstd, weight,
+                        centered, row_coefs,
+                        dweight + block * lay.params if dweight != NULL else NULL,
+                        dbias + block * lay.params if dbias != NULL else NULL)
+        return BNCPU_OK
+    rows_per_group = max(<int64_t>1, REREAD_VALUES // lay.length)
+    for group in range((lay.rows + rows_per_group - 1) // rows_per_group):
+        first = group * rows_per_group
+        last = min(lay.rows, first + rows_per_group)
+        status = pieces_coefs(dy, x, lay, first, last, mean, rstd, weight, centered, row_coefs,
+                              NULL, n_threads)
+        if status != BNCPU_OK:
+            return status
+        for run in prange(runs, schedule='static', num_threads=n_threads):
+            column_task(dy, x, dx, lay, run * COLUMNS, min(<int64_t>COLUMNS,
+                        lay.length - run * COLUMNS), first, last, mean, rstd, weight,
+                        centered, row_coefs, dweight, dbias)
+    return BNCPU_OK
+
+
+# Channels of several values (s > 1; group and instance norm): a channel span's shares of
+# dweight and dbias come with the reduction; the elementwise pass only writes dx.
+
+
+cdef void backward_piece_task(const real* dy, const real* x, real* dx, Layout lay, int64_t task,
+                              const real* mean, const real* rstd, const double* row_coefs,
+                              const real* weight) noexcept nogil:
+    """dx over piece task % pieces of row task // pieces; row_coefs holds (mean_g, k)."""
+    cdef int64_t r = task // lay.pieces
+    cdef int64_t offset = r * lay.length
+    cdef int64_t p0 = first_param(&lay, r)
+    piece_backward(dy + offset, x + offset, dx + offset, &lay, task % lay.pieces,
+                   row_mean(mean, r), rstd[r], row_coefs[2 * r], row_coefs[2 * r + 1],
+                   weight + p0 if weight != NULL else NULL)
 
 
 cdef void backward_block(const real* dy, const real* x, real* dx, Layout lay, int64_t block,
                          int64_t rows_per_block, const real* mean, const real* rstd,
                          const real* weight, bint centered, double* dweight, double* dbias,
                          double* row_coefs) noexcept nogil:
-    """Row mode: the rows of one block. A row of one piece is reduced, then passed over
-    while in cache; longer rows are out of cache by then anyway, so their elementwise
-    pass goes piece by piece over the block's rows (see backward_piece_task)."""
+    """Row mode: the rows of one block, each reduced, then passed over (while in cache
+    if it is one piece)."""
     cdef int64_t r, q, offset, p0
     cdef double sums[2]
     cdef double sum_g, sum_g_xmu, m, rs
@@ -504,78 +635,47 @@ cdef void backward_block(const real* dy, const real* x, real* dx, Layout lay, in
         sum_g_xmu = 0
         for q in range(lay.pieces):
             piece_grad_sums(dy + offset, x + offset, &lay, q, m, rs, w, sums, NULL,
-                            block_partials(dweight, &lay, block, r) if lay.seg > 1 else NULL,
-                            block_partials(dbias, &lay, block, r) if lay.seg > 1 else NULL)
+                            block_partials(dweight, &lay, block, r),
+                            block_partials(dbias, &lay, block, r))
             sum_g += sums[0]
             sum_g_xmu += sums[1]
         backward_coefs(sum_g, sum_g_xmu, rs, lay.length, centered,
                        &row_coefs[2 * r], &row_coefs[2 * r + 1])
-        if lay.pieces == 1:
-            piece_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, &lay, 0,
-                           m, rs, row_coefs[2 * r], row_coefs[2 * r + 1], w,
-                           block_partials(dweight, &lay, block, r) if lay.seg == 1 else NULL,
-                           block_partials(dbias, &lay, block, r) if lay.seg == 1 else NULL)
-    if lay.pieces > 1:
-        for q in range(lay.pieces):
-            backward_piece_task(dy, x, dx, lay, block * lay.pieces + q, rows_per_block, mean,
-                                rstd, row_coefs, weight, dweight, dbias)
-
-
-cdef void grad_sums_task(const real* dy, const real* x, Layout lay, int64_t task,
-                         const real* mean, const real* rstd, const real* weight,
-                         double* sums, double* span_sums) noexcept nogil:
-    """Piece mode: (Σg, Σg·xmu) of one piece into sums[2·task:2·task+2]; the spans'
-    sums (s > 1) into span_sums (if not NULL) by row and span number."""
-    cdef int64_t r = task // lay.pieces
-    cdef int64_t p0 = first_param(&lay, r)
-    piece_grad_sums(dy + r * lay.length, x + r * lay.length, &lay, task % lay.pieces,
-                    row_mean(mean, r), rstd[r], weight + p0 if weight != NULL else NULL,
-                    sums + 2 * task,
-                    span_sums + 2 * r * spans_per_row(&lay) if span_sums != NULL else NULL,
-                    NULL, NULL)
+        if dx != NULL:
+            for q in range(lay.pieces):
+                backward_piece_task(dy, x, dx, lay, r * lay.pieces + q, mean, rstd, row_coefs,
+                                    weight)
 
 
 cdef int backward_pieces(const real* dy, const real* x, real* dx, Layout lay,
-                         int64_t rows_per_block, int64_t n_blocks, const real* mean,
-                         const real* rstd, const real* weight, bint centered,
-                         double* dweight, double* dbias, double* row_coefs,
-                         int n_threads) noexcept nogil:
-    cdef int64_t task, r, q, span, n_tasks = lay.rows * lay.pieces
+                         int64_t rows_per_block, const real* mean, const real* rstd,
+                         const real* weight, bint centered, double* dweight, double* dbias,
+                         double* row_coefs, int n_threads) noexcept nogil:
+    cdef int64_t task, r, span
     cdef int64_t n_spans = spans_per_row(&lay)
-    cdef bint keep_spans = lay.seg > 1 and (dweight != NULL or dbias != NULL)
-    cdef double sum_g, sum_g_xmu
-    cdef double* sums = <double*>malloc(2 * n_tasks * sizeof(double))
+    cdef bint keep_spans = dweight != NULL or dbias != NULL
+    cdef int status
     cdef double* span_sums = NULL
     if keep_spans:
         span_sums = <double*>malloc(2 * lay.rows * n_spans * sizeof(double))
-    if sums == NULL or (keep_spans and span_sums == NULL):
-        free(sums)
-        free(span_sums)
-        return BNCPU_ERR_NO_MEMORY
-    for task in prange(n_tasks, schedule='static', num_threads=n_threads):
-        grad_sums_task(dy, x, lay, task, mean, rstd, weight, sums, span_sums)
-    for r in range(lay.rows):
-        sum_g = 0
-        sum_g_xmu = 0
-        for q in range(lay.pieces):
-            sum_g += sums[2 * (r * lay.pieces + q)]
-            sum_g_xmu += sums[2 * (r * lay.pieces + q) + 1]
-        backward_coefs(sum_g, sum_g_xmu, rstd[r], lay.length, centered,
-                       &row_coefs[2 * r], &row_coefs[2 * r + 1])
-        if keep_spans:
-            # The spans' shares of dweight/dbias, in the order row mode adds them.
+        if span_sums == NULL:
+            return BNCPU_ERR_NO_MEMORY
+    status = pieces_coefs(dy, x, lay, 0, lay.rows, mean, rstd, weight, centered, row_coefs,
+                          span_sums, n_threads)
+    if status == BNCPU_OK and keep_spans:
+        # The spans' shares of dweight/dbias, in the order row mode adds them.
+        for r in range(lay.rows):
             for span in range(n_spans):
                 add_channel_grads(block_partials(dweight, &lay, r // rows_per_block, r),
                                   block_partials(dbias, &lay, r // rows_per_block, r),
                                   span_channel(&lay, span),
                                   span_sums[2 * (r * n_spans + span)],
                                   span_sums[2 * (r * n_spans + span) + 1], rstd[r])
-    for task in prange(n_blocks * lay.pieces, schedule='static', num_threads=n_threads):
-        backward_piece_task(dy, x, dx, lay, task, rows_per_block, mean, rstd, row_coefs,
-                            weight, dweight, dbias)
-    free(sums)
+    if status == BNCPU_OK and dx != NULL:
+        for task in prange(lay.rows * lay.pieces, schedule='static', num_threads=n_threads):
+            backward_piece_task(dy, x, dx, lay, task, mean, rstd, row_coefs, weight)
     free(span_sums)
-    return BNCPU_OK
+    return status
 
 
 cdef void merge_blocks(const double* partials, int64_t n_blocks, int64_t params,
@@ -617,7 +717,11 @@ cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64
                 dbias[p] = 0
         return BNCPU_OK
     lay = make_layout(n, c, s, groups)
-    n_blocks = row_blocks(lay.rows, lay.params, &rows_per_block)
+    if lay.seg == 1 and lay.pieces > 1:
+        n_blocks = 1
+        rows_per_block = lay.rows
+    else:
+        n_blocks = row_blocks(lay.rows, lay.params, &rows_per_block)
     row_coefs = <double*>malloc(2 * lay.rows * sizeof(double))
     if dweight != NULL:
         partial_dweight = <double*>calloc(n_blocks * lay.params, sizeof(double))
@@ -630,11 +734,14 @@ cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64
         free(partial_dbias)
         return BNCPU_ERR_NO_MEMORY
     n_threads = threads_begin(n * c * s)
-    if n_threads > 1 and lay.pieces > 1:
+    if lay.seg == 1:
+        status = backward_columns(dy, x, dx, lay, rows_per_block, n_blocks, mean, rstd, weight,
+                                  centered, partial_dweight, partial_dbias, row_coefs, n_threads)
+    elif n_threads > 1 and lay.pieces > 1:
         # Rows of several pieces do not stay in cache between the two passes in either
         # mode; piece mode spreads them better over the threads.
-        status = backward_pieces(dy, x, dx, lay, rows_per_block, n_blocks, mean, rstd, weight,
-                                 centered, partial_dweight, partial_dbias, row_coefs, n_threads)
+        status = backward_pieces(dy, x, dx, lay, rows_per_block, mean, rstd, weight, centered,
+                                 partial_dweight, partial_dbias, row_coefs, n_threads)
     elif n_threads > 1:
         for block in prange(n_blocks, schedule='static', num_threads=n_threads):
             backward_block(dy, x, dx, lay, block, rows_per_block, mean, rstd, weight, centered,
