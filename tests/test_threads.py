@@ -23,6 +23,7 @@ needs_openmp = pytest.mark.skipif(not bncpu.openmp_enabled(),
 LARGE_SHAPES = {
     "channel": (8, 16, 32, 32),
     "channel-long-rows": (2, 8, 300, 300),    # rows of more than one piece
+    "channel-runs": (4, 16, 64, 64),          # adjacent channels per task, 4 or fewer by threads
     "split": (4, 1, 512, 512),
     "split-uneven-pieces": (2, 3, 300, 300),
     "column": (70000, 3),
