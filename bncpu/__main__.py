@@ -1,0 +1,261 @@
+"""The speed report: ``python -m bncpu`` (or the ``bncpu-bench`` console script).
+
+One table, in the spirit of bottleneck's ``bench()``: per shape and operation, bncpu's
+median time, its speed-up over the NumPy reference and over PyTorch CPU, and its time as
+a multiple of the streaming floor, with the issue targets that apply marked met or
+missed. The cases and the timing harness live in bncpu/_bench.py, shared with the
+pytest-benchmark suite in benchmarks/.
+"""
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import sys
+
+from bncpu import _bench
+
+
+def parse_threads(text):
+    try:
+        return _bench.parse_thread_counts(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m bncpu",
+        description="Time bncpu against its NumPy reference, PyTorch CPU and the streaming "
+                    "floor, side by side in one process, and print one table.")
+    parser.add_argument("--threads", type=parse_threads, default=None, metavar="N[,N...]",
+                        help="thread counts to run at, e.g. 2 or 1,2 (default: "
+                             "bncpu.get_num_threads())")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the shapes with targets, shorter timing (about a minute)")
+    parser.add_argument("--json", metavar="FILE", help="write every raw timing and the environment")
+    parser.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the speed-ups "
+                                                       "(needs matplotlib)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds alone: large results then may "
+                             "page-fault fresh memory on every call, depending on case order")
+    args = parser.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib, which is not installed "
+                     "(pip install matplotlib, or pip install 'bncpu[bench]')")
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------
+class Row:
+    """One line of the table: a case at one thread count."""
+
+    def __init__(self, case, n_threads, timings):
+        self.case = case
+        self.n_threads = n_threads
+        self.timings = timings
+        self.medians = {name: timing.median for name, timing in timings.items()}
+        self.ratios = _bench.ratios(self.medians)
+        self.targets = [(target, target.value(self.ratios), target.met(self.ratios))
+                        for target in _bench.targets(case, n_threads)]
+
+    def as_json(self):
+        return {
+            "case": self.case.id,
+            "operation": self.case.op,
+            "label": self.case.label,
+            "shape": list(self.case.shape),
+            "dtype": self.case.dtype,
+            "param": self.case.param,
+            "threads": self.n_threads,
+            "bytes_moved": self.case.bytes_moved,
+            "implementations": {
+                name: {"status": timing.status, "median_s": timing.median,
+                       "calls_per_sample": timing.calls_per_sample, "samples_s": timing.samples}
+                for name, timing in self.timings.items()},
+            "ratios": self.ratios,
+            "targets": [{"issue": target.issue, "target": str(target), "value": value, "met": met}
+                        for target, value, met in self.targets],
+        }
+
+
+def run(cases, thread_counts, budget, log):
+    rows = []
+    total = len(cases) * len(thread_counts)
+    for case in cases:
+        for n_threads, timings in _bench.run_case(case, thread_counts, budget):
+            rows.append(Row(case, n_threads, timings))
+            times = "  ".join(f"{name} {_bench.format_seconds(timing.median)}"
+                              if timing.status == "ok" else f"{name} {timing.status}"
+                              for name, timing in timings.items())
+            log(f"[{len(rows):3d}/{total}] {n_threads}t {case.label} {case.shape} {case.dtype}: "
+                f"{times}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+def _speedup(value):
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}x" if value >= 1000 else f"{value:.3g}x"
+
+
+def _targets_cell(row):
+    cells = []
+    for target, value, met in row.targets:
+        if met is None:
+            cells.append(f"{target}:?")
+        else:
+            cells.append(f"{target}:ok" if met else f"{target}:MISS({value:.3g})")
+    return " ".join(cells)
+
+
+COLUMNS = ("shape", "dtype", "operation", "bncpu", "GB/s", "vs ref", "vs torch", "x floor",
+           "targets")
+
+
+def table_lines(rows):
+    body = []
+    for row in rows:
+        own = row.medians.get("bncpu")
+        gbps = f"{row.case.bytes_moved / own / 1e9:.1f}" if own else "-"
+        floor = row.ratios.get("floor")
+        # Without a time, the bncpu cell says why (the status, cut to fit).
+        own_cell = _bench.format_seconds(own) if own else row.timings["bncpu"].status[:40]
+        body.append((str(row.case.shape), row.case.dtype, row.case.label, own_cell, gbps,
+                     _speedup(row.ratios.get("reference")), _speedup(row.ratios.get("torch")),
+                     f"{floor:.2f}x" if floor else "n/a", _targets_cell(row)))
+    widths = [max(len(line[i]) for line in body + [COLUMNS]) for i in range(len(COLUMNS))]
+    left = {0, 1, 2, 8}
+
+    def render(cells):
+        return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))).rstrip()
+    lines = [render(COLUMNS), render(["-" * w for w in widths])]
+    previous_shape = None
+    for cells in body:
+        if previous_shape is not None and cells[0] != previous_shape:
+            lines.append("")
+        previous_shape = cells[0]
+        lines.append(render(cells))
+    return lines
+
+
+def header_lines(env, thread_counts, quick):
+    lines = [
+        f"bncpu {env['bncpu']} speed report{' (--quick)' if quick else ''}",
+        f"  kernels : {env['isa']} build, OpenMP {'on' if env['openmp'] else 'off'}, "
+        f"threads {','.join(map(str, thread_counts))}"
+        + (" (bncpu and torch alike)" if env["torch"] else ""),
+        f"  CPU     : {env['cpu']}, {env['cpu_count']} logical CPUs",
+        f"  versions: Python {env['python']}, numpy {env['numpy']}, "
+        f"torch {env['torch'] or 'not installed'}",
+        f"  floor   : {env['floor']}",
+        "  timing  : medians of samples taken round-robin (bncpu, torch, floor, reference);",
+        "            bncpu, torch and the reference allocate their results, the floor writes",
+        "            into a preallocated array",
+        "  memory  : " + ("malloc keeps freed memory for reuse (no page faults on every call)"
+                          if env["reuse_freed_memory"] else "the C library's default malloc"),
+        "  columns : bncpu = time per call; GB/s = bytes an ideal kernel moves / bncpu time;",
+        "            vs ref, vs torch = their time / bncpu time;",
+        "            x floor = bncpu time / floor time;",
+        "            targets = issue #3/#5 goals that apply (2 threads, float32, except torch>=1",
+        "            and the small-shape per-call bound, which apply at any thread count);",
+        "            ok, MISS(measured value), or ? when not measurable here",
+    ]
+    if env["missing_functions"]:
+        lines.append(f"  skipped : not in this bncpu yet: {', '.join(env['missing_functions'])}")
+    return lines
+
+
+def summary_line(rows):
+    verdicts = [met for row in rows for _, _, met in row.targets]
+    return (f"targets: {verdicts.count(True)} met, {verdicts.count(False)} missed, "
+            f"{verdicts.count(None)} not measurable")
+
+
+# ---------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------
+def write_plot(rows, thread_counts, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_threads = [[row for row in rows if row.n_threads == n] for n in thread_counts]
+    height = max(4.0, 0.22 * max(len(group) for group in per_threads) + 1.5)
+    figure, axes = plt.subplots(1, len(thread_counts), figsize=(9 * len(thread_counts), height),
+                                squeeze=False)
+    series = (("torch", "vs PyTorch"), ("reference", "vs NumPy reference"))
+    for ax, n_threads, group in zip(axes[0], thread_counts, per_threads):
+        positions = range(len(group))
+        bar = 0.4
+        for offset, (metric, label) in enumerate(series):
+            values = [row.ratios.get(metric, float("nan")) for row in group]
+            ax.barh([p + offset * bar for p in positions], values, height=bar, label=label)
+        ax.set_yticks([p + bar / 2 for p in positions])
+        ax.set_yticklabels([f"{row.case.label} {row.case.shape} {row.case.dtype}" for row in group],
+                           fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel("speed-up of bncpu (their time / bncpu time, log scale)")
+        ax.set_title(f"bncpu speed-ups, {n_threads} thread{'s' if n_threads > 1 else ''}")
+        ax.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    env = _bench.environment()
+    env["reuse_freed_memory"] = not args.default_malloc and _bench.reuse_freed_memory()
+    thread_counts = args.threads or [env["default_threads"]]
+    cases = _bench.cases(quick=args.quick)
+    budget = _bench.QUICK if args.quick else _bench.FULL
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    started = datetime.datetime.now().astimezone()
+    before = _bench.cpu_snapshot()
+    log(f"timing {len(cases)} cases at {','.join(map(str, thread_counts))} thread(s)...")
+    rows = run(cases, thread_counts, budget, log)
+    after = _bench.cpu_snapshot()
+    elapsed = after[0] - before[0]
+    env["others_cpu_share"] = _bench.others_share(before, after)
+
+    print("\n".join(header_lines(env, thread_counts, args.quick)))
+    for n_threads in thread_counts:
+        print(f"\nthreads: {n_threads}")
+        print("\n".join(table_lines([row for row in rows if row.n_threads == n_threads])))
+    print(f"\n{summary_line(rows)}; {len(rows)} rows in {elapsed:.0f} s")
+    # Other processes on the CPUs stretch multi-threaded timings most: an OpenMP team waits
+    # for its slowest thread.
+    if env["others_cpu_share"] is not None:
+        print(f"other processes used {env['others_cpu_share']:.0%} of the CPUs during the run"
+              + ("; the timings are noisy, rerun on an idle machine"
+                 if env["others_cpu_share"] > 0.1 else ""))
+
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"environment": env, "argv": sys.argv[1:] if argv is None else list(argv),
+                       "started": started.isoformat(timespec="seconds"),
+                       "elapsed_s": elapsed, "quick": args.quick, "threads": thread_counts,
+                       "budget": dataclasses.asdict(budget),
+                       "results": [row.as_json() for row in rows]}, out, indent=1)
+        log(f"wrote {args.json}")
+    if args.plot:
+        write_plot(rows, thread_counts, args.plot)
+        log(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,787 @@
+"""Benchmark cases and the timing harness, shared by the speed report (``python -m bncpu``,
+bncpu/__main__.py) and the pytest-benchmark suite (benchmarks/): one registry, so the two
+always time the same things.
+
+A case is one operation on one input shape and dtype. Its inputs are made once and handed
+to up to four implementations:
+
+``bncpu``      the library, called as a user calls it (each call allocates its results);
+``reference``  ``bncpu.reference``, the plain-NumPy twin with the same name and arguments;
+``torch``      PyTorch's CPU kernel for the same operation, when torch is importable and
+               has one (its split-phase batch-norm ops are CUDA-only: "n/a");
+``floor``      the streaming floor: one pass over the bytes the operation cannot avoid
+               moving (see ``Operation.reads``/``writes``), written into a preallocated
+               array, at the same thread count. With torch: ``torch.add(b, x, alpha=a,
+               out=y)`` (y = a*x + b), ``torch.add(dy, x, out=dx)``, or ``torch.sum`` of
+               each input for the reductions. Without torch: NumPy's ``multiply``/``add``/
+               ``add.reduce`` on one contiguous slice per thread (NumPy releases the GIL).
+
+``measure`` times the implementations of a case round-robin (bncpu, torch, floor,
+reference, bncpu, ...) so that a noisy neighbour on a 2-core machine hits all of them
+alike, and reports medians.
+"""
+import ctypes
+import dataclasses
+import functools
+import gc
+import math
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import bncpu
+from bncpu import reference
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+EPS = 1e-5
+MOMENTUM = 0.1
+RMS_EPS = 1e-6
+
+# Round-robin order; the reference goes last because it is the slowest.
+IMPLEMENTATIONS = ("bncpu", "torch", "floor", "reference")
+
+
+class Unavailable(Exception):
+    """An implementation that cannot run this case (not installed, no CPU kernel)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Calls:
+    """How each library runs one operation on a case's inputs: ``bncpu.<function>(*args)``
+    and ``bncpu.reference.<function>(*args)``; ``torch(tensor)`` returns the torch call to
+    time, ``tensor`` turning each ndarray into a tensor sharing its memory."""
+    function: str
+    args: tuple
+    torch: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    """One timed operation. ``reads``/``writes`` count the input-sized arrays it must at
+    least read and write: the bytes the streaming floor moves."""
+    key: str
+    label: str
+    functions: tuple   # bncpu functions it needs: absent ones (work in progress) skip it
+    reads: int
+    writes: int
+    calls: object      # Inputs -> Calls
+
+    def available(self):
+        return all(hasattr(bncpu, name) for name in self.functions)
+
+
+def _aten(name):
+    return getattr(torch.ops.aten, name).default
+
+
+def _aten_call(name, *args):
+    """The torch side of Calls: torch.ops.aten.<name>(*args), arrays passed as tensors."""
+    return lambda tensor: functools.partial(_aten(name), *map(tensor, args))
+
+
+def _bn_forward(training):
+    def calls(inputs):
+        arrays = (inputs.x, inputs.weight, inputs.bias, inputs.running_mean, inputs.running_var)
+        return Calls("batch_norm_forward", arrays + (training, MOMENTUM, EPS),
+                     _aten_call("native_batch_norm", *arrays, training, MOMENTUM, EPS))
+    return calls
+
+
+def _bn_backward(training):
+    def calls(inputs):
+        save_mean, save_invstd = inputs.bn_saved if training else (None, None)
+        arrays = (inputs.dy, inputs.x, inputs.weight, inputs.running_mean, inputs.running_var,
+                  save_mean, save_invstd)
+        return Calls("batch_norm_backward", arrays + (training, EPS),
+                     _aten_call("native_batch_norm_backward", *arrays, training, EPS, [True] * 3))
+    return calls
+
+
+def _bn_stats(inputs):
+    return Calls("batch_norm_stats", (inputs.x,), _aten_call("batch_norm_stats", inputs.x, EPS))
+
+
+def _bn_elemt(inputs):
+    arrays = (inputs.x, inputs.weight, inputs.bias) + inputs.bn_global
+    return Calls("batch_norm_elemt", arrays, _aten_call("batch_norm_elemt", *arrays, EPS))
+
+
+def _bn_backward_reduce(inputs):
+    mean, invstd = inputs.bn_global
+    return Calls("batch_norm_backward_reduce", (inputs.dy, inputs.x, mean, invstd, inputs.weight),
+                 _aten_call("batch_norm_backward_reduce", inputs.dy, inputs.x, mean, invstd,
+                            inputs.weight, True, True, True))
+
+
+def _bn_backward_elemt(inputs):
+    arrays = (inputs.dy, inputs.x) + inputs.bn_global + (inputs.weight,) + inputs.bn_sums
+    count = inputs.x.size // inputs.x.shape[1]
+    return Calls("batch_norm_backward_elemt", arrays + (count,),
+                 _aten_call("batch_norm_backward_elemt", *arrays, np.array([count], np.int32)))
+
+
+def _layer_norm_forward(inputs):
+    shape = inputs.case.param
+    return Calls("layer_norm_forward", (inputs.x, shape, inputs.weight, inputs.bias, EPS),
+                 _aten_call("native_layer_norm", inputs.x, list(shape), inputs.weight,
+                            inputs.bias, EPS))
+
+
+def _layer_norm_backward(inputs):
+    shape = inputs.case.param
+    _, mean, rstd = bncpu.layer_norm_forward(inputs.x, shape, inputs.weight, inputs.bias, EPS)
+
+    def torch_call(tensor):
+        x, weight, bias = tensor(inputs.x), tensor(inputs.weight), tensor(inputs.bias)
+        _, torch_mean, torch_rstd = _aten("native_layer_norm")(x, list(shape), weight, bias, EPS)
+        return functools.partial(_aten("native_layer_norm_backward"), tensor(inputs.dy), x,
+                                 list(shape), torch_mean, torch_rstd, weight, bias, [True] * 3)
+    return Calls("layer_norm_backward", (inputs.dy, inputs.x, shape, mean, rstd, inputs.weight),
+                 torch_call)
+
+
+def _group_dims(inputs):
+    """(N, C, HxW, groups): native_group_norm's explicit sizes."""
+    n, c = inputs.x.shape[:2]
+    return n, c, inputs.x.size // (n * c), inputs.case.param
+
+
+def _group_norm_forward(inputs):
+    args = (inputs.x, inputs.case.param, inputs.weight, inputs.bias, EPS)
+    return Calls("group_norm_forward", args,
+                 _aten_call("native_group_norm", inputs.x, inputs.weight, inputs.bias,
+                            *_group_dims(inputs), EPS))
+
+
+def _group_norm_backward(inputs):
+    groups = inputs.case.param
+    _, mean, rstd = bncpu.group_norm_forward(inputs.x, groups, inputs.weight, inputs.bias, EPS)
+
+    def torch_call(tensor):
+        x, weight = tensor(inputs.x), tensor(inputs.weight)
+        _, torch_mean, torch_rstd = _aten("native_group_norm")(
+            x, weight, tensor(inputs.bias), *_group_dims(inputs), EPS)
+        return functools.partial(_aten("native_group_norm_backward"), tensor(inputs.dy), x,
+                                 torch_mean, torch_rstd, weight, *_group_dims(inputs), [True] * 3)
+    return Calls("group_norm_backward", (inputs.dy, inputs.x, groups, mean, rstd, inputs.weight),
+                 torch_call)
+
+
+def _instance_norm_forward(inputs):
+    # aten::instance_norm is what torch.nn.functional.instance_norm runs: batch norm on the
+    # input viewed as (1, N*C, *) with weight and bias repeated N times.
+    arrays = (inputs.x, inputs.weight, inputs.bias, None, None)
+    return Calls("instance_norm_forward", arrays + (True, MOMENTUM, EPS),
+                 _aten_call("instance_norm", *arrays, True, MOMENTUM, EPS, False))
+
+
+def _instance_norm_backward(inputs):
+    _, mean, rstd = bncpu.instance_norm_forward(inputs.x, inputs.weight, inputs.bias, None, None,
+                                                True, MOMENTUM, EPS)
+
+    def torch_call(tensor):
+        # The backward autograd runs for instance_norm: batch norm's on the (1, N*C, *)
+        # view, then the repeated weight's gradient summed back over the batch.
+        n, c = inputs.x.shape[:2]
+        x = tensor(inputs.x).reshape(1, n * c, -1)
+        dy = tensor(inputs.dy).reshape(1, n * c, -1)
+        weight = tensor(inputs.weight).repeat(n)
+        _, torch_mean, torch_invstd = _aten("native_batch_norm")(x, weight, None, None, None,
+                                                                 True, 0.0, EPS)
+
+        def backward():
+            grad_input, grad_weight, grad_bias = _aten("native_batch_norm_backward")(
+                dy, x, weight, None, None, torch_mean, torch_invstd, True, EPS, [True] * 3)
+            return (grad_input.view(inputs.x.shape), grad_weight.view(n, c).sum(0),
+                    grad_bias.view(n, c).sum(0))
+        return backward
+    return Calls("instance_norm_backward", (inputs.dy, inputs.x, mean, rstd, inputs.weight),
+                 torch_call)
+
+
+def _rms_norm_forward(inputs):
+    shape = inputs.case.param
+    return Calls("rms_norm_forward", (inputs.x, shape, inputs.weight, RMS_EPS),
+                 _aten_call("_fused_rms_norm", inputs.x, list(shape), inputs.weight, RMS_EPS))
+
+
+def _rms_norm_backward(inputs):
+    shape = inputs.case.param
+    _, rstd = bncpu.rms_norm_forward(inputs.x, shape, inputs.weight, RMS_EPS)
+
+    def torch_call(tensor):
+        # torch has no CPU kernel for _fused_rms_norm_backward: on the CPU, autograd
+        # differentiates the composite forward, and that backward pass is what is timed.
+        x, weight = tensor(inputs.x).requires_grad_(), tensor(inputs.weight).requires_grad_()
+        output = torch.nn.functional.rms_norm(x, list(shape), weight, RMS_EPS)
+        return functools.partial(torch.autograd.grad, output, (x, weight), tensor(inputs.dy),
+                                 retain_graph=True)
+    return Calls("rms_norm_backward", (inputs.dy, inputs.x, shape, rstd, inputs.weight),
+                 torch_call)
+
+
+def _operation(key, label, functions, reads, writes, calls):
+    return Operation(key, label, tuple(functions), reads, writes, calls)
+
+
+_BN_FORWARD = ("batch_norm_forward",)
+_BN_BACKWARD = ("batch_norm_forward", "batch_norm_backward")
+_BN_SPLIT = ("batch_norm_stats", "batch_norm_gather_stats")
+OPERATIONS = {op.key: op for op in (
+    _operation("bn_fwd_train", "batch_norm fwd train", _BN_FORWARD, 1, 1, _bn_forward(True)),
+    _operation("bn_fwd_eval", "batch_norm fwd eval", _BN_FORWARD, 1, 1, _bn_forward(False)),
+    _operation("bn_bwd_train", "batch_norm bwd train", _BN_BACKWARD, 2, 1, _bn_backward(True)),
+    _operation("bn_bwd_eval", "batch_norm bwd eval", _BN_BACKWARD, 2, 1, _bn_backward(False)),
+    _operation("bn_stats", "batch_norm_stats", _BN_SPLIT, 1, 0, _bn_stats),
+    _operation("bn_elemt", "batch_norm_elemt", _BN_SPLIT + ("batch_norm_elemt",), 1, 1, _bn_elemt),
+    _operation("bn_bwd_reduce", "batch_norm_backward_reduce",
+               _BN_SPLIT + ("batch_norm_backward_reduce",), 2, 0, _bn_backward_reduce),
+    _operation("bn_bwd_elemt", "batch_norm_backward_elemt",
+               _BN_SPLIT + ("batch_norm_backward_reduce", "batch_norm_backward_elemt"), 2, 1,
+               _bn_backward_elemt),
+    _operation("ln_fwd", "layer_norm fwd", ("layer_norm_forward",), 1, 1, _layer_norm_forward),
+    _operation("ln_bwd", "layer_norm bwd", ("layer_norm_forward", "layer_norm_backward"), 2, 1,
+               _layer_norm_backward),
+    _operation("gn_fwd", "group_norm fwd", ("group_norm_forward",), 1, 1, _group_norm_forward),
+    _operation("gn_bwd", "group_norm bwd", ("group_norm_forward", "group_norm_backward"), 2, 1,
+               _group_norm_backward),
+    _operation("in_fwd", "instance_norm fwd", ("instance_norm_forward",), 1, 1,
+               _instance_norm_forward),
+    _operation("in_bwd", "instance_norm bwd", ("instance_norm_forward", "instance_norm_backward"),
+               2, 1, _instance_norm_backward),
+    _operation("rms_fwd", "rms_norm fwd", ("rms_norm_forward",), 1, 1, _rms_norm_forward),
+    _operation("rms_bwd", "rms_norm bwd", ("rms_norm_forward", "rms_norm_backward"), 2, 1,
+               _rms_norm_backward),
+)}
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str          # key of OPERATIONS
+    shape: tuple
+    dtype: str
+    param: object = None   # layer/RMS norm: normalized_shape; group norm: num_groups
+    quick: bool = False    # part of the --quick subset
+
+    @property
+    def operation(self):
+        return OPERATIONS[self.op]
+
+    @property
+    def label(self):
+        """Operation label with its parameter, e.g. 'group_norm fwd G=32'."""
+        label = self.operation.label
+        if self.op.startswith(("ln_", "rms_")):
+            return f"{label} over {len(self.param)}d"
+        if self.op.startswith("gn_"):
+            return f"{label} G={self.param}"
+        return label
+
+    @property
+    def id(self):
+        """A pytest id: 'bn_fwd_train-32x64x56x56-float32'."""
+        param = "" if self.param is None else "-" + (
+            f"g{self.param}" if isinstance(self.param, int) else f"last{len(self.param)}")
+        return f"{self.op}{param}-{'x'.join(map(str, self.shape))}-{self.dtype}"
+
+    @property
+    def input_bytes(self):
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def bytes_moved(self):
+        """Bytes an ideal kernel reads and writes: what the streaming floor moves."""
+        return (self.operation.reads + self.operation.writes) * self.input_bytes
+
+
+# Issue 3's batch-norm shapes: LeNet-with-batch-norm at batch 256 on Fashion-MNIST
+# ((256, 6, 24, 24), (256, 16, 8, 8), (256, 120)), ResNet-50 layers, a high-resolution
+# early layer, fewer channels than threads, and a wide MLP layer. float64 for two of them.
+BN_SHAPES = (
+    ((256, 6, 24, 24), ("float32",)),
+    ((256, 16, 8, 8), ("float32",)),
+    ((256, 120), ("float32", "float64")),
+    ((32, 64, 56, 56), ("float32", "float64")),
+    ((32, 256, 56, 56), ("float32",)),
+    ((32, 2048, 7, 7), ("float32",)),
+    ((8, 32, 112, 112), ("float32",)),
+    ((4, 1, 512, 512), ("float32",)),
+    ((1024, 512), ("float32",)),
+)
+BN_OPS = ("bn_fwd_train", "bn_fwd_eval", "bn_bwd_train", "bn_bwd_eval",
+          "bn_stats", "bn_elemt", "bn_bwd_reduce", "bn_bwd_elemt")
+# --quick: the shapes with targets, all ops on the main one, the fused ops on the others.
+QUICK_BN = {(256, 120): ("float32",), (256, 16, 8, 8): ("float32",),
+            (32, 64, 56, 56): ("float32",), (4, 1, 512, 512): ("float32",)}
+QUICK_BN_OPS = ("bn_fwd_train", "bn_fwd_eval", "bn_bwd_train")
+
+# Issue 5's shapes: (forward op, backward op, shape, param, in --quick).
+OTHER_NORMS = (
+    ("ln", (8192, 1024), (1024,), True),
+    ("ln", (32, 64, 56, 56), (64, 56, 56), False),
+    ("gn", (32, 64, 56, 56), 32, True),
+    ("gn", (8, 256, 28, 28), 32, False),
+    ("in", (32, 64, 56, 56), None, True),
+    ("rms", (8192, 1024), (1024,), True),
+)
+
+
+def cases(quick=False):
+    """The registry: every case, in report order (batch-norm shapes, then the other norms).
+    Cases whose bncpu functions do not exist yet are left out (see ``missing_functions``)."""
+    found = []
+    for shape, dtypes in BN_SHAPES:
+        for dtype in dtypes:
+            for op in BN_OPS:
+                in_quick = (dtype in QUICK_BN.get(shape, ())
+                            and (op in QUICK_BN_OPS or shape == (32, 64, 56, 56)))
+                found.append(Case(op, shape, dtype, quick=in_quick))
+    for family, shape, param, in_quick in OTHER_NORMS:
+        for direction in ("fwd", "bwd"):
+            found.append(Case(f"{family}_{direction}", shape, "float32", param, in_quick))
+    return [case for case in found
+            if case.operation.available() and (case.quick or not quick)]
+
+
+def missing_functions():
+    """bncpu functions the registry would time but this build lacks."""
+    names = {name for op in OPERATIONS.values() for name in op.functions}
+    return sorted(name for name in names if not hasattr(bncpu, name))
+
+
+class Inputs:
+    """The arrays of one case, made once and shared by all implementations. Statistics the
+    backward and split-phase calls take come from bncpu's own forward steps."""
+
+    def __init__(self, case, seed=0):
+        self.case = case
+        self._rng = np.random.default_rng(seed)
+        dtype = np.dtype(case.dtype)
+        self.x = self._normal(case.shape, 2.0, 0.5)
+        if case.op.startswith(("ln_", "rms_")):
+            param_shape = case.param
+        else:
+            param_shape = (case.shape[1],)
+        self.weight = self._normal(param_shape, 0.1, 1.0)
+        self.bias = self._normal(param_shape, 0.1, 0.0)
+        channels = case.shape[1]
+        self.running_mean = np.zeros(channels, dtype)
+        self.running_var = np.ones(channels, dtype)
+
+    def _normal(self, shape, scale, loc):
+        values = self._rng.standard_normal(shape, dtype=np.dtype(self.case.dtype))
+        values *= scale
+        values += loc
+        return values
+
+    @functools.cached_property
+    def calls(self):
+        """The operation's Calls on these inputs (made once: backward cases run a forward)."""
+        return self.case.operation.calls(self)
+
+    @functools.cached_property
+    def dy(self):
+        return self._normal(self.case.shape, 1.0, 0.0)
+
+    @functools.cached_property
+    def bn_saved(self):
+        """(save_mean, save_invstd) of a training forward."""
+        return bncpu.batch_norm_forward(self.x, self.weight, self.bias, None, None, True,
+                                        MOMENTUM, EPS)[1:]
+
+    @functools.cached_property
+    def bn_global(self):
+        """(mean, invstd), float64: stats then gather, as one process of a synchronized step."""
+        mean, m2, count = bncpu.batch_norm_stats(self.x)
+        return bncpu.batch_norm_gather_stats(mean, m2, count, eps=EPS)
+
+    @functools.cached_property
+    def bn_sums(self):
+        """(sum_dy, sum_dy_xmu) of the backward reduction."""
+        mean, invstd = self.bn_global
+        return bncpu.batch_norm_backward_reduce(self.dy, self.x, mean, invstd, self.weight)[:2]
+
+    def streams(self):
+        """The input-sized arrays the operation reads (x, and dy for backward ones)."""
+        return (self.x, self.dy)[:self.case.operation.reads]
+
+
+# ---------------------------------------------------------------------------------------
+# The streaming floor
+# ---------------------------------------------------------------------------------------
+def floor_description():
+    if torch is not None:
+        return ("torch, one multi-threaded pass: y = a*x + b (torch.add(b, x, alpha=a, out=y)), "
+                "dx = dy + x (torch.add(..., out=)), or torch.sum of each input for reductions")
+    return ("NumPy, one pass split over the threads: y = a*x (np.multiply(..., out=)), "
+            "dx = dy + x (np.add(..., out=)), or np.add.reduce of each input for reductions")
+
+
+def _as_tensor(value):
+    """An ndarray as a tensor sharing its memory; anything else unchanged."""
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+
+def _floor_torch(reads, out):
+    if out is None:
+        tensors = [torch.from_numpy(array) for array in reads]
+        return lambda: [torch.sum(tensor) for tensor in tensors]
+    y = torch.from_numpy(out)
+    if len(reads) == 1:
+        x, b = torch.from_numpy(reads[0]), torch.tensor(0.25, dtype=y.dtype)
+        return functools.partial(torch.add, b, x, alpha=1.5, out=y)
+    return functools.partial(torch.add, *map(torch.from_numpy, reads), out=y)
+
+
+# NumPy ufuncs release the GIL, so a thread per slice gives a multi-threaded pass.
+_pools = {}
+
+
+def _floor_numpy(reads, out, n_threads):
+    flat_reads = [array.reshape(-1) for array in reads]
+    flat_out = None if out is None else out.reshape(-1)
+    size = flat_reads[0].size
+    n_slices = n_threads if size >= (1 << 16) else 1
+    bounds = [size * i // n_slices for i in range(n_slices + 1)]
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def one_pass(part):
+        if flat_out is None:
+            return [np.add.reduce(array[part]) for array in flat_reads]
+        if len(flat_reads) == 1:
+            return np.multiply(flat_reads[0][part], 1.5, out=flat_out[part])
+        return np.add(flat_reads[0][part], flat_reads[1][part], out=flat_out[part])
+
+    if n_slices == 1:
+        return functools.partial(one_pass, slices[0])
+    pool = _pools.setdefault(n_slices, ThreadPoolExecutor(n_slices))
+    return lambda: list(pool.map(one_pass, slices))
+
+
+def floor_call(inputs, n_threads):
+    reads = inputs.streams()
+    out = np.empty_like(inputs.x) if inputs.case.operation.writes else None
+    if torch is not None:
+        return _floor_torch(reads, out)
+    return _floor_numpy(reads, out, n_threads)
+
+
+def implementation_call(inputs, implementation, n_threads):
+    """The zero-argument callable that runs ``implementation`` on ``inputs``, or the
+    Exception that says why it cannot (``Unavailable``, torch's NotImplementedError, or a
+    bncpu error while preparing a backward case from its forward)."""
+    if implementation == "floor":
+        return floor_call(inputs, n_threads)
+    if implementation == "torch" and torch is None:
+        return Unavailable("torch not installed")
+    try:
+        calls = inputs.calls
+        if implementation == "torch":
+            return calls.torch(_as_tensor)
+        library = bncpu if implementation == "bncpu" else reference
+        return functools.partial(getattr(library, calls.function), *calls.args)
+    except Exception as error:
+        return error
+
+
+def implementation_calls(inputs, n_threads):
+    """{implementation: callable or Exception}, in round-robin order."""
+    return {impl: implementation_call(inputs, impl, n_threads) for impl in IMPLEMENTATIONS}
+
+
+# ---------------------------------------------------------------------------------------
+# Threads and environment
+# ---------------------------------------------------------------------------------------
+def parse_thread_counts(text):
+    """'2' or '1,2' -> [2] or [1, 2]; ValueError for anything else."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ValueError(f"expected thread counts like 2 or 1,2; got {text!r}")
+    return counts
+
+
+def set_threads(n_threads):
+    """Run bncpu and torch with the same team size."""
+    bncpu.set_num_threads(n_threads)
+    if torch is not None:
+        torch.set_num_threads(n_threads)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment():
+    return {
+        "bncpu": bncpu.__version__,
+        "isa": bncpu.isa(),
+        "openmp": bncpu.openmp_enabled(),
+        "default_threads": bncpu.get_num_threads(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "floor": floor_description(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "missing_functions": missing_functions(),
+    }
+
+
+def reuse_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse: returns True when it agreed.
+
+    By default glibc maps each large block (above a threshold that moves with the history
+    of frees, up to 32 MB) fresh from the kernel and hands it back when freed, so a call
+    that allocates a large result may pay a page fault per 4 KiB, or not, depending on
+    which cases ran before. Fixed, high thresholds give every implementation the steady
+    state of a long-running program, and timings that do not depend on case order.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3   # from glibc's malloc.h
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 1 << 30))
+
+
+def cpu_snapshot():
+    """(wall seconds, CPU-seconds the whole machine has run, CPU-seconds this process has
+    run), for ``others_share``; the machine's figure is None off Linux."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(field) for field in stat.readline().split()[1:9]]
+        # user nice system idle iowait irq softirq steal: all but idle and iowait are busy,
+        # steal being time the hypervisor gave to other guests.
+        machine = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        machine = None
+    return time.perf_counter(), machine, time.process_time()
+
+
+def others_share(before, after):
+    """Fraction of the machine's CPU capacity other processes used between two snapshots:
+    the noise a run suffered (None when unknown)."""
+    if before[1] is None or after[1] is None:
+        return None
+    capacity = (after[0] - before[0]) * (os.cpu_count() or 1)
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return min(1.0, max(0.0, others / capacity)) if capacity > 0 else None
+
+
+# ---------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Timing:
+    """Per-call times (seconds) of one implementation on one case, or why there are none."""
+    samples: list = dataclasses.field(default_factory=list)
+    calls_per_sample: int = 1
+    status: str = "ok"       # "ok", "n/a: <reason>" or "error: <message>"
+
+    @property
+    def median(self):
+        return float(np.median(self.samples)) if self.status == "ok" and self.samples else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long to time one case: at least ``min_rounds`` round-robin rounds, then more
+    until ``seconds`` have passed (at most ``max_rounds``). A sample loops the call
+    until it lasts ``sample_seconds``. An implementation slower than ``slow_seconds``
+    per call (the reference on large inputs) gets at most ``slow_total / time`` samples,
+    and past ``once_seconds`` its warm-up call is its only sample."""
+    seconds: float
+    sample_seconds: float
+    min_rounds: int
+    max_rounds: int
+    slow_seconds: float
+    slow_total: float
+    once_seconds: float
+
+
+FULL = Budget(seconds=0.8, sample_seconds=0.004, min_rounds=7, max_rounds=101,
+              slow_seconds=0.05, slow_total=0.8, once_seconds=2.0)
+QUICK = Budget(seconds=0.5, sample_seconds=0.003, min_rounds=5, max_rounds=61,
+               slow_seconds=0.05, slow_total=0.25, once_seconds=1.0)
+
+
+def describe(error):
+    """A Timing status for an implementation that could not run: 'n/a: ...' when it does
+    not exist here (not installed, no CPU kernel), 'error: ...' when it failed."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, (Unavailable, NotImplementedError)):
+        if "CPU" in message and "backend" in message:
+            message = "no CPU kernel in torch"
+        return f"n/a: {message}"
+    return f"error: {type(error).__name__}: {message}"
+
+
+def _time_call(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def measure(calls, budget):
+    """Time ``calls`` ({name: callable or Exception}) round-robin; {name: Timing}."""
+    timings = {name: Timing() for name in calls}
+    runnable = {}
+    caps = {}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name, call in calls.items():
+            if isinstance(call, Exception):
+                timings[name].status = describe(call)
+                continue
+            try:
+                # The first call pays one-time costs (first touch of fresh memory, thread
+                # start-up); the second, unless the first was already too long, calibrates.
+                per_call = _time_call(call)
+                if per_call <= budget.once_seconds:
+                    per_call = _time_call(call)
+            except Exception as error:
+                timings[name].status = describe(error)
+                continue
+            runnable[name] = call
+            if per_call > budget.slow_seconds:
+                caps[name] = min(budget.max_rounds, max(1, int(budget.slow_total / per_call)))
+                if per_call > budget.once_seconds:
+                    timings[name].samples.append(per_call)
+            else:
+                calls_per_sample = budget.sample_seconds / max(per_call, 1e-7)
+                timings[name].calls_per_sample = max(1, int(calls_per_sample))
+                caps[name] = budget.max_rounds
+        start = time.perf_counter()
+        for rounds in range(1, budget.max_rounds + 1):
+            active = [name for name in runnable if len(timings[name].samples) < caps[name]]
+            if not active:
+                break
+            for name in active:
+                timing, call = timings[name], runnable[name]
+                begin = time.perf_counter()
+                for _ in range(timing.calls_per_sample):
+                    call()
+                timing.samples.append((time.perf_counter() - begin) / timing.calls_per_sample)
+            if rounds >= budget.min_rounds and time.perf_counter() - start >= budget.seconds:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return timings
+
+
+# ---------------------------------------------------------------------------------------
+# Ratios and targets
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """``metric``: 'torch' or 'reference' (speed-up, other time / bncpu time, >= bound) or
+    'floor' (bncpu time / floor time, <= bound)."""
+    issue: int
+    metric: str
+    bound: float
+
+    def value(self, ratios):
+        return ratios.get(self.metric)
+
+    def met(self, ratios):
+        value = self.value(ratios)
+        if value is None:
+            return None
+        return value <= self.bound if self.metric == "floor" else value >= self.bound
+
+    def __str__(self):
+        return f"{self.metric}{'<=' if self.metric == 'floor' else '>='}{self.bound:.3g}"
+
+
+def ratios(medians):
+    """Speed-ups over torch and the reference, and bncpu's time over the floor's."""
+    own = medians.get("bncpu")
+    found = {}
+    if own:
+        for name in ("torch", "reference"):
+            if medians.get(name):
+                found[name] = medians[name] / own
+        if medians.get("floor"):
+            found["floor"] = own / medians["floor"]
+    return found
+
+
+_MAIN_SHAPE = (32, 64, 56, 56)
+_FEW_CHANNELS = (4, 1, 512, 512)
+_SMALL_SHAPES = ((256, 120), (256, 16, 8, 8))
+_FUSED_BN = ("bn_fwd_train", "bn_fwd_eval", "bn_bwd_train", "bn_bwd_eval")
+# Issue 3, (32, 64, 56, 56) float32 at 2 threads: {op: (vs torch, x floor)}.
+_MAIN_TARGETS = {"bn_fwd_train": (4.0, 2.0), "bn_fwd_eval": (1.0, 1.25),
+                 "bn_bwd_train": (3.0, None)}
+
+
+def targets(case, n_threads):
+    """The issue targets that apply to ``case`` timed at ``n_threads``."""
+    found = []
+    if case.op in _FUSED_BN:
+        # Issue 3: not slower than PyTorch on any listed shape, float32 or float64, at 1
+        # and 2 threads; small shapes: per-call time within 1.5x of PyTorch's.
+        found.append(Target(3, "torch", 1.0))
+        if case.shape in _SMALL_SHAPES:
+            found.append(Target(3, "torch", 1 / 1.5))
+    if n_threads != 2 or case.dtype != "float32":
+        return found
+    if case.op in _MAIN_TARGETS and case.shape in (_MAIN_SHAPE, _FEW_CHANNELS):
+        vs_torch, x_floor = _MAIN_TARGETS[case.op]
+        if vs_torch > 1.0:
+            found.append(Target(3, "torch", vs_torch))
+        if case.shape == _MAIN_SHAPE:
+            if x_floor is not None:
+                found.append(Target(3, "floor", x_floor))
+            found.append(Target(3, "reference", 20.0))
+    if case.op.startswith(("ln_", "gn_", "in_", "rms_")):
+        found.append(Target(5, "torch", 1.5))
+        if case.op.endswith("_fwd"):
+            found.append(Target(5, "floor", 2.0))
+    return found
+
+
+def run_case(case, thread_counts, budget):
+    """Make the inputs of ``case`` once and time it at each thread count: yields
+    (n_threads, {implementation: Timing}) as each thread count finishes."""
+    inputs = Inputs(case)
+    for n_threads in thread_counts:
+        set_threads(n_threads)
+        yield n_threads, measure(implementation_calls(inputs, n_threads), budget)
+
+
+def format_seconds(seconds):
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds * 1e9:.3g} ns"
