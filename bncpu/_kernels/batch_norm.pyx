@@ -121,6 +121,21 @@ cdef void piece_grad_sums_task(const real* dy, const real* x, int64_t task, int6
     sum_dy_xmu_span(dy + offset, x + offset, length, mean[j], &partials[2 * task], &partials[2 * task + 1])
 
 
+cdef inline void fold_row_pieces(const real* row, int64_t s, double* count, double* mean,
+                                 double* m2) noexcept nogil:
+    """Merge the statistics of one channel row into (count, mean, m2), one piece (split
+    mode's unit of work) at a time, each piece summarized on its own."""
+    cdef int64_t start, start_index
+    cdef double piece_count, piece_mean, piece_m2
+    for start_index in range((s + PIECE - 1) // PIECE):
+        start = start_index * PIECE
+        piece_count = 0
+        piece_mean = 0
+        piece_m2 = 0
+        span_stats(row + start, min(<int64_t>PIECE, s - start), &piece_count, &piece_mean, &piece_m2)
+        merge_stats(count, mean, m2, piece_count, piece_mean, piece_m2)
+
+
 cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t j,
                         double* mean, double* m2) noexcept nogil:
     """Mean and M2 of channel j.
@@ -130,21 +145,14 @@ cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t 
     blocks of whole consecutive rows (at most STATS_BLOCK values), each summarized
     two-pass with its lanes running across the rows, merged in row order.
     """
-    cdef int64_t i, start, start_index, length, rows_per_block, block, r0, r1
-    cdef double count = 0, piece_count, piece_mean, piece_m2, block_mean
+    cdef int64_t i, rows_per_block, block, r0, r1
+    cdef double count = 0, block_mean
     cdef double lanes[LANES]
     mean[0] = 0
     m2[0] = 0
     if s >= STATS_BLOCK:
         for i in range(n):
-            for start_index in range((s + PIECE - 1) // PIECE):
-                start = start_index * PIECE
-                length = min(<int64_t>PIECE, s - start)
-                piece_count = 0
-                piece_mean = 0
-                piece_m2 = 0
-                span_stats(x + (i * c + j) * s + start, length, &piece_count, &piece_mean, &piece_m2)
-                merge_stats(&count, mean, m2, piece_count, piece_mean, piece_m2)
+            fold_row_pieces(x + (i * c + j) * s, s, &count, mean, m2)
         return
     rows_per_block = STATS_BLOCK // s
     for block in range((n + rows_per_block - 1) // rows_per_block):
@@ -461,22 +469,14 @@ cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_
     is bit for bit train_channel's."""
     cdef double count[CHANNEL_RUN]
     cdef double m2[CHANNEL_RUN]
-    cdef double piece_count, piece_mean, piece_m2
-    cdef int64_t i, j, start, start_index, length, offset
+    cdef int64_t i, j, start, start_index, offset
     for j in range(j0, j1):
         count[j - j0] = 0
         mean[j] = 0
         m2[j - j0] = 0
     for i in range(n):
         for j in range(j0, j1):
-            for start_index in range((s + PIECE - 1) // PIECE):
-                start = start_index * PIECE
-                length = min(<int64_t>PIECE, s - start)
-                piece_count = 0
-                piece_mean = 0
-                piece_m2 = 0
-                span_stats(x + (i * c + j) * s + start, length, &piece_count, &piece_mean, &piece_m2)
-                merge_stats(&count[j - j0], &mean[j], &m2[j - j0], piece_count, piece_mean, piece_m2)
+            fold_row_pieces(x + (i * c + j) * s, s, &count[j - j0], &mean[j], &m2[j - j0])
     for j in range(j0, j1):
         var[j] = m2[j - j0] / (n * s)
         set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
