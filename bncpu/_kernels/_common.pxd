@@ -1,5 +1,5 @@
-# Declarations every kernel family shares: the C API's status codes and table type
-# (from include/bncpu.h, so the Cython and C views of the ABI cannot drift apart),
+# Declarations every kernel family shares: the C API's status codes (from
+# include/bncpu.h, so the Cython and C views of the ABI cannot drift apart),
 # argument checks, and raw-pointer access to validated NumPy arrays.
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, INT64_MAX
@@ -16,8 +16,6 @@ cdef extern from "bncpu.h":
         BNCPU_ERR_ALIASED_STATS
         BNCPU_ERR_BAD_GROUPS
         BNCPU_ERR_NO_MEMORY
-    ctypedef struct bncpu_api:
-        pass
 
 
 cdef inline int check_sizes(int64_t a, int64_t b, int64_t c) noexcept nogil:

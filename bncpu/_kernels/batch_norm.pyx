@@ -35,7 +35,7 @@ cimport numpy as cnp
 from bncpu._threads cimport threads_begin, threads_end
 from bncpu._kernels._common cimport (
     BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_SIZE, BNCPU_ERR_ONE_VALUE,
-    BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY, bncpu_api,
+    BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY,
     check_sizes, check_eps, check_momentum, data_or_null, is_float32)
 from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
