@@ -43,6 +43,15 @@ def _rows_of(input_shape, normalized_shape):
     return leading, math.prod(leading), math.prod(normalized_shape)
 
 
+def _rows_backward_args(grad_output, input, normalized_shape):
+    """Checked (dy, x, normalized_shape, leading shape, rows, d) of a layer/RMS backward."""
+    x = v.as_input(input, min_ndim=0)
+    dy = v.as_input(grad_output, "grad_output", min_ndim=0, dtype=x.dtype)
+    v.same_shape(dy, "grad_output", x.shape)
+    normalized_shape = _normalized_shape(normalized_shape, x.shape)
+    return (dy, x, normalized_shape) + _rows_of(x.shape, normalized_shape)
+
+
 def _num_groups(num_groups, input_shape):
     try:
         groups = operator.index(num_groups)
@@ -99,12 +108,9 @@ def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight
     rstd come from ``layer_norm_forward`` (PyTorch's shape with trailing 1s is accepted
     too). ``out`` receives grad_input and may be grad_output or input itself.
     """
-    x = v.as_input(input, min_ndim=0)
+    dy, x, normalized_shape, leading, rows, d = _rows_backward_args(grad_output, input,
+                                                                    normalized_shape)
     dtype = x.dtype
-    dy = v.as_input(grad_output, "grad_output", min_ndim=0, dtype=dtype)
-    v.same_shape(dy, "grad_output", x.shape)
-    normalized_shape = _normalized_shape(normalized_shape, x.shape)
-    leading, rows, d = _rows_of(x.shape, normalized_shape)
     mean = v.saved_stats(mean, "mean", leading, dtype, len(normalized_shape))
     rstd = v.saved_stats(rstd, "rstd", leading, dtype, len(normalized_shape))
     w = v.shaped_param(weight, "weight", normalized_shape, dtype)
@@ -281,12 +287,9 @@ def rms_norm_backward(grad_output, input, normalized_shape, rstd, weight, *, out
     dims (None when weight is None). ``out`` receives grad_input and may be grad_output
     or input itself.
     """
-    x = v.as_input(input, min_ndim=0)
+    dy, x, normalized_shape, leading, rows, d = _rows_backward_args(grad_output, input,
+                                                                    normalized_shape)
     dtype = x.dtype
-    dy = v.as_input(grad_output, "grad_output", min_ndim=0, dtype=dtype)
-    v.same_shape(dy, "grad_output", x.shape)
-    normalized_shape = _normalized_shape(normalized_shape, x.shape)
-    leading, rows, d = _rows_of(x.shape, normalized_shape)
     rstd = v.saved_stats(rstd, "rstd", leading, dtype, len(normalized_shape))
     w = v.shaped_param(weight, "weight", normalized_shape, dtype)
     result = v.Output(out, x.shape, dtype, (dy, x, w, rstd))

@@ -86,6 +86,20 @@ LAYOUTS = {
 # ----------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------
+def central_differences(loss, array, step=1e-6):
+    """d loss / d array by (loss(a + h) - loss(a - h)) / 2h, element by element."""
+    grad = np.empty_like(array)
+    for index in np.ndindex(array.shape):
+        saved = array[index]
+        array[index] = saved + step
+        upper = loss()
+        array[index] = saved - step
+        lower = loss()
+        array[index] = saved
+        grad[index] = (upper - lower) / (2 * step)
+    return grad
+
+
 def assert_close(actual, expected, dtype, scale=None):
     """actual within RTOL[dtype] of the float64 ``expected``, errors measured against
     ``scale`` (default: the largest |expected|, at least 1): a result that cancels to

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 import bncpu
 from bncpu import reference as ref
-from conftest import (AFFINE, DTYPES, LAYOUTS, RTOL, assert_all_bitwise_equal, assert_bitwise_equal,
+from conftest import (central_differences, AFFINE, DTYPES, LAYOUTS, RTOL, assert_all_bitwise_equal, assert_bitwise_equal,
                       assert_close, channel_params, num_threads, random_input, running_stats,
                       to_torch)
 
@@ -314,20 +314,6 @@ def test_backward_matches_reference(shape, training, has_weight, dtype):
                                        save_invstd, training, EPS)
     assert_backward_close(grads, expected, x, dy, weight, *used_statistics(
         training, save_mean, save_invstd, running_mean, running_var, EPS), dtype)
-
-
-def central_differences(loss, array, step=1e-6):
-    """d loss / d array by (loss(a + h) - loss(a - h)) / 2h, element by element."""
-    grad = np.empty_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + step
-        upper = loss()
-        array[index] = saved - step
-        lower = loss()
-        array[index] = saved
-        grad[index] = (upper - lower) / (2 * step)
-    return grad
 
 
 @pytest.mark.parametrize("has_weight", [True, False], ids=["weight", "no-weight"])

@@ -8,7 +8,7 @@ import pytest
 
 import bncpu
 from bncpu import reference as ref
-from conftest import (AFFINE, DTYPES, LAYOUTS, assert_all_bitwise_equal, assert_bitwise_equal,
+from conftest import (central_differences, AFFINE, DTYPES, LAYOUTS, assert_all_bitwise_equal, assert_bitwise_equal,
                       assert_close, num_threads, random_input, running_stats, to_torch)
 
 EPS = 1e-5
@@ -163,20 +163,6 @@ def test_backward_matches_reference(name, shape, arg, has_weight, dtype):
         else:
             assert grad.dtype == dtype and grad.shape == weight.shape
             assert_close(grad, expected_grad, dtype, scale=param_scale)
-
-
-def central_differences(loss, array, step=1e-6):
-    """d loss / d array by (loss(a + h) - loss(a - h)) / 2h, element by element."""
-    grad = np.empty_like(array)
-    for index in np.ndindex(array.shape):
-        saved = array[index]
-        array[index] = saved + step
-        upper = loss()
-        array[index] = saved - step
-        lower = loss()
-        array[index] = saved
-        grad[index] = (upper - lower) / (2 * step)
-    return grad
 
 
 FINITE_DIFFERENCE_CASES = [
