@@ -35,6 +35,9 @@ PACKAGE_DIR = Path(bncpu.__file__).resolve().parent
 
 # |C result - reference| <= TOLERANCE * max(1, max |reference|), per array.
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+# float64 statistics of float32 data: float32 squares and runs of float32 partial sums
+# (see bncpu/_kernels/_float32_sums.h) leave relative errors near 1e-8.
+STATS_OF_FLOAT32_TOLERANCE = 1e-7
 
 
 # ----------------------------------------------------------------------------------
@@ -129,8 +132,9 @@ def array(record, name, dtype):
     return np.array(record[name], dtype=dtype)
 
 
-def assert_same(record, name, dtype, python_value, reference_value=None):
-    """The C array `name` equals the Python API's bit for bit, and is near the reference."""
+def assert_same(record, name, dtype, python_value, reference_value=None, tolerance=None):
+    """The C array `name` equals the Python API's bit for bit, and is near the reference
+    (within `tolerance`, by default TOLERANCE of its dtype)."""
     c_value = array(record, name, dtype)
     python_value = np.asarray(python_value).reshape(-1)
     assert c_value.dtype == python_value.dtype, name
@@ -139,7 +143,9 @@ def assert_same(record, name, dtype, python_value, reference_value=None):
         reference_value = np.asarray(reference_value, np.float64).reshape(-1)
         scale = max(1.0, float(np.abs(reference_value).max(initial=0)))
         error = float(np.abs(c_value - reference_value).max(initial=0))
-        assert error <= TOLERANCE[c_value.dtype] * scale, f"{name}: C vs reference, error {error}"
+        if tolerance is None:
+            tolerance = TOLERANCE[c_value.dtype]
+        assert error <= tolerance * scale, f"{name}: C vs reference, error {error}"
 
 
 def test_example_runs_and_reports_the_loaded_package(example_records):
@@ -200,8 +206,10 @@ def check_batch_norm_record(record):
 
     # Split phase, one process; gather_stats moves the running statistics once more.
     mean, m2, count = bncpu.batch_norm_stats(x)
-    assert_same(record, "stats_mean", np.float64, mean, reference.batch_norm_stats(x)[0])
-    assert_same(record, "stats_m2", np.float64, m2, reference.batch_norm_stats(x)[1])
+    tolerance = STATS_OF_FLOAT32_TOLERANCE if dtype == np.float32 else None
+    assert_same(record, "stats_mean", np.float64, mean, reference.batch_norm_stats(x)[0],
+                tolerance)
+    assert_same(record, "stats_m2", np.float64, m2, reference.batch_norm_stats(x)[1], tolerance)
     global_mean, invstd = bncpu.batch_norm_gather_stats(mean, m2, count, running_mean, running_var,
                                                         momentum, eps)
     assert_same(record, "gather_mean", np.float64, global_mean)

@@ -6,12 +6,28 @@
 # bounds come from the shape alone, so a caller that merges spans in a fixed order
 # gets bit-identical results whatever the number of threads.
 #
-# Vectorization: gcc may not reorder a floating-point sum (that would change the
+# float32 data goes through _float32_sums.h, which adds runs of 8 values per lane in
+# float32 before widening (a float->double conversion per element bounds the plain
+# float64 loops): the statistics then sum deviations from a float32 center near the
+# mean, and correct for the center's offset in float64 (see add_dev_span, finish_dev).
+#
+# Vectorization (float64 data): gcc may not reorder a floating-point sum (that would change the
 # result), so the sums run in LANES independent accumulators (an array the compiler
 # keeps in vector registers: several dependency chains, so the adds pipeline), then
 # add them in a fixed tree. Lane k always sums the same elements, whatever the vector
 # width, so every build gives the same result for any number of threads.
 from libc.stdint cimport int64_t
+
+cdef extern from "_float32_sums.h":
+    # float32 spans: float32 runs of 8 per lane, widened into float64 lanes (see there).
+    void f32_add_sums "bncpu_f32_add_sums"(double* lanes, const float* x,
+                                           int64_t length) noexcept nogil
+    void f32_add_dev_sums "bncpu_f32_add_dev_sums"(double* sum_lanes, double* sq_lanes,
+                                                   const float* x, int64_t length,
+                                                   float center) noexcept nogil
+    void f32_add_grad_sums "bncpu_f32_add_grad_sums"(double* dy_lanes, double* dy_dev_lanes,
+                                                     const float* dy, const float* x,
+                                                     int64_t length, float center) noexcept nogil
 
 ctypedef fused real:
     float
@@ -44,9 +60,12 @@ cdef inline void zero_lanes(double* lanes) noexcept nogil:
 
 
 cdef inline void add_span(double* lanes, const real* x, int64_t length) noexcept nogil:
-    """lanes += x, element i going to lane i % LANES."""
+    """lanes += x, element i going to lane i % LANES (float32: approximately, in runs)."""
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
+    if real is float:
+        f32_add_sums(lanes, x, length)
+        return
     for i_block in range(stop // LANES):
         i = i_block * LANES
         for k in range(LANES):
@@ -55,30 +74,51 @@ cdef inline void add_span(double* lanes, const real* x, int64_t length) noexcept
         lanes[i - stop] += x[i]
 
 
-cdef inline void add_sq_dev_span(double* lanes, const real* x, int64_t length,
-                                 double center) noexcept nogil:
-    """lanes += (x - center)²."""
+cdef inline void add_dev_span(double* sum_lanes, double* sq_lanes, const real* x,
+                              int64_t length, real center) noexcept nogil:
+    """sum_lanes += x - center and sq_lanes += (x - center)², lane by lane.
+
+    The center is a mean rounded to the data's precision (<real>mean): the exact mean
+    for float64 data, whose deviations sum to ~0, so only sq_lanes is kept; for float32
+    data a float32 value near it, corrected for by finish_dev."""
     cdef double d
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
+    if real is float:
+        f32_add_dev_sums(sum_lanes, sq_lanes, x, length, center)
+        return
     for i_block in range(stop // LANES):
         i = i_block * LANES
         for k in range(LANES):
             d = x[i + k] - center
-            lanes[k] += d * d
+            sq_lanes[k] += d * d
     for i in range(stop, length):
         d = x[i] - center
-        lanes[i - stop] += d * d
+        sq_lanes[i - stop] += d * d
+
+
+cdef inline void finish_dev(double count, double center, double sum_dev, double sum_sq,
+                            double* mean, double* m2) noexcept nogil:
+    """Mean and M2 of count values from Σ(x - center) and Σ(x - center)²."""
+    cdef double shift = sum_dev / count
+    mean[0] = center + shift
+    m2[0] = sum_sq - sum_dev * shift
+    if m2[0] < 0:   # rounding; a NaN stays NaN
+        m2[0] = 0
 
 
 cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const real* dy,
-                                 const real* x, int64_t length, double mean) noexcept nogil:
-    """dy_lanes += dy; dy_xmu_lanes += dy·(x - mean).
+                                 const real* x, int64_t length, real center) noexcept nogil:
+    """dy_lanes += dy; dy_xmu_lanes += dy·(x - center), center = <real>mean:
+    then Σdy·(x - mean) = Σdy·(x - center) - (mean - center)·Σdy (see finish_dy_xmu).
 
-    Two loops, one sum each: gcc leaves a loop that updates two lane arrays at once
-    mostly scalar (measured 2.4x slower with AVX2); the second loop reads from L1."""
+    float64: two loops, one sum each: gcc leaves a loop that updates two lane arrays at
+    once mostly scalar (measured 2.4x slower with AVX2); the second loop reads from L1."""
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
+    if real is float:
+        f32_add_grad_sums(dy_lanes, dy_xmu_lanes, dy, x, length, center)
+        return
     for i_block in range(stop // LANES):
         i = i_block * LANES
         for k in range(LANES):
@@ -86,10 +126,16 @@ cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const r
     for i_block in range(stop // LANES):
         i = i_block * LANES
         for k in range(LANES):
-            dy_xmu_lanes[k] += dy[i + k] * (<double>x[i + k] - mean)
+            dy_xmu_lanes[k] += dy[i + k] * (<double>x[i + k] - center)
     for i in range(stop, length):
         dy_lanes[i - stop] += dy[i]
-        dy_xmu_lanes[i - stop] += dy[i] * (<double>x[i] - mean)
+        dy_xmu_lanes[i - stop] += dy[i] * (<double>x[i] - center)
+
+
+cdef inline double finish_dy_xmu(double sum_dy, double sum_dy_dev, double mean,
+                                 double center) noexcept nogil:
+    """Σdy·(x - mean) from Σdy and Σdy·(x - center)."""
+    return sum_dy_dev - (mean - center) * sum_dy
 
 
 cdef inline double sum_span(const real* x, int64_t length) noexcept nogil:
@@ -100,17 +146,14 @@ cdef inline double sum_span(const real* x, int64_t length) noexcept nogil:
     return sum_lanes(lanes)
 
 
-cdef inline double sum_sq_dev_span(const real* x, int64_t length, double center) noexcept nogil:
-    """Σ (x - center)², in float64."""
-    cdef double lanes[LANES]
-    zero_lanes(lanes)
-    add_sq_dev_span(lanes, x, length, center)
-    return sum_lanes(lanes)
-
-
 cdef inline double sum_sq_span(const real* x, int64_t length) noexcept nogil:
-    """Σ x², in float64 (RMS norm)."""
-    return sum_sq_dev_span(x, length, 0.0)
+    """Σ x², in float64 (RMS norm; float32: squares rounded to float32, see add_dev_span)."""
+    cdef double sum_lanes_[LANES]
+    cdef double sq_lanes[LANES]
+    zero_lanes(sum_lanes_)
+    zero_lanes(sq_lanes)
+    add_dev_span(sum_lanes_, sq_lanes, x, length, 0)
+    return sum_lanes(sq_lanes)
 
 
 cdef inline void sum_dy_xmu_span(const real* dy, const real* x, int64_t length, double mean,
@@ -118,11 +161,14 @@ cdef inline void sum_dy_xmu_span(const real* dy, const real* x, int64_t length, 
     """Adds Σ dy and Σ dy·(x - mean) over the span to the two accumulators."""
     cdef double dy_lanes[LANES]
     cdef double dy_xmu_lanes[LANES]
+    cdef real center = <real>mean
+    cdef double span_dy
     zero_lanes(dy_lanes)
     zero_lanes(dy_xmu_lanes)
-    add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, x, length, mean)
-    sum_dy[0] += sum_lanes(dy_lanes)
-    sum_dy_xmu[0] += sum_lanes(dy_xmu_lanes)
+    add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, x, length, center)
+    span_dy = sum_lanes(dy_lanes)
+    sum_dy[0] += span_dy
+    sum_dy_xmu[0] += finish_dy_xmu(span_dy, sum_lanes(dy_xmu_lanes), mean, center)
 
 
 cdef inline void merge_stats(double* count, double* mean, double* m2,
@@ -143,21 +189,35 @@ cdef inline void merge_stats(double* count, double* mean, double* m2,
     count[0] = total
 
 
+cdef inline void block_stats(const real* x, int64_t length, double* mean,
+                             double* m2) noexcept nogil:
+    """Mean and M2 of one block, two-pass: a first mean, then deviations from it."""
+    cdef double sum_lanes_[LANES]
+    cdef double sq_lanes[LANES]
+    cdef real center
+    zero_lanes(sum_lanes_)
+    add_span(sum_lanes_, x, length)
+    center = <real>(sum_lanes(sum_lanes_) / length)
+    zero_lanes(sum_lanes_)
+    zero_lanes(sq_lanes)
+    add_dev_span(sum_lanes_, sq_lanes, x, length, center)
+    finish_dev(<double>length, center, sum_lanes(sum_lanes_), sum_lanes(sq_lanes), mean, m2)
+
+
 cdef inline void span_stats(const real* x, int64_t length,
                             double* count, double* mean, double* m2) noexcept nogil:
     """Merge the statistics of x[:length] into (count, mean, m2), block by block.
 
-    Each block is summarized two-pass (exact mean, then squared deviations from it),
-    so data whose mean dwarfs its spread loses no precision.
+    Each block is summarized two-pass (a first mean, then deviations from it), so data
+    whose mean dwarfs its spread loses no precision.
     """
     cdef int64_t start, start_index, size
-    cdef double block_mean
+    cdef double block_mean, block_m2
     for start_index in range((length + STATS_BLOCK - 1) // STATS_BLOCK):
         start = start_index * STATS_BLOCK
         size = min(<int64_t>STATS_BLOCK, length - start)
-        block_mean = sum_span(x + start, size) / size
-        merge_stats(count, mean, m2, <double>size, block_mean,
-                    sum_sq_dev_span(x + start, size, block_mean))
+        block_stats(x + start, size, &block_mean, &block_m2)
+        merge_stats(count, mean, m2, <double>size, block_mean, block_m2)
 
 
 cdef inline void split_center(double center, real* hi, real* lo) noexcept nogil:

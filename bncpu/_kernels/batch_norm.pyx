@@ -39,7 +39,8 @@ from bncpu._kernels._common cimport (
     check_sizes, check_eps, check_momentum, data_or_null, is_float32)
 from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
-    zero_lanes, sum_lanes, add_span, add_sq_dev_span, add_dy_xmu_span,
+    zero_lanes, sum_lanes, add_span, add_dev_span, finish_dev, add_dy_xmu_span,
+    finish_dy_xmu,
     affine_span, scale_span, backward_span)
 
 cnp.import_array()
@@ -146,8 +147,10 @@ cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t 
     two-pass with its lanes running across the rows, merged in row order.
     """
     cdef int64_t i, rows_per_block, block, r0, r1
-    cdef double count = 0, block_mean
+    cdef double count = 0, block_mean, block_m2
     cdef double lanes[LANES]
+    cdef double sq_lanes[LANES]
+    cdef real center
     mean[0] = 0
     m2[0] = 0
     if s >= STATS_BLOCK:
@@ -161,43 +164,66 @@ cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t 
         zero_lanes(lanes)
         for i in range(r0, r1):
             add_span(lanes, x + (i * c + j) * s, s)
-        block_mean = sum_lanes(lanes) / ((r1 - r0) * s)
+        center = <real>(sum_lanes(lanes) / ((r1 - r0) * s))
         zero_lanes(lanes)
+        zero_lanes(sq_lanes)
         for i in range(r0, r1):
-            add_sq_dev_span(lanes, x + (i * c + j) * s, s, block_mean)
-        merge_stats(&count, mean, m2, <double>((r1 - r0) * s), block_mean, sum_lanes(lanes))
+            add_dev_span(lanes, sq_lanes, x + (i * c + j) * s, s, center)
+        finish_dev(<double>((r1 - r0) * s), center, sum_lanes(lanes), sum_lanes(sq_lanes),
+                   &block_mean, &block_m2)
+        merge_stats(&count, mean, m2, <double>((r1 - r0) * s), block_mean, block_m2)
+
+
+cdef inline void row_grad_sums(const real* dy, const real* x, int64_t s, double mean,
+                               real center, double* dy_lanes, double* dy_xmu_lanes,
+                               double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """One channel row's share of Σdy and Σdy·(x - mean). Rows that split mode cuts
+    (s >= SPLIT_MIN_S) are summed per piece, each piece added to sum_dy/sum_dy_xmu as
+    split mode does; shorter rows add into the channel's lanes (finished by
+    finish_grad_sums), which thus run across all its rows."""
+    cdef int64_t start, start_index
+    if s >= SPLIT_MIN_S:
+        for start_index in range((s + PIECE - 1) // PIECE):
+            start = start_index * PIECE
+            sum_dy_xmu_span(dy + start, x + start, min(<int64_t>PIECE, s - start), mean,
+                            sum_dy, sum_dy_xmu)
+    else:
+        add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, x, s, center)
+
+
+cdef inline void finish_grad_sums(int64_t s, double mean, real center, const double* dy_lanes,
+                                  const double* dy_xmu_lanes, double* sum_dy,
+                                  double* sum_dy_xmu) noexcept nogil:
+    if s < SPLIT_MIN_S:
+        sum_dy[0] = sum_lanes(dy_lanes)
+        sum_dy_xmu[0] = finish_dy_xmu(sum_dy[0], sum_lanes(dy_xmu_lanes), mean, center)
 
 
 cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
-                            int64_t j, double mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """Σdy and Σdy·(x - mean) of channel j: rows that split mode cuts (s >= SPLIT_MIN_S)
-    are summed per piece and the pieces added in (row, piece) order, as split mode does;
-    shorter rows run their lanes across the whole channel."""
-    cdef int64_t i, start, start_index, offset
-    cdef double piece_dy, piece_dy_xmu
-    cdef double dy_lanes[LANES]
-    cdef double dy_xmu_lanes[LANES]
-    sum_dy[0] = 0
-    sum_dy_xmu[0] = 0
-    if s >= SPLIT_MIN_S:
-        for i in range(n):
-            for start_index in range((s + PIECE - 1) // PIECE):
-                start = start_index * PIECE
-                offset = (i * c + j) * s + start
-                piece_dy = 0
-                piece_dy_xmu = 0
-                sum_dy_xmu_span(dy + offset, x + offset, min(<int64_t>PIECE, s - start), mean,
-                                &piece_dy, &piece_dy_xmu)
-                sum_dy[0] += piece_dy
-                sum_dy_xmu[0] += piece_dy_xmu
-        return
-    zero_lanes(dy_lanes)
-    zero_lanes(dy_xmu_lanes)
+                            int64_t j0, int64_t j1, const double* mean,
+                            double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """Σdy and Σdy·(x - mean) of the adjacent channels j0..j1 (at most CHANNEL_RUN),
+    walked row by row: memory is read in runs of (j1 - j0)·S values. Each channel adds
+    its rows in row order, so the sums do not depend on the run."""
+    cdef double dy_lanes[CHANNEL_RUN * LANES]
+    cdef double dy_xmu_lanes[CHANNEL_RUN * LANES]
+    cdef real center[CHANNEL_RUN]
+    cdef int64_t i, j, offset
+    for j in range(j0, j1):
+        center[j - j0] = <real>mean[j]
+        zero_lanes(dy_lanes + (j - j0) * LANES)
+        zero_lanes(dy_xmu_lanes + (j - j0) * LANES)
+        sum_dy[j] = 0
+        sum_dy_xmu[j] = 0
     for i in range(n):
-        offset = (i * c + j) * s
-        add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy + offset, x + offset, s, mean)
-    sum_dy[0] = sum_lanes(dy_lanes)
-    sum_dy_xmu[0] = sum_lanes(dy_xmu_lanes)
+        for j in range(j0, j1):
+            offset = (i * c + j) * s
+            row_grad_sums(dy + offset, x + offset, s, mean[j], center[j - j0],
+                          dy_lanes + (j - j0) * LANES, dy_xmu_lanes + (j - j0) * LANES,
+                          &sum_dy[j], &sum_dy_xmu[j])
+    for j in range(j0, j1):
+        finish_grad_sums(s, mean[j], center[j - j0], dy_lanes + (j - j0) * LANES,
+                         dy_xmu_lanes + (j - j0) * LANES, &sum_dy[j], &sum_dy_xmu[j])
 
 
 cdef void column_stats(const real* x, int64_t n, int64_t c, int64_t j0, int64_t width,
@@ -373,7 +399,7 @@ cdef inline void update_running(real* running_mean, real* running_var, int64_t j
 cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n_threads,
                            double* mean, double* m2) noexcept nogil:
     """Per-channel mean and M2 of x in any mode; returns a status (allocation)."""
-    cdef int64_t j, task, n_tasks, chunk, t
+    cdef int64_t j, task, n_tasks, chunk, t, run
     cdef double count
     cdef double* partials
     cdef double* counts
@@ -403,6 +429,10 @@ cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n
                 merge_stats(&count, &mean[j], &m2[j], partials[3 * t], partials[3 * t + 1],
                             partials[3 * t + 2])
         free(partials)
+    elif s >= STATS_BLOCK:
+        run = channel_run(c, s, sizeof(real), n_threads)
+        for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
+            channel_run_stats(x, n, c, s, chunk * run, min(chunk * run + run, c), mean, m2)
     else:
         for j in prange(c, schedule='static', num_threads=n_threads):
             channel_stats(x, n, c, s, j, &mean[j], &m2[j])
@@ -413,7 +443,7 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
                                const double* mean, int n_threads,
                                double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     """Per-channel Σdy and Σdy·(x - mean) in any mode; returns a status."""
-    cdef int64_t j, task, n_tasks, chunk, t
+    cdef int64_t j, task, n_tasks, chunk, t, run
     cdef double* partials
     if s == 1:
         n_tasks = (c + CHANNEL_CHUNK - 1) // CHANNEL_CHUNK
@@ -437,8 +467,10 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
                 sum_dy_xmu[j] += partials[2 * t + 1]
         free(partials)
     else:
-        for j in prange(c, schedule='static', num_threads=n_threads):
-            channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
+        run = channel_run(c, s, sizeof(real), n_threads)
+        for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
+            channel_grad_sums(dy, x, n, c, s, chunk * run, min(chunk * run + run, c), mean,
+                              sum_dy, sum_dy_xmu)
     return BNCPU_OK
 
 
@@ -460,25 +492,32 @@ cdef void train_channel(const real* x, real* y, int64_t n, int64_t c, int64_t s,
                       min(<int64_t>PIECE, s - start), coefs, c, j)
 
 
-cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_t s,
-                            int64_t j0, int64_t j1, const real* weight, const real* bias,
-                            double eps, double* mean, double* var, real* coefs) noexcept nogil:
-    """Channels j0..j1 (adjacent, long rows): train_channel's work with the loops
-    turned so memory is read in runs of (j1 - j0)·S values rather than S. Each
-    channel still folds its (row, piece) statistics in the same order, so the result
-    is bit for bit train_channel's."""
+cdef void channel_run_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t j0,
+                            int64_t j1, double* mean, double* m2) noexcept nogil:
+    """channel_stats of the adjacent channels j0..j1 (long rows, at most CHANNEL_RUN),
+    with the loops turned so memory is read in runs of (j1 - j0)·S values rather than
+    S. Each channel still folds its (row, piece) statistics in the same order, so the
+    result is bit for bit channel_stats's."""
     cdef double count[CHANNEL_RUN]
-    cdef double m2[CHANNEL_RUN]
-    cdef int64_t i, j, start, start_index, offset
+    cdef int64_t i, j
     for j in range(j0, j1):
         count[j - j0] = 0
         mean[j] = 0
-        m2[j - j0] = 0
+        m2[j] = 0
     for i in range(n):
         for j in range(j0, j1):
-            fold_row_pieces(x + (i * c + j) * s, s, &count[j - j0], &mean[j], &m2[j - j0])
+            fold_row_pieces(x + (i * c + j) * s, s, &count[j - j0], &mean[j], &m2[j])
+
+
+cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                            int64_t j0, int64_t j1, const real* weight, const real* bias,
+                            double eps, double* mean, double* var, real* coefs) noexcept nogil:
+    """Channels j0..j1 (adjacent, long rows): train_channel's work, memory read in
+    runs of (j1 - j0)·S values (see channel_run_stats)."""
+    cdef int64_t i, j, start, start_index, offset
+    channel_run_stats(x, n, c, s, j0, j1, mean, var)
     for j in range(j0, j1):
-        var[j] = m2[j - j0] / (n * s)
+        var[j] = var[j] / (n * s)
         set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
     for i in range(n):
         for j in range(j0, j1):
@@ -610,22 +649,26 @@ cdef int bn_forward_eval(const real* x, real* y, int64_t n, int64_t c, int64_t s
 # --------------------------------------------------------------------------------
 # Fused backward: reduce per channel, then the elementwise pass while in cache
 # --------------------------------------------------------------------------------
-cdef void backward_channel(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
-                           int64_t s, int64_t j, const double* mean, const double* invstd,
-                           const real* weight, bint training,
-                           double* sum_dy, double* sum_dy_xmu, real* coefs) noexcept nogil:
-    cdef int64_t i, start, start_index, offset
-    channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
+cdef void backward_channels(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
+                            int64_t s, int64_t j0, int64_t j1, const double* mean,
+                            const double* invstd, const real* weight, bint training,
+                            double* sum_dy, double* sum_dy_xmu, real* coefs) noexcept nogil:
+    """Adjacent channels j0..j1: their sums, then the elementwise pass, row by row."""
+    cdef int64_t i, j, start, start_index, offset
+    channel_grad_sums(dy, x, n, c, s, j0, j1, mean, sum_dy, sum_dy_xmu)
     if dx == NULL:
         return
     if training:
-        set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j], sum_dy_xmu[j], <double>(n * s))
+        for j in range(j0, j1):
+            set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
+                               sum_dy_xmu[j], <double>(n * s))
     for i in range(n):
-        for start_index in range((s + PIECE - 1) // PIECE):
-            start = start_index * PIECE
-            offset = (i * c + j) * s + start
-            pass_span(PASS_BACKWARD if training else PASS_SCALE, dy + offset, x + offset,
-                      dx + offset, min(<int64_t>PIECE, s - start), coefs, c, j)
+        for j in range(j0, j1):
+            for start_index in range((s + PIECE - 1) // PIECE):
+                start = start_index * PIECE
+                offset = (i * c + j) * s + start
+                pass_span(PASS_BACKWARD if training else PASS_SCALE, dy + offset, x + offset,
+                          dx + offset, min(<int64_t>PIECE, s - start), coefs, c, j)
 
 
 cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
@@ -634,7 +677,7 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
                      real* dweight, real* dbias) noexcept nogil:
     cdef int status = check_sizes(n, c, s)
     cdef int n_threads
-    cdef int64_t j, count = n * s
+    cdef int64_t j, chunk, run, count = n * s
     cdef double* mean
     cdef double* invstd
     cdef double* sum_dy
@@ -685,9 +728,10 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
                                            sum_dy_xmu[j], <double>count)
                 run_pass(PASS_BACKWARD if training else PASS_SCALE, dy, x, dx, n, c, s, coefs, n_threads)
         else:
-            for j in prange(c, schedule='static', num_threads=n_threads):
-                backward_channel(dy, x, dx, n, c, s, j, mean, invstd, weight, training,
-                                 sum_dy, sum_dy_xmu, coefs)
+            run = channel_run(c, s, sizeof(real), n_threads)
+            for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
+                backward_channels(dy, x, dx, n, c, s, chunk * run, min(chunk * run + run, c),
+                                  mean, invstd, weight, training, sum_dy, sum_dy_xmu, coefs)
     threads_end(n_threads)
     if status == BNCPU_OK:
         for j in range(c):

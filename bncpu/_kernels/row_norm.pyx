@@ -61,7 +61,8 @@ from bncpu._kernels._common cimport (
     BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_GROUPS, BNCPU_ERR_NO_MEMORY,
     check_sizes, check_eps, data_or_null, is_float32)
 from bncpu._kernels._primitives cimport (
-    real, span_stats, merge_stats, sum_span, sum_sq_span, split_center, affine_span)
+    real, span_stats, merge_stats, sum_span, sum_sq_span, sum_dy_xmu_span, split_center,
+    affine_span)
 
 cnp.import_array()
 
@@ -289,8 +290,9 @@ cdef void piece_grad_sums(const real* dy, const real* x, const Layout* lay, int6
     while pos < stop:
         channel = pos // lay.seg
         span_stop = min(stop, (channel + 1) * lay.seg)
-        sum_dy = sum_span(dy + pos, span_stop - pos)
-        sum_dy_xmu = sum_dy_weight_xmu(dy + pos, <const real*>NULL, x + pos, span_stop - pos, mean)
+        sum_dy = 0
+        sum_dy_xmu = 0
+        sum_dy_xmu_span(dy + pos, x + pos, span_stop - pos, mean, &sum_dy, &sum_dy_xmu)
         w = weight[channel] if weight != NULL else 1.0
         sums[0] += w * sum_dy
         sums[1] += w * sum_dy_xmu
