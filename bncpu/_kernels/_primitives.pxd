@@ -18,6 +18,24 @@
 # width, so every build gives the same result for any number of threads.
 from libc.stdint cimport int64_t
 
+cdef extern from "_elementwise.h":
+    # The elementwise passes, optionally with streaming stores (see there).
+    void affine_f32 "bncpu_affine_f32"(const float* x, float* y, int64_t length, float hi,
+                                       float lo, float scale, float shift, int stream) noexcept nogil
+    void affine_f64 "bncpu_affine_f64"(const double* x, double* y, int64_t length, double hi,
+                                       double lo, double scale, double shift,
+                                       int stream) noexcept nogil
+    void backward_f32 "bncpu_backward_f32"(const float* dy, const float* x, float* dx,
+                                           int64_t length, float hi, float lo, float k,
+                                           float mean_dy, float scale, int stream) noexcept nogil
+    void backward_f64 "bncpu_backward_f64"(const double* dy, const double* x, double* dx,
+                                           int64_t length, double hi, double lo, double k,
+                                           double mean_dy, double scale, int stream) noexcept nogil
+    void scale_f32 "bncpu_scale_f32"(const float* dy, float* dx, int64_t length, float scale,
+                                     int stream) noexcept nogil
+    void scale_f64 "bncpu_scale_f64"(const double* dy, double* dx, int64_t length,
+                                     double scale, int stream) noexcept nogil
+
 cdef extern from "_float32_sums.h":
     # float32 spans: float32 runs of 8 per lane, widened into float64 lanes (see there).
     void f32_add_sums "bncpu_f32_add_sums"(double* lanes, const float* x,
@@ -38,6 +56,12 @@ ctypedef fused real:
 cdef enum:
     STATS_BLOCK = 2048
     LANES = 16
+
+# Outputs at least this large are written with streaming stores (use_streaming): about
+# half a typical last-level cache; a smaller output is likely still in cache when the
+# caller reads it.
+cdef enum:
+    STREAM_MIN_BYTES = 8 << 20
 
 
 cdef inline double sum_lanes(const double* lanes) noexcept nogil:
@@ -227,24 +251,38 @@ cdef inline void split_center(double center, real* hi, real* lo) noexcept nogil:
     lo[0] = <real>(center - <double>hi[0])
 
 
-cdef inline void affine_span(const real* x, real* y, int64_t length,
-                             real hi, real lo, real scale, real shift) noexcept nogil:
-    """y = ((x - hi) - lo)·scale + shift; y may be x."""
-    cdef int64_t i
-    for i in range(length):
-        y[i] = ((x[i] - hi) - lo) * scale + shift
+cdef inline void affine_span(const real* x, real* y, int64_t length, real hi, real lo,
+                             real scale, real shift, bint stream) noexcept nogil:
+    """y = ((x - hi) - lo)·scale + shift; y may be x (then stream must be false)."""
+    if real is float:
+        affine_f32(x, y, length, hi, lo, scale, shift, stream)
+    else:
+        affine_f64(x, y, length, hi, lo, scale, shift, stream)
 
 
-cdef inline void scale_span(const real* dy, real* dx, int64_t length, real scale) noexcept nogil:
-    """dx = dy·scale; dx may be dy."""
-    cdef int64_t i
-    for i in range(length):
-        dx[i] = dy[i] * scale
+cdef inline void scale_span(const real* dy, real* dx, int64_t length, real scale,
+                            bint stream) noexcept nogil:
+    """dx = dy·scale; dx may be dy (then stream must be false)."""
+    if real is float:
+        scale_f32(dy, dx, length, scale, stream)
+    else:
+        scale_f64(dy, dx, length, scale, stream)
 
 
 cdef inline void backward_span(const real* dy, const real* x, real* dx, int64_t length,
-                               real hi, real lo, real k, real mean_dy, real scale) noexcept nogil:
-    """dx = (dy - mean_dy - ((x - hi) - lo)·k)·scale; dx may be dy or x."""
-    cdef int64_t i
-    for i in range(length):
-        dx[i] = (dy[i] - mean_dy - ((x[i] - hi) - lo) * k) * scale
+                               real hi, real lo, real k, real mean_dy, real scale,
+                               bint stream) noexcept nogil:
+    """dx = (dy - mean_dy - ((x - hi) - lo)·k)·scale; dx may be dy or x (then stream
+    must be false)."""
+    if real is float:
+        backward_f32(dy, x, dx, length, hi, lo, k, mean_dy, scale, stream)
+    else:
+        backward_f64(dy, x, dx, length, hi, lo, k, mean_dy, scale, stream)
+
+
+cdef inline bint use_streaming(const void* output, const void* input_a, const void* input_b,
+                               int64_t n_bytes) noexcept nogil:
+    """Write an output of n_bytes with streaming stores (see _elementwise.h): when it is
+    larger than STREAM_MIN_BYTES, so it would not stay in cache anyway, and is neither
+    input (a pass in place reads each line before writing it)."""
+    return n_bytes >= STREAM_MIN_BYTES and output != input_a and output != input_b

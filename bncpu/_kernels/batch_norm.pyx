@@ -41,7 +41,7 @@ from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
     zero_lanes, sum_lanes, add_span, add_dev_span, finish_dev, add_dy_xmu_span,
     finish_dy_xmu,
-    affine_span, scale_span, backward_span)
+    affine_span, scale_span, backward_span, use_streaming)
 
 cnp.import_array()
 
@@ -291,25 +291,27 @@ cdef void column_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, 
 # Elementwise passes with per-channel coefficients
 # --------------------------------------------------------------------------------
 cdef void pass_span(Pass kind, const real* a, const real* b, real* out, int64_t length,
-                    const real* coefs, int64_t c, int64_t j) noexcept nogil:
+                    const real* coefs, int64_t c, int64_t j, bint stream) noexcept nogil:
     if kind == PASS_AFFINE:
         affine_span(a, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
-                    coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j])
+                    coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j], stream)
     elif kind == PASS_BACKWARD:
         backward_span(a, b, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
-                      coefs[COEF_K * c + j], coefs[COEF_OFFSET * c + j], coefs[COEF_SCALE * c + j])
+                      coefs[COEF_K * c + j], coefs[COEF_OFFSET * c + j], coefs[COEF_SCALE * c + j],
+                      stream)
     else:
-        scale_span(a, out, length, coefs[COEF_SCALE * c + j])
+        scale_span(a, out, length, coefs[COEF_SCALE * c + j], stream)
 
 
 cdef void pass_piece_task(Pass kind, const real* a, const real* b, real* out, int64_t task,
-                          int64_t c, int64_t s, int64_t per_row, const real* coefs) noexcept nogil:
+                          int64_t c, int64_t s, int64_t per_row, const real* coefs,
+                          bint stream) noexcept nogil:
     """Piece p of segment t = i·C + j (memory order), task = t·per_row + p."""
     cdef int64_t segment = task // per_row if per_row > 1 else task
     cdef int64_t start = (task - segment * per_row) * PIECE
     cdef int64_t offset = segment * s + start
     pass_span(kind, a + offset, b + offset if b != NULL else NULL, out + offset,
-              min(<int64_t>PIECE, s - start), coefs, c, segment % c)
+              min(<int64_t>PIECE, s - start), coefs, c, segment % c, stream)
 
 
 cdef void pass_columns(Pass kind, const real* a, const real* b, real* out, int64_t c,
@@ -339,6 +341,7 @@ cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
                    int64_t n, int64_t c, int64_t s, const real* coefs, int n_threads) noexcept nogil:
     """out = pass(a, b) over the whole (N, C, S) buffer, in parallel."""
     cdef int64_t task, n_tasks, r0, per_row
+    cdef bint stream = use_streaming(out, a, b, n * c * s * sizeof(real))
     if s == 1:
         n_tasks = (n + ROW_BLOCK - 1) // ROW_BLOCK
         if n_threads > 1:
@@ -352,10 +355,10 @@ cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
     n_tasks = c * n * per_row
     if n_threads > 1:
         for task in prange(n_tasks, schedule='static', num_threads=n_threads):
-            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs)
+            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs, stream)
     else:
         for task in range(n_tasks):
-            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs)
+            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs, stream)
 
 
 cdef inline void set_affine_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,
@@ -479,7 +482,7 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
 # --------------------------------------------------------------------------------
 cdef void train_channel(const real* x, real* y, int64_t n, int64_t c, int64_t s, int64_t j,
                         const real* weight, const real* bias, double eps,
-                        double* mean, double* var, real* coefs) noexcept nogil:
+                        double* mean, double* var, real* coefs, bint stream) noexcept nogil:
     cdef double m2
     cdef int64_t i, start, start_index
     channel_stats(x, n, c, s, j, &mean[j], &m2)
@@ -489,7 +492,7 @@ cdef void train_channel(const real* x, real* y, int64_t n, int64_t c, int64_t s,
         for start_index in range((s + PIECE - 1) // PIECE):
             start = start_index * PIECE
             pass_span(PASS_AFFINE, x + (i * c + j) * s + start, NULL, y + (i * c + j) * s + start,
-                      min(<int64_t>PIECE, s - start), coefs, c, j)
+                      min(<int64_t>PIECE, s - start), coefs, c, j, stream)
 
 
 cdef void channel_run_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t j0,
@@ -511,7 +514,8 @@ cdef void channel_run_stats(const real* x, int64_t n, int64_t c, int64_t s, int6
 
 cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_t s,
                             int64_t j0, int64_t j1, const real* weight, const real* bias,
-                            double eps, double* mean, double* var, real* coefs) noexcept nogil:
+                            double eps, double* mean, double* var, real* coefs,
+                            bint stream) noexcept nogil:
     """Channels j0..j1 (adjacent, long rows): train_channel's work, memory read in
     runs of (j1 - j0)·S values (see channel_run_stats)."""
     cdef int64_t i, j, start, start_index, offset
@@ -525,7 +529,7 @@ cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_
                 start = start_index * PIECE
                 offset = (i * c + j) * s + start
                 pass_span(PASS_AFFINE, x + offset, NULL, y + offset, min(<int64_t>PIECE, s - start),
-                          coefs, c, j)
+                          coefs, c, j, stream)
 
 
 cdef void train_columns(const real* x, real* y, int64_t n, int64_t c, int64_t j0, int64_t width,
@@ -549,6 +553,7 @@ cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t 
     cdef int status = check_sizes(n, c, s)
     cdef int n_threads
     cdef int64_t j, chunk, n_chunks, run, count = n * s
+    cdef bint stream = use_streaming(y, x, NULL, n * c * s * sizeof(real))
     cdef double* mean
     cdef double* var
     cdef real* coefs
@@ -599,10 +604,10 @@ cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t 
             run = channel_run(c, s, sizeof(real), n_threads)
             for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
                 train_channel_run(x, y, n, c, s, chunk * run, min(chunk * run + run, c),
-                                  weight, bias, eps, mean, var, coefs)
+                                  weight, bias, eps, mean, var, coefs, stream)
         else:
             for j in prange(c, schedule='static', num_threads=n_threads):
-                train_channel(x, y, n, c, s, j, weight, bias, eps, mean, var, coefs)
+                train_channel(x, y, n, c, s, j, weight, bias, eps, mean, var, coefs, stream)
         threads_end(n_threads)
     if status == BNCPU_OK:
         for j in range(c):
@@ -652,7 +657,8 @@ cdef int bn_forward_eval(const real* x, real* y, int64_t n, int64_t c, int64_t s
 cdef void backward_channels(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
                             int64_t s, int64_t j0, int64_t j1, const double* mean,
                             const double* invstd, const real* weight, bint training,
-                            double* sum_dy, double* sum_dy_xmu, real* coefs) noexcept nogil:
+                            double* sum_dy, double* sum_dy_xmu, real* coefs,
+                            bint stream) noexcept nogil:
     """Adjacent channels j0..j1: their sums, then the elementwise pass, row by row."""
     cdef int64_t i, j, start, start_index, offset
     channel_grad_sums(dy, x, n, c, s, j0, j1, mean, sum_dy, sum_dy_xmu)
@@ -668,7 +674,7 @@ cdef void backward_channels(const real* dy, const real* x, real* dx, int64_t n, 
                 start = start_index * PIECE
                 offset = (i * c + j) * s + start
                 pass_span(PASS_BACKWARD if training else PASS_SCALE, dy + offset, x + offset,
-                          dx + offset, min(<int64_t>PIECE, s - start), coefs, c, j)
+                          dx + offset, min(<int64_t>PIECE, s - start), coefs, c, j, stream)
 
 
 cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
@@ -731,7 +737,8 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
             run = channel_run(c, s, sizeof(real), n_threads)
             for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
                 backward_channels(dy, x, dx, n, c, s, chunk * run, min(chunk * run + run, c),
-                                  mean, invstd, weight, training, sum_dy, sum_dy_xmu, coefs)
+                                  mean, invstd, weight, training, sum_dy, sum_dy_xmu, coefs,
+                                  use_streaming(dx, dy, x, n * c * s * sizeof(real)))
     threads_end(n_threads)
     if status == BNCPU_OK:
         for j in range(c):

@@ -62,7 +62,7 @@ from bncpu._kernels._common cimport (
     check_sizes, check_eps, data_or_null, is_float32)
 from bncpu._kernels._primitives cimport (
     real, span_stats, merge_stats, sum_span, sum_sq_span, sum_dy_xmu_span, split_center,
-    affine_span)
+    affine_span, use_streaming)
 
 cnp.import_array()
 
@@ -84,6 +84,7 @@ cdef struct Layout:
     int64_t piece              # values per piece when seg <= PIECE (whole channels)
     int64_t pieces_per_seg     # pieces per channel when seg > PIECE, else 0
     int64_t pieces             # pieces per row
+    bint stream                # forward: write y with streaming stores (use_streaming)
 
 
 cdef Layout make_layout(int64_t n, int64_t c, int64_t s, int64_t groups) noexcept nogil:
@@ -94,6 +95,7 @@ cdef Layout make_layout(int64_t n, int64_t c, int64_t s, int64_t groups) noexcep
     lay.length = lay.channels * s
     lay.groups = groups
     lay.params = c
+    lay.stream = False
     if s <= PIECE:
         lay.piece = (PIECE // s) * s if s > 0 else PIECE
         lay.pieces_per_seg = 0
@@ -196,7 +198,7 @@ cdef void piece_forward(const real* x, real* y, const Layout* lay, int64_t q, do
         span_stop = min(stop, (channel + 1) * lay.seg)
         affine_span(x + pos, y + pos, span_stop - pos, hi, lo,
                     <real>(rstd * (weight[channel] if weight != NULL else 1.0)),
-                    bias[channel] if bias != NULL else 0)
+                    bias[channel] if bias != NULL else 0, lay.stream)
         pos = span_stop
 
 
@@ -459,6 +461,7 @@ cdef int rows_forward(const real* x, real* y, int64_t n, int64_t c, int64_t s, i
     if n * c * s > 0 and (x == NULL or y == NULL):
         return BNCPU_ERR_NULL_POINTER
     lay = make_layout(n, c, s, groups)
+    lay.stream = use_streaming(y, x, NULL, n * c * s * sizeof(real))
     n_threads = threads_begin(n * c * s)
     if n_threads > 1 and lay.rows < 2 * n_threads and lay.pieces > 1:
         status = forward_pieces(x, y, lay, weight, bias, eps, centered, save_mean, save_rstd,

@@ -1,0 +1,130 @@
+/* The elementwise passes of the normalizations, for _primitives.pxd, with an option to
+ * write the output with non-temporal (streaming) stores.
+ *
+ * A normal store first reads the output's cache line from memory (read for
+ * ownership), so a pass y = f(x) over arrays larger than the caches moves three
+ * arrays' worth of bytes: x in, y in, y out. Streaming stores write whole lines
+ * straight to memory and skip the read: two arrays' worth. They pay off only when the
+ * output is not read again soon (it is larger than the last-level cache) and is not
+ * the input itself; the callers decide (see STREAM_MIN_BYTES in _primitives.pxd).
+ *
+ * The arithmetic is the same with and without streaming, element by element, so the
+ * choice never changes a bit. Every streaming pass ends with a store fence, so what it
+ * wrote is visible to other threads once the pass returns.
+ *
+ *   affine:   y  = ((x - hi) - lo)·scale + shift
+ *   backward: dx = (dy - mean_dy - ((x - hi) - lo)·k)·scale
+ *   scale:    dx = dy·scale
+ */
+#ifndef BNCPU_ELEMENTWISE_H
+#define BNCPU_ELEMENTWISE_H
+
+#include <stdint.h>
+#include <string.h>
+#include <immintrin.h>
+
+#if defined(__AVX512F__)
+#define BNCPU_EW_BYTES 64
+#elif defined(__AVX__)
+#define BNCPU_EW_BYTES 32
+#else
+#define BNCPU_EW_BYTES 16
+#endif
+
+typedef float bncpu_ew_f32 __attribute__((vector_size(BNCPU_EW_BYTES)));
+typedef double bncpu_ew_f64 __attribute__((vector_size(BNCPU_EW_BYTES)));
+
+/* One vector stored to p (aligned to BNCPU_EW_BYTES) without reading its line. */
+static inline void bncpu_stream_bytes(void* p, bncpu_ew_f32 v)
+{
+#if defined(__AVX512F__)
+    _mm512_stream_ps((float*)p, (__m512)v);
+#elif defined(__AVX__)
+    _mm256_stream_ps((float*)p, (__m256)v);
+#else
+    _mm_stream_ps((float*)p, (__m128)v);
+#endif
+}
+
+/* Element counts: head (normal stores until out is aligned), body (whole vectors,
+ * streamed), and what is left (normal stores). */
+static inline int64_t bncpu_stream_head(const void* out, int64_t length, int64_t itemsize)
+{
+    uintptr_t misalign = (uintptr_t)out % BNCPU_EW_BYTES;
+    int64_t head;
+    if (misalign % itemsize != 0)
+        return length;   /* never aligned: no streaming */
+    head = misalign ? (int64_t)((BNCPU_EW_BYTES - misalign) / itemsize) : 0;
+    return head < length ? head : length;
+}
+
+#define BNCPU_DEFINE_ELEMENTWISE(T, SUFFIX, VT)                                               \
+static inline void bncpu_affine_##SUFFIX(const T* x, T* y, int64_t length, T hi, T lo,        \
+                                         T scale, T shift, int stream)                        \
+{                                                                                             \
+    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
+    int64_t i = 0, head;                                                                      \
+    if (stream) {                                                                             \
+        head = bncpu_stream_head(y, length, sizeof(T));                                       \
+        for (; i < head; i++)                                                                 \
+            y[i] = ((x[i] - hi) - lo) * scale + shift;                                        \
+        for (; i + per <= length; i += per) {                                                 \
+            VT v;                                                                             \
+            memcpy(&v, x + i, sizeof v);                                                      \
+            v = ((v - hi) - lo) * scale + shift;                                              \
+            bncpu_stream_bytes(y + i, (bncpu_ew_f32)v);                                       \
+        }                                                                                     \
+        _mm_sfence();                                                                         \
+    }                                                                                         \
+    for (; i < length; i++)                                                                   \
+        y[i] = ((x[i] - hi) - lo) * scale + shift;                                            \
+}                                                                                             \
+                                                                                              \
+static inline void bncpu_backward_##SUFFIX(const T* dy, const T* x, T* dx, int64_t length,    \
+                                           T hi, T lo, T k, T mean_dy, T scale, int stream)   \
+{                                                                                             \
+    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
+    int64_t i = 0, head;                                                                      \
+    if (stream) {                                                                             \
+        head = bncpu_stream_head(dx, length, sizeof(T));                                      \
+        for (; i < head; i++)                                                                 \
+            dx[i] = (dy[i] - mean_dy - ((x[i] - hi) - lo) * k) * scale;                       \
+        for (; i + per <= length; i += per) {                                                 \
+            VT g, v;                                                                          \
+            memcpy(&g, dy + i, sizeof g);                                                     \
+            memcpy(&v, x + i, sizeof v);                                                      \
+            v = (g - mean_dy - ((v - hi) - lo) * k) * scale;                                  \
+            bncpu_stream_bytes(dx + i, (bncpu_ew_f32)v);                                      \
+        }                                                                                     \
+        _mm_sfence();                                                                         \
+    }                                                                                         \
+    for (; i < length; i++)                                                                   \
+        dx[i] = (dy[i] - mean_dy - ((x[i] - hi) - lo) * k) * scale;                           \
+}                                                                                             \
+                                                                                              \
+static inline void bncpu_scale_##SUFFIX(const T* dy, T* dx, int64_t length, T scale,          \
+                                        int stream)                                           \
+{                                                                                             \
+    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
+    int64_t i = 0, head;                                                                      \
+    if (stream) {                                                                             \
+        head = bncpu_stream_head(dx, length, sizeof(T));                                      \
+        for (; i < head; i++)                                                                 \
+            dx[i] = dy[i] * scale;                                                            \
+        for (; i + per <= length; i += per) {                                                 \
+            VT g;                                                                             \
+            memcpy(&g, dy + i, sizeof g);                                                     \
+            bncpu_stream_bytes(dx + i, (bncpu_ew_f32)(g * scale));                            \
+        }                                                                                     \
+        _mm_sfence();                                                                         \
+    }                                                                                         \
+    for (; i < length; i++)                                                                   \
+        dx[i] = dy[i] * scale;                                                                \
+}
+
+BNCPU_DEFINE_ELEMENTWISE(float, f32, bncpu_ew_f32)
+BNCPU_DEFINE_ELEMENTWISE(double, f64, bncpu_ew_f64)
+
+#undef BNCPU_DEFINE_ELEMENTWISE
+
+#endif
