@@ -15,6 +15,7 @@
  *   affine:   y  = ((x - hi) - lo)·scale + shift
  *   backward: dx = (dy - mean_dy - ((x - hi) - lo)·k)·scale
  *   scale:    dx = dy·scale
+ *   affine_each: y = ((x - hi) - lo)·scale·weight[i] + bias[i]   (layer norm)
  */
 #ifndef BNCPU_ELEMENTWISE_H
 #define BNCPU_ELEMENTWISE_H
@@ -122,9 +123,108 @@ static inline void bncpu_scale_##SUFFIX(const T* dy, T* dx, int64_t length, T sc
         dx[i] = dy[i] * scale;                                                                \
 }
 
+/* Layer norm's pass, weight and bias per element (either may be NULL: 1 and 0). */
+#define BNCPU_DEFINE_AFFINE_EACH(T, SUFFIX, VT)                                               \
+static inline void bncpu_affine_each_##SUFFIX(const T* x, T* y, int64_t length, T hi, T lo,   \
+                                              T scale, const T* weight, const T* bias,        \
+                                              int stream)                                     \
+{                                                                                             \
+    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
+    int64_t i = 0, head = 0;                                                                  \
+    if (weight == NULL || bias == NULL) {                                                     \
+        /* Rare (layer norm without affine parameters): scalar, streaming or not. */          \
+        for (; i < length; i++)                                                               \
+            y[i] = ((x[i] - hi) - lo) * scale * (weight ? weight[i] : 1)                      \
+                   + (bias ? bias[i] : 0);                                                    \
+        return;                                                                               \
+    }                                                                                         \
+    if (stream)                                                                               \
+        head = bncpu_stream_head(y, length, sizeof(T));                                       \
+    for (; i < head; i++)                                                                     \
+        y[i] = ((x[i] - hi) - lo) * scale * weight[i] + bias[i];                              \
+    if (stream) {                                                                             \
+        for (; i + per <= length; i += per) {                                                 \
+            VT v, w, b;                                                                       \
+            memcpy(&v, x + i, sizeof v);                                                      \
+            memcpy(&w, weight + i, sizeof w);                                                 \
+            memcpy(&b, bias + i, sizeof b);                                                   \
+            v = ((v - hi) - lo) * scale * w + b;                                              \
+            bncpu_stream_bytes(y + i, (bncpu_ew_f32)v);                                       \
+        }                                                                                     \
+        _mm_sfence();                                                                         \
+    }                                                                                         \
+    for (; i < length; i++)                                                                   \
+        y[i] = ((x[i] - hi) - lo) * scale * weight[i] + bias[i];                              \
+}
+
 BNCPU_DEFINE_ELEMENTWISE(float, f32, bncpu_ew_f32)
 BNCPU_DEFINE_ELEMENTWISE(double, f64, bncpu_ew_f64)
+BNCPU_DEFINE_AFFINE_EACH(float, f32, bncpu_ew_f32)
+BNCPU_DEFINE_AFFINE_EACH(double, f64, bncpu_ew_f64)
 
 #undef BNCPU_DEFINE_ELEMENTWISE
+#undef BNCPU_DEFINE_AFFINE_EACH
+
+/* Layer and RMS norm backward, rows of one group sharing their columns' parameters:
+ * rows r < n_rows (at most 8) of `length` columns, row r at dy + r·stride etc.:
+ *   dx[r]     = (dy[r]·weight - mean_g[r] - ((x[r] - hi[r]) - lo[r])·k[r])·scale[r]
+ *   dweight  += Σ_r dy[r]·(((x[r] - hi[r]) - lo[r])·scale[r])
+ *   dbias    += Σ_r dy[r]
+ * in float32, rows in order, each column's sum over the rows widened once into the
+ * float64 partials (as the runs of _float32_sums.h). dx (may be dy or x), weight,
+ * dweight, dbias may be NULL. */
+static inline void bncpu_columns_backward_f32(const float* dy, const float* x, float* dx,
+                                              int64_t stride, int n_rows, int64_t length,
+                                              const float* hi, const float* lo,
+                                              const float* scale, const float* mean_g,
+                                              const float* k, const float* weight,
+                                              double* dweight, double* dbias)
+{
+    const int64_t per = BNCPU_EW_BYTES / sizeof(float);
+    int64_t i = 0, at;
+    int r, e;
+    for (; i + per <= length; i += per) {
+        bncpu_ew_f32 sw = {0}, sb = {0}, w, d, v, xh, out;
+        if (weight != NULL)
+            memcpy(&w, weight + i, sizeof w);
+        else
+            for (e = 0; e < per; e++)
+                w[e] = 1;
+        for (r = 0; r < n_rows; r++) {
+            at = r * stride + i;
+            memcpy(&d, dy + at, sizeof d);
+            memcpy(&v, x + at, sizeof v);
+            xh = (v - hi[r]) - lo[r];
+            sw += d * (xh * scale[r]);
+            sb += d;
+            if (dx != NULL) {
+                out = (d * w - mean_g[r] - xh * k[r]) * scale[r];
+                memcpy(dx + at, &out, sizeof out);
+            }
+        }
+        for (e = 0; e < per; e++) {
+            if (dweight != NULL)
+                dweight[i + e] += sw[e];
+            if (dbias != NULL)
+                dbias[i + e] += sb[e];
+        }
+    }
+    for (; i < length; i++) {
+        float sw = 0, sb = 0, w = weight != NULL ? weight[i] : 1, d, xh;
+        for (r = 0; r < n_rows; r++) {
+            at = r * stride + i;
+            d = dy[at];
+            xh = (x[at] - hi[r]) - lo[r];
+            sw += d * (xh * scale[r]);
+            sb += d;
+            if (dx != NULL)
+                dx[at] = (d * w - mean_g[r] - xh * k[r]) * scale[r];
+        }
+        if (dweight != NULL)
+            dweight[i] += sw;
+        if (dbias != NULL)
+            dbias[i] += sb;
+    }
+}
 
 #endif

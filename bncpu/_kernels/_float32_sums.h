@@ -224,4 +224,56 @@ static inline void bncpu_f32_add_grad_sums(double* dy_lanes, double* dy_dev_lane
     }
 }
 
+/* With g = dy·weight and p = g·(x - center), both rounded to float32: g_lanes += Σ g
+ * and g_dev_lanes += Σ p, lane by lane as above (layer norm's row sums). */
+static inline void bncpu_f32_add_weighted_grad_sums(double* g_lanes, double* g_dev_lanes,
+                                                    const float* dy, const float* weight,
+                                                    const float* x, int64_t length,
+                                                    float center)
+{
+    const int64_t chunk = BNCPU_SUM_LANES * BNCPU_SUM_RUN;
+    const bncpu_vf c = bncpu_splat(center);
+    bncpu_vd g_acc[2 * BNCPU_GROUP], dev_acc[2 * BNCPU_GROUP];
+    bncpu_vf g_part[BNCPU_GROUP], dev_part[BNCPU_GROUP], g;
+    int64_t i = 0, stop, at;
+    int grp, r;
+    bncpu_load_lanes(g_acc, g_lanes);
+    bncpu_load_lanes(dev_acc, g_dev_lanes);
+    for (; i + chunk <= length; i += chunk) {
+        for (grp = 0; grp < BNCPU_GROUP; grp++) {
+            bncpu_vf gs[BNCPU_SUM_RUN], ps[BNCPU_SUM_RUN];
+            for (r = 0; r < BNCPU_SUM_RUN; r++) {
+                at = i + r * BNCPU_SUM_LANES + grp * BNCPU_VW;
+                gs[r] = bncpu_load(dy + at) * bncpu_load(weight + at);
+                ps[r] = gs[r] * (bncpu_load(x + at) - c);
+            }
+#define BNCPU_G(r) gs[r]
+#define BNCPU_GP(r) ps[r]
+            g_part[grp] = BNCPU_TREE8(BNCPU_G);
+            dev_part[grp] = BNCPU_TREE8(BNCPU_GP);
+#undef BNCPU_G
+#undef BNCPU_GP
+        }
+        for (grp = 0; grp < BNCPU_GROUP; grp++) {
+            bncpu_widen_add(g_acc + 2 * grp, g_part[grp]);
+            bncpu_widen_add(dev_acc + 2 * grp, dev_part[grp]);
+        }
+    }
+    for (; i + BNCPU_SUM_LANES <= length; i += BNCPU_SUM_LANES)
+        for (grp = 0; grp < BNCPU_GROUP; grp++) {
+            at = i + grp * BNCPU_VW;
+            g = bncpu_load(dy + at) * bncpu_load(weight + at);
+            bncpu_widen_add(g_acc + 2 * grp, g);
+            bncpu_widen_add(dev_acc + 2 * grp, g * (bncpu_load(x + at) - c));
+        }
+    bncpu_store_lanes(g_lanes, g_acc);
+    bncpu_store_lanes(g_dev_lanes, dev_acc);
+    for (stop = i; i < length; i++) {
+        float gi = dy[i] * weight[i];
+        float dev = gi * (x[i] - center);
+        g_lanes[i - stop] += gi;
+        g_dev_lanes[i - stop] += dev;
+    }
+}
+
 #endif

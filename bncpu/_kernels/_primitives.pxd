@@ -31,6 +31,18 @@ cdef extern from "_elementwise.h":
     void backward_f64 "bncpu_backward_f64"(const double* dy, const double* x, double* dx,
                                            int64_t length, double hi, double lo, double k,
                                            double mean_dy, double scale, int stream) noexcept nogil
+    void affine_each_f32 "bncpu_affine_each_f32"(const float* x, float* y, int64_t length,
+                                                 float hi, float lo, float scale,
+                                                 const float* weight, const float* bias,
+                                                 int stream) noexcept nogil
+    void affine_each_f64 "bncpu_affine_each_f64"(const double* x, double* y, int64_t length,
+                                                 double hi, double lo, double scale,
+                                                 const double* weight, const double* bias,
+                                                 int stream) noexcept nogil
+    void columns_backward_f32 "bncpu_columns_backward_f32"(
+        const float* dy, const float* x, float* dx, int64_t stride, int n_rows, int64_t length,
+        const float* hi, const float* lo, const float* scale, const float* mean_g,
+        const float* k, const float* weight, double* dweight, double* dbias) noexcept nogil
     void scale_f32 "bncpu_scale_f32"(const float* dy, float* dx, int64_t length, float scale,
                                      int stream) noexcept nogil
     void scale_f64 "bncpu_scale_f64"(const double* dy, double* dx, int64_t length,
@@ -46,6 +58,9 @@ cdef extern from "_float32_sums.h":
     void f32_add_grad_sums "bncpu_f32_add_grad_sums"(double* dy_lanes, double* dy_dev_lanes,
                                                      const float* dy, const float* x,
                                                      int64_t length, float center) noexcept nogil
+    void f32_add_weighted_grad_sums "bncpu_f32_add_weighted_grad_sums"(
+        double* g_lanes, double* g_dev_lanes, const float* dy, const float* weight,
+        const float* x, int64_t length, float center) noexcept nogil
 
 ctypedef fused real:
     float
@@ -195,6 +210,22 @@ cdef inline void sum_dy_xmu_span(const real* dy, const real* x, int64_t length, 
     sum_dy_xmu[0] += finish_dy_xmu(span_dy, sum_lanes(dy_xmu_lanes), mean, center)
 
 
+cdef inline void sum_g_xmu_span_f32(const float* dy, const float* weight, const float* x,
+                                    int64_t length, double mean, double* sum_g,
+                                    double* sum_g_xmu) noexcept nogil:
+    """Adds Σ g and Σ g·(x - mean), g = dy·weight, over a float32 span."""
+    cdef double g_lanes[LANES]
+    cdef double dev_lanes[LANES]
+    cdef float center = <float>mean
+    cdef double span_g
+    zero_lanes(g_lanes)
+    zero_lanes(dev_lanes)
+    f32_add_weighted_grad_sums(g_lanes, dev_lanes, dy, weight, x, length, center)
+    span_g = sum_lanes(g_lanes)
+    sum_g[0] += span_g
+    sum_g_xmu[0] += finish_dy_xmu(span_g, sum_lanes(dev_lanes), mean, center)
+
+
 cdef inline void merge_stats(double* count, double* mean, double* m2,
                              double count_b, double mean_b, double m2_b) noexcept nogil:
     """Chan et al.'s merge of (count, mean, M2) partials: M2 = Σ (x - mean)²."""
@@ -258,6 +289,17 @@ cdef inline void affine_span(const real* x, real* y, int64_t length, real hi, re
         affine_f32(x, y, length, hi, lo, scale, shift, stream)
     else:
         affine_f64(x, y, length, hi, lo, scale, shift, stream)
+
+
+cdef inline void affine_each_span(const real* x, real* y, int64_t length, real hi, real lo,
+                                  real scale, const real* weight, const real* bias,
+                                  bint stream) noexcept nogil:
+    """y = ((x - hi) - lo)·scale·weight[i] + bias[i] (NULL weight: 1, NULL bias: 0); y
+    may be x (then stream must be false)."""
+    if real is float:
+        affine_each_f32(x, y, length, hi, lo, scale, weight, bias, stream)
+    else:
+        affine_each_f64(x, y, length, hi, lo, scale, weight, bias, stream)
 
 
 cdef inline void scale_span(const real* dy, real* dx, int64_t length, real scale,

@@ -62,7 +62,7 @@ from bncpu._kernels._common cimport (
     check_sizes, check_eps, data_or_null, is_float32)
 from bncpu._kernels._primitives cimport (
     real, span_stats, merge_stats, sum_span, sum_sq_span, sum_dy_xmu_span, split_center,
-    affine_span, use_streaming)
+    affine_span, affine_each_span, use_streaming, sum_g_xmu_span_f32, columns_backward_f32)
 
 cnp.import_array()
 
@@ -70,6 +70,7 @@ cdef enum:
     PIECE = 16384              # values per piece of a row (a unit of parallel work)
     MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
     COLUMNS = 2048             # columns per task of the backward's column pass (s == 1)
+    COLUMN_ROWS = 8            # ... float32 rows whose column sums are added before widening
     REREAD_VALUES = 1 << 19    # values of a group of long rows reduced, then read from cache
     PARTIALS_BUDGET = 1 << 20  # ... and at most this many partial values per array
 
@@ -185,11 +186,9 @@ cdef void piece_forward(const real* x, real* y, const Layout* lay, int64_t q, do
     split_center(mean, &hi, &lo)
     piece_span(lay, q, &start, &length)
     if lay.seg == 1:
-        x += start
-        y += start
-        for k in range(length):
-            y[k] = (((x[k] - hi) - lo) * scale * (weight[start + k] if weight != NULL else 1)
-                    + (bias[start + k] if bias != NULL else 0))
+        affine_each_span(x + start, y + start, length, hi, lo, scale,
+                         weight + start if weight != NULL else NULL,
+                         bias + start if bias != NULL else NULL, lay.stream)
         return
     pos = start
     stop = start + length
@@ -281,6 +280,14 @@ cdef void piece_grad_sums(const real* dy, const real* x, const Layout* lay, int6
     piece_span(lay, q, &start, &length)
     sums[0] = 0
     sums[1] = 0
+    if real is float:
+        if lay.seg == 1:
+            if weight != NULL:
+                sum_g_xmu_span_f32(dy + start, weight + start, x + start, length, mean,
+                                   &sums[0], &sums[1])
+            else:
+                sum_dy_xmu_span(dy + start, x + start, length, mean, &sums[0], &sums[1])
+            return
     if lay.seg == 1:
         sums[0] = sum_dy_weight(dy + start, weight + start if weight != NULL else NULL, length)
         sums[1] = sum_dy_weight_xmu(dy + start, weight + start if weight != NULL else NULL,
@@ -538,6 +545,40 @@ cdef int pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_r
 # of a set of rows and go down these rows in order.
 
 
+cdef void column_rows_f32(const float* dy, const float* x, float* dx, const Layout* lay,
+                          int64_t start, int64_t length, int64_t r0, int64_t r1,
+                          const float* mean, const float* rstd, const float* weight,
+                          bint centered, double* row_coefs, double* dweight,
+                          double* dbias) noexcept nogil:
+    """column_task for float32 rows r0..r1 (at most COLUMN_ROWS) sharing their parameters
+    (one group): each column's dweight/dbias shares of these rows are summed in float32,
+    rows in order, then added to the float64 partials once (see _elementwise.h)."""
+    cdef float hi[COLUMN_ROWS]
+    cdef float lo[COLUMN_ROWS]
+    cdef float scale[COLUMN_ROWS]
+    cdef float mean_g[COLUMN_ROWS]
+    cdef float k[COLUMN_ROWS]
+    cdef double sums[2]
+    cdef int64_t r, offset
+    for r in range(r0, r1):
+        offset = r * lay.length
+        if lay.pieces == 1:
+            piece_grad_sums(dy + offset, x + offset, lay, 0, row_mean(mean, r), rstd[r],
+                            weight, sums, NULL, NULL, NULL)
+            backward_coefs(sums[0], sums[1], rstd[r], lay.length, centered,
+                           &row_coefs[2 * r], &row_coefs[2 * r + 1])
+        split_center(row_mean(mean, r), &hi[r - r0], &lo[r - r0])
+        scale[r - r0] = <float>rstd[r]
+        mean_g[r - r0] = <float>row_coefs[2 * r]
+        k[r - r0] = <float>row_coefs[2 * r + 1]
+    offset = r0 * lay.length + start
+    columns_backward_f32(dy + offset, x + offset, dx + offset if dx != NULL else NULL,
+                         lay.length, <int>(r1 - r0), length, hi, lo, scale, mean_g, k,
+                         weight + start if weight != NULL else NULL,
+                         dweight + start if dweight != NULL else NULL,
+                         dbias + start if dbias != NULL else NULL)
+
+
 cdef void column_task(const real* dy, const real* x, real* dx, Layout lay, int64_t start,
                       int64_t length, int64_t first_row, int64_t last_row, const real* mean,
                       const real* rstd, const real* weight, bint centered, double* row_coefs,
@@ -546,9 +587,17 @@ cdef void column_task(const real* dy, const real* x, real* dx, Layout lay, int64
     the rows' shares of dweight/dbias added to these columns of the partials (which stay
     in cache). Whole rows of one piece are reduced here first (row_coefs); other rows'
     row_coefs are already there."""
-    cdef int64_t r, offset, p
+    cdef int64_t r, offset, p, r0
     cdef double sums[2]
     cdef double m, rs
+    if real is float:
+        if lay.groups == 1:
+            r0 = first_row
+            while r0 < last_row:
+                column_rows_f32(dy, x, dx, &lay, start, length, r0, min(r0 + COLUMN_ROWS, last_row),
+                                mean, rstd, weight, centered, row_coefs, dweight, dbias)
+                r0 += COLUMN_ROWS
+            return
     for r in range(first_row, last_row):
         offset = r * lay.length
         p = first_param(&lay, r)
