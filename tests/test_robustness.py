@@ -415,3 +415,56 @@ def test_no_channels(training):
     assert output.shape == x.shape
     assert save_mean.shape == save_invstd.shape == (0,)
     assert all(a.shape == (0,) for a in bncpu.batch_norm_stats(x)[:2])
+
+
+# ----------------------------------------------------------------------------------
+# Outputs over 8 MB are written with streaming stores (bncpu/_kernels/_elementwise.h):
+# whatever the output's alignment, or when it is an input, the values are the same.
+# ----------------------------------------------------------------------------------
+STREAMED_SHAPE = (4, 16, 192, 192)   # 9.4 MB of float32, 4-byte-aligned views below
+
+
+def misaligned_empty(shape, dtype, shift):
+    """An uninitialized array of `shape` starting `shift` elements into a buffer."""
+    buffer = np.empty(math.prod(shape) + 16, dtype)
+    return buffer[shift:shift + math.prod(shape)].reshape(shape)
+
+
+STREAMED_CALLS = {
+    "train": lambda x, dy, w, out: bncpu.batch_norm_forward(x, w, w, None, None, True, 0.1,
+                                                            1e-5, out=out)[0],
+    "eval": lambda x, dy, w, out: bncpu.batch_norm(x, w, np.abs(w) + 1, w, w, out=out),
+    "backward": lambda x, dy, w, out: bncpu.batch_norm_backward(
+        dy, x, w, None, None, *bncpu.batch_norm_forward(x, w, w, None, None, True, 0.1,
+                                                        1e-5)[1:], True, 1e-5, out=out)[0],
+    "backward_eval": lambda x, dy, w, out: bncpu.batch_norm_backward(
+        dy, x, w, w, np.abs(w) + 1, None, None, False, 1e-5, out=out)[0],
+    "group_norm": lambda x, dy, w, out: bncpu.group_norm(x, 4, w, w, out=out),
+    "layer_norm": lambda x, dy, w, out: bncpu.layer_norm(
+        x.reshape(-1, 192), (192,), np.linspace(0.5, 1.5, 192, dtype=x.dtype),
+        np.linspace(-1, 1, 192, dtype=x.dtype),
+        out=None if out is None else out.reshape(-1, 192)).reshape(x.shape),
+}
+
+
+@pytest.mark.parametrize("call", sorted(STREAMED_CALLS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streamed_outputs_do_not_depend_on_alignment_or_aliasing(call, dtype):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(STREAMED_SHAPE) * 2 + 0.5).astype(dtype)
+    dy = rng.standard_normal(STREAMED_SHAPE).astype(dtype)
+    w = np.linspace(0.5, 1.5, STREAMED_SHAPE[1], dtype=dtype)
+    function = STREAMED_CALLS[call]
+    expected = function(x, dy, w, None)
+    for shift in (0, 1, 3):
+        out = misaligned_empty(STREAMED_SHAPE, dtype, shift)
+        result = function(x, dy, w, out)
+        assert result is out or np.shares_memory(result, out)
+        assert_bitwise_equal(out, expected)
+    # In place (no streaming): the same values.
+    target = (dy if call.startswith("backward") else x).copy()
+    if call.startswith("backward"):
+        function(x, target, w, target)
+    else:
+        function(target, dy, w, target)
+    assert_bitwise_equal(target, expected)

@@ -104,13 +104,13 @@ cdef inline void add_span(double* lanes, const real* x, int64_t length) noexcept
     cdef int k
     if real is float:
         f32_add_sums(lanes, x, length)
-        return
-    for i_block in range(stop // LANES):
-        i = i_block * LANES
-        for k in range(LANES):
-            lanes[k] += x[i + k]
-    for i in range(stop, length):
-        lanes[i - stop] += x[i]
+    else:
+        for i_block in range(stop // LANES):
+            i = i_block * LANES
+            for k in range(LANES):
+                lanes[k] += x[i + k]
+        for i in range(stop, length):
+            lanes[i - stop] += x[i]
 
 
 cdef inline void add_dev_span(double* sum_lanes, double* sq_lanes, const real* x,
@@ -125,15 +125,15 @@ cdef inline void add_dev_span(double* sum_lanes, double* sq_lanes, const real* x
     cdef int k
     if real is float:
         f32_add_dev_sums(sum_lanes, sq_lanes, x, length, center)
-        return
-    for i_block in range(stop // LANES):
-        i = i_block * LANES
-        for k in range(LANES):
-            d = x[i + k] - center
-            sq_lanes[k] += d * d
-    for i in range(stop, length):
-        d = x[i] - center
-        sq_lanes[i - stop] += d * d
+    else:
+        for i_block in range(stop // LANES):
+            i = i_block * LANES
+            for k in range(LANES):
+                d = x[i + k] - center
+                sq_lanes[k] += d * d
+        for i in range(stop, length):
+            d = x[i] - center
+            sq_lanes[i - stop] += d * d
 
 
 cdef inline void finish_dev(double count, double center, double sum_dev, double sum_sq,
@@ -157,18 +157,18 @@ cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const r
     cdef int k
     if real is float:
         f32_add_grad_sums(dy_lanes, dy_xmu_lanes, dy, x, length, center)
-        return
-    for i_block in range(stop // LANES):
-        i = i_block * LANES
-        for k in range(LANES):
-            dy_lanes[k] += dy[i + k]
-    for i_block in range(stop // LANES):
-        i = i_block * LANES
-        for k in range(LANES):
-            dy_xmu_lanes[k] += dy[i + k] * (<double>x[i + k] - center)
-    for i in range(stop, length):
-        dy_lanes[i - stop] += dy[i]
-        dy_xmu_lanes[i - stop] += dy[i] * (<double>x[i] - center)
+    else:
+        for i_block in range(stop // LANES):
+            i = i_block * LANES
+            for k in range(LANES):
+                dy_lanes[k] += dy[i + k]
+        for i_block in range(stop // LANES):
+            i = i_block * LANES
+            for k in range(LANES):
+                dy_xmu_lanes[k] += dy[i + k] * (<double>x[i + k] - center)
+        for i in range(stop, length):
+            dy_lanes[i - stop] += dy[i]
+            dy_xmu_lanes[i - stop] += dy[i] * (<double>x[i] - center)
 
 
 cdef inline double finish_dy_xmu(double sum_dy, double sum_dy_dev, double mean,
