@@ -13,9 +13,12 @@ identical):
   summarized on its own (see _primitives.span_stats).
 * Channel mode (many channels): one thread owns a channel, computes its statistics
   and, while the channel is still in cache, normalizes it: one read from memory, one
-  write. With long rows the training forward gives a task a few adjacent channels
-  and walks them row by row, so memory is read in runs of at least RUN_BYTES (a
-  channel's rows lie C·S values apart; 20% faster on (32, 64, 56, 56)).
+  write. A task takes a few adjacent channels and walks them row by row, so memory is
+  read in runs of at least RUN_BYTES (a channel's rows lie C·S values apart, and
+  reading them one channel at a time costs twice as much on (32, 64, 56, 56)): the
+  statistics and training forward with long rows, and the backward.
+* Outputs over STREAM_MIN_BYTES that are not an input are written with streaming
+  stores (see _elementwise.h): the pass then moves two arrays' worth of bytes, not three.
 * Split mode (fewer channels than threads, e.g. (4, 1, 512, 512)): the pieces of all
   channels are spread over the threads, the per-piece partials are merged per
   channel in (row, piece) order, then a second parallel pass normalizes.
