@@ -110,8 +110,10 @@ def test_more_than_2_31_values_in_one_channel():
         finally:
             bncpu.set_num_threads(0)
         assert count == total
-        np.testing.assert_allclose(got_mean[0], mean, rtol=1e-12)
-        np.testing.assert_allclose(got_m2[0], m2, rtol=1e-10)
+        # float32 data is summed in float32 runs of 8 per lane before widening (see
+        # bncpu/_kernels/_float32_sums.h): relative errors near 1e-8, not 1e-16.
+        np.testing.assert_allclose(got_mean[0], mean, rtol=1e-7)
+        np.testing.assert_allclose(got_m2[0], m2, rtol=1e-7)
 
     # Training forward in place: the running variance uses M/(M-1) in float64.
     running_mean = np.zeros(1, np.float32)
