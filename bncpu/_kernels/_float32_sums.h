@@ -110,6 +110,22 @@ static inline void bncpu_run_grad_sums(const float* dy, const float* x, bncpu_vf
 #undef BNCPU_P
 }
 
+static inline void bncpu_run_weighted_grad_sums(const float* dy, const float* weight,
+                                                const float* x, bncpu_vf c, bncpu_vf* g_sum,
+                                                bncpu_vf* dev_sum)
+{
+    bncpu_vf g[BNCPU_SUM_RUN];
+    int r;
+    for (r = 0; r < BNCPU_SUM_RUN; r++)
+        g[r] = bncpu_load(dy + r * BNCPU_SUM_LANES) * bncpu_load(weight + r * BNCPU_SUM_LANES);
+#define BNCPU_G(r) g[r]
+#define BNCPU_P(r) (g[r] * (bncpu_load(x + (r) * BNCPU_SUM_LANES) - c))
+    *g_sum = BNCPU_TREE8(BNCPU_G);
+    *dev_sum = BNCPU_TREE8(BNCPU_P);
+#undef BNCPU_G
+#undef BNCPU_P
+}
+
 static inline void bncpu_store_lanes(double* lanes, const bncpu_vd* acc)
 {
     memcpy(lanes, acc, BNCPU_SUM_LANES * sizeof(double));
@@ -236,23 +252,14 @@ static inline void bncpu_f32_add_weighted_grad_sums(double* g_lanes, double* g_d
     bncpu_vd g_acc[2 * BNCPU_GROUP], dev_acc[2 * BNCPU_GROUP];
     bncpu_vf g_part[BNCPU_GROUP], dev_part[BNCPU_GROUP], g;
     int64_t i = 0, stop, at;
-    int grp, r;
+    int grp;
     bncpu_load_lanes(g_acc, g_lanes);
     bncpu_load_lanes(dev_acc, g_dev_lanes);
     for (; i + chunk <= length; i += chunk) {
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
-            bncpu_vf gs[BNCPU_SUM_RUN], ps[BNCPU_SUM_RUN];
-            for (r = 0; r < BNCPU_SUM_RUN; r++) {
-                at = i + r * BNCPU_SUM_LANES + grp * BNCPU_VW;
-                gs[r] = bncpu_load(dy + at) * bncpu_load(weight + at);
-                ps[r] = gs[r] * (bncpu_load(x + at) - c);
-            }
-#define BNCPU_G(r) gs[r]
-#define BNCPU_GP(r) ps[r]
-            g_part[grp] = BNCPU_TREE8(BNCPU_G);
-            dev_part[grp] = BNCPU_TREE8(BNCPU_GP);
-#undef BNCPU_G
-#undef BNCPU_GP
+            at = i + grp * BNCPU_VW;
+            bncpu_run_weighted_grad_sums(dy + at, weight + at, x + at, c, g_part + grp,
+                                         dev_part + grp);
         }
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
             bncpu_widen_add(g_acc + 2 * grp, g_part[grp]);

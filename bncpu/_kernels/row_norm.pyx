@@ -210,7 +210,8 @@ cdef inline void add_channel_grads(double* dweight, double* dbias, int64_t p, do
         dbias[p] += sum_dy
 
 
-# Gradient sums in float64. gcc vectorizes a loop that keeps one sum in eight
+# Gradient sums of float64 rows (float32 rows go through _float32_sums.h, see
+# piece_grad_sums). gcc vectorizes a loop that keeps one sum in eight
 # independent accumulators (added in a fixed tree, see _primitives), but leaves a loop
 # that keeps two sums at once scalar: so one sum per loop, the second loop reading the
 # piece from cache.
