@@ -28,6 +28,7 @@ LARGE_SHAPES = {
     "split-uneven-pieces": (2, 3, 300, 300),
     "column": (70000, 3),
     "column-partial-block": (2048, 130),
+    "column-tiles": (301, 1031),              # tiles of 512 channels and 64 rows, and leftovers
 }
 
 

@@ -283,4 +283,130 @@ static inline void bncpu_f32_add_weighted_grad_sums(double* g_lanes, double* g_d
     }
 }
 
+/* ---- Columns: a block of `rows` rows of `width` float32 values, rows `stride` apart ----
+ * (batch norm with one value per channel and sample: column j is channel j). Column j
+ * takes its rows in runs of 8, each run added in float32 in the BNCPU_TREE8 order and
+ * widened once; rows left over at the end are widened one by one. Columns go 16 at a
+ * time through the vector code, the last width % 16 through scalar code doing the same
+ * operations, so every build gives the same bits. */
+
+static inline void bncpu_add_widened(double* acc, bncpu_vf part)
+{
+    bncpu_vd lanes[2];
+    memcpy(lanes, acc, sizeof lanes);
+    bncpu_widen_add(lanes, part);
+    memcpy(acc, lanes, sizeof lanes);
+}
+
+/* sums[j] += Σ_i x[i·stride + j] */
+static inline void bncpu_f32_add_column_sums(double* sums, const float* x, int64_t rows,
+                                             int64_t stride, int64_t width)
+{
+    int64_t i = 0, j;
+    int g;
+    for (; i + BNCPU_SUM_RUN <= rows; i += BNCPU_SUM_RUN) {
+        const float* p = x + i * stride;
+        for (j = 0; j + BNCPU_SUM_LANES <= width; j += BNCPU_SUM_LANES)
+            for (g = 0; g < BNCPU_GROUP; g++) {
+                const float* q = p + j + g * BNCPU_VW;
+#define BNCPU_X(r) bncpu_load(q + (r) * stride)
+                bncpu_add_widened(sums + j + g * BNCPU_VW, BNCPU_TREE8(BNCPU_X));
+#undef BNCPU_X
+            }
+        for (; j < width; j++) {
+#define BNCPU_X(r) p[(r) * stride + j]
+            sums[j] += BNCPU_TREE8(BNCPU_X);
+#undef BNCPU_X
+        }
+    }
+    for (; i < rows; i++)
+        for (j = 0; j < width; j++)
+            sums[j] += x[i * stride + j];
+}
+
+/* With d = x - center[j] rounded to float32: sum[j] += Σ d and sq[j] += Σ d²
+ * (as bncpu_f32_add_dev_sums, column by column). */
+static inline void bncpu_f32_add_column_dev_sums(double* sum, double* sq, const float* x,
+                                                 int64_t rows, int64_t stride, int64_t width,
+                                                 const float* center)
+{
+    bncpu_vf d[BNCPU_SUM_RUN], c;
+    float e[BNCPU_SUM_RUN];
+    int64_t i = 0, j;
+    int g, r;
+    for (; i + BNCPU_SUM_RUN <= rows; i += BNCPU_SUM_RUN) {
+        const float* p = x + i * stride;
+        for (j = 0; j + BNCPU_SUM_LANES <= width; j += BNCPU_SUM_LANES)
+            for (g = 0; g < BNCPU_GROUP; g++) {
+                const int64_t at = j + g * BNCPU_VW;
+                c = bncpu_load(center + at);
+                for (r = 0; r < BNCPU_SUM_RUN; r++)
+                    d[r] = bncpu_load(p + r * stride + at) - c;
+#define BNCPU_D(r) d[r]
+#define BNCPU_DD(r) (d[r] * d[r])
+                bncpu_add_widened(sum + at, BNCPU_TREE8(BNCPU_D));
+                bncpu_add_widened(sq + at, BNCPU_TREE8(BNCPU_DD));
+#undef BNCPU_D
+#undef BNCPU_DD
+            }
+        for (; j < width; j++) {
+            for (r = 0; r < BNCPU_SUM_RUN; r++)
+                e[r] = p[r * stride + j] - center[j];
+#define BNCPU_D(r) e[r]
+#define BNCPU_DD(r) (e[r] * e[r])
+            sum[j] += BNCPU_TREE8(BNCPU_D);
+            sq[j] += BNCPU_TREE8(BNCPU_DD);
+#undef BNCPU_D
+#undef BNCPU_DD
+        }
+    }
+    for (; i < rows; i++)
+        for (j = 0; j < width; j++) {
+            float dev = x[i * stride + j] - center[j];
+            sum[j] += dev;
+            sq[j] += dev * dev;
+        }
+}
+
+/* With p = dy·(x - center[j]) rounded to float32: dy_sum[j] += Σ dy and
+ * dev_sum[j] += Σ p (as bncpu_f32_add_grad_sums, column by column). */
+static inline void bncpu_f32_add_column_grad_sums(double* dy_sum, double* dev_sum,
+                                                  const float* dy, const float* x,
+                                                  int64_t rows, int64_t stride, int64_t width,
+                                                  const float* center)
+{
+    bncpu_vf c;
+    int64_t i = 0, j;
+    int g;
+    for (; i + BNCPU_SUM_RUN <= rows; i += BNCPU_SUM_RUN) {
+        const float* pd = dy + i * stride;
+        const float* px = x + i * stride;
+        for (j = 0; j + BNCPU_SUM_LANES <= width; j += BNCPU_SUM_LANES)
+            for (g = 0; g < BNCPU_GROUP; g++) {
+                const int64_t at = j + g * BNCPU_VW;
+                c = bncpu_load(center + at);
+#define BNCPU_DY(r) bncpu_load(pd + (r) * stride + at)
+#define BNCPU_P(r) (BNCPU_DY(r) * (bncpu_load(px + (r) * stride + at) - c))
+                bncpu_add_widened(dy_sum + at, BNCPU_TREE8(BNCPU_DY));
+                bncpu_add_widened(dev_sum + at, BNCPU_TREE8(BNCPU_P));
+#undef BNCPU_DY
+#undef BNCPU_P
+            }
+        for (; j < width; j++) {
+#define BNCPU_DY(r) pd[(r) * stride + j]
+#define BNCPU_P(r) (BNCPU_DY(r) * (px[(r) * stride + j] - center[j]))
+            dy_sum[j] += BNCPU_TREE8(BNCPU_DY);
+            dev_sum[j] += BNCPU_TREE8(BNCPU_P);
+#undef BNCPU_DY
+#undef BNCPU_P
+        }
+    }
+    for (; i < rows; i++)
+        for (j = 0; j < width; j++) {
+            float p = dy[i * stride + j] * (x[i * stride + j] - center[j]);
+            dy_sum[j] += dy[i * stride + j];
+            dev_sum[j] += p;
+        }
+}
+
 #endif

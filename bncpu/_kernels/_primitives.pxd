@@ -61,6 +61,15 @@ cdef extern from "_float32_sums.h":
     void f32_add_weighted_grad_sums "bncpu_f32_add_weighted_grad_sums"(
         double* g_lanes, double* g_dev_lanes, const float* dy, const float* weight,
         const float* x, int64_t length, float center) noexcept nogil
+    # Columns of a (rows, width) block with rows `stride` apart (batch norm with S == 1).
+    void f32_add_column_sums "bncpu_f32_add_column_sums"(
+        double* sums, const float* x, int64_t rows, int64_t stride, int64_t width) noexcept nogil
+    void f32_add_column_dev_sums "bncpu_f32_add_column_dev_sums"(
+        double* sum, double* sq, const float* x, int64_t rows, int64_t stride, int64_t width,
+        const float* center) noexcept nogil
+    void f32_add_column_grad_sums "bncpu_f32_add_column_grad_sums"(
+        double* dy_sum, double* dev_sum, const float* dy, const float* x, int64_t rows,
+        int64_t stride, int64_t width, const float* center) noexcept nogil
 
 ctypedef fused real:
     float

@@ -22,8 +22,12 @@ identical):
 * Split mode (fewer channels than threads, e.g. (4, 1, 512, 512)): the pieces of all
   channels are spread over the threads, the per-piece partials are merged per
   channel in (row, piece) order, then a second parallel pass normalizes.
-* Column mode (S == 1, i.e. (N, C) input): blocks of CHANNEL_CHUNK adjacent channels,
-  with the rows folded in blocks of ROW_BLOCK so the loops run along contiguous memory.
+* Column mode (S == 1, i.e. (N, C) input): the (N, C) matrix is cut into tiles of
+  tile_rows(C) rows by at most COLUMN_CHUNK channels, about TILE_VALUES values each, read
+  row by row along contiguous memory. Every tile is summarized on its own (statistics
+  two-pass from cache, or gradient sums); the tiles of a channel are then merged in row
+  order, all channels at once. (Tiles of whole row blocks, not channel strips: a strip
+  of 64 channels reads 256 bytes of every row, too little for the hardware prefetcher.)
 
 Every kernel checks its arguments first and returns a bncpu_status; nothing is
 written unless the arguments are valid.
@@ -43,7 +47,7 @@ from bncpu._kernels._common cimport (
 from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
     zero_lanes, sum_lanes, add_span, add_dev_span, finish_dev, add_dy_xmu_span,
-    finish_dy_xmu,
+    finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums, f32_add_column_grad_sums,
     affine_span, scale_span, backward_span, use_streaming)
 
 cnp.import_array()
@@ -51,8 +55,9 @@ cnp.import_array()
 cdef enum:
     PIECE = 65536          # values per piece of a row (a unit of parallel work)
     SPLIT_MIN_S = 4096     # split mode only when rows are at least this long
-    CHANNEL_CHUNK = 64     # column mode: channels per task
-    ROW_BLOCK = 256        # column mode: rows per statistics block
+    COLUMN_CHUNK = 512     # column mode: channels per tile, at most
+    TILE_VALUES = 32768    # column mode: values per tile, about
+    ROW_BLOCK = 256        # column mode: rows per task of the elementwise passes
     CHANNEL_RUN = 16       # channel mode, long rows: adjacent channels per task, at most
     RUN_BYTES = 65536      # ... enough of them to read runs of this many bytes
 
@@ -229,65 +234,144 @@ cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c,
                          dy_xmu_lanes + (j - j0) * LANES, &sum_dy[j], &sum_dy_xmu[j])
 
 
-cdef void column_stats(const real* x, int64_t n, int64_t c, int64_t j0, int64_t width,
-                       double* count, double* mean, double* m2) noexcept nogil:
-    """Column mode (S == 1): statistics of channels j0..j0+width, rows in blocks."""
-    cdef double block_sum[CHANNEL_CHUNK]
-    cdef double block_mean[CHANNEL_CHUNK]
-    cdef double block_m2[CHANNEL_CHUNK]
-    cdef double d
-    cdef int64_t r0, r0_index, rows, i, jj
+cdef struct Tiles:
+    # Column mode's cut of an (N, C) matrix: tile t = block·n_chunks + chunk covers rows
+    # block·rows.. and channels chunk·width.. (tiles of a row block are adjacent tasks).
+    int64_t n, c, rows, n_blocks, width, n_chunks
+
+
+cdef inline Tiles tiles_of(int64_t n, int64_t c) noexcept nogil:
+    """The tiles of (N, C), from the shape alone; rows a multiple of 8 (float32 runs)."""
+    cdef Tiles t
+    t.n = n
+    t.c = c
+    t.width = min(c, <int64_t>COLUMN_CHUNK)
+    t.n_chunks = (c + t.width - 1) // t.width
+    t.rows = TILE_VALUES // t.width
+    t.rows -= t.rows % 8
+    t.n_blocks = (n + t.rows - 1) // t.rows
+    return t
+
+
+cdef inline int64_t tile_block(const Tiles* t, int64_t task) noexcept nogil:
+    return task // t.n_chunks
+
+
+cdef inline int64_t tile_j0(const Tiles* t, int64_t task) noexcept nogil:
+    return (task % t.n_chunks) * t.width
+
+
+cdef inline int64_t tile_row_count(const Tiles* t, int64_t block) noexcept nogil:
+    return min(t.rows, t.n - block * t.rows)
+
+
+cdef inline int64_t tile_width(const Tiles* t, int64_t task) noexcept nogil:
+    return min(t.width, t.c - tile_j0(t, task))
+
+
+cdef void tile_stats(const real* x, int64_t c, int64_t r0, int64_t rows, int64_t j0,
+                     int64_t width, double* mean, double* m2) noexcept nogil:
+    """Column mode: mean[jj] and M2[jj] of channel j0 + jj over rows r0..r0+rows,
+    two-pass (the second pass reads the tile from cache)."""
+    cdef float center[COLUMN_CHUNK]
+    cdef const real* tile = x + r0 * c + j0
     cdef const real* row
+    cdef double d
+    cdef int64_t i, jj
     for jj in range(width):
-        count[jj] = 0
         mean[jj] = 0
         m2[jj] = 0
-    for r0_index in range((n + ROW_BLOCK - 1) // ROW_BLOCK):
-        r0 = r0_index * ROW_BLOCK
-        rows = min(<int64_t>ROW_BLOCK, n - r0)
-        for jj in range(CHANNEL_CHUNK):
-            block_sum[jj] = 0
-            block_m2[jj] = 0
-        for i in range(r0, r0 + rows):
-            row = x + i * c + j0
-            for jj in range(width):
-                block_sum[jj] += row[jj]
+    if real is float:
+        # Deviations from a float32 center, summed in float32 runs (as add_dev_span).
+        f32_add_column_sums(mean, tile, rows, c, width)
         for jj in range(width):
-            block_mean[jj] = block_sum[jj] / rows
-        for i in range(r0, r0 + rows):
-            row = x + i * c + j0
-            for jj in range(width):
-                d = row[jj] - block_mean[jj]
-                block_m2[jj] += d * d
+            center[jj] = <float>(mean[jj] / rows)
+            mean[jj] = 0
+        f32_add_column_dev_sums(mean, m2, tile, rows, c, width, center)
         for jj in range(width):
-            merge_stats(&count[jj], &mean[jj], &m2[jj], <double>rows, block_mean[jj], block_m2[jj])
+            finish_dev(<double>rows, center[jj], mean[jj], m2[jj], &mean[jj], &m2[jj])
+    else:
+        for i in range(rows):
+            row = tile + i * c
+            for jj in range(width):
+                mean[jj] += row[jj]
+        for jj in range(width):
+            mean[jj] = mean[jj] / rows
+        for i in range(rows):
+            row = tile + i * c
+            for jj in range(width):
+                d = row[jj] - mean[jj]
+                m2[jj] += d * d
 
 
-cdef void column_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t j0,
-                           int64_t width, const double* mean,
-                           double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """Column mode: Σdy and Σdy·(x - mean) of channels j0..j0+width, row by row."""
-    cdef double local_mean[CHANNEL_CHUNK]
-    cdef double local_dy[CHANNEL_CHUNK]
-    cdef double local_dy_xmu[CHANNEL_CHUNK]
-    cdef int64_t i, jj
+cdef void tile_grad_sums(const real* dy, const real* x, int64_t c, int64_t r0, int64_t rows,
+                         int64_t j0, int64_t width, const real* center,
+                         double* sum_dy, double* sum_dy_dev) noexcept nogil:
+    """Column mode: Σdy and Σdy·(x - center) of channel j0 + jj over rows r0..r0+rows,
+    center[jj] the channel's mean rounded to the data's precision (see add_dy_xmu_span)."""
+    cdef int64_t i, jj, offset = r0 * c + j0
     cdef const real* dy_row
     cdef const real* x_row
     for jj in range(width):
-        local_mean[jj] = mean[j0 + jj]
-        local_dy[jj] = 0
-        local_dy_xmu[jj] = 0
-    for i in range(n):
-        dy_row = dy + i * c + j0
-        x_row = x + i * c + j0
-        # One sum per loop: gcc vectorizes these, not a loop updating both arrays.
-        for jj in range(width):
-            local_dy[jj] += dy_row[jj]
-        for jj in range(width):
-            local_dy_xmu[jj] += dy_row[jj] * (<double>x_row[jj] - local_mean[jj])
-    for jj in range(width):
-        sum_dy[j0 + jj] = local_dy[jj]
-        sum_dy_xmu[j0 + jj] = local_dy_xmu[jj]
+        sum_dy[jj] = 0
+        sum_dy_dev[jj] = 0
+    if real is float:
+        f32_add_column_grad_sums(sum_dy, sum_dy_dev, dy + offset, x + offset, rows, c, width,
+                                 center)
+    else:
+        for i in range(rows):
+            dy_row = dy + offset + i * c
+            x_row = x + offset + i * c
+            # One sum per loop: gcc vectorizes these, not a loop updating both arrays.
+            for jj in range(width):
+                sum_dy[jj] += dy_row[jj]
+            for jj in range(width):
+                sum_dy_dev[jj] += dy_row[jj] * (x_row[jj] - center[jj])
+
+
+cdef void stats_tile_task(const real* x, const Tiles* t, int64_t task,
+                          double* partials) noexcept nogil:
+    """Tile `task`'s mean and M2 into row `block` of the two (n_blocks, C) partials."""
+    cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
+    tile_stats(x, t.c, block * t.rows, tile_row_count(t, block), j0, tile_width(t, task),
+               partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
+
+
+cdef void grad_sums_tile_task(const real* dy, const real* x, const Tiles* t, int64_t task,
+                              const real* center, double* partials, real* scaled,
+                              const real* coefs) noexcept nogil:
+    """Tile `task`'s Σdy and Σdy·(x - center) into row `block` of the two partials;
+    and if `scaled` is given, its scaled = dy·scale (PASS_SCALE) while dy is in cache."""
+    cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
+    cdef int64_t width = tile_width(t, task), rows = tile_row_count(t, block)
+    tile_grad_sums(dy, x, t.c, block * t.rows, rows, j0, width, center + j0,
+                   partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
+    if scaled != NULL:
+        pass_columns(PASS_SCALE, dy, NULL, scaled, t.c, block * t.rows, block * t.rows + rows,
+                     j0, j0 + width, coefs)
+
+
+cdef void merge_tile_stats(const Tiles* t, const double* tile_mean, const double* tile_m2,
+                           double* mean, double* m2) noexcept nogil:
+    """Column mode: merge_stats of the tiles' partials in row order, all channels at
+    once (a row block's count is the same for every channel, so the loop over the
+    channels vectorizes; the arithmetic is merge_stats')."""
+    cdef int64_t block, j, c = t.c
+    cdef double count, block_count, total, mean_weight, m2_weight, delta
+    for j in range(c):
+        mean[j] = tile_mean[j]
+        m2[j] = tile_m2[j]
+    count = tile_row_count(t, 0)
+    for block in range(1, t.n_blocks):
+        block_count = tile_row_count(t, block)
+        total = count + block_count
+        mean_weight = block_count / total
+        m2_weight = count * block_count / total
+        for j in range(c):
+            delta = tile_mean[block * c + j] - mean[j]
+            mean[j] += delta * mean_weight
+            m2[j] += tile_m2[block * c + j] + delta * delta * m2_weight
+        count = total
 
 
 # --------------------------------------------------------------------------------
@@ -406,19 +490,19 @@ cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n
                            double* mean, double* m2) noexcept nogil:
     """Per-channel mean and M2 of x in any mode; returns a status (allocation)."""
     cdef int64_t j, task, n_tasks, chunk, t, run
+    cdef Tiles tiles
     cdef double count
     cdef double* partials
-    cdef double* counts
     if s == 1:
-        counts = <double*>malloc(c * sizeof(double) + 1)
-        if counts == NULL:
+        tiles = tiles_of(n, c)
+        partials = <double*>malloc(2 * tiles.n_blocks * c * sizeof(double))
+        if partials == NULL:
             return BNCPU_ERR_NO_MEMORY
-        n_tasks = (c + CHANNEL_CHUNK - 1) // CHANNEL_CHUNK
-        for chunk in prange(n_tasks, schedule='static', num_threads=n_threads):
-            column_stats(x, n, c, chunk * CHANNEL_CHUNK, min(<int64_t>CHANNEL_CHUNK, c - chunk * CHANNEL_CHUNK),
-                         counts + chunk * CHANNEL_CHUNK, mean + chunk * CHANNEL_CHUNK,
-                         m2 + chunk * CHANNEL_CHUNK)
-        free(counts)
+        for task in prange(tiles.n_blocks * tiles.n_chunks, schedule='static',
+                           num_threads=n_threads):
+            stats_tile_task(x, &tiles, task, partials)
+        merge_tile_stats(&tiles, partials, partials + tiles.n_blocks * c, mean, m2)
+        free(partials)
     elif use_split_mode(c, s, n_threads):
         n_tasks = c * n * pieces_per_row(s)
         partials = <double*>malloc(3 * n_tasks * sizeof(double) + 1)
@@ -447,16 +531,40 @@ cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n
 
 cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
                                const double* mean, int n_threads,
-                               double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """Per-channel Σdy and Σdy·(x - mean) in any mode; returns a status."""
+                               double* sum_dy, double* sum_dy_xmu,
+                               real* scaled=NULL, const real* coefs=NULL) noexcept nogil:
+    """Per-channel Σdy and Σdy·(x - mean) in any mode; returns a status.
+
+    Column mode only: if `scaled` is given, also scaled = dy·scale (the evaluation
+    backward's dx, PASS_SCALE with `coefs`), tile by tile while dy is in cache."""
     cdef int64_t j, task, n_tasks, chunk, t, run
+    cdef Tiles tiles
     cdef double* partials
+    cdef real* center
     if s == 1:
-        n_tasks = (c + CHANNEL_CHUNK - 1) // CHANNEL_CHUNK
-        for chunk in prange(n_tasks, schedule='static', num_threads=n_threads):
-            column_grad_sums(dy, x, n, c, chunk * CHANNEL_CHUNK,
-                             min(<int64_t>CHANNEL_CHUNK, c - chunk * CHANNEL_CHUNK),
-                             mean, sum_dy, sum_dy_xmu)
+        tiles = tiles_of(n, c)
+        partials = <double*>malloc(2 * tiles.n_blocks * c * sizeof(double))
+        center = <real*>malloc(c * sizeof(real))
+        if partials == NULL or center == NULL:
+            free(partials)
+            free(center)
+            return BNCPU_ERR_NO_MEMORY
+        for j in range(c):
+            center[j] = <real>mean[j]
+        for task in prange(tiles.n_blocks * tiles.n_chunks, schedule='static',
+                           num_threads=n_threads):
+            grad_sums_tile_task(dy, x, &tiles, task, center, partials, scaled, coefs)
+        for j in range(c):
+            sum_dy[j] = 0
+            sum_dy_xmu[j] = 0
+        for t in range(tiles.n_blocks):
+            for j in range(c):
+                sum_dy[j] += partials[t * c + j]
+                sum_dy_xmu[j] += partials[(tiles.n_blocks + t) * c + j]
+        for j in range(c):
+            sum_dy_xmu[j] = finish_dy_xmu(sum_dy[j], sum_dy_xmu[j], mean[j], center[j])
+        free(partials)
+        free(center)
     elif use_split_mode(c, s, n_threads):
         n_tasks = c * n * pieces_per_row(s)
         partials = <double*>malloc(2 * n_tasks * sizeof(double) + 1)
@@ -535,19 +643,6 @@ cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_
                           coefs, c, j, stream)
 
 
-cdef void train_columns(const real* x, real* y, int64_t n, int64_t c, int64_t j0, int64_t width,
-                        const real* weight, const real* bias, double eps,
-                        double* mean, double* var, real* coefs) noexcept nogil:
-    cdef double count[CHANNEL_CHUNK]
-    cdef double m2[CHANNEL_CHUNK]
-    cdef int64_t jj
-    column_stats(x, n, c, j0, width, count, mean + j0, m2)
-    for jj in range(width):
-        var[j0 + jj] = m2[jj] / count[jj]
-        set_affine_coefs(coefs, c, j0 + jj, mean[j0 + jj], invstd_of(var[j0 + jj], eps), weight, bias)
-    pass_columns(PASS_AFFINE, x, NULL, y, c, 0, n, j0, j0 + width, coefs)
-
-
 cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t s,
                           const real* weight, const real* bias,
                           real* running_mean, real* running_var,
@@ -590,13 +685,8 @@ cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t 
             var[j] = 0
     else:
         n_threads = threads_begin(n * c * s)
-        if s == 1:
-            n_chunks = (c + CHANNEL_CHUNK - 1) // CHANNEL_CHUNK
-            for chunk in prange(n_chunks, schedule='static', num_threads=n_threads):
-                train_columns(x, y, n, c, chunk * CHANNEL_CHUNK,
-                              min(<int64_t>CHANNEL_CHUNK, c - chunk * CHANNEL_CHUNK),
-                              weight, bias, eps, mean, var, coefs)
-        elif use_split_mode(c, s, n_threads):
+        if s == 1 or use_split_mode(c, s, n_threads):
+            # Statistics (merged across tasks), then a second parallel pass.
             status = all_channel_stats(x, n, c, s, n_threads, mean, var)
             if status == BNCPU_OK:
                 for j in range(c):
@@ -693,6 +783,7 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
     cdef double* sum_dy_xmu
     cdef real* coefs
     cdef bint need_sums = training or dweight != NULL or dbias != NULL
+    cdef bint fused_scale
     if status == BNCPU_OK and not training:
         status = check_eps(eps)
     if status != BNCPU_OK:
@@ -728,9 +819,12 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
     n_threads = threads_begin(n * c * s)
     if count > 0:
         if s == 1 or use_split_mode(c, s, n_threads) or not need_sums:
+            # Evaluation in column mode: dx = dy·scale computed with the sums, tile by tile.
+            fused_scale = s == 1 and need_sums and not training and dx != NULL
             if need_sums:
-                status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
-            if status == BNCPU_OK and dx != NULL:
+                status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu,
+                                               dx if fused_scale else NULL, coefs)
+            if status == BNCPU_OK and dx != NULL and not fused_scale:
                 if training:
                     for j in range(c):
                         set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
