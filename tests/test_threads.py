@@ -29,6 +29,7 @@ LARGE_SHAPES = {
     "column": (70000, 3),
     "column-partial-block": (2048, 130),
     "column-tiles": (301, 1031),              # tiles of 512 channels and 64 rows, and leftovers
+    "column-short-rows": (67, 130, 3, 5),     # tiles of 34 channels of 15 columns
 }
 
 

@@ -22,12 +22,15 @@ identical):
 * Split mode (fewer channels than threads, e.g. (4, 1, 512, 512)): the pieces of all
   channels are spread over the threads, the per-piece partials are merged per
   channel in (row, piece) order, then a second parallel pass normalizes.
-* Column mode (S == 1, i.e. (N, C) input): the (N, C) matrix is cut into tiles of
-  tile_rows(C) rows by at most COLUMN_CHUNK channels, about TILE_VALUES values each, read
-  row by row along contiguous memory. Every tile is summarized on its own (statistics
-  two-pass from cache, or gradient sums); the tiles of a channel are then merged in row
-  order, all channels at once. (Tiles of whole row blocks, not channel strips: a strip
-  of 64 channels reads 256 bytes of every row, too little for the hardware prefetcher.)
+* Column mode (short rows, S <= SHORT_ROW, e.g. (N, C) input or 8x8 images): the
+  buffer is seen as an (N, C·S) matrix, channel j owning columns j·S..j·S+S, and cut
+  into tiles of whole channels, about TILE_VALUES values each (see tiles_of), read row
+  by row along contiguous memory. Every tile is summarized on its own (statistics
+  two-pass from cache, or gradient sums), column by column and then per channel; the
+  tiles of a channel are merged in row order, all channels at once. The elementwise
+  passes run along the matrix rows too, with coefficients repeated per column. (Reading
+  a channel's short rows one by one, or a strip of 64 channels of an (N, C) matrix,
+  reads a few hundred bytes every few kilobytes: too little for the prefetcher.)
 
 Every kernel checks its arguments first and returns a bncpu_status; nothing is
 written unless the arguments are valid.
@@ -55,9 +58,13 @@ cnp.import_array()
 cdef enum:
     PIECE = 65536          # values per piece of a row (a unit of parallel work)
     SPLIT_MIN_S = 4096     # split mode only when rows are at least this long
-    COLUMN_CHUNK = 512     # column mode: channels per tile, at most
+    SHORT_ROW = 224        # rows up to this long: column mode (S = 256 measured slower)
+    PASS_SHORT_ROW = 64    # rows shorter than this: elementwise passes along matrix rows,
+    COLUMN_COEFS_MAX = 8192   # ... when C·S is at most this (the coefficients, repeated
+                              # per column, then stay in L2 cache)
+    COLUMN_CHUNK = 512     # column mode: matrix columns per tile, at most
     TILE_VALUES = 32768    # column mode: values per tile, about
-    ROW_BLOCK = 256        # column mode: rows per task of the elementwise passes
+    PASS_VALUES = 65536    # column mode: values per task of the elementwise passes, about
     CHANNEL_RUN = 16       # channel mode, long rows: adjacent channels per task, at most
     RUN_BYTES = 65536      # ... enough of them to read runs of this many bytes
 
@@ -234,20 +241,34 @@ cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c,
                          dy_xmu_lanes + (j - j0) * LANES, &sum_dy[j], &sum_dy_xmu[j])
 
 
+cdef inline bint use_column_mode(int64_t s) noexcept nogil:
+    return s <= SHORT_ROW
+
+
+cdef inline bint use_column_pass(int64_t c, int64_t s) noexcept nogil:
+    """Elementwise passes along the (N, C·S) matrix rows, coefficients per column (S = 1:
+    always). Measured against passes over channel rows: faster for S = 9 and 16, the
+    same for S = 64, slower for S = 100 (five values read per value written)."""
+    return s == 1 or (s < PASS_SHORT_ROW and c * s <= COLUMN_COEFS_MAX)
+
+
 cdef struct Tiles:
-    # Column mode's cut of an (N, C) matrix: tile t = block·n_chunks + chunk covers rows
-    # block·rows.. and channels chunk·width.. (tiles of a row block are adjacent tasks).
-    int64_t n, c, rows, n_blocks, width, n_chunks
+    # Column mode's cut of an (N, C, S) buffer seen as an (N, C·S) matrix: tile
+    # t = block·n_chunks + chunk covers matrix rows block·rows.. and channels
+    # chunk·width.. (the tiles of a row block are adjacent tasks).
+    int64_t n, c, s, rows, n_blocks, width, n_chunks
 
 
-cdef inline Tiles tiles_of(int64_t n, int64_t c) noexcept nogil:
-    """The tiles of (N, C), from the shape alone; rows a multiple of 8 (float32 runs)."""
+cdef inline Tiles tiles_of(int64_t n, int64_t c, int64_t s) noexcept nogil:
+    """The tiles of (N, C, S), S <= SHORT_ROW, from the shape alone: whole channels,
+    at most COLUMN_CHUNK columns; rows a multiple of 8 (the float32 runs)."""
     cdef Tiles t
     t.n = n
     t.c = c
-    t.width = min(c, <int64_t>COLUMN_CHUNK)
+    t.s = s
+    t.width = max(<int64_t>1, min(c, COLUMN_CHUNK // s))
     t.n_chunks = (c + t.width - 1) // t.width
-    t.rows = TILE_VALUES // t.width
+    t.rows = TILE_VALUES // (t.width * s)
     t.rows -= t.rows % 8
     t.n_blocks = (n + t.rows - 1) // t.rows
     return t
@@ -269,86 +290,111 @@ cdef inline int64_t tile_width(const Tiles* t, int64_t task) noexcept nogil:
     return min(t.width, t.c - tile_j0(t, task))
 
 
-cdef void tile_stats(const real* x, int64_t c, int64_t r0, int64_t rows, int64_t j0,
+cdef inline double add_columns(const double* sums, int64_t s) noexcept nogil:
+    """A channel's total from its s column sums, in column order."""
+    cdef double total = 0
+    cdef int64_t k
+    for k in range(s):
+        total += sums[k]
+    return total
+
+
+cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, int64_t j0,
                      int64_t width, double* mean, double* m2) noexcept nogil:
-    """Column mode: mean[jj] and M2[jj] of channel j0 + jj over rows r0..r0+rows,
-    two-pass (the second pass reads the tile from cache)."""
-    cdef float center[COLUMN_CHUNK]
-    cdef const real* tile = x + r0 * c + j0
+    """Column mode: mean[jj] and M2[jj] of channel j0 + jj over matrix rows r0..r0+rows,
+    two-pass (the second pass reads the tile from cache): column sums, a center per
+    channel, then the columns' deviations from it, added per channel."""
+    cdef double col_sum[COLUMN_CHUNK]
+    cdef double col_sq[COLUMN_CHUNK]
+    cdef real center[COLUMN_CHUNK]
+    cdef int64_t s = t.s, ld = t.c * t.s, cols = width * t.s
+    cdef const real* tile = x + r0 * ld + j0 * s
     cdef const real* row
-    cdef double d
-    cdef int64_t i, jj
-    for jj in range(width):
-        mean[jj] = 0
-        m2[jj] = 0
+    cdef double d, count = <double>(rows * s)
+    cdef int64_t i, jj, k
+    for k in range(cols):
+        col_sum[k] = 0
+        col_sq[k] = 0
     if real is float:
-        # Deviations from a float32 center, summed in float32 runs (as add_dev_span).
-        f32_add_column_sums(mean, tile, rows, c, width)
-        for jj in range(width):
-            center[jj] = <float>(mean[jj] / rows)
-            mean[jj] = 0
-        f32_add_column_dev_sums(mean, m2, tile, rows, c, width, center)
-        for jj in range(width):
-            finish_dev(<double>rows, center[jj], mean[jj], m2[jj], &mean[jj], &m2[jj])
+        f32_add_column_sums(col_sum, tile, rows, ld, cols)
     else:
         for i in range(rows):
-            row = tile + i * c
-            for jj in range(width):
-                mean[jj] += row[jj]
-        for jj in range(width):
-            mean[jj] = mean[jj] / rows
+            row = tile + i * ld
+            for k in range(cols):
+                col_sum[k] += row[k]
+    for jj in range(width):
+        # float32: a float32 center near the mean, corrected by finish_dev (as add_dev_span).
+        center[jj * s] = <real>(add_columns(col_sum + jj * s, s) / count)
+        for k in range(jj * s + 1, jj * s + s):
+            center[k] = center[jj * s]
+        for k in range(jj * s, jj * s + s):
+            col_sum[k] = 0
+    if real is float:
+        f32_add_column_dev_sums(col_sum, col_sq, tile, rows, ld, cols, center)
+    else:
         for i in range(rows):
-            row = tile + i * c
-            for jj in range(width):
-                d = row[jj] - mean[jj]
-                m2[jj] += d * d
+            row = tile + i * ld
+            for k in range(cols):
+                d = row[k] - center[k]
+                col_sq[k] += d * d
+    for jj in range(width):
+        finish_dev(count, center[jj * s], add_columns(col_sum + jj * s, s),
+                   add_columns(col_sq + jj * s, s), &mean[jj], &m2[jj])
 
 
-cdef void tile_grad_sums(const real* dy, const real* x, int64_t c, int64_t r0, int64_t rows,
+cdef void tile_grad_sums(const real* dy, const real* x, const Tiles* t, int64_t r0, int64_t rows,
                          int64_t j0, int64_t width, const real* center,
                          double* sum_dy, double* sum_dy_dev) noexcept nogil:
-    """Column mode: Σdy and Σdy·(x - center) of channel j0 + jj over rows r0..r0+rows,
-    center[jj] the channel's mean rounded to the data's precision (see add_dy_xmu_span)."""
-    cdef int64_t i, jj, offset = r0 * c + j0
+    """Column mode: Σdy and Σdy·(x - center) of channel j0 + jj over matrix rows
+    r0..r0+rows, center[k] (per column) its channel's mean rounded to the data's
+    precision (see add_dy_xmu_span)."""
+    cdef double col_dy[COLUMN_CHUNK]
+    cdef double col_dev[COLUMN_CHUNK]
+    cdef int64_t s = t.s, ld = t.c * t.s, cols = width * t.s
+    cdef int64_t i, jj, k, offset = r0 * ld + j0 * s
     cdef const real* dy_row
     cdef const real* x_row
-    for jj in range(width):
-        sum_dy[jj] = 0
-        sum_dy_dev[jj] = 0
+    for k in range(cols):
+        col_dy[k] = 0
+        col_dev[k] = 0
     if real is float:
-        f32_add_column_grad_sums(sum_dy, sum_dy_dev, dy + offset, x + offset, rows, c, width,
+        f32_add_column_grad_sums(col_dy, col_dev, dy + offset, x + offset, rows, ld, cols,
                                  center)
     else:
         for i in range(rows):
-            dy_row = dy + offset + i * c
-            x_row = x + offset + i * c
+            dy_row = dy + offset + i * ld
+            x_row = x + offset + i * ld
             # One sum per loop: gcc vectorizes these, not a loop updating both arrays.
-            for jj in range(width):
-                sum_dy[jj] += dy_row[jj]
-            for jj in range(width):
-                sum_dy_dev[jj] += dy_row[jj] * (x_row[jj] - center[jj])
+            for k in range(cols):
+                col_dy[k] += dy_row[k]
+            for k in range(cols):
+                col_dev[k] += dy_row[k] * (x_row[k] - center[k])
+    for jj in range(width):
+        sum_dy[jj] = add_columns(col_dy + jj * s, s)
+        sum_dy_dev[jj] = add_columns(col_dev + jj * s, s)
 
 
 cdef void stats_tile_task(const real* x, const Tiles* t, int64_t task,
                           double* partials) noexcept nogil:
     """Tile `task`'s mean and M2 into row `block` of the two (n_blocks, C) partials."""
     cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
-    tile_stats(x, t.c, block * t.rows, tile_row_count(t, block), j0, tile_width(t, task),
+    tile_stats(x, t, block * t.rows, tile_row_count(t, block), j0, tile_width(t, task),
                partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
 
 
 cdef void grad_sums_tile_task(const real* dy, const real* x, const Tiles* t, int64_t task,
                               const real* center, double* partials, real* scaled,
-                              const real* coefs) noexcept nogil:
-    """Tile `task`'s Σdy and Σdy·(x - center) into row `block` of the two partials;
-    and if `scaled` is given, its scaled = dy·scale (PASS_SCALE) while dy is in cache."""
+                              const real* column_coefs) noexcept nogil:
+    """Tile `task`'s Σdy and Σdy·(x - center) into row `block` of the two partials
+    (center per column); and if `scaled` is given, its scaled = dy·scale (PASS_SCALE,
+    coefficients per column) while dy is in cache."""
     cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
     cdef int64_t width = tile_width(t, task), rows = tile_row_count(t, block)
-    tile_grad_sums(dy, x, t.c, block * t.rows, rows, j0, width, center + j0,
+    tile_grad_sums(dy, x, t, block * t.rows, rows, j0, width, center + j0 * t.s,
                    partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
     if scaled != NULL:
-        pass_columns(PASS_SCALE, dy, NULL, scaled, t.c, block * t.rows, block * t.rows + rows,
-                     j0, j0 + width, coefs)
+        pass_columns(PASS_SCALE, dy, NULL, scaled, t.c * t.s, block * t.rows,
+                     block * t.rows + rows, j0 * t.s, (j0 + width) * t.s, column_coefs)
 
 
 cdef void merge_tile_stats(const Tiles* t, const double* tile_mean, const double* tile_m2,
@@ -361,9 +407,9 @@ cdef void merge_tile_stats(const Tiles* t, const double* tile_mean, const double
     for j in range(c):
         mean[j] = tile_mean[j]
         m2[j] = tile_m2[j]
-    count = tile_row_count(t, 0)
+    count = <double>(tile_row_count(t, 0) * t.s)
     for block in range(1, t.n_blocks):
-        block_count = tile_row_count(t, block)
+        block_count = <double>(tile_row_count(t, block) * t.s)
         total = count + block_count
         mean_weight = block_count / total
         m2_weight = count * block_count / total
@@ -424,20 +470,45 @@ cdef void pass_columns(Pass kind, const real* a, const real* b, real* out, int64
                 out[row + j] = a[row + j] * scale[j]
 
 
+cdef real* column_coefs(const real* coefs, int64_t c, int64_t s) noexcept nogil:
+    """Column mode: the coefficients of channel j repeated for its s columns, as
+    pass_columns takes them: coefs itself when s == 1, else a new array (NULL when out
+    of memory)."""
+    cdef real* wide
+    cdef int64_t row, j, k
+    if s == 1:
+        return <real*>coefs
+    wide = <real*>malloc(CHANNEL_COEFS * c * s * sizeof(real))
+    if wide != NULL:
+        for row in range(CHANNEL_COEFS):
+            for j in range(c):
+                for k in range(s):
+                    wide[(row * c + j) * s + k] = coefs[row * c + j]
+    return wide
+
+
 cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
                    int64_t n, int64_t c, int64_t s, const real* coefs, int n_threads) noexcept nogil:
     """out = pass(a, b) over the whole (N, C, S) buffer, in parallel."""
-    cdef int64_t task, n_tasks, r0, per_row
+    cdef int64_t task, n_tasks, r0, per_row, rows, cols = c * s
     cdef bint stream = use_streaming(out, a, b, n * c * s * sizeof(real))
-    if s == 1:
-        n_tasks = (n + ROW_BLOCK - 1) // ROW_BLOCK
+    cdef real* by_column = NULL
+    if use_column_pass(c, s):
+        by_column = column_coefs(coefs, c, s)
+    if by_column != NULL:
+        # Along the rows of the (N, C·S) matrix, PASS_VALUES values per task.
+        rows = max(<int64_t>1, PASS_VALUES // cols)
+        n_tasks = (n + rows - 1) // rows
         if n_threads > 1:
             for task in prange(n_tasks, schedule='static', num_threads=n_threads):
-                r0 = task * ROW_BLOCK
-                pass_columns(kind, a, b, out, c, r0, min(r0 + ROW_BLOCK, n), 0, c, coefs)
+                r0 = task * rows
+                pass_columns(kind, a, b, out, cols, r0, min(r0 + rows, n), 0, cols, by_column)
         else:
-            pass_columns(kind, a, b, out, c, 0, n, 0, c, coefs)
+            pass_columns(kind, a, b, out, cols, 0, n, 0, cols, by_column)
+        if by_column != coefs:
+            free(by_column)
         return
+    # Channel rows (and column mode's fallback when out of memory), piece by piece.
     per_row = pieces_per_row(s)
     n_tasks = c * n * per_row
     if n_threads > 1:
@@ -493,8 +564,8 @@ cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n
     cdef Tiles tiles
     cdef double count
     cdef double* partials
-    if s == 1:
-        tiles = tiles_of(n, c)
+    if use_column_mode(s):
+        tiles = tiles_of(n, c, s)
         partials = <double*>malloc(2 * tiles.n_blocks * c * sizeof(double))
         if partials == NULL:
             return BNCPU_ERR_NO_MEMORY
@@ -541,19 +612,26 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
     cdef Tiles tiles
     cdef double* partials
     cdef real* center
-    if s == 1:
-        tiles = tiles_of(n, c)
+    cdef real* by_column = NULL
+    cdef int64_t k
+    if use_column_mode(s):
+        tiles = tiles_of(n, c, s)
         partials = <double*>malloc(2 * tiles.n_blocks * c * sizeof(double))
-        center = <real*>malloc(c * sizeof(real))
-        if partials == NULL or center == NULL:
+        center = <real*>malloc(c * s * sizeof(real))
+        if scaled != NULL:
+            by_column = column_coefs(coefs, c, s)
+        if partials == NULL or center == NULL or (scaled != NULL and by_column == NULL):
             free(partials)
             free(center)
+            if by_column != coefs:
+                free(by_column)
             return BNCPU_ERR_NO_MEMORY
         for j in range(c):
-            center[j] = <real>mean[j]
+            for k in range(s):
+                center[j * s + k] = <real>mean[j]
         for task in prange(tiles.n_blocks * tiles.n_chunks, schedule='static',
                            num_threads=n_threads):
-            grad_sums_tile_task(dy, x, &tiles, task, center, partials, scaled, coefs)
+            grad_sums_tile_task(dy, x, &tiles, task, center, partials, scaled, by_column)
         for j in range(c):
             sum_dy[j] = 0
             sum_dy_xmu[j] = 0
@@ -562,9 +640,11 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
                 sum_dy[j] += partials[t * c + j]
                 sum_dy_xmu[j] += partials[(tiles.n_blocks + t) * c + j]
         for j in range(c):
-            sum_dy_xmu[j] = finish_dy_xmu(sum_dy[j], sum_dy_xmu[j], mean[j], center[j])
+            sum_dy_xmu[j] = finish_dy_xmu(sum_dy[j], sum_dy_xmu[j], mean[j], center[j * s])
         free(partials)
         free(center)
+        if by_column != coefs:
+            free(by_column)
     elif use_split_mode(c, s, n_threads):
         n_tasks = c * n * pieces_per_row(s)
         partials = <double*>malloc(2 * n_tasks * sizeof(double) + 1)
@@ -685,7 +765,7 @@ cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t 
             var[j] = 0
     else:
         n_threads = threads_begin(n * c * s)
-        if s == 1 or use_split_mode(c, s, n_threads):
+        if use_column_mode(s) or use_split_mode(c, s, n_threads):
             # Statistics (merged across tasks), then a second parallel pass.
             status = all_channel_stats(x, n, c, s, n_threads, mean, var)
             if status == BNCPU_OK:
@@ -818,9 +898,10 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
         sum_dy_xmu[j] = 0
     n_threads = threads_begin(n * c * s)
     if count > 0:
-        if s == 1 or use_split_mode(c, s, n_threads) or not need_sums:
+        if use_column_mode(s) or use_split_mode(c, s, n_threads) or not need_sums:
             # Evaluation in column mode: dx = dy·scale computed with the sums, tile by tile.
-            fused_scale = s == 1 and need_sums and not training and dx != NULL
+            fused_scale = (use_column_mode(s) and use_column_pass(c, s) and need_sums
+                           and not training and dx != NULL)
             if need_sums:
                 status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu,
                                                dx if fused_scale else NULL, coefs)
