@@ -322,13 +322,19 @@ cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, in
             row = tile + i * ld
             for k in range(cols):
                 col_sum[k] += row[k]
-    for jj in range(width):
-        # float32: a float32 center near the mean, corrected by finish_dev (as add_dev_span).
-        center[jj * s] = <real>(add_columns(col_sum + jj * s, s) / count)
-        for k in range(jj * s + 1, jj * s + s):
-            center[k] = center[jj * s]
-        for k in range(jj * s, jj * s + s):
-            col_sum[k] = 0
+    # float32: a float32 center near the mean, corrected by finish_dev (as add_dev_span).
+    # (S == 1 apart: a loop over the channels that vectorizes, divisions included.)
+    if s == 1:
+        for jj in range(width):
+            center[jj] = <real>(col_sum[jj] / count)
+            col_sum[jj] = 0
+    else:
+        for jj in range(width):
+            center[jj * s] = <real>(add_columns(col_sum + jj * s, s) / count)
+            for k in range(jj * s + 1, jj * s + s):
+                center[k] = center[jj * s]
+            for k in range(jj * s, jj * s + s):
+                col_sum[k] = 0
     if real is float:
         f32_add_column_dev_sums(col_sum, col_sq, tile, rows, ld, cols, center)
     else:
@@ -337,9 +343,13 @@ cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, in
             for k in range(cols):
                 d = row[k] - center[k]
                 col_sq[k] += d * d
-    for jj in range(width):
-        finish_dev(count, center[jj * s], add_columns(col_sum + jj * s, s),
-                   add_columns(col_sq + jj * s, s), &mean[jj], &m2[jj])
+    if s == 1:
+        for jj in range(width):
+            finish_dev(count, center[jj], col_sum[jj], col_sq[jj], &mean[jj], &m2[jj])
+    else:
+        for jj in range(width):
+            finish_dev(count, center[jj * s], add_columns(col_sum + jj * s, s),
+                       add_columns(col_sq + jj * s, s), &mean[jj], &m2[jj])
 
 
 cdef void tile_grad_sums(const real* dy, const real* x, const Tiles* t, int64_t r0, int64_t rows,
@@ -370,8 +380,8 @@ cdef void tile_grad_sums(const real* dy, const real* x, const Tiles* t, int64_t 
             for k in range(cols):
                 col_dev[k] += dy_row[k] * (x_row[k] - center[k])
     for jj in range(width):
-        sum_dy[jj] = add_columns(col_dy + jj * s, s)
-        sum_dy_dev[jj] = add_columns(col_dev + jj * s, s)
+        sum_dy[jj] = col_dy[jj] if s == 1 else add_columns(col_dy + jj * s, s)
+        sum_dy_dev[jj] = col_dev[jj] if s == 1 else add_columns(col_dev + jj * s, s)
 
 
 cdef void stats_tile_task(const real* x, const Tiles* t, int64_t task,
