@@ -530,6 +530,27 @@ def test_float32_statistics_of_a_large_mean_are_accurate(shape, n_threads):
     assert np.max(np.abs(ours["output"] - truth["output"]) / scale) < 4 * 2.0**-23
 
 
+@pytest.mark.parametrize("order", ["sorted", "reversed", "steps"])
+@pytest.mark.parametrize("shape", [(64, 4, 32, 32), (4, 1, 512, 512), (2, 3, 5000)])
+def test_float32_statistics_of_ordered_data_are_accurate(shape, order):
+    # Blocks whose first values are not typical of the block (the one-pass try is
+    # centered on them): sorted rows, and rows of two levels far apart.
+    x, _ = hard_data(shape, seed=0)
+    if order == "steps":
+        x = x.copy()
+        x[..., x.shape[-1] // 3:] += 1000
+    else:
+        x = np.sort(x, axis=-1)
+        if order == "reversed":
+            x = np.ascontiguousarray(x[..., ::-1])
+    truth = x.astype(np.float64)
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean, var = truth.mean(axis=axes), truth.var(axis=axes)
+    ours = bncpu_hard_results(x)
+    assert relative_error(ours["mean"], mean) < 2.0**-23
+    assert relative_error(ours["invstd"], 1 / np.sqrt(var + EPS)) < 2.0**-23
+
+
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("shape", HARD_SHAPES)
 def test_float32_statistics_of_a_large_mean_are_no_worse_than_torch(torch, shape, seed):
