@@ -733,16 +733,17 @@ cdef int backward_pieces(const real* dy, const real* x, real* dx, Layout lay,
     return status
 
 
-cdef void merge_blocks(const double* partials, int64_t n_blocks, int64_t params,
+cdef void merge_blocks(double* partials, int64_t n_blocks, int64_t params,
                        real* result) noexcept nogil:
-    """result[p] = Σ over blocks of partials[block·params + p], blocks in order."""
+    """result[p] = Σ over blocks of partials[block·params + p], blocks in order (added
+    into the first block's array, a block at a time: a loop over p that vectorizes,
+    not a chain of dependent additions per p)."""
     cdef int64_t p, block
-    cdef double total
+    for block in range(1, n_blocks):
+        for p in range(params):
+            partials[p] += partials[block * params + p]
     for p in range(params):
-        total = partials[p]
-        for block in range(1, n_blocks):
-            total += partials[block * params + p]
-        result[p] = <real>total
+        result[p] = <real>partials[p]
 
 
 cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
