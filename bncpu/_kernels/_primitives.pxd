@@ -254,6 +254,25 @@ cdef inline void merge_stats(double* count, double* mean, double* m2,
     count[0] = total
 
 
+cdef inline double centered_stats(const real* x, int64_t length, int64_t head,
+                                  double* mean, double* m2) noexcept nogil:
+    """Mean and M2 of x[:length] from its deviations from a center, the mean of its
+    first `head` values rounded to the data's precision; returns Σ(x - center)²."""
+    cdef double sum_lanes_[LANES]
+    cdef double sq_lanes[LANES]
+    cdef double sum_sq
+    cdef real center
+    zero_lanes(sum_lanes_)
+    add_span(sum_lanes_, x, head)
+    center = <real>(sum_lanes(sum_lanes_) / head)
+    zero_lanes(sum_lanes_)
+    zero_lanes(sq_lanes)
+    add_dev_span(sum_lanes_, sq_lanes, x, length, center)
+    sum_sq = sum_lanes(sq_lanes)
+    finish_dev(<double>length, center, sum_lanes(sum_lanes_), sum_sq, mean, m2)
+    return sum_sq
+
+
 cdef inline void block_stats(const real* x, int64_t length, double* mean,
                              double* m2) noexcept nogil:
     """Mean and M2 of one block, two-pass: a first mean, then deviations from it.
@@ -265,37 +284,20 @@ cdef inline void block_stats(const real* x, int64_t length, double* mean,
     them around the float32-rounded mean), still far below float32 resolution. Blocks
     whose start is not typical (sorted data, a group-norm block across channels of
     different means) are summed again, two-pass."""
-    cdef double sum_lanes_[LANES]
-    cdef double sq_lanes[LANES]
-    cdef double sum_sq
-    cdef real center
     if real is float:
         if length >= 2 * HINT_VALUES:
-            zero_lanes(sum_lanes_)
-            add_span(sum_lanes_, x, HINT_VALUES)
-            center = <real>(sum_lanes(sum_lanes_) / HINT_VALUES)
-            zero_lanes(sum_lanes_)
-            zero_lanes(sq_lanes)
-            add_dev_span(sum_lanes_, sq_lanes, x, length, center)
-            sum_sq = sum_lanes(sq_lanes)
-            finish_dev(<double>length, center, sum_lanes(sum_lanes_), sum_sq, mean, m2)
-            if sum_sq <= 2 * m2[0]:   # false for NaN: then two-pass, as for any block
+            # Σd² <= 2·M2 is false for NaN: then two-pass, as for any block.
+            if centered_stats(x, length, HINT_VALUES, mean, m2) <= 2 * m2[0]:
                 return
-    zero_lanes(sum_lanes_)
-    add_span(sum_lanes_, x, length)
-    center = <real>(sum_lanes(sum_lanes_) / length)
-    zero_lanes(sum_lanes_)
-    zero_lanes(sq_lanes)
-    add_dev_span(sum_lanes_, sq_lanes, x, length, center)
-    finish_dev(<double>length, center, sum_lanes(sum_lanes_), sum_lanes(sq_lanes), mean, m2)
+    centered_stats(x, length, length, mean, m2)
 
 
 cdef inline void span_stats(const real* x, int64_t length,
                             double* count, double* mean, double* m2) noexcept nogil:
     """Merge the statistics of x[:length] into (count, mean, m2), block by block.
 
-    Each block is summarized two-pass (a first mean, then deviations from it), so data
-    whose mean dwarfs its spread loses no precision.
+    Each block is summarized from its deviations from a center near its mean (see
+    block_stats), so data whose mean dwarfs its spread loses no precision.
     """
     cdef int64_t start, start_index, size
     cdef double block_mean, block_m2

@@ -914,8 +914,8 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
     if count > 0:
         if use_column_mode(s) or use_split_mode(c, s, n_threads) or not need_sums:
             # Evaluation in column mode: dx = dy·scale computed with the sums, tile by tile.
-            fused_scale = (use_column_mode(s) and use_column_pass(c, s) and need_sums
-                           and not training and dx != NULL)
+            # (use_column_pass implies column mode, whose sums honor `scaled`.)
+            fused_scale = use_column_pass(c, s) and need_sums and not training and dx != NULL
             if need_sums:
                 status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu,
                                                dx if fused_scale else NULL, coefs)
