@@ -174,6 +174,77 @@ BNCPU_DEFINE_AFFINE_EACH(double, f64, bncpu_ew_f64)
 #undef BNCPU_DEFINE_ELEMENTWISE
 #undef BNCPU_DEFINE_AFFINE_EACH
 
+/* Ask for the cache lines of bytes at p to be brought into L2 ahead of use. */
+static inline void bncpu_prefetch(const void* p, int64_t bytes)
+{
+    const char* c = (const char*)p;
+    int64_t at;
+    for (at = 0; at < bytes; at += 64)
+        __builtin_prefetch(c + at, 0, 2);
+}
+
+/* Layer and RMS norm backward over `length` columns of one row:
+ *   dx     = (dy·weight - mean_g - ((x - hi) - lo)·k)·scale
+ *   acc_w += dy·(((x - hi) - lo)·scale)
+ *   acc_b += dy
+ * The float32 accumulators hold a column's sums over a few rows; the caller widens
+ * them into float64 partials (bncpu_widen_f32), as the runs of _float32_sums.h do.
+ * dx (may be dy or x), weight, acc_w and acc_b may be NULL. */
+static inline void bncpu_row_backward_f32(const float* dy, const float* x, float* dx,
+                                          int64_t length, float hi, float lo, float scale,
+                                          float mean_g, float k, const float* weight,
+                                          float* acc_w, float* acc_b)
+{
+    const int64_t per = BNCPU_EW_BYTES / sizeof(float);
+    const bncpu_ew_f32 ones = (bncpu_ew_f32){0} + 1.0f;
+    int64_t i = 0;
+    /* One loop body; gcc unswitches it on the NULL tests. dy and x are read before dx,
+     * which may be either of them, is written. */
+    for (; i + per <= length; i += per) {
+        bncpu_ew_f32 d, v, w, xh, a;
+        memcpy(&d, dy + i, sizeof d);
+        memcpy(&v, x + i, sizeof v);
+        xh = (v - hi) - lo;
+        if (acc_w != NULL) {
+            memcpy(&a, acc_w + i, sizeof a);
+            a += d * (xh * scale);
+            memcpy(acc_w + i, &a, sizeof a);
+        }
+        if (acc_b != NULL) {
+            memcpy(&a, acc_b + i, sizeof a);
+            a += d;
+            memcpy(acc_b + i, &a, sizeof a);
+        }
+        if (dx != NULL) {
+            if (weight != NULL)
+                memcpy(&w, weight + i, sizeof w);
+            else
+                w = ones;
+            v = (d * w - mean_g - xh * k) * scale;
+            memcpy(dx + i, &v, sizeof v);
+        }
+    }
+    for (; i < length; i++) {
+        float d = dy[i], xh = (x[i] - hi) - lo;
+        if (acc_w != NULL)
+            acc_w[i] += d * (xh * scale);
+        if (acc_b != NULL)
+            acc_b[i] += d;
+        if (dx != NULL)
+            dx[i] = (d * (weight != NULL ? weight[i] : 1.0f) - mean_g - xh * k) * scale;
+    }
+}
+
+/* partial += acc (widened to float64), then acc = 0. */
+static inline void bncpu_widen_f32(float* acc, double* partial, int64_t length)
+{
+    int64_t i;
+    for (i = 0; i < length; i++) {
+        partial[i] += acc[i];
+        acc[i] = 0;
+    }
+}
+
 /* Layer and RMS norm backward, rows of one group sharing their columns' parameters:
  * rows r < n_rows (at most 8) of `length` columns, row r at dy + r·stride etc.:
  *   dx[r]     = (dy[r]·weight - mean_g[r] - ((x[r] - hi[r]) - lo[r])·k[r])·scale[r]
@@ -181,7 +252,8 @@ BNCPU_DEFINE_AFFINE_EACH(double, f64, bncpu_ew_f64)
  *   dbias    += Σ_r dy[r]
  * in float32, rows in order, each column's sum over the rows widened once into the
  * float64 partials (as the runs of _float32_sums.h). dx (may be dy or x), weight,
- * dweight, dbias may be NULL. */
+ * dweight, dbias may be NULL. Rows 4 KiB apart map their lines to the same L1 sets:
+ * used for long rows, a few at a time, read from L3 (see row_norm.pyx). */
 static inline void bncpu_columns_backward_f32(const float* dy, const float* x, float* dx,
                                               int64_t stride, int n_rows, int64_t length,
                                               const float* hi, const float* lo,

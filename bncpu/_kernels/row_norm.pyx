@@ -37,19 +37,17 @@ any number of threads):
   rows of several pieces, which leave the cache between the reduction and the
   elementwise pass anyway, run in piece mode when there are threads to share them.
 * Backward, one value per channel (s == 1: layer and RMS norm): dweight and dbias have
-  a value per column, so they are summed down the columns. Rows of one piece: a task
-  per block of rows reduces each row and passes over it while it is in cache, adding
-  into the block's partial arrays. Longer rows go in groups of about REREAD_VALUES
+  a value per column, so they are summed down the columns, each row block into its own
+  partial arrays. Rows of one piece: a task per block of rows reduces each row and
+  passes over it while it is in cache. Longer rows go in groups of about REREAD_VALUES
   values: the group is reduced in piece mode, then passed over while still in cache
-  (L3) by tasks of COLUMNS columns, each going down the group's rows in order and
-  adding into the one partial array that stays in cache; a column thus adds its rows
-  in row order, whatever the number of threads, and no row-sized array is read and
-  written per row.
+  (L3) by tasks of columns, each going down the group's rows in order, reading each
+  row's columns contiguously, writing dx and adding into the one partial array.
 
 Every kernel checks its arguments first and returns a bncpu_status; nothing is
 written unless the arguments are valid.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc
@@ -62,16 +60,17 @@ from bncpu._kernels._common cimport (
     check_sizes, check_eps, data_or_null, is_float32)
 from bncpu._kernels._primitives cimport (
     real, span_stats, merge_stats, sum_span, sum_sq_span, sum_dy_xmu_span, split_center,
-    affine_span, affine_each_span, use_streaming, sum_g_xmu_span_f32, columns_backward_f32)
+    affine_span, affine_each_span, use_streaming, sum_g_xmu_span_f32, row_backward_f32,
+    widen_f32, columns_backward_f32, prefetch)
 
 cnp.import_array()
 
 cdef enum:
     PIECE = 16384              # values per piece of a row (a unit of parallel work)
     MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
-    COLUMNS = 2048             # columns per task of the backward's column pass (s == 1)
-    COLUMN_ROWS = 8            # ... float32 rows whose column sums are added before widening
+    TILE = 2048                # columns per task of the long rows' pass (s == 1), at most
     REREAD_VALUES = 1 << 19    # values of a group of long rows reduced, then read from cache
+    WIDEN_ROWS = 8             # float32 rows whose column sums are added before widening
     PARTIALS_BUDGET = 1 << 20  # ... and at most this many partial values per array
 
 
@@ -136,11 +135,15 @@ cdef inline int64_t span_channel(const Layout* lay, int64_t span) noexcept nogil
     return span if lay.pieces_per_seg == 0 else span // lay.pieces_per_seg
 
 
-cdef inline int64_t row_blocks(int64_t rows, int64_t params,
-                               int64_t* rows_per_block) noexcept nogil:
-    """Blocks of the dweight/dbias partial sums: their number, and rows per block."""
-    cdef int64_t budget = max(<int64_t>1, PARTIALS_BUDGET // max(params, <int64_t>1))
+cdef inline int64_t row_blocks(const Layout* lay, int64_t* rows_per_block) noexcept nogil:
+    """Blocks of the dweight/dbias partial sums: their number, and rows per block.
+    Long rows of one value per channel (s == 1) have one block: their tasks are tiles of
+    columns (backward_columns)."""
+    cdef int64_t rows = lay.rows
+    cdef int64_t budget = max(<int64_t>1, PARTIALS_BUDGET // max(lay.params, <int64_t>1))
     cdef int64_t blocks = min(rows, min(<int64_t>MAX_BLOCKS, budget))
+    if lay.seg == 1 and lay.pieces > 1:
+        blocks = 1
     rows_per_block[0] = (rows + blocks - 1) // blocks
     return (rows + rows_per_block[0] - 1) // rows_per_block[0]
 
@@ -271,29 +274,17 @@ cdef inline double sum_dy_weight_xmu(const real* dy, const real* weight, const r
 cdef void piece_grad_sums(const real* dy, const real* x, const Layout* lay, int64_t q,
                           double mean, double rstd, const real* weight, double* sums,
                           double* span_sums, double* dweight, double* dbias) noexcept nogil:
-    """sums = (Σg, Σg·xmu) over piece q of a row, g = dy·weight[p], xmu = x - mean.
+    """sums = (Σg, Σg·xmu) over piece q of a row of channels of several values (s > 1),
+    g = dy·weight[p], xmu = x - mean.
 
-    Channels of several values (s > 1) are summed span by span; each span's
-    (Σdy, Σdy·xmu) is also stored in span_sums (by span number, if not NULL) and added
-    to the dweight/dbias partials (if not NULL)."""
+    The channels are summed span by span; each span's (Σdy, Σdy·xmu) is also stored in
+    span_sums (by span number, if not NULL) and added to the dweight/dbias partials (if
+    not NULL)."""
     cdef int64_t start, length, pos, stop, channel, span_stop, span
     cdef double w, sum_dy, sum_dy_xmu
     piece_span(lay, q, &start, &length)
     sums[0] = 0
     sums[1] = 0
-    if real is float:
-        if lay.seg == 1:
-            if weight != NULL:
-                sum_g_xmu_span_f32(dy + start, weight + start, x + start, length, mean,
-                                   &sums[0], &sums[1])
-            else:
-                sum_dy_xmu_span(dy + start, x + start, length, mean, &sums[0], &sums[1])
-            return
-    if lay.seg == 1:
-        sums[0] = sum_dy_weight(dy + start, weight + start if weight != NULL else NULL, length)
-        sums[1] = sum_dy_weight_xmu(dy + start, weight + start if weight != NULL else NULL,
-                                    x + start, length, mean)
-        return
     pos = start
     stop = start + length
     span = pos // lay.seg if lay.pieces_per_seg == 0 else q
@@ -507,6 +498,13 @@ cdef void grad_sums_task(const real* dy, const real* x, Layout lay, int64_t firs
     row and span number."""
     cdef int64_t r = first_row + task // lay.pieces
     cdef int64_t p0 = first_param(&lay, r)
+    cdef int64_t start, length
+    if lay.seg == 1:
+        piece_span(&lay, task % lay.pieces, &start, &length)
+        columns_grad_sums(dy + r * lay.length + start, x + r * lay.length + start, length,
+                          row_mean(mean, r), weight + p0 + start if weight != NULL else NULL,
+                          sums + 2 * task)
+        return
     piece_grad_sums(dy + r * lay.length, x + r * lay.length, &lay, task % lay.pieces,
                     row_mean(mean, r), rstd[r], weight + p0 if weight != NULL else NULL,
                     sums + 2 * task,
@@ -542,77 +540,125 @@ cdef int pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_r
 
 
 # Channels of one value (s == 1; layer and RMS norm): dweight and dbias have a value per
-# column, so they are summed down the columns, by tasks that each own a run of columns
-# of a set of rows and go down these rows in order.
+# column, summed down the columns. Rows are grouped in blocks fixed by the shape, as for
+# s > 1; a task goes down the rows of one block in order, adding into the block's own
+# partial arrays, so a column adds its rows in row order whatever the number of threads.
+# Every pass reads a row's columns contiguously: a pass down the columns of several rows
+# 4 KiB apart maps all their lines to one L1 set (measured 2x slower on (8192, 1024)).
 
 
-cdef void column_rows_f32(const float* dy, const float* x, float* dx, const Layout* lay,
-                          int64_t start, int64_t length, int64_t r0, int64_t r1,
-                          const float* mean, const float* rstd, const float* weight,
-                          bint centered, double* row_coefs, double* dweight,
-                          double* dbias) noexcept nogil:
-    """column_task for float32 rows r0..r1 (at most COLUMN_ROWS) sharing their parameters
-    (one group): each column's dweight/dbias shares of these rows are summed in float32,
-    rows in order, then added to the float64 partials once (see _elementwise.h)."""
-    cdef float hi[COLUMN_ROWS]
-    cdef float lo[COLUMN_ROWS]
-    cdef float scale[COLUMN_ROWS]
-    cdef float mean_g[COLUMN_ROWS]
-    cdef float k[COLUMN_ROWS]
+cdef inline void columns_grad_sums(const real* dy, const real* x, int64_t length, double mean,
+                                   const real* weight, double* sums) noexcept nogil:
+    """sums = (Σg, Σg·xmu) over `length` columns of one row, g = dy·weight."""
+    sums[0] = 0
+    sums[1] = 0
+    if real is float:
+        if weight != NULL:
+            sum_g_xmu_span_f32(dy, weight, x, length, mean, &sums[0], &sums[1])
+        else:
+            sum_dy_xmu_span(dy, x, length, mean, &sums[0], &sums[1])
+    else:
+        sums[0] = sum_dy_weight(dy, weight, length)
+        sums[1] = sum_dy_weight_xmu(dy, weight, x, length, mean)
+
+
+cdef inline void columns_pass(const real* dy, const real* x, real* dx, int64_t length,
+                              double mean, double rstd, double mean_g, double k_coef,
+                              const real* weight, double* dweight, double* dbias, float* acc,
+                              bint widen) noexcept nogil:
+    """dx over `length` columns of one row (if dx is not NULL), and the row's shares of
+    dweight/dbias added to these columns of the partials (if not NULL).
+
+    float32 rows with accumulators (acc not NULL) add the shares in float32 to
+    acc[:length] (dweight's) and acc[length:2·length] (dbias's), which are widened into
+    the partials and zeroed when `widen` is set: every WIDEN_ROWS rows of a block, and at
+    its end. Other rows add them in float64 straight to the partials."""
+    cdef real hi, lo
+    if real is float:
+        if acc != NULL or (dweight == NULL and dbias == NULL):
+            split_center(mean, &hi, &lo)
+            row_backward_f32(dy, x, dx, length, hi, lo, <float>rstd, <float>mean_g,
+                             <float>k_coef, weight, acc if dweight != NULL else NULL,
+                             acc + length if dbias != NULL else NULL)
+            if widen and dweight != NULL:
+                widen_f32(acc, dweight, length)
+            if widen and dbias != NULL:
+                widen_f32(acc + length, dbias, length)
+            return
+    columns_backward(dy, x, dx, length, mean, rstd, mean_g, k_coef, weight, dweight, dbias)
+
+
+cdef inline bint widen_after(int64_t r, int64_t first_row, int64_t last_row) noexcept nogil:
+    return (r - first_row) % WIDEN_ROWS == WIDEN_ROWS - 1 or r == last_row - 1
+
+
+cdef void rows_task(const real* dy, const real* x, real* dx, Layout lay, int64_t first_row,
+                    int64_t last_row, const real* mean, const real* rstd, const real* weight,
+                    bint centered, double* row_coefs, double* dweight, double* dbias,
+                    float* acc) noexcept nogil:
+    """Rows of one piece, first_row..last_row-1 (one block) in order: each reduced, then
+    passed over while in cache; dweight/dbias are the block's partials."""
+    cdef int64_t r, offset, p0
     cdef double sums[2]
-    cdef int64_t r, offset
-    for r in range(r0, r1):
+    cdef double m
+    for r in range(first_row, last_row):
         offset = r * lay.length
-        if lay.pieces == 1:
-            piece_grad_sums(dy + offset, x + offset, lay, 0, row_mean(mean, r), rstd[r],
-                            weight, sums, NULL, NULL, NULL)
-            backward_coefs(sums[0], sums[1], rstd[r], lay.length, centered,
-                           &row_coefs[2 * r], &row_coefs[2 * r + 1])
-        split_center(row_mean(mean, r), &hi[r - r0], &lo[r - r0])
-        scale[r - r0] = <float>rstd[r]
-        mean_g[r - r0] = <float>row_coefs[2 * r]
-        k[r - r0] = <float>row_coefs[2 * r + 1]
-    offset = r0 * lay.length + start
-    columns_backward_f32(dy + offset, x + offset, dx + offset if dx != NULL else NULL,
-                         lay.length, <int>(r1 - r0), length, hi, lo, scale, mean_g, k,
-                         weight + start if weight != NULL else NULL,
-                         dweight + start if dweight != NULL else NULL,
-                         dbias + start if dbias != NULL else NULL)
+        p0 = first_param(&lay, r)
+        m = row_mean(mean, r)
+        columns_grad_sums(dy + offset, x + offset, lay.length, m,
+                          weight + p0 if weight != NULL else NULL, sums)
+        backward_coefs(sums[0], sums[1], rstd[r], lay.length, centered,
+                       &row_coefs[2 * r], &row_coefs[2 * r + 1])
+        if r + 1 < last_row:
+            # The next row comes in from memory while this one is passed over in cache.
+            prefetch(dy + offset + lay.length, lay.length * sizeof(real))
+            prefetch(x + offset + lay.length, lay.length * sizeof(real))
+        columns_pass(dy + offset, x + offset, dx + offset if dx != NULL else NULL, lay.length,
+                     m, rstd[r], row_coefs[2 * r], row_coefs[2 * r + 1],
+                     weight + p0 if weight != NULL else NULL,
+                     dweight + p0 if dweight != NULL else NULL,
+                     dbias + p0 if dbias != NULL else NULL, acc,
+                     widen_after(r, first_row, last_row))
 
 
-cdef void column_task(const real* dy, const real* x, real* dx, Layout lay, int64_t start,
-                      int64_t length, int64_t first_row, int64_t last_row, const real* mean,
-                      const real* rstd, const real* weight, bint centered, double* row_coefs,
-                      double* dweight, double* dbias) noexcept nogil:
-    """Columns start..start+length-1 of rows first_row..last_row-1, rows in order: dx, and
-    the rows' shares of dweight/dbias added to these columns of the partials (which stay
-    in cache). Whole rows of one piece are reduced here first (row_coefs); other rows'
-    row_coefs are already there."""
-    cdef int64_t r, offset, p, r0
-    cdef double sums[2]
-    cdef double m, rs
+cdef void tile_task(const real* dy, const real* x, real* dx, Layout lay, int64_t start,
+                    int64_t width, int64_t first_row, int64_t last_row, const real* mean,
+                    const real* rstd, const real* weight, const double* row_coefs,
+                    double* dweight, double* dbias) noexcept nogil:
+    """Long rows, already reduced (row_coefs): columns start..start+width-1 of rows
+    first_row..last_row-1 in order: dx, and the rows' dweight/dbias shares added to
+    these columns of the partials. float32 rows of one group go WIDEN_ROWS rows at a
+    time, side by side: each column's shares of these rows are summed in float32 in
+    registers and widened once (see _elementwise.h)."""
+    cdef float hi[WIDEN_ROWS]
+    cdef float lo[WIDEN_ROWS]
+    cdef float scale[WIDEN_ROWS]
+    cdef float mean_g[WIDEN_ROWS]
+    cdef float k[WIDEN_ROWS]
+    cdef int64_t r, r0, r1, offset, p
     if real is float:
         if lay.groups == 1:
             r0 = first_row
             while r0 < last_row:
-                column_rows_f32(dy, x, dx, &lay, start, length, r0, min(r0 + COLUMN_ROWS, last_row),
-                                mean, rstd, weight, centered, row_coefs, dweight, dbias)
-                r0 += COLUMN_ROWS
+                r1 = min(r0 + WIDEN_ROWS, last_row)
+                for r in range(r0, r1):
+                    split_center(row_mean(mean, r), &hi[r - r0], &lo[r - r0])
+                    scale[r - r0] = <float>rstd[r]
+                    mean_g[r - r0] = <float>row_coefs[2 * r]
+                    k[r - r0] = <float>row_coefs[2 * r + 1]
+                offset = r0 * lay.length + start
+                columns_backward_f32(dy + offset, x + offset, dx + offset if dx != NULL else NULL,
+                                     lay.length, <int>(r1 - r0), width, hi, lo, scale, mean_g,
+                                     k, weight + start if weight != NULL else NULL,
+                                     dweight + start if dweight != NULL else NULL,
+                                     dbias + start if dbias != NULL else NULL)
+                r0 = r1
             return
     for r in range(first_row, last_row):
-        offset = r * lay.length
-        p = first_param(&lay, r)
-        m = row_mean(mean, r)
-        rs = rstd[r]
-        if lay.pieces == 1:
-            piece_grad_sums(dy + offset, x + offset, &lay, 0, m, rs,
-                            weight + p if weight != NULL else NULL, sums, NULL, NULL, NULL)
-            backward_coefs(sums[0], sums[1], rs, lay.length, centered,
-                           &row_coefs[2 * r], &row_coefs[2 * r + 1])
-        offset += start
-        p += start
-        columns_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, length,
-                         m, rs, row_coefs[2 * r], row_coefs[2 * r + 1],
+        offset = r * lay.length + start
+        p = first_param(&lay, r) + start
+        columns_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, width,
+                         row_mean(mean, r), rstd[r], row_coefs[2 * r], row_coefs[2 * r + 1],
                          weight + p if weight != NULL else NULL,
                          dweight + p if dweight != NULL else NULL,
                          dbias + p if dbias != NULL else NULL)
@@ -624,34 +670,45 @@ cdef int backward_columns(const real* dy, const real* x, real* dx, Layout lay,
                           double* dweight, double* dbias, double* row_coefs,
                           int n_threads) noexcept nogil:
     """Rows of one piece: a task per block of rows, each row reduced and passed over in
-    cache, into the block's partials. Longer rows, in groups of about REREAD_VALUES
-    values: the group reduced in piece mode, then, while it is still in cache (L3),
-    passed over in runs of COLUMNS columns, each down the group's rows, into the one
-    partial array (n_blocks is 1): a column adds its rows in row order."""
-    cdef int64_t block, run, group, first, last, rows_per_group
-    cdef int64_t runs = (lay.length + COLUMNS - 1) // COLUMNS
+    cache. Longer rows (one block): in groups of rows, reduced in piece mode, then
+    passed over by tasks of columns, which write dx and add the dweight/dbias shares."""
+    cdef int64_t task, tile, tiles, first, last, rows_per_group
+    cdef int64_t width = lay.length
     cdef int status = BNCPU_OK
+    cdef float* accs = NULL
+    if real is float:
+        if lay.pieces == 1 and lay.groups == 1 and (dweight != NULL or dbias != NULL):
+            # float32 accumulators, one pair per thread, zero between tasks.
+            accs = <float*>calloc(2 * width * n_threads, sizeof(float))
+            if accs == NULL:
+                return BNCPU_ERR_NO_MEMORY
     if lay.pieces == 1:
-        for block in prange(n_blocks, schedule='static', num_threads=n_threads):
-            column_task(dy, x, dx, lay, 0, lay.length, block * rows_per_block,
-                        min(lay.rows, (block + 1) * rows_per_block), mean, rstd, weight,
-                        centered, row_coefs,
-                        dweight + block * lay.params if dweight != NULL else NULL,
-                        dbias + block * lay.params if dbias != NULL else NULL)
-        return BNCPU_OK
-    rows_per_group = max(<int64_t>1, REREAD_VALUES // lay.length)
-    for group in range((lay.rows + rows_per_group - 1) // rows_per_group):
-        first = group * rows_per_group
-        last = min(lay.rows, first + rows_per_group)
-        status = pieces_coefs(dy, x, lay, first, last, mean, rstd, weight, centered, row_coefs,
-                              NULL, n_threads)
-        if status != BNCPU_OK:
-            return status
-        for run in prange(runs, schedule='static', num_threads=n_threads):
-            column_task(dy, x, dx, lay, run * COLUMNS, min(<int64_t>COLUMNS,
-                        lay.length - run * COLUMNS), first, last, mean, rstd, weight,
-                        centered, row_coefs, dweight, dbias)
-    return BNCPU_OK
+        for task in prange(n_blocks, schedule='static', num_threads=n_threads):
+            rows_task(dy, x, dx, lay, task * rows_per_block,
+                      min(lay.rows, (task + 1) * rows_per_block), mean, rstd, weight, centered,
+                      row_coefs, dweight + task * lay.params if dweight != NULL else NULL,
+                      dbias + task * lay.params if dbias != NULL else NULL,
+                      accs + 2 * width * threadid() if accs != NULL else NULL)
+    else:
+        # Groups of about REREAD_VALUES values: reduced in piece mode, then passed over
+        # while still in cache (L3). Tiles narrow enough for 4 tasks per thread (a
+        # column's sums do not depend on the tile it is in).
+        tile = min(<int64_t>TILE, max(<int64_t>256, lay.length // (64 * n_threads) * 16))
+        tiles = (lay.length + tile - 1) // tile
+        rows_per_group = max(<int64_t>1, REREAD_VALUES // lay.length)
+        first = 0
+        while first < lay.rows and status == BNCPU_OK:
+            last = min(lay.rows, first + rows_per_group)
+            status = pieces_coefs(dy, x, lay, first, last, mean, rstd, weight, centered,
+                                  row_coefs, NULL, n_threads)
+            if status == BNCPU_OK:
+                for task in prange(tiles, schedule='static', num_threads=n_threads):
+                    tile_task(dy, x, dx, lay, task * tile,
+                              min(tile, lay.length - task * tile), first, last, mean, rstd,
+                              weight, row_coefs, dweight, dbias)
+            first = last
+    free(accs)
+    return status
 
 
 # Channels of several values (s > 1; group and instance norm): a channel span's shares of
@@ -773,11 +830,7 @@ cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64
                 dbias[p] = 0
         return BNCPU_OK
     lay = make_layout(n, c, s, groups)
-    if lay.seg == 1 and lay.pieces > 1:
-        n_blocks = 1
-        rows_per_block = lay.rows
-    else:
-        n_blocks = row_blocks(lay.rows, lay.params, &rows_per_block)
+    n_blocks = row_blocks(&lay, &rows_per_block)
     row_coefs = <double*>malloc(2 * lay.rows * sizeof(double))
     if dweight != NULL:
         partial_dweight = <double*>calloc(n_blocks * lay.params, sizeof(double))
