@@ -183,6 +183,15 @@ static inline void bncpu_prefetch(const void* p, int64_t bytes)
         __builtin_prefetch(c + at, 0, 2);
 }
 
+/* The same for lines about to be written (fetched for ownership ahead of the stores). */
+static inline void bncpu_prefetch_write(void* p, int64_t bytes)
+{
+    char* c = (char*)p;
+    int64_t at;
+    for (at = 0; at < bytes; at += 64)
+        __builtin_prefetch(c + at, 1, 2);
+}
+
 /* Layer and RMS norm backward over `length` columns of one row:
  *   dx     = (dy·weight - mean_g - ((x - hi) - lo)·k)·scale
  *   acc_w += dy·(((x - hi) - lo)·scale)

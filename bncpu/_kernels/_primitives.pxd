@@ -44,6 +44,7 @@ cdef extern from "_elementwise.h":
         float scale, float mean_g, float k, const float* weight, float* acc_w,
         float* acc_b) noexcept nogil
     void prefetch "bncpu_prefetch"(const void* p, int64_t n_bytes) noexcept nogil
+    void prefetch_write "bncpu_prefetch_write"(void* p, int64_t n_bytes) noexcept nogil
     void widen_f32 "bncpu_widen_f32"(float* acc, double* partial, int64_t length) noexcept nogil
     void columns_backward_f32 "bncpu_columns_backward_f32"(
         const float* dy, const float* x, float* dx, int64_t stride, int n_rows, int64_t length,

@@ -61,7 +61,7 @@ from bncpu._kernels._common cimport (
 from bncpu._kernels._primitives cimport (
     real, span_stats, merge_stats, sum_span, sum_sq_span, sum_dy_xmu_span, split_center,
     affine_span, affine_each_span, use_streaming, sum_g_xmu_span_f32, row_backward_f32,
-    widen_f32, columns_backward_f32, prefetch)
+    widen_f32, columns_backward_f32, prefetch, prefetch_write)
 
 cnp.import_array()
 
@@ -605,6 +605,8 @@ cdef void rows_task(const real* dy, const real* x, real* dx, Layout lay, int64_t
         offset = r * lay.length
         p0 = first_param(&lay, r)
         m = row_mean(mean, r)
+        if dx != NULL:
+            prefetch_write(dx + offset, lay.length * sizeof(real))
         columns_grad_sums(dy + offset, x + offset, lay.length, m,
                           weight + p0 if weight != NULL else NULL, sums)
         backward_coefs(sums[0], sums[1], rstd[r], lay.length, centered,
@@ -745,6 +747,9 @@ cdef void backward_block(const real* dy, const real* x, real* dx, Layout lay, in
         rs = rstd[r]
         sum_g = 0
         sum_g_xmu = 0
+        if dx != NULL and lay.pieces == 1:
+            # dx's lines are fetched while the row is reduced, not when they are stored.
+            prefetch_write(dx + offset, lay.length * sizeof(real))
         for q in range(lay.pieces):
             piece_grad_sums(dy + offset, x + offset, &lay, q, m, rs, w, sums, NULL,
                             block_partials(dweight, &lay, block, r),
