@@ -70,7 +70,7 @@ cdef enum:
     MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
     TILE = 2048                # columns per task of the long rows' pass (s == 1), at most
     REREAD_BYTES = 2 << 20     # bytes per array of a group of long rows reduced, then read
-                               # from cache (L3; 2 or 5 rows of 784 KB: the same speed, 7: 13% slower)
+                               # from cache (L3; 2 or 5 rows of 784 KB: as fast; 7: -13%)
     WIDEN_ROWS = 8             # float32 rows whose column sums are added before widening
     PARTIALS_BUDGET = 1 << 20  # ... and at most this many partial values per array
 
