@@ -72,6 +72,9 @@ cdef enum:
     REREAD_BYTES = 2 << 20     # bytes per array of a group of long rows reduced, then read
                                # from cache (L3; 2 or 5 rows of 784 KB: as fast; 7: -13%)
     WIDEN_ROWS = 8             # float32 rows whose column sums are added before widening
+    ACC_GAP = 80               # floats between float32 accumulator arrays: rows of 4 KiB
+                               # would otherwise put both at the same offset in a page,
+                               # and a store to one delays the next load from the other
     PARTIALS_BUDGET = 1 << 20  # ... and at most this many partial values per array
 
 
@@ -571,20 +574,20 @@ cdef inline void columns_pass(const real* dy, const real* x, real* dx, int64_t l
     dweight/dbias added to these columns of the partials (if not NULL).
 
     float32 rows with accumulators (acc not NULL) add the shares in float32 to
-    acc[:length] (dweight's) and acc[length:2·length] (dbias's), which are widened into
-    the partials and zeroed when `widen` is set: every WIDEN_ROWS rows of a block, and at
-    its end. Other rows add them in float64 straight to the partials."""
+    acc[:length] (dweight's) and acc[length + ACC_GAP:] (dbias's), which are widened
+    into the partials and zeroed when `widen` is set: every WIDEN_ROWS rows of a block,
+    and at its end. Other rows add them in float64 straight to the partials."""
     cdef real hi, lo
     if real is float:
         if acc != NULL or (dweight == NULL and dbias == NULL):
             split_center(mean, &hi, &lo)
             row_backward_f32(dy, x, dx, length, hi, lo, <float>rstd, <float>mean_g,
                              <float>k_coef, weight, acc if dweight != NULL else NULL,
-                             acc + length if dbias != NULL else NULL)
+                             acc + length + ACC_GAP if dbias != NULL else NULL)
             if widen and dweight != NULL:
                 widen_f32(acc, dweight, length)
             if widen and dbias != NULL:
-                widen_f32(acc + length, dbias, length)
+                widen_f32(acc + length + ACC_GAP, dbias, length)
             return
     columns_backward(dy, x, dx, length, mean, rstd, mean_g, k_coef, weight, dweight, dbias)
 
@@ -682,7 +685,7 @@ cdef int backward_columns(const real* dy, const real* x, real* dx, Layout lay,
     if real is float:
         if lay.pieces == 1 and lay.groups == 1 and (dweight != NULL or dbias != NULL):
             # float32 accumulators, one pair per thread, zero between tasks.
-            accs = <float*>calloc(2 * width * n_threads, sizeof(float))
+            accs = <float*>calloc(2 * (width + ACC_GAP) * n_threads, sizeof(float))
             if accs == NULL:
                 return BNCPU_ERR_NO_MEMORY
     if lay.pieces == 1:
@@ -691,7 +694,7 @@ cdef int backward_columns(const real* dy, const real* x, real* dx, Layout lay,
                       min(lay.rows, (task + 1) * rows_per_block), mean, rstd, weight, centered,
                       row_coefs, dweight + task * lay.params if dweight != NULL else NULL,
                       dbias + task * lay.params if dbias != NULL else NULL,
-                      accs + 2 * width * threadid() if accs != NULL else NULL)
+                      accs + 2 * (width + ACC_GAP) * threadid() if accs != NULL else NULL)
     else:
         # Groups of about REREAD_BYTES per array: reduced in piece mode, then passed over
         # while still in cache (L3). Tiles narrow enough for 4 tasks per thread (a
