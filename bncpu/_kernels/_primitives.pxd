@@ -97,16 +97,18 @@ cdef enum:
 
 
 cdef inline double sum_lanes(const double* lanes) noexcept nogil:
-    """The LANES partial sums added in a fixed pairwise tree."""
-    cdef double tree[LANES]
-    cdef int k, width = LANES
-    for k in range(LANES):
-        tree[k] = lanes[k]
-    while width > 1:
-        width = width >> 1
-        for k in range(width):
-            tree[k] = tree[k] + tree[k + width]
-    return tree[0]
+    """The LANES (16) partial sums added in a fixed pairwise tree: lane k + 8 into lane k,
+    then k + 4 into k, k + 2 into k, 1 into 0. Written out: a loop over the tree's
+    levels stays a scalar loop, and this runs once per span."""
+    cdef double t0 = lanes[0] + lanes[8]
+    cdef double t1 = lanes[1] + lanes[9]
+    cdef double t2 = lanes[2] + lanes[10]
+    cdef double t3 = lanes[3] + lanes[11]
+    cdef double t4 = lanes[4] + lanes[12]
+    cdef double t5 = lanes[5] + lanes[13]
+    cdef double t6 = lanes[6] + lanes[14]
+    cdef double t7 = lanes[7] + lanes[15]
+    return ((t0 + t4) + (t2 + t6)) + ((t1 + t5) + (t3 + t7))
 
 
 cdef inline void zero_lanes(double* lanes) noexcept nogil:
