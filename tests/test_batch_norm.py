@@ -18,9 +18,10 @@ MOMENTUM = 0.1
 
 # 2-D to 5-D; one channel; one value per sample and channel (S = 1, also as trailing 1s);
 # prime sizes, so that no mix-up of axes can hide; (N, C) and short rows cut into
-# several column-mode tiles both ways, with partial tiles and leftover rows and channels.
+# several column-mode tiles both ways, with partial tiles and leftover rows and channels;
+# column-mode rows 4 KiB apart (float32), read two at a time.
 SHAPES = [(4, 3), (7, 1), (5, 2, 1), (2, 3, 5), (3, 5, 7, 11), (2, 1, 3, 4, 5), (4, 3, 1, 1),
-          (2, 3, 2, 3, 5), (301, 1031), (67, 130, 3, 5)]
+          (2, 3, 2, 3, 5), (301, 1031), (67, 130, 3, 5), (43, 16, 8, 8)]
 # A single sample is a valid batch in evaluation, and in training when S > 1.
 SINGLE_SAMPLE_SHAPES = [(1, 3), (1, 1), (1, 4, 5)]
 
@@ -489,7 +490,7 @@ def test_gather_of_empty_processes_only_leaves_running_stats():
 # Channel mode, split mode (few channels, long rows, with 2 threads), column mode (S == 1,
 # one tile and several).
 HARD_SHAPES = [(64, 4, 32, 32), (4, 1, 512, 512), (4096, 16), (301, 1031), (67, 130, 3, 5),
-               (16, 3, 7, 11)]
+               (16, 3, 7, 11), (43, 16, 8, 8)]
 
 
 def hard_data(shape, seed):

@@ -1,7 +1,10 @@
 """Thread control and thread safety: results are bitwise identical for any number of
 OpenMP threads (bncpu.set_num_threads or threadpoolctl), Python threads calling at once
 get the results of serial calls, and changing the thread count while others compute is
-safe."""
+safe. Results are also bitwise identical for every instruction-set build."""
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -30,6 +33,7 @@ LARGE_SHAPES = {
     "column-partial-block": (2048, 130),
     "column-tiles": (301, 1031),              # tiles of 512 channels and 64 rows, and leftovers
     "column-short-rows": (67, 130, 3, 5),     # tiles of 34 channels of 15 columns
+    "column-aliased-rows": (301, 16, 8, 8),   # rows 4 KiB apart, read two at a time
 }
 
 
@@ -203,3 +207,56 @@ def test_set_num_threads_while_another_thread_computes():
         run_in_threads(2, work)
     finally:
         bncpu.set_num_threads(0)
+
+
+# ----------------------------------------------------------------------------------
+# Instruction sets: the portable, AVX2 and AVX-512 builds give the same bits
+# ----------------------------------------------------------------------------------
+ISA_SCRIPT = r"""
+import sys
+import numpy as np
+import bncpu
+
+rng = np.random.default_rng(11)
+results = {"isa": np.array(bncpu.isa())}
+for dtype in (np.float32, np.float64):
+    # channel, split, column (S == 1, short rows, rows 4 KiB apart) modes; row norms
+    for shape in [(8, 16, 32, 32), (4, 1, 300, 300), (301, 131), (67, 130, 3, 5),
+                  (43, 16, 8, 8)]:
+        x = (rng.standard_normal(shape) * 2 + 50).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        w = rng.standard_normal(shape[1]).astype(dtype)
+        b = rng.standard_normal(shape[1]).astype(dtype)
+        key = f"{np.dtype(dtype).name}{shape}"
+        y, mean, invstd = bncpu.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)
+        grads = bncpu.batch_norm_backward(dy, x, w, None, None, mean, invstd, True, 1e-5)
+        ln = bncpu.layer_norm_forward(x, shape[1:], None, None, 1e-5)
+        ln_grads = bncpu.layer_norm_backward(dy, x, shape[1:], ln[1], ln[2],
+                                             np.ones(shape[1:], dtype))
+        for name, arrays in (("bn", (y, mean, invstd) + tuple(grads)),
+                             ("ln", tuple(ln) + tuple(ln_grads))):
+            results[key + name] = np.concatenate([np.ravel(a) for a in arrays])
+np.savez(sys.argv[1], **results)
+"""
+
+
+def test_every_instruction_set_build_gives_the_same_bits(tmp_path):
+    isas = bncpu._capi.cpu_isas()
+    if len(isas) < 2:
+        pytest.skip(f"this CPU runs only the {isas[0]} build")
+    runs = {}
+    for isa in isas:
+        path = tmp_path / f"{isa}.npz"
+        result = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(path)], cwd=tmp_path,
+                                env={**os.environ, "BNCPU_ISA": isa}, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        runs[isa] = np.load(path)
+        assert str(runs[isa]["isa"]) == isa
+    first = runs[isas[0]]
+    for isa in isas[1:]:
+        for key in first.files:
+            if key != "isa":
+                np.testing.assert_array_equal(runs[isa][key].view(np.uint8),
+                                              first[key].view(np.uint8),
+                                              err_msg=f"{key}: {isa} vs {isas[0]}")
