@@ -290,19 +290,20 @@ static inline void bncpu_f32_add_weighted_grad_sums(double* g_lanes, double* g_d
  * time through the vector code, the last width % 16 through scalar code doing the same
  * operations, so every build gives the same bits.
  *
- * When rows are a multiple of 4 KiB apart (bncpu_rows_alias), the vector code reads a
- * run two rows at a time, over chunks of BNCPU_COLUMN_CHUNK columns, keeping the pair
- * sums of the tree in small buffers:
- * ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), the same operations as reading the
- * 8 rows side by side. Rows a multiple of 4 KiB apart map to the same L1 set (8-way):
- * 8 rows side by side, 16 for two arrays, evicted each other before use (measured 1.7x
- * slower on (256, 16, 8, 8) than on (256, 15, 8, 8)). */
+ * Gradient sums of rows a multiple of 4 KiB apart (bncpu_rows_alias) read a run two
+ * rows at a time, over chunks of BNCPU_COLUMN_CHUNK columns, keeping the pair sums of
+ * the tree in small buffers: ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), the
+ * same operations as reading the 8 rows side by side. Such rows map to one L1 set
+ * (8-way): 8 rows of dy and 8 of x side by side evicted each other before use (the
+ * backward of (256, 16, 8, 8) was 1.7x slower than that of (256, 15, 8, 8); with pairs,
+ * 1.5x faster than before at 2 threads). The single-array sums keep 8 rows side by
+ * side: 8 lines fit the set, and pairs measured 4-20% slower there. */
 
 #define BNCPU_COLUMN_CHUNK 256
 
-/* Rows `stride` floats apart whose lines all fall in one L1 set: read them in pairs.
- * Otherwise 8 side by side, in registers (measured 15-20% faster on (256, 15, 8, 8)
- * and (1024, 512); rows 2 KiB apart, two sets, gain nothing from pairs). */
+/* Rows `stride` floats apart whose lines all fall in one L1 set: gradient sums read
+ * them in pairs. Otherwise 8 side by side, in registers (measured 15-20% faster on
+ * (256, 15, 8, 8) and (1024, 512); rows 2 KiB apart, two sets, gain nothing). */
 static inline int bncpu_rows_alias(int64_t stride)
 {
     return (stride * (int64_t)sizeof(float)) % 4096 == 0;
@@ -320,39 +321,18 @@ static inline void bncpu_add_widened(double* acc, bncpu_vf part)
 static inline void bncpu_f32_add_column_sums(double* sums, const float* x, int64_t rows,
                                              int64_t stride, int64_t width)
 {
-    float t01[BNCPU_COLUMN_CHUNK], t45[BNCPU_COLUMN_CHUNK];
-    const int64_t vec_width = width - width % BNCPU_SUM_LANES;
-    const int pairs = bncpu_rows_alias(stride);
-    int64_t i = 0, j, j0, n, at;
+    int64_t i = 0, j;
+    int g;
     for (; i + BNCPU_SUM_RUN <= rows; i += BNCPU_SUM_RUN) {
         const float* p = x + i * stride;
-        for (j0 = 0; j0 < vec_width && !pairs; j0 += BNCPU_VW) {
-#define BNCPU_X(r) bncpu_load(p + (r) * stride + j0)
-            bncpu_add_widened(sums + j0, BNCPU_TREE8(BNCPU_X));
+        for (j = 0; j + BNCPU_SUM_LANES <= width; j += BNCPU_SUM_LANES)
+            for (g = 0; g < BNCPU_GROUP; g++) {
+                const float* q = p + j + g * BNCPU_VW;
+#define BNCPU_X(r) bncpu_load(q + (r) * stride)
+                bncpu_add_widened(sums + j + g * BNCPU_VW, BNCPU_TREE8(BNCPU_X));
 #undef BNCPU_X
-        }
-        for (j0 = 0; j0 < vec_width && pairs; j0 += BNCPU_COLUMN_CHUNK) {
-            const float* q = p + j0;
-            n = vec_width - j0 < BNCPU_COLUMN_CHUNK ? vec_width - j0 : BNCPU_COLUMN_CHUNK;
-#define BNCPU_X(r) bncpu_load(q + (r) * stride + at)
-            for (at = 0; at < n; at += BNCPU_VW) {
-                bncpu_vf v = BNCPU_X(0) + BNCPU_X(1);
-                memcpy(t01 + at, &v, sizeof v);
             }
-            for (at = 0; at < n; at += BNCPU_VW) {
-                bncpu_vf v = bncpu_load(t01 + at) + (BNCPU_X(2) + BNCPU_X(3));
-                memcpy(t01 + at, &v, sizeof v);
-            }
-            for (at = 0; at < n; at += BNCPU_VW) {
-                bncpu_vf v = BNCPU_X(4) + BNCPU_X(5);
-                memcpy(t45 + at, &v, sizeof v);
-            }
-            for (at = 0; at < n; at += BNCPU_VW)
-                bncpu_add_widened(sums + j0 + at, bncpu_load(t01 + at)
-                                  + (bncpu_load(t45 + at) + (BNCPU_X(6) + BNCPU_X(7))));
-#undef BNCPU_X
-        }
-        for (j = vec_width; j < width; j++) {
+        for (; j < width; j++) {
 #define BNCPU_X(r) p[(r) * stride + j]
             sums[j] += BNCPU_TREE8(BNCPU_X);
 #undef BNCPU_X
@@ -369,57 +349,26 @@ static inline void bncpu_f32_add_column_dev_sums(double* sum, double* sq, const 
                                                  int64_t rows, int64_t stride, int64_t width,
                                                  const float* center)
 {
-    float s01[BNCPU_COLUMN_CHUNK], q01[BNCPU_COLUMN_CHUNK];
-    float s45[BNCPU_COLUMN_CHUNK], q45[BNCPU_COLUMN_CHUNK];
+    bncpu_vf d[BNCPU_SUM_RUN], c;
     float e[BNCPU_SUM_RUN];
-    const int64_t vec_width = width - width % BNCPU_SUM_LANES;
-    const int pairs = bncpu_rows_alias(stride);
-    int64_t i = 0, j, j0, n, at;
-    int r;
+    int64_t i = 0, j;
+    int g, r;
     for (; i + BNCPU_SUM_RUN <= rows; i += BNCPU_SUM_RUN) {
         const float* p = x + i * stride;
-        for (j0 = 0; j0 < vec_width && !pairs; j0 += BNCPU_VW) {
-            bncpu_vf d[BNCPU_SUM_RUN], c = bncpu_load(center + j0);
-            for (r = 0; r < BNCPU_SUM_RUN; r++)
-                d[r] = bncpu_load(p + r * stride + j0) - c;
+        for (j = 0; j + BNCPU_SUM_LANES <= width; j += BNCPU_SUM_LANES)
+            for (g = 0; g < BNCPU_GROUP; g++) {
+                const int64_t at = j + g * BNCPU_VW;
+                c = bncpu_load(center + at);
+                for (r = 0; r < BNCPU_SUM_RUN; r++)
+                    d[r] = bncpu_load(p + r * stride + at) - c;
 #define BNCPU_D(r) d[r]
 #define BNCPU_DD(r) (d[r] * d[r])
-            bncpu_add_widened(sum + j0, BNCPU_TREE8(BNCPU_D));
-            bncpu_add_widened(sq + j0, BNCPU_TREE8(BNCPU_DD));
+                bncpu_add_widened(sum + at, BNCPU_TREE8(BNCPU_D));
+                bncpu_add_widened(sq + at, BNCPU_TREE8(BNCPU_DD));
 #undef BNCPU_D
 #undef BNCPU_DD
-        }
-        for (j0 = 0; j0 < vec_width && pairs; j0 += BNCPU_COLUMN_CHUNK) {
-            const float* q = p + j0;
-            n = vec_width - j0 < BNCPU_COLUMN_CHUNK ? vec_width - j0 : BNCPU_COLUMN_CHUNK;
-#define BNCPU_D(r) (bncpu_load(q + (r) * stride + at) - bncpu_load(center + j0 + at))
-            for (at = 0; at < n; at += BNCPU_VW) {
-                bncpu_vf a = BNCPU_D(0), b = BNCPU_D(1), v = a + b, w = a * a + b * b;
-                memcpy(s01 + at, &v, sizeof v);
-                memcpy(q01 + at, &w, sizeof w);
             }
-            for (at = 0; at < n; at += BNCPU_VW) {
-                bncpu_vf a = BNCPU_D(2), b = BNCPU_D(3);
-                bncpu_vf v = bncpu_load(s01 + at) + (a + b);
-                bncpu_vf w = bncpu_load(q01 + at) + (a * a + b * b);
-                memcpy(s01 + at, &v, sizeof v);
-                memcpy(q01 + at, &w, sizeof w);
-            }
-            for (at = 0; at < n; at += BNCPU_VW) {
-                bncpu_vf a = BNCPU_D(4), b = BNCPU_D(5), v = a + b, w = a * a + b * b;
-                memcpy(s45 + at, &v, sizeof v);
-                memcpy(q45 + at, &w, sizeof w);
-            }
-            for (at = 0; at < n; at += BNCPU_VW) {
-                bncpu_vf a = BNCPU_D(6), b = BNCPU_D(7);
-                bncpu_add_widened(sum + j0 + at,
-                                  bncpu_load(s01 + at) + (bncpu_load(s45 + at) + (a + b)));
-                bncpu_add_widened(sq + j0 + at,
-                                  bncpu_load(q01 + at) + (bncpu_load(q45 + at) + (a * a + b * b)));
-            }
-#undef BNCPU_D
-        }
-        for (j = vec_width; j < width; j++) {
+        for (; j < width; j++) {
             for (r = 0; r < BNCPU_SUM_RUN; r++)
                 e[r] = p[r * stride + j] - center[j];
 #define BNCPU_D(r) e[r]
