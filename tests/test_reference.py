@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bncpu import reference as ref
+from conftest import central_differences
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -554,23 +555,6 @@ GRADIENT_CASES = {
 }
 
 
-def central_differences(loss, arrays, step=1e-6):
-    """d loss / d array for each array, one element at a time, perturbing the arrays in place."""
-    gradients = []
-    for array in arrays:
-        gradient = np.empty_like(array)
-        for index in np.ndindex(array.shape):
-            original = array[index]
-            array[index] = original + step
-            loss_up = loss()
-            array[index] = original - step
-            loss_down = loss()
-            array[index] = original
-            gradient[index] = (loss_up - loss_down) / (2 * step)
-        gradients.append(gradient)
-    return gradients
-
-
 @pytest.mark.parametrize("with_params", [True, False], ids=["params", "no params"])
 @pytest.mark.parametrize("name", GRADIENT_CASES)
 def test_backward_matches_finite_differences(name, with_params):
@@ -581,7 +565,10 @@ def test_backward_matches_finite_differences(name, with_params):
     output, vjp = case(x, *params)
     grad_output = rng.normal(size=output.shape)
 
-    expected = central_differences(lambda: np.sum(case(x, *params)[0] * grad_output), [x, *params])
+    def loss():
+        return np.sum(case(x, *params)[0] * grad_output)
+
+    expected = [central_differences(loss, array) for array in (x, *params)]
     grads = vjp(grad_output)
     assert all(g is None for g in grads[1:]) != with_params
     actual = [g for g in grads if g is not None]

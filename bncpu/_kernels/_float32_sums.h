@@ -99,25 +99,19 @@ static inline void bncpu_run_dev_sums(const float* p, bncpu_vf c, bncpu_vf* sum,
 #undef BNCPU_DD
 }
 
-static inline void bncpu_run_grad_sums(const float* dy, const float* x, bncpu_vf c,
-                                       bncpu_vf* dy_sum, bncpu_vf* dev_sum)
+/* g = dy·weight (dy when weight is NULL). */
+static inline bncpu_vf bncpu_load_g(const float* dy, const float* weight, int64_t at)
 {
-#define BNCPU_DY(r) bncpu_load(dy + (r) * BNCPU_SUM_LANES)
-#define BNCPU_P(r) (BNCPU_DY(r) * (bncpu_load(x + (r) * BNCPU_SUM_LANES) - c))
-    *dy_sum = BNCPU_TREE8(BNCPU_DY);
-    *dev_sum = BNCPU_TREE8(BNCPU_P);
-#undef BNCPU_DY
-#undef BNCPU_P
+    return weight != NULL ? bncpu_load(dy + at) * bncpu_load(weight + at) : bncpu_load(dy + at);
 }
 
-static inline void bncpu_run_weighted_grad_sums(const float* dy, const float* weight,
-                                                const float* x, bncpu_vf c, bncpu_vf* g_sum,
-                                                bncpu_vf* dev_sum)
+static inline void bncpu_run_grad_sums(const float* dy, const float* weight, const float* x,
+                                       bncpu_vf c, bncpu_vf* g_sum, bncpu_vf* dev_sum)
 {
     bncpu_vf g[BNCPU_SUM_RUN];
     int r;
     for (r = 0; r < BNCPU_SUM_RUN; r++)
-        g[r] = bncpu_load(dy + r * BNCPU_SUM_LANES) * bncpu_load(weight + r * BNCPU_SUM_LANES);
+        g[r] = bncpu_load_g(dy, weight, r * BNCPU_SUM_LANES);
 #define BNCPU_G(r) g[r]
 #define BNCPU_P(r) (g[r] * (bncpu_load(x + (r) * BNCPU_SUM_LANES) - c))
     *g_sum = BNCPU_TREE8(BNCPU_G);
@@ -201,51 +195,13 @@ static inline void bncpu_f32_add_dev_sums(double* sum_lanes, double* sq_lanes, c
     }
 }
 
-/* With d = x - center and p = dy·d, both rounded to float32: dy_lanes += Σ dy and
- * dy_dev_lanes += Σ p, lane by lane as above (the backward pass's two sums). */
-static inline void bncpu_f32_add_grad_sums(double* dy_lanes, double* dy_dev_lanes,
-                                           const float* dy, const float* x, int64_t length,
-                                           float center)
-{
-    const int64_t chunk = BNCPU_SUM_LANES * BNCPU_SUM_RUN;
-    const bncpu_vf c = bncpu_splat(center);
-    bncpu_vd dy_acc[2 * BNCPU_GROUP], dev_acc[2 * BNCPU_GROUP];
-    bncpu_vf dy_part[BNCPU_GROUP], dev_part[BNCPU_GROUP], g_dy;
-    int64_t i = 0, stop, at;
-    int g;
-    bncpu_load_lanes(dy_acc, dy_lanes);
-    bncpu_load_lanes(dev_acc, dy_dev_lanes);
-    for (; i + chunk <= length; i += chunk) {
-        for (g = 0; g < BNCPU_GROUP; g++)
-            bncpu_run_grad_sums(dy + i + g * BNCPU_VW, x + i + g * BNCPU_VW, c,
-                                dy_part + g, dev_part + g);
-        for (g = 0; g < BNCPU_GROUP; g++) {
-            bncpu_widen_add(dy_acc + 2 * g, dy_part[g]);
-            bncpu_widen_add(dev_acc + 2 * g, dev_part[g]);
-        }
-    }
-    for (; i + BNCPU_SUM_LANES <= length; i += BNCPU_SUM_LANES)
-        for (g = 0; g < BNCPU_GROUP; g++) {
-            at = i + g * BNCPU_VW;
-            g_dy = bncpu_load(dy + at);
-            bncpu_widen_add(dy_acc + 2 * g, g_dy);
-            bncpu_widen_add(dev_acc + 2 * g, g_dy * (bncpu_load(x + at) - c));
-        }
-    bncpu_store_lanes(dy_lanes, dy_acc);
-    bncpu_store_lanes(dy_dev_lanes, dev_acc);
-    for (stop = i; i < length; i++) {
-        float dev = dy[i] * (x[i] - center);
-        dy_lanes[i - stop] += dy[i];
-        dy_dev_lanes[i - stop] += dev;
-    }
-}
-
-/* With g = dy·weight and p = g·(x - center), both rounded to float32: g_lanes += Σ g
- * and g_dev_lanes += Σ p, lane by lane as above (layer norm's row sums). */
-static inline void bncpu_f32_add_weighted_grad_sums(double* g_lanes, double* g_dev_lanes,
-                                                    const float* dy, const float* weight,
-                                                    const float* x, int64_t length,
-                                                    float center)
+/* With g = dy·weight (dy when weight is NULL) and p = g·(x - center), both rounded to
+ * float32: g_lanes += Σ g and g_dev_lanes += Σ p, lane by lane as above (the backward
+ * pass's two sums; with a weight, layer norm's row sums). The NULL test is the same on
+ * every iteration: gcc takes it out of the loops. */
+static inline void bncpu_f32_add_grad_sums(double* g_lanes, double* g_dev_lanes,
+                                           const float* dy, const float* weight,
+                                           const float* x, int64_t length, float center)
 {
     const int64_t chunk = BNCPU_SUM_LANES * BNCPU_SUM_RUN;
     const bncpu_vf c = bncpu_splat(center);
@@ -258,8 +214,8 @@ static inline void bncpu_f32_add_weighted_grad_sums(double* g_lanes, double* g_d
     for (; i + chunk <= length; i += chunk) {
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
             at = i + grp * BNCPU_VW;
-            bncpu_run_weighted_grad_sums(dy + at, weight + at, x + at, c, g_part + grp,
-                                         dev_part + grp);
+            bncpu_run_grad_sums(dy + at, weight != NULL ? weight + at : NULL, x + at, c,
+                                g_part + grp, dev_part + grp);
         }
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
             bncpu_widen_add(g_acc + 2 * grp, g_part[grp]);
@@ -269,14 +225,14 @@ static inline void bncpu_f32_add_weighted_grad_sums(double* g_lanes, double* g_d
     for (; i + BNCPU_SUM_LANES <= length; i += BNCPU_SUM_LANES)
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
             at = i + grp * BNCPU_VW;
-            g = bncpu_load(dy + at) * bncpu_load(weight + at);
+            g = bncpu_load_g(dy, weight, at);
             bncpu_widen_add(g_acc + 2 * grp, g);
             bncpu_widen_add(dev_acc + 2 * grp, g * (bncpu_load(x + at) - c));
         }
     bncpu_store_lanes(g_lanes, g_acc);
     bncpu_store_lanes(g_dev_lanes, dev_acc);
     for (stop = i; i < length; i++) {
-        float gi = dy[i] * weight[i];
+        float gi = weight != NULL ? dy[i] * weight[i] : dy[i];
         float dev = gi * (x[i] - center);
         g_lanes[i - stop] += gi;
         g_dev_lanes[i - stop] += dev;

@@ -62,12 +62,10 @@ cdef extern from "_float32_sums.h":
     void f32_add_dev_sums "bncpu_f32_add_dev_sums"(double* sum_lanes, double* sq_lanes,
                                                    const float* x, int64_t length,
                                                    float center) noexcept nogil
-    void f32_add_grad_sums "bncpu_f32_add_grad_sums"(double* dy_lanes, double* dy_dev_lanes,
-                                                     const float* dy, const float* x,
-                                                     int64_t length, float center) noexcept nogil
-    void f32_add_weighted_grad_sums "bncpu_f32_add_weighted_grad_sums"(
-        double* g_lanes, double* g_dev_lanes, const float* dy, const float* weight,
-        const float* x, int64_t length, float center) noexcept nogil
+    void f32_add_grad_sums "bncpu_f32_add_grad_sums"(double* g_lanes, double* g_dev_lanes,
+                                                     const float* dy, const float* weight,
+                                                     const float* x, int64_t length,
+                                                     float center) noexcept nogil
     # Columns of a (rows, width) block with rows `stride` apart (batch norm with S == 1).
     void f32_add_column_sums "bncpu_f32_add_column_sums"(
         double* sums, const float* x, int64_t rows, int64_t stride, int64_t width) noexcept nogil
@@ -175,7 +173,7 @@ cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const r
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
     if real is float:
-        f32_add_grad_sums(dy_lanes, dy_xmu_lanes, dy, x, length, center)
+        f32_add_grad_sums(dy_lanes, dy_xmu_lanes, dy, NULL, x, length, center)
     else:
         for i_block in range(stop // LANES):
             i = i_block * LANES
@@ -232,14 +230,15 @@ cdef inline void sum_dy_xmu_span(const real* dy, const real* x, int64_t length, 
 cdef inline void sum_g_xmu_span_f32(const float* dy, const float* weight, const float* x,
                                     int64_t length, double mean, double* sum_g,
                                     double* sum_g_xmu) noexcept nogil:
-    """Adds Σ g and Σ g·(x - mean), g = dy·weight, over a float32 span."""
+    """Adds Σ g and Σ g·(x - mean), g = dy·weight (dy when weight is NULL), over a
+    float32 span."""
     cdef double g_lanes[LANES]
     cdef double dev_lanes[LANES]
     cdef float center = <float>mean
     cdef double span_g
     zero_lanes(g_lanes)
     zero_lanes(dev_lanes)
-    f32_add_weighted_grad_sums(g_lanes, dev_lanes, dy, weight, x, length, center)
+    f32_add_grad_sums(g_lanes, dev_lanes, dy, weight, x, length, center)
     span_g = sum_lanes(g_lanes)
     sum_g[0] += span_g
     sum_g_xmu[0] += finish_dy_xmu(span_g, sum_lanes(dev_lanes), mean, center)
