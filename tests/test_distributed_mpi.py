@@ -1,0 +1,179 @@
+"""Synchronized batch norm over MPI: mpiexec -n 1..4 ranks, from Python and from C.
+
+The Python tests launch this very file under mpiexec (``python test_distributed_mpi.py
+scenario dtype axis outdir``): each rank runs a scenario of tests/test_distributed.py
+with an mpi4py communicator and saves what it computed; the test then checks the ranks'
+results together, against batch norm of the concatenated batch. The C test builds
+examples/c/bn_mpi.c with mpicc and runs it on 3 ranks.
+
+Every launch is bounded in time (the whole process group is killed past it), so a hung
+collective fails the test instead of hanging the suite. The tests skip, with the
+reason, when mpi4py or mpiexec is missing (pip install mpich mpi4py, or bncpu[mpi]).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+LAUNCH_TIMEOUT = 180
+
+if __name__ != "__main__":
+    import pytest
+
+    import bncpu
+    from test_distributed import SCENARIOS, check_scenario
+    from test_c_api import find_python_config
+
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install mpich mpi4py)")
+
+
+# ----------------------------------------------------------------------------------
+# The rank's side: run a scenario, save the results
+# ----------------------------------------------------------------------------------
+def rank_main(scenario, dtype, axis, outdir):
+    from mpi4py import MPI
+
+    from test_distributed import run_scenario
+    comm = None if scenario == "unequal" else MPI.COMM_WORLD   # None: MPI.COMM_WORLD too
+    result = run_scenario(comm, scenario, np.dtype(dtype), int(axis))
+    np.savez(Path(outdir) / f"rank{MPI.COMM_WORLD.Get_rank()}.npz",
+             **{k: np.asarray(val) for k, val in result.items()})
+
+
+if __name__ == "__main__":
+    rank_main(*sys.argv[1:])
+    sys.exit(0)
+
+
+# ----------------------------------------------------------------------------------
+# The test's side
+# ----------------------------------------------------------------------------------
+def find_tool(name):
+    """An MPI tool next to this Python (a virtual environment's pip mpich) or on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if os.access(local, os.X_OK) else shutil.which(name)
+
+
+@pytest.fixture(scope="module")
+def mpiexec():
+    path = find_tool("mpiexec")
+    if path is None:
+        pytest.skip("mpiexec not found (pip install mpich, or an MPI installation on PATH)")
+    return path
+
+
+def package_env():
+    """The ranks import the bncpu this test imported, one OpenMP thread each."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    package_parent = str(Path(bncpu.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, str(HERE),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
+def launch(command, timeout=LAUNCH_TIMEOUT):
+    """Run ``command`` in its own process group; kill the whole group past ``timeout``."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=package_env(), start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish within {timeout} s (hung collective?)")
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-3000:]}{stderr[-3000:]}"
+    return stdout
+
+
+def run_ranks(mpiexec, size, scenario, dtype, axis, tmp_path):
+    launch([mpiexec, "-n", str(size), sys.executable, __file__, scenario,
+            np.dtype(dtype).name, str(axis), str(tmp_path)])
+    results = []
+    for rank in range(size):
+        with np.load(tmp_path / f"rank{rank}.npz") as saved:
+            result = {k: saved[k] for k in saved.files}
+        for name in ("error", "rank", "count"):
+            if name in result:
+                result[name] = result[name].item()
+        results.append(result)
+    return results
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_equals_whole_batch(mpiexec, size, tmp_path):
+    results = run_ranks(mpiexec, size, "unequal", np.float64, 1, tmp_path)
+    check_scenario(results, "unequal", np.float64)
+
+
+def test_float32_channels_last(mpiexec, tmp_path):
+    results = run_ranks(mpiexec, 3, "unequal", np.float32, -1, tmp_path)
+    check_scenario(results, "unequal", np.float32)
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "unequal"])
+def test_scenarios(mpiexec, scenario, tmp_path):
+    results = run_ranks(mpiexec, 3, scenario, np.float64, 1, tmp_path)
+    check_scenario(results, scenario, np.float64)
+
+
+# ----------------------------------------------------------------------------------
+# examples/c/bn_mpi.c
+# ----------------------------------------------------------------------------------
+def test_c_example(mpiexec, tmp_path):
+    """bn_mpi.c on 3 ranks: its shards' output and gradient equal the whole batch's."""
+    mpicc = find_tool("mpicc")
+    if mpicc is None:
+        pytest.skip("mpicc not found (pip install mpich)")
+    config = find_python_config()
+    if config is None:
+        pytest.skip("python3-config not found: install the Python development files")
+
+    def flags(*options):
+        return subprocess.run([config, *options], capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    binary = tmp_path / "bn_mpi"
+    compile_command = ([mpicc, "-O2", "-Wall", "-Wextra", "-Werror",
+                        str(HERE.parent / "examples" / "c" / "bn_mpi.c"), "-o", str(binary),
+                        "-I" + bncpu.get_include()]
+                       + flags("--includes") + flags("--embed", "--ldflags"))
+    compiled = subprocess.run(compile_command, capture_output=True, text=True)
+    assert compiled.returncode == 0, f"{' '.join(compile_command)}\n{compiled.stderr}"
+    os.environ["BNCPU_PYTHON"] = sys.executable
+    try:
+        stdout = launch([mpiexec, "-n", "3", str(binary)])
+    finally:
+        del os.environ["BNCPU_PYTHON"]
+    records = sorted((json.loads(line) for line in stdout.splitlines()),
+                     key=lambda record: record["rank"])
+    assert [r["rank"] for r in records] == [0, 1, 2]
+    n, c, s = (sum(r["n"] for r in records), records[0]["c"], records[0]["s"])
+    whole = {name: np.concatenate([np.reshape(r[name], (r["n"], c, s)) for r in records])
+             for name in ("x", "dy", "y", "dx")}
+    assert n == whole["x"].shape[0] and any(r["n"] == 0 for r in records)
+    first = records[0]
+    weight, bias = np.array(first["weight"]), np.array(first["bias"])
+    running_mean, running_var = (np.array(first["running_mean_in"]),
+                                 np.array(first["running_var_in"]))
+    y, save_mean, save_invstd = bncpu.reference.batch_norm_forward(
+        whole["x"], weight, bias, running_mean, running_var, True, first["momentum"],
+        first["eps"])
+    dx, grad_weight, grad_bias = bncpu.reference.batch_norm_backward(
+        whole["dy"], whole["x"], weight, None, None, save_mean, save_invstd, True, first["eps"])
+    np.testing.assert_allclose(whole["y"], y, rtol=0, atol=1e-10 * np.abs(y).max())
+    np.testing.assert_allclose(whole["dx"], dx, rtol=0, atol=1e-10 * np.abs(dx).max())
+    for record in records:
+        assert record["running_mean"] == first["running_mean"]   # bit for bit (%.17g)
+        assert record["running_var"] == first["running_var"]
+    np.testing.assert_allclose(first["running_mean"], running_mean, rtol=1e-12)
+    np.testing.assert_allclose(first["running_var"], running_var, rtol=1e-12)
+    np.testing.assert_allclose(sum(np.array(r["grad_weight"]) for r in records), grad_weight,
+                               rtol=1e-10)
+    np.testing.assert_allclose(sum(np.array(r["grad_bias"]) for r in records), grad_bias,
+                               rtol=1e-10)
