@@ -15,6 +15,7 @@ from bncpu._batch_norm import batch_norm_forward
 from bncpu._dispatch import KERNELS
 
 _rows = KERNELS["row_norm"]
+_bn = KERNELS["batch_norm"]
 
 
 def _normalized_shape(normalized_shape, input_shape):
@@ -52,14 +53,14 @@ def _rows_backward_args(grad_output, input, normalized_shape):
     return (dy, x, normalized_shape) + _rows_of(x.shape, normalized_shape)
 
 
-def _num_groups(num_groups, input_shape):
+def _num_groups(num_groups, input_shape, axis=1):
     try:
         groups = operator.index(num_groups)
     except TypeError:
         raise TypeError(f"num_groups must be an integer, got {type(num_groups).__name__}") from None
     if groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {groups}")
-    if input_shape[1] % groups != 0:
+    if input_shape[axis] % groups != 0:
         raise ValueError(f"Expected number of channels in input to be divisible by num_groups, "
                          f"but got input of shape {list(input_shape)} and num_groups={groups}")
     return groups
@@ -125,74 +126,133 @@ def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight
 # ----------------------------------------------------------------------------------
 # Group norm, and instance norm (one channel per group)
 # ----------------------------------------------------------------------------------
-def _grouped_forward(x, groups, w, b, eps, out, other_inputs=()):
+# The row kernels read each sample's group as one contiguous run: channels first. Other
+# channel axes (``axis=-1``: channels-last data) go
+# * for instance norm, through the batch-norm kernels on each sample's own
+#   (outer, C, inner) buffer, whose per-channel statistics are that sample's
+#   per-instance ones: no copy;
+# * for group norm, through a channels-first copy of the input (and of grad_output),
+#   the result written back in the input's layout. A channels-last group-norm kernel
+#   replaces that copy without changing any argument or result.
+def _sample_layout(shape, axis):
+    """(N, C, S) of an input of ``shape``: samples along axis 0, channels along ``axis``,
+    S values per sample and channel."""
+    return shape[0], shape[axis], math.prod(shape[1:axis]) * math.prod(shape[axis + 1:])
+
+
+def _channels_first(array, axis):
+    return np.ascontiguousarray(np.moveaxis(array, axis, 1))
+
+
+def _per_sample(x, axis):
+    """(outer, inner) of one sample x[i] seen by the batch-norm kernels as (outer, C, inner)."""
+    return math.prod(x.shape[1:axis]), math.prod(x.shape[axis + 1:])
+
+
+def _grouped_forward(x, groups, axis, w, b, eps, out, other_inputs=()):
     """(output, mean, rstd) of group norm on a validated input; mean, rstd (N, groups)."""
-    n, c, s = v.channel_view(x.shape)
+    n, c, s = _sample_layout(x.shape, axis)
     result = v.Output(out, x.shape, x.dtype, (x, w, b) + other_inputs)
     mean = np.empty((n, groups), x.dtype)
     rstd = np.empty((n, groups), x.dtype)
-    if groups > 0:   # instance norm of no channels has no groups
-        v.raise_for_status(_rows.forward(x, result.target, n, c, s, groups, w, b, eps, True,
-                                         mean, rstd))
+    if groups == 0:   # instance norm of no channels has no groups
+        pass
+    elif axis == 1 or groups < c:
+        first = x if axis == 1 else _channels_first(x, axis)
+        y = result.target if axis == 1 else np.empty_like(first)
+        v.raise_for_status(_rows.forward(first, y, n, c, s, groups, w, b, eps, True, mean, rstd))
+        if y is not result.target:
+            result.target[...] = np.moveaxis(y, 1, axis)
+    else:
+        outer, inner = _per_sample(x, axis)
+        for i in range(n):
+            v.raise_for_status(_bn.forward_train(x[i], result.target[i], outer, c, inner, w, b,
+                                                 None, None, 0.0, eps, mean[i], rstd[i]))
     return result.finish(), mean, rstd
 
 
-def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out):
-    """Group-norm backward; ``groups_of(shape)`` gives the validated number of groups."""
+def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out, axis):
+    """Group-norm backward; ``groups_of(channels)`` gives the validated number of groups."""
     x = v.as_input(input)
     dtype = x.dtype
     dy = v.as_input(grad_output, "grad_output", dtype=dtype)
     v.same_shape(dy, "grad_output", x.shape)
-    n, c, s = v.channel_view(x.shape)
-    groups = groups_of(x.shape)
+    axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
+    n, c, s = _sample_layout(x.shape, axis)
+    groups = groups_of(x.shape, axis)
     mean = v.saved_stats(mean, "mean", (n, groups), dtype)
     rstd = v.saved_stats(rstd, "rstd", (n, groups), dtype)
     w = v.per_channel(weight, "weight", c, dtype)
     result = v.Output(out, x.shape, dtype, (dy, x, w, mean, rstd))
     grad_weight = np.empty(c, dtype) if w is not None else None
     grad_bias = np.empty(c, dtype) if w is not None else None
-    if groups > 0:
-        v.raise_for_status(_rows.backward(dy, x, result.target, n, c, s, groups, mean, rstd, w,
+    if groups == 0:
+        pass
+    elif axis == 1 or groups < c:
+        if axis == 1:
+            dy_first, x_first, dx = dy, x, result.target
+        else:
+            dy_first, x_first = _channels_first(dy, axis), _channels_first(x, axis)
+            dx = np.empty_like(x_first)
+        v.raise_for_status(_rows.backward(dy_first, x_first, dx, n, c, s, groups, mean, rstd, w,
                                           True, grad_weight, grad_bias))
+        if dx is not result.target:
+            result.target[...] = np.moveaxis(dx, 1, axis)
+    else:
+        outer, inner = _per_sample(x, axis)
+        sample_grads = np.zeros((2, n, c), dtype) if w is not None else None
+        for i in range(n):
+            grad_weight_i, grad_bias_i = (None, None) if w is None else sample_grads[:, i]
+            v.raise_for_status(_bn.backward(dy[i], x[i], result.target[i], outer, c, inner, w,
+                                            None, None, mean[i], rstd[i], True, 0.0,
+                                            grad_weight_i, grad_bias_i))
+        if w is not None:
+            grad_weight[...] = sample_grads[0].sum(axis=0, dtype=np.float64)
+            grad_bias[...] = sample_grads[1].sum(axis=0, dtype=np.float64)
     return result.finish(), grad_weight, grad_bias
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, axis=1):
     """Group normalization, as ``torch.nn.functional.group_norm``.
 
     The C channels of an (N, C, *spatial) input form ``num_groups`` groups of C/num_groups
     contiguous channels; each sample's group is normalized over its values:
     ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`` (weight, bias per channel).
-    Returns the output (``out`` itself when given).
+    ``axis`` is the channel axis: 1, or -1 for channels-last (N, *spatial, C) input, whose
+    output keeps that layout. Returns the output (``out`` itself when given).
     """
-    return group_norm_forward(input, num_groups, weight, bias, eps, out=out)[0]
+    return group_norm_forward(input, num_groups, weight, bias, eps, out=out, axis=axis)[0]
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps, *, out=None):
+def group_norm_forward(input, num_groups, weight, bias, eps, *, out=None, axis=1):
     """``torch.ops.aten.native_group_norm``: returns (output, mean, rstd), mean and
-    rstd = 1/sqrt(var + eps) of shape (N, num_groups) in the input's dtype."""
+    rstd = 1/sqrt(var + eps) of shape (N, num_groups) in the input's dtype. ``axis``:
+    the channel axis, as in ``group_norm``."""
     x = v.as_input(input)
-    groups = _num_groups(num_groups, x.shape)
+    axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
+    groups = _num_groups(num_groups, x.shape, axis)
     eps = v.check_eps(eps)
-    w = v.per_channel(weight, "weight", x.shape[1], x.dtype)
-    b = v.per_channel(bias, "bias", x.shape[1], x.dtype)
-    return _grouped_forward(x, groups, w, b, eps, out)
+    w = v.per_channel(weight, "weight", x.shape[axis], x.dtype)
+    b = v.per_channel(bias, "bias", x.shape[axis], x.dtype)
+    return _grouped_forward(x, groups, axis, w, b, eps, out)
 
 
-def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, out=None):
+def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, out=None, axis=1):
     """``torch.ops.aten.native_group_norm_backward``: (grad_input, grad_weight, grad_bias).
 
     With x̂ = (x - mean)·rstd and g = dy·weight[c], means over each group's values:
     ``grad_input = rstd·(g - mean(g) - x̂·mean(g·x̂))``; per channel over N and spatial:
     ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy`` (None when weight is None).
-    ``out`` receives grad_input and may be grad_output or input itself.
+    ``out`` receives grad_input and may be grad_output or input itself. ``axis``: the
+    channel axis, as in ``group_norm``.
     """
-    return _grouped_backward(grad_output, input, lambda shape: _num_groups(num_groups, shape),
-                             mean, rstd, weight, out)
+    return _grouped_backward(grad_output, input,
+                             lambda shape, axis: _num_groups(num_groups, shape, axis),
+                             mean, rstd, weight, out, axis)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None, axis=1):
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
 
     With ``use_input_stats`` each sample's channel is normalized over its own spatial
@@ -200,31 +260,34 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     given, are updated in place with the batch means of the per-instance statistics,
     the variance unbiased: ``new = (1 - momentum)·old + momentum·mean_N(stat)``.
     Without it the running statistics normalize (batch norm in evaluation).
+    ``axis`` is the channel axis: 1, or -1 for channels-last (N, *spatial, C) input
+    (run without a copy; the output keeps that layout).
     Returns the output (``out`` itself when given).
     """
     return instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
-                                 momentum, eps, out=out)[0]
+                                 momentum, eps, out=out, axis=axis)[0]
 
 
 def instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
-                          momentum, eps, *, out=None):
+                          momentum, eps, *, out=None, axis=1):
     """Instance norm with its statistics: (output, mean, rstd), mean and
     rstd = 1/sqrt(var + eps) of shape (N, C) in the input's dtype.
 
     One spatial value per instance is an error with ``use_input_stats``, as in PyTorch.
     An empty batch leaves the running statistics unchanged. Without
     ``use_input_stats`` this is ``batch_norm_forward`` in evaluation, whose empty
-    statistics it returns.
+    statistics it returns. ``axis``: the channel axis, as in ``instance_norm``.
 
     The running variance is recovered from the saved statistics as
     ``1/rstd² - eps`` (in float64; for float32 within a few units in the last place).
     """
-    if not use_input_stats:
-        return batch_norm_forward(input, weight, bias, running_mean, running_var, False, momentum,
-                                  eps, out=out)
     x = v.as_input(input)
+    axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
+    if not use_input_stats:
+        return batch_norm_forward(x, weight, bias, running_mean, running_var, False, momentum,
+                                  eps, out=out, axis=axis)
     dtype = x.dtype
-    n, c, s = v.channel_view(x.shape)
+    n, c, s = _sample_layout(x.shape, axis)
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
     rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
@@ -233,7 +296,7 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
     if s == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, "
                          f"got input size {x.shape}")
-    output, mean, rstd = _grouped_forward(x, c, w, b, eps, out, (rm, rv))
+    output, mean, rstd = _grouped_forward(x, c, axis, w, b, eps, out, (rm, rv))
     if rm is not None and n * s > 0:
         var = np.maximum(1.0 / np.square(rstd.astype(np.float64)) - eps, 0.0)
         rm[...] = (1 - momentum) * rm + momentum * mean.astype(np.float64).mean(axis=0)
@@ -241,11 +304,13 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
     return output, mean, rstd
 
 
-def instance_norm_backward(grad_output, input, mean, rstd, weight, *, out=None):
+def instance_norm_backward(grad_output, input, mean, rstd, weight, *, out=None, axis=1):
     """Instance-norm backward with the input's own statistics (``use_input_stats``):
     ``group_norm_backward`` with one channel per group; mean and rstd of shape (N, C).
+    ``axis``: the channel axis, as in ``instance_norm``.
     Returns (grad_input, grad_weight, grad_bias)."""
-    return _grouped_backward(grad_output, input, lambda shape: shape[1], mean, rstd, weight, out)
+    return _grouped_backward(grad_output, input, lambda shape, axis: shape[axis], mean, rstd,
+                             weight, out, axis)
 
 
 # ----------------------------------------------------------------------------------

@@ -71,6 +71,37 @@ def channel_view(shape):
     return n, c, math.prod(shape[2:])
 
 
+# Layout: where the channels lie. The kernels see a C-contiguous buffer as (outer, C, inner):
+# channel j owns the values [i, j, k] for every outer index i and inner index k. Channels
+# first, (N, C, *spatial) is (N, C, S); channels last, (N, *spatial, C) is the (N·S, C, 1)
+# matrix of the 2-D kernels; any channel axis is some (outer, C, inner), without a copy.
+def channel_axis(axis, ndim, batch_axis_allowed=True):
+    """``axis`` as an index in [0, ndim) (negative values count from the end).
+
+    With ``batch_axis_allowed=False`` (group and instance norm, whose axis 0 holds the
+    samples) the channel axis must not be axis 0.
+    """
+    if isinstance(axis, bool):
+        raise TypeError("axis must be an integer, got bool")
+    try:
+        index = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    if not -ndim <= index < ndim:
+        raise ValueError(f"axis {index} is out of bounds for an input of {ndim} dimensions")
+    index %= ndim
+    if index == 0 and not batch_axis_allowed:
+        raise ValueError(f"axis {axis} is the batch axis (0) of the input; the channel axis "
+                         f"must be another one (1 for (N, C, *), -1 for (N, *, C))")
+    return index
+
+
+def channel_layout(shape, axis):
+    """(outer, channels, inner) of a C-contiguous array of ``shape`` whose channels lie
+    along ``axis`` (an index from ``channel_axis``)."""
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
 def per_channel(value, name, c, dtype):
     """Optional per-channel parameter (weight, bias): None or a contiguous 1-D copy."""
     if value is None:
