@@ -64,6 +64,27 @@ def _channels(x):
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
+def _channels_first(array, axis, batch_axis_allowed=True):
+    """The array as float64 with its channel axis moved to 1 (axis 1 of the result).
+
+    Every function taking `axis` computes on this view and moves the channel axis of its result
+    back with _channels_back, so channels-last data gives the channels-first numbers. Axis 0
+    holds the samples of group and instance norm, which therefore refuse it as channel axis.
+    """
+    x = _float64(array)
+    axis = int(axis)
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of bounds for an input of {x.ndim} dimensions")
+    if axis % x.ndim == 0 and not batch_axis_allowed:
+        raise ValueError(f"axis {axis} is the batch axis (0) of the input")
+    return np.moveaxis(x, axis, 1)
+
+
+def _channels_back(array, axis):
+    """Undo _channels_first on a result of the input's shape."""
+    return np.moveaxis(array, 1, axis)
+
+
 def _grouped(x, num_groups):
     """View (N, C, *) as (N, G, C/G, S): group g holds channels g*C/G to (g+1)*C/G - 1."""
     n, c = x.shape[:2]
@@ -139,14 +160,16 @@ def _standardize_backward(grad_xhat, xhat, rstd, axes, centered=True):
 # ---------------------------------------------------------------------------------------------
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, *, axis=1, unbiased_running_var=True):
     """Batch norm as torch.nn.functional.batch_norm: the output of batch_norm_forward."""
     return batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, momentum, eps
+        input, weight, bias, running_mean, running_var, training, momentum, eps, axis=axis,
+        unbiased_running_var=unbiased_running_var,
     )[0]
 
 
-def batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                       *, axis=1, unbiased_running_var=True):
     """Batch norm with its saved statistics, as torch.ops.aten.native_batch_norm.
 
     For channel c, over the M = N * S values of the batch:
@@ -163,28 +186,35 @@ def batch_norm_forward(input, weight, bias, running_mean, running_var, training,
     does: its unbiased variance would be 0/0 (native_batch_norm makes running_var nan instead).
     An empty batch (M == 0) gives an empty output, saves
     mean 0 and invstd 1 / sqrt(eps), and leaves the running statistics unchanged.
+
+    `axis` is the channel axis (1, or -1 for channels-last (N, *, C) data); the output has the
+    input's shape. unbiased_running_var=False puts the biased var_c into the running variance,
+    as Keras and d2l do.
     """
-    x = _float64(input)
+    x = _channels_first(input, axis)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given in evaluation mode")
         invstd = 1.0 / np.sqrt(_float64(running_var) + eps)
-        return batch_norm_elemt(x, weight, bias, running_mean, invstd), np.empty(0), np.empty(0)
+        output = batch_norm_elemt(x, weight, bias, running_mean, invstd)
+        return _channels_back(output, axis), np.empty(0), np.empty(0)
 
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+            f"Expected more than 1 value per channel when training, got input size {np.shape(input)}"
         )
     # One process is the P = 1 case of synchronized batch norm: the same three steps serve both.
     mean, m2, count = batch_norm_stats(x)
     save_mean, save_invstd = batch_norm_gather_stats(
-        mean[None], m2[None], [count], running_mean, running_var, momentum, eps
+        mean[None], m2[None], [count], running_mean, running_var, momentum, eps,
+        unbiased_running_var=unbiased_running_var,
     )
-    return batch_norm_elemt(x, weight, bias, save_mean, save_invstd), save_mean, save_invstd
+    output = batch_norm_elemt(x, weight, bias, save_mean, save_invstd)
+    return _channels_back(output, axis), save_mean, save_invstd
 
 
 def batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                        save_invstd, training, eps):
+                        save_invstd, training, eps, *, axis=1):
     """Batch norm backward, as torch.ops.aten.native_batch_norm_backward.
 
     Sums run per channel over N and S. Training, where the statistics came from this batch
@@ -198,9 +228,9 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
         grad_bias = sum(dy),  grad_weight = sum(dy * (x - running_mean)) * invstd
         dx = dy * weight * invstd
 
-    Returns (grad_input, grad_weight, grad_bias).
+    Returns (grad_input, grad_weight, grad_bias). `axis`: the channel axis, as in batch_norm_forward.
     """
-    x = _float64(input)
+    x, grad_output = _channels_first(input, axis), _channels_first(grad_output, axis)
     if training:
         mean, invstd = _float64(save_mean), _float64(save_invstd)
     else:
@@ -214,9 +244,9 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
             grad_output, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count
         )
     else:
-        dy = _channels(_float64(grad_output))
+        dy = _channels(grad_output)
         grad_input = _affine(dy * invstd[:, None], weight, None, (-1, 1)).reshape(x.shape)
-    return grad_input, grad_weight, grad_bias
+    return _channels_back(grad_input, axis), grad_weight, grad_bias
 
 
 # Split phase: the building blocks of synchronized batch norm, where P processes each hold a part
@@ -224,15 +254,15 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
 # batch_norm_elemt on each part. Backward: batch_norm_backward_reduce on each part, sum the
 # reductions over processes, batch_norm_backward_elemt on each part.
 
-def batch_norm_stats(input):
+def batch_norm_stats(input, *, axis=1):
     """Per-channel partial statistics of one process's part of the batch: (mean, m2, count).
 
         count = N * S,  mean_c = sum(x) / count,  m2_c = sum((x - mean_c)^2)
 
     m2 is the sum of squared deviations, not yet divided by anything: that is what merges exactly
-    across processes. An empty part gives mean 0 and m2 0, not 0/0.
+    across processes. An empty part gives mean 0 and m2 0, not 0/0. `axis`: the channel axis.
     """
-    x = _channels(_float64(input))
+    x = _channels(_channels_first(input, axis))
     count = x.shape[0] * x.shape[2]
     mean = x.sum(axis=(0, 2)) / max(count, 1)
     m2 = ((x - mean[:, None]) ** 2).sum(axis=(0, 2))
@@ -240,7 +270,7 @@ def batch_norm_stats(input):
 
 
 def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None, momentum=0.1,
-                            eps=1e-5):
+                            eps=1e-5, *, unbiased_running_var=True):
     """Merge the partial statistics of P processes into the batch's (mean, invstd).
 
     Row p of the (P, C) arrays `mean` and `m2` and entry p of `count` come from batch_norm_stats
@@ -258,6 +288,7 @@ def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None
         running_var  = (1 - momentum) * running_var  + momentum * M2 / (n - 1)
 
     n == 1 makes that 0/0 = nan, as in torch. n == 0 gives mean 0 and invstd 1 / sqrt(eps).
+    unbiased_running_var=False puts the biased M2 / n there instead (Keras's and d2l's convention).
     """
     part_means, part_m2s, part_counts = _float64(mean), _float64(m2), _float64(count)
     n = part_counts.sum()
@@ -265,21 +296,22 @@ def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None
     total_mean = part_counts @ part_means / max(n, 1)
     total_m2 = (part_m2s + part_counts[:, None] * (part_means - total_mean) ** 2).sum(axis=0)
     if n > 0:
-        _update_running_stats(running_mean, running_var, total_mean, total_m2 / (n - 1), momentum)
+        var_count = n - 1 if unbiased_running_var else n
+        _update_running_stats(running_mean, running_var, total_mean, total_m2 / var_count, momentum)
     return total_mean, 1.0 / np.sqrt(total_m2 / max(n, 1) + eps)
 
 
-def batch_norm_elemt(input, weight, bias, mean, invstd):
+def batch_norm_elemt(input, weight, bias, mean, invstd, *, axis=1):
     """The elementwise half of batch norm, given the batch statistics of channel c:
 
         y = (x - mean_c) * invstd_c * weight_c + bias_c
     """
-    x = _float64(input)
+    x = _channels_first(input, axis)
     xhat = (_channels(x) - _float64(mean)[:, None]) * _float64(invstd)[:, None]
-    return _affine(xhat, weight, bias, (-1, 1)).reshape(x.shape)
+    return _channels_back(_affine(xhat, weight, bias, (-1, 1)).reshape(x.shape), axis)
 
 
-def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None):
+def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None, *, axis=1):
     """The reduction half of the batch norm backward, per channel over one process's part:
 
         sum_dy = sum(dy),  sum_dy_xmu = sum(dy * (x - mean_c))
@@ -288,8 +320,8 @@ def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None):
     Returns (sum_dy, sum_dy_xmu, grad_weight, grad_bias). Summed over processes, all four are the
     batch's: sum_dy and sum_dy_xmu feed batch_norm_backward_elemt.
     """
-    dy = _channels(_float64(grad_output))
-    x = _channels(_float64(input))
+    dy = _channels(_channels_first(grad_output, axis))
+    x = _channels(_channels_first(input, axis))
     sum_dy = dy.sum(axis=(0, 2))
     sum_dy_xmu = (dy * (x - _float64(mean)[:, None])).sum(axis=(0, 2))
     if weight is None:
@@ -297,7 +329,8 @@ def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None):
     return sum_dy, sum_dy_xmu, sum_dy_xmu * _float64(invstd), sum_dy.copy()
 
 
-def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
+def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
+                              *, axis=1):
     """The elementwise half of the training-mode batch norm backward, given the reductions summed
     over all processes and the batch's total count:
 
@@ -308,14 +341,14 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
     (x - mean) * invstd^2 * sum_dy_xmu. `count` may also be the per-process counts, which are
     summed, as torch.batch_norm_backward_elemt takes them.
     """
-    x = _float64(input)
-    dy = _channels(_float64(grad_output))
+    x = _channels_first(input, axis)
+    dy = _channels(_channels_first(grad_output, axis))
     mean, invstd = _float64(mean)[:, None], _float64(invstd)[:, None]
     # An empty batch has no gradient to spread; max(..., 1) keeps 0/0 out of its empty result.
     count = max(np.sum(count), 1)
     grad_xhat = (dy - _float64(sum_dy)[:, None] / count
                  - (_channels(x) - mean) * invstd**2 * _float64(sum_dy_xmu)[:, None] / count)
-    return _affine(grad_xhat * invstd, weight, None, (-1, 1)).reshape(x.shape)
+    return _channels_back(_affine(grad_xhat * invstd, weight, None, (-1, 1)).reshape(x.shape), axis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,12 +405,12 @@ def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight
 # Group norm: statistics per sample and group of channels
 # ---------------------------------------------------------------------------------------------
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
     """Group norm as torch.nn.functional.group_norm: the output of group_norm_forward."""
-    return group_norm_forward(input, num_groups, weight, bias, eps)[0]
+    return group_norm_forward(input, num_groups, weight, bias, eps, axis=axis)[0]
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps):
+def group_norm_forward(input, num_groups, weight, bias, eps, *, axis=1):
     """Group norm with its statistics, as torch.ops.aten.native_group_norm: (output, mean, rstd).
 
     The C channels form G = num_groups contiguous groups of C/G. For sample n and group g, over the
@@ -386,15 +419,17 @@ def group_norm_forward(input, num_groups, weight, bias, eps):
         mean = sum(x) / n_g,  var = sum((x - mean)^2) / n_g,  rstd = 1 / sqrt(var + eps)
         y = (x - mean) * rstd * weight_c + bias_c      (weight and bias per channel, shape (C,))
 
-    mean and rstd have shape (N, G).
+    mean and rstd have shape (N, G). `axis` is the channel axis (1, or -1 for channels-last
+    (N, *, C) data); the output has the input's shape.
     """
-    x = _float64(input)
+    x = _channels_first(input, axis, batch_axis_allowed=False)
     xhat, mean, rstd = _standardize(_grouped(x, num_groups), (2, 3), eps)
     output = _affine(_channels(xhat.reshape(x.shape)), weight, bias, (-1, 1)).reshape(x.shape)
-    return output, mean.reshape(x.shape[0], num_groups), rstd.reshape(x.shape[0], num_groups)
+    return (_channels_back(output, axis), mean.reshape(x.shape[0], num_groups),
+            rstd.reshape(x.shape[0], num_groups))
 
 
-def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight):
+def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, axis=1):
     """Group norm backward, as torch.ops.aten.native_group_norm_backward.
 
     With xhat = (x - mean) * rstd and g = dy * weight_c, means over each group's values and sums per
@@ -403,15 +438,17 @@ def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight):
         dx = rstd * (g - mean_group(g) - xhat * mean_group(g * xhat))
         grad_weight = sum(dy * xhat),  grad_bias = sum(dy)
 
-    Returns (grad_input, grad_weight, grad_bias).
+    Returns (grad_input, grad_weight, grad_bias). `axis`: the channel axis, as in group_norm_forward.
     """
-    x, dy = _float64(input), _channels(_float64(grad_output))
+    x = _channels_first(input, axis, batch_axis_allowed=False)
+    dy = _channels(_channels_first(grad_output, axis))
     groups = _grouped(x, num_groups)
     stats_shape = (x.shape[0], num_groups, 1, 1)
     rstd = _float64(rstd).reshape(stats_shape)
     xhat = (groups - _float64(mean).reshape(stats_shape)) * rstd
     grad_xhat = _affine(dy, weight, None, (-1, 1)).reshape(groups.shape)
-    grad_input = _standardize_backward(grad_xhat, xhat, rstd, (2, 3)).reshape(x.shape)
+    grad_input = _channels_back(_standardize_backward(grad_xhat, xhat, rstd, (2, 3)).reshape(x.shape),
+                                axis)
     if weight is None:
         return grad_input, None, None
     xhat = xhat.reshape(dy.shape)
@@ -423,15 +460,15 @@ def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight):
 # ---------------------------------------------------------------------------------------------
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1):
     """Instance norm as torch.nn.functional.instance_norm: the output of instance_norm_forward."""
     return instance_norm_forward(
-        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps
+        input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis=axis
     )[0]
 
 
 def instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
-                          momentum, eps):
+                          momentum, eps, *, axis=1):
     """Instance norm with its statistics: (output, mean, rstd).
 
     With use_input_stats, sample n and channel c are normalized over their own S values, which
@@ -451,15 +488,18 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
 
     Without use_input_stats this is batch norm in eval mode: the running statistics normalize,
     and empty (0,) arrays stand in for mean and rstd, as batch_norm_forward returns them.
+    `axis`: the channel axis, as in group_norm_forward.
     """
-    x = _float64(input)
+    x = _channels_first(input, axis, batch_axis_allowed=False)
     if not use_input_stats:
-        return batch_norm_forward(x, weight, bias, running_mean, running_var, False, momentum, eps)
+        output, mean, rstd = batch_norm_forward(x, weight, bias, running_mean, running_var, False,
+                                                momentum, eps)
+        return _channels_back(output, axis), mean, rstd
 
     spatial_size = math.prod(x.shape[2:])
     if spatial_size == 1:
         raise ValueError(
-            f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}"
+            f"Expected more than 1 spatial element when training, got input size {np.shape(input)}"
         )
     output, mean, rstd = group_norm_forward(x, x.shape[1], weight, bias, eps)
     if x.shape[0] > 0:
@@ -467,15 +507,18 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
         _update_running_stats(
             running_mean, running_var, mean.mean(axis=0), unbiased_var.mean(axis=0), momentum
         )
-    return output, mean, rstd
+    return _channels_back(output, axis), mean, rstd
 
 
-def instance_norm_backward(grad_output, input, mean, rstd, weight):
+def instance_norm_backward(grad_output, input, mean, rstd, weight, *, axis=1):
     """Instance norm backward with the input's own statistics: group norm's with one channel per
     group (see group_norm_backward). Returns (grad_input, grad_weight, grad_bias).
     """
-    x = _float64(input)
-    return group_norm_backward(grad_output, x, x.shape[1], mean, rstd, weight)
+    x = _channels_first(input, axis, batch_axis_allowed=False)
+    grad_input, grad_weight, grad_bias = group_norm_backward(
+        _channels_first(grad_output, axis), x, x.shape[1], mean, rstd, weight
+    )
+    return _channels_back(grad_input, axis), grad_weight, grad_bias
 
 
 # ---------------------------------------------------------------------------------------------
