@@ -23,6 +23,9 @@ from bncpu._row_norm import (
     instance_norm, instance_norm_forward, instance_norm_backward,
     rms_norm, rms_norm_forward, rms_norm_backward,
 )
+from bncpu._fused import (
+    batch_norm_relu, batch_norm_relu_forward, batch_norm_relu_backward, fold_batch_norm,
+)
 
 __version__ = "0.1.0"
 
@@ -34,6 +37,7 @@ __all__ = [
     "group_norm", "group_norm_forward", "group_norm_backward",
     "instance_norm", "instance_norm_forward", "instance_norm_backward",
     "rms_norm", "rms_norm_forward", "rms_norm_backward",
+    "batch_norm_relu", "batch_norm_relu_forward", "batch_norm_relu_backward", "fold_batch_norm",
     "get_num_threads", "set_num_threads", "get_include", "isa", "openmp_enabled",
 ]
 

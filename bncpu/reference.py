@@ -47,6 +47,10 @@ __all__ = [
     "rms_norm",
     "rms_norm_forward",
     "rms_norm_backward",
+    "batch_norm_relu",
+    "batch_norm_relu_forward",
+    "batch_norm_relu_backward",
+    "fold_batch_norm",
 ]
 
 
@@ -582,3 +586,72 @@ def rms_norm_backward(grad_output, input, normalized_shape, rstd, weight):
     if weight is None:
         return grad_input, None
     return grad_input, (dy * xhat).sum(axis=leading_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused batch norm + (add +) ReLU, and folding batch norm into the layer before it
+# ---------------------------------------------------------------------------------------------
+
+def _relu(v):
+    """0 where v < 0, else v: NaN and -0.0 are kept, as torch.relu keeps them."""
+    return np.where(v < 0, 0.0, v)
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5, *, residual=None, axis=1):
+    """relu(batch_norm(input) + residual): the output of batch_norm_relu_forward."""
+    return batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training,
+                                   momentum, eps, residual=residual, axis=axis)[0]
+
+
+def batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training, momentum,
+                            eps, *, residual=None, axis=1):
+    """y = batch_norm_forward(...)'s output, then relu(y + residual) (no residual: relu(y)).
+
+    Returns (output, save_mean, save_invstd), the statistics as batch_norm_forward saves them.
+    """
+    y, save_mean, save_invstd = batch_norm_forward(input, weight, bias, running_mean, running_var,
+                                                   training, momentum, eps, axis=axis)
+    if residual is not None:
+        y = y + _float64(residual)
+    return _relu(y), save_mean, save_invstd
+
+
+def batch_norm_relu_backward(grad_output, output, input, weight, running_mean, running_var,
+                             save_mean, save_invstd, training, eps, *, residual_grad=False,
+                             axis=1):
+    """Backward of batch_norm_relu_forward. The ReLU passed a value where output > 0 (a NaN
+    output counts as passed, as in torch's threshold_backward), so the gradient reaching the
+    batch norm and the residual is
+
+        g = 0 where output <= 0, else grad_output
+
+    and (grad_input, grad_weight, grad_bias) are batch_norm_backward's for g. Returns those and
+    grad_residual = g when residual_grad is true, else None.
+    """
+    grad = np.where(_float64(output) <= 0, 0.0, _float64(grad_output))
+    grad_input, grad_weight, grad_bias = batch_norm_backward(
+        grad, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+        axis=axis)
+    return grad_input, grad_weight, grad_bias, (grad if residual_grad else None)
+
+
+def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps=1e-5):
+    """The layer (weight, bias), output channels along axis 0 of weight, followed by an
+    evaluation-mode batch norm, as one layer: per output channel c,
+
+        scale_c       = bn_weight_c / sqrt(running_var_c + eps)
+        folded_weight = weight[c] * scale_c
+        folded_bias_c = (bias_c - running_mean_c) * scale_c + bn_bias_c
+
+    A missing bias or bn_bias is 0, a missing bn_weight 1. Returns (folded_weight, folded_bias).
+    """
+    w = _float64(weight)
+    scale = 1.0 / np.sqrt(_float64(running_var) + eps)
+    if bn_weight is not None:
+        scale = scale * _float64(bn_weight)
+    bias = np.zeros(w.shape[0]) if bias is None else _float64(bias)
+    folded_bias = (bias - _float64(running_mean)) * scale
+    if bn_bias is not None:
+        folded_bias = folded_bias + _float64(bn_bias)
+    return w * scale.reshape((-1,) + (1,) * (w.ndim - 1)), folded_bias
