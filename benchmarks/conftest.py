@@ -96,8 +96,8 @@ def threads(job):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The issue targets, checked on the medians of this session (each implementation
-    timed on its own, not interleaved as in ``python -m bncpu``)."""
+    """The goals, checked on the medians of this session (each implementation timed on
+    its own, not interleaved as in ``python -m bncpu``)."""
     lines = []
     for (case, n_threads), found in _MEDIANS.items():
         ratios = _bench.ratios(found)
@@ -105,9 +105,9 @@ def pytest_terminal_summary(terminalreporter):
             met, value = target.met(ratios), target.value(ratios)
             verdict = {True: "met   ", False: "MISSED", None: "n/a   "}[met]
             measured = "not measured" if value is None else f"{value:.3g}"
-            lines.append(f"{verdict}  #{target.issue} {target} ({measured})  "
+            lines.append(f"{verdict}  {target} ({measured})  "
                          f"{case.label} {case.shape} {case.dtype} {n_threads}t")
     if lines:
-        terminalreporter.section("bncpu targets (issues #3 and #5)")
+        terminalreporter.section("bncpu targets")
         for line in lines:
             terminalreporter.write_line(line)

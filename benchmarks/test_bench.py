@@ -1,7 +1,7 @@
-"""bncpu side by side with its NumPy reference, PyTorch CPU and the streaming floor.
+"""bncpu side by side with its NumPy reference, PyTorch CPU, oneDNN and the streaming floor.
 
 One pytest-benchmark group per (operation, shape, dtype, threads), e.g.
-"batch_norm fwd train (32, 64, 56, 56) float32 2t", holding the four implementations
+"batch_norm fwd train (32, 64, 56, 56) float32 2t", holding the implementations
 (see bncpu/_bench.py for what each one runs and how the floor is made). ``extra_info``
 records the bytes an ideal kernel moves, the GB/s that makes at the median time, and the
 thread count.
@@ -41,8 +41,10 @@ def test_bench(benchmark, job, threads, latest_inputs, medians):
     })
     if implementation == "floor":
         benchmark.extra_info["floor"] = _bench.floor_description()
+    if getattr(call, "layout", None):
+        benchmark.extra_info["layout"] = call.layout
     if implementation == "bncpu":
-        benchmark.extra_info["targets"] = [f"#{target.issue} {target}"
+        benchmark.extra_info["targets"] = [str(target)
                                            for target in _bench.targets(case, n_threads)]
     if implementation == "reference" and case.input_bytes >= REFERENCE_PEDANTIC_BYTES:
         benchmark.pedantic(call, rounds=3, iterations=1)

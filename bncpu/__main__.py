@@ -1,16 +1,18 @@
 """The speed report: ``python -m bncpu`` (or the ``bncpu-bench`` console script).
 
 One table, in the spirit of bottleneck's ``bench()``: per shape and operation, bncpu's
-median time, its speed-up over the NumPy reference and over PyTorch CPU, and its time as
-a multiple of the streaming floor, with the issue targets that apply marked met or
-missed. The cases and the timing harness live in bncpu/_bench.py, shared with the
-pytest-benchmark suite in benchmarks/.
+median time (allocating its result, and into ``out=``), its speed-up over the NumPy
+reference, PyTorch CPU and oneDNN (when its wheels are installed), and its time as a
+multiple of the streaming floor, with the goals that apply marked met or missed. The
+cases and the timing harness live in bncpu/_bench.py, shared with the pytest-benchmark
+suite in benchmarks/.
 """
 import argparse
 import dataclasses
 import datetime
 import importlib.util
 import json
+import re
 import sys
 
 from bncpu import _bench
@@ -23,16 +25,26 @@ def parse_threads(text):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def parse_pattern(text):
+    try:
+        return re.compile(text)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {error}") from None
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m bncpu",
-        description="Time bncpu against its NumPy reference, PyTorch CPU and the streaming "
-                    "floor, side by side in one process, and print one table.")
+        description="Time bncpu against its NumPy reference, PyTorch CPU, oneDNN and the "
+                    "streaming floor, side by side in one process, and print one table.")
     parser.add_argument("--threads", type=parse_threads, default=None, metavar="N[,N...]",
                         help="thread counts to run at, e.g. 2 or 1,2 (default: "
                              "bncpu.get_num_threads())")
     parser.add_argument("--quick", action="store_true",
                         help="only the shapes with targets, shorter timing (about a minute)")
+    parser.add_argument("--cases", type=parse_pattern, default=None, metavar="REGEX",
+                        help="only the cases whose id matches, e.g. 'bn_bwd_train-32x64x56x56' "
+                             "(ids: operation-shape-dtype, as in the JSON and benchmarks/)")
     parser.add_argument("--json", metavar="FILE", help="write every raw timing and the environment")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the speed-ups "
                                                        "(needs matplotlib)")
@@ -73,10 +85,11 @@ class Row:
             "bytes_moved": self.case.bytes_moved,
             "implementations": {
                 name: {"status": timing.status, "median_s": timing.median,
-                       "calls_per_sample": timing.calls_per_sample, "samples_s": timing.samples}
+                       "calls_per_sample": timing.calls_per_sample, "note": timing.note,
+                       "samples_s": timing.samples}
                 for name, timing in self.timings.items()},
             "ratios": self.ratios,
-            "targets": [{"issue": target.issue, "target": str(target), "value": value, "met": met}
+            "targets": [{"target": str(target), "value": value, "met": met}
                         for target, value, met in self.targets],
         }
 
@@ -114,8 +127,8 @@ def _targets_cell(row):
     return " ".join(cells)
 
 
-COLUMNS = ("shape", "dtype", "operation", "bncpu", "GB/s", "vs ref", "vs torch", "x floor",
-           "targets")
+COLUMNS = ("shape", "dtype", "operation", "bncpu", "out=", "GB/s", "vs ref", "vs torch",
+           "vs oneDNN", "oneDNN best", "x floor", "targets")
 
 
 def table_lines(rows):
@@ -126,11 +139,17 @@ def table_lines(rows):
         floor = row.ratios.get("floor")
         # Without a time, the bncpu cell says why (the status, cut to fit).
         own_cell = _bench.format_seconds(own) if own else row.timings["bncpu"].status[:40]
-        body.append((str(row.case.shape), row.case.dtype, row.case.label, own_cell, gbps,
+        out = row.medians.get("bncpu_out")
+        best = _speedup(row.ratios.get("onednn_best"))
+        if row.ratios.get("onednn_best") and row.timings["onednn_best"].note != "plain":
+            best += f" {row.timings['onednn_best'].note}"
+        body.append((str(row.case.shape), row.case.dtype, row.case.label, own_cell,
+                     _bench.format_seconds(out) if out else "-", gbps,
                      _speedup(row.ratios.get("reference")), _speedup(row.ratios.get("torch")),
+                     _speedup(row.ratios.get("onednn")), best,
                      f"{floor:.2f}x" if floor else "n/a", _targets_cell(row)))
     widths = [max(len(line[i]) for line in body + [COLUMNS]) for i in range(len(COLUMNS))]
-    left = {0, 1, 2, 8}
+    left = {0, 1, 2, 9, 11}
 
     def render(cells):
         return "  ".join(cell.ljust(w) if i in left else cell.rjust(w)
@@ -155,20 +174,23 @@ def header_lines(env, thread_counts, quick):
         f"  versions: Python {env['python']}, numpy {env['numpy']}, "
         f"torch {env['torch'] or 'not installed'}",
         f"  floor   : {env['floor']}",
-        "  timing  : medians of samples taken round-robin (bncpu, torch, floor, reference);",
-        "            bncpu, torch and the reference allocate their results, the floor writes",
-        "            into a preallocated array",
+        "  timing  : medians of samples taken round-robin (bncpu, bncpu out=, torch, oneDNN,",
+        "            floor), then the NumPy reference's apart; bncpu, torch and the reference",
+        "            allocate their results, bncpu out=, oneDNN and the floor write into",
+        "            preallocated arrays",
         "  memory  : " + ("malloc keeps freed memory for reuse (no page faults on every call)"
                           if env["reuse_freed_memory"] else "the C library's default malloc"),
-        "  columns : bncpu = time per call; GB/s = bytes an ideal kernel moves / bncpu time;",
+        "  oneDNN  : " + (f"{env['onednn']}, plain layout and the fastest of plain, NHWC and "
+                          "nChw16c (named when not plain)" if env["onednn"]
+                          else f"column skipped: {env['onednn_missing']}"),
+        "  columns : bncpu = time per call; out= = time per call into a preallocated out=;",
+        "            GB/s = bytes an ideal kernel moves / bncpu time;",
         "            vs ref, vs torch = their time / bncpu time;",
+        "            vs oneDNN, oneDNN best = its time / bncpu out= time;",
         "            x floor = bncpu time / floor time;",
-        "            targets = issue #3/#5 goals that apply (2 threads, float32, except torch>=1",
-        "            and the small-shape per-call bound, which apply at any thread count);",
-        "            ok, MISS(measured value), or ? when not measurable here",
+        "            targets = the goals that apply, ok, MISS(measured value), or ? when not",
+        "            measurable here",
     ]
-    if env["missing_functions"]:
-        lines.append(f"  skipped : not in this bncpu yet: {', '.join(env['missing_functions'])}")
     return lines
 
 
@@ -217,7 +239,8 @@ def main(argv=None):
     env = _bench.environment()
     env["reuse_freed_memory"] = not args.default_malloc and _bench.reuse_freed_memory()
     thread_counts = args.threads or [env["default_threads"]]
-    cases = _bench.cases(quick=args.quick)
+    cases = [case for case in _bench.cases(quick=args.quick)
+             if args.cases is None or args.cases.search(case.id)]
     budget = _bench.QUICK if args.quick else _bench.FULL
 
     def log(message):

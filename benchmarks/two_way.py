@@ -1,0 +1,122 @@
+"""A plain two-way round-robin, to check the speed report against.
+
+For each chosen case: bncpu, torch, bncpu, torch, ... one call per sample, both allocating
+their results as in the report, nothing else running in between; the speed-up is the
+median torch time over the median bncpu time. This harness is deliberately naive: it
+shares only the case registry (inputs and calls) with ``python -m bncpu``, not its timing
+code, so that agreement between the two says the report's timing is sound.
+
+    python benchmarks/two_way.py --threads 2                          # every report row
+    python benchmarks/two_way.py --threads 2 --cases 'bn_bwd_train-32x64'
+    python -m bncpu --threads 2 --json report.json
+    python benchmarks/two_way.py --threads 2 --compare report.json    # rows side by side
+
+With ``--compare``, each row prints the report's speed-up over torch next to this one's
+and their difference; the last line gives the largest difference. Timings on a loaded
+machine are noisy: run both on an idle one to check the 10% agreement.
+"""
+import argparse
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+
+from bncpu import _bench
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="thread count for bncpu and torch (default: bncpu's)")
+    parser.add_argument("--samples", type=int, default=21, help="samples per side (default 21)")
+    parser.add_argument("--min-sample", type=float, default=0.002, metavar="SECONDS",
+                        help="calls are looped until a sample lasts this long (default 0.002)")
+    parser.add_argument("--cases", default=None, metavar="REGEX",
+                        help="only cases whose id matches, e.g. 'bn_bwd_train-32x64x56x56'")
+    parser.add_argument("--quick", action="store_true", help="only the report's --quick cases")
+    parser.add_argument("--compare", metavar="REPORT_JSON",
+                        help="a `python -m bncpu --json` file to compare with")
+    parser.add_argument("--json", metavar="FILE", help="write the medians and ratios")
+    return parser.parse_args(argv)
+
+
+def two_way(bncpu_call, torch_call, samples, min_sample):
+    """Median seconds per call of each side, alternating samples."""
+    for call in (bncpu_call, torch_call, bncpu_call, torch_call):
+        call()
+    per_call = min(_time_once(bncpu_call), _time_once(torch_call))
+    loops = max(1, int(min_sample / max(per_call, 1e-7)))
+    times = {"bncpu": [], "torch": []}
+    for _ in range(samples):
+        for name, call in (("bncpu", bncpu_call), ("torch", torch_call)):
+            start = time.perf_counter()
+            for _ in range(loops):
+                call()
+            times[name].append((time.perf_counter() - start) / loops)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _time_once(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def report_ratios(path, n_threads):
+    """{case id: speed-up over torch} of a report's JSON at ``n_threads``."""
+    with open(path) as source:
+        report = json.load(source)
+    return {row["case"]: row["ratios"].get("torch") for row in report["results"]
+            if row["threads"] == n_threads}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if _bench.torch is None:
+        sys.exit("two_way.py compares with torch: install torch==2.13.0")
+    _bench.reuse_freed_memory()   # the report's default, so that both see the same malloc
+    n_threads = args.threads or _bench.bncpu.get_num_threads()
+    _bench.set_threads(n_threads)
+    pattern = re.compile(args.cases) if args.cases else None
+    reported = report_ratios(args.compare, n_threads) if args.compare else {}
+    results = []
+    gc.disable()
+    for case in _bench.cases(quick=args.quick):
+        if pattern and not pattern.search(case.id):
+            continue
+        inputs = _bench.Inputs(case)
+        calls = [_bench.implementation_call(inputs, name, n_threads) for name in ("bncpu", "torch")]
+        if any(isinstance(call, Exception) for call in calls):
+            continue
+        try:
+            medians = two_way(*calls, args.samples, args.min_sample)
+        except (NotImplementedError, RuntimeError):   # no CPU kernel in torch
+            continue
+        ratio = medians["torch"] / medians["bncpu"]
+        line = (f"{case.id:45s} bncpu {_bench.format_seconds(medians['bncpu']):>9s}  "
+                f"torch {_bench.format_seconds(medians['torch']):>9s}  vs torch {ratio:6.3g}x")
+        result = {"case": case.id, "threads": n_threads, "median_s": medians, "vs_torch": ratio}
+        if reported.get(case.id):
+            difference = reported[case.id] / ratio - 1
+            result["report_vs_torch"] = reported[case.id]
+            result["difference"] = difference
+            line += f"  report {reported[case.id]:6.3g}x  {difference:+6.1%}"
+        print(line, flush=True)
+        results.append(result)
+    compared = [result for result in results if "difference" in result]
+    if compared:
+        worst = max(compared, key=lambda result: abs(result["difference"]))
+        within = sum(abs(result["difference"]) <= 0.1 for result in compared)
+        print(f"{within} of {len(compared)} rows within 10% of the report; largest difference "
+              f"{worst['difference']:+.1%} ({worst['case']})")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"threads": n_threads, "samples": args.samples, "results": results}, out,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
