@@ -1,0 +1,258 @@
+"""Batch and instance norm layers: torch.nn.BatchNorm1d/2d/3d and InstanceNorm1d/2d/3d.
+
+Both keep per-channel running statistics (torch's ``_NormBase``): ``_NormBase`` holds the
+state, ``_BatchNorm`` and ``_InstanceNorm`` the two forwards; the 1d/2d/3d classes only
+name the input ranks they accept.
+"""
+import warnings
+
+import numpy as np
+
+from bncpu import _validate as v
+from bncpu._batch_norm import batch_norm_backward, batch_norm_forward
+from bncpu._row_norm import instance_norm_backward, instance_norm_forward
+from bncpu.nn._module import Module, layer_axis
+
+
+def _check_momentum(momentum):
+    return None if momentum is None else v.check_momentum(momentum)
+
+
+class _NormBase(Module):
+    """Per-channel parameters and running statistics (torch.nn.modules.batchnorm._NormBase).
+
+    ``weight``/``bias`` (ones/zeros) when ``affine`` (``bias`` None with ``bias=False``);
+    ``running_mean``/``running_var``
+    (zeros/ones) and ``num_batches_tracked`` (a 0-d int64 array) when
+    ``track_running_stats``, else None. ``axis`` is the channel axis of the input
+    (1: (N, C, *spatial); -1: channels last, (N, *spatial, C)).
+    """
+
+    _parameter_names = ("weight", "bias")
+    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+    _input_ndims = ()      # the input ranks the class accepts
+
+    def __init__(self, num_features, eps, momentum, affine, track_running_stats, bias, dtype,
+                 axis):
+        super().__init__(dtype)
+        self.num_features = v.check_count(num_features, "num_features")
+        self.eps = v.check_eps(eps)
+        self.momentum = _check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = layer_axis(axis)
+        c = self.num_features
+        self.weight = np.ones(c, self.dtype) if self.affine else None
+        self.bias = np.zeros(c, self.dtype) if self.affine and bias else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(c, self.dtype)
+            self.running_var = np.ones(c, self.dtype)
+            self.num_batches_tracked = np.zeros((), np.int64)
+            # The running statistics an evaluation forward used, kept for its backward.
+            self._eval_stats = np.empty((2, c), self.dtype)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.zero_grad()
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked.fill(0)
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.weight is not None:
+            self.weight.fill(1)
+        if self.bias is not None:
+            self.bias.fill(0)
+
+    def _check_input_dim(self, x):
+        if x.ndim not in self._input_ndims:
+            raise ValueError(f"expected {' or '.join(f'{d}D' for d in self._input_ndims)} input "
+                             f"(got {x.ndim}D input)")
+
+    def _saved_running_stats(self):
+        """Copies of the running statistics, for the backward of an evaluation forward."""
+        self._eval_stats[0] = self.running_mean
+        self._eval_stats[1] = self.running_var
+        return self._eval_stats[0], self._eval_stats[1]
+
+    def extra_repr(self):
+        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+        return text if self.axis == 1 else f"{text}, axis={self.axis}"
+
+
+class _BatchNorm(_NormBase):
+    """Batch norm with torch's train/eval semantics.
+
+    Training: the batch statistics normalize; with ``track_running_stats`` the running
+    statistics move toward them (``momentum``, or with ``momentum=None`` the cumulative
+    average: factor 1/num_batches_tracked) and ``num_batches_tracked`` counts the step.
+    Evaluation: the running statistics normalize, or the batch statistics when the layer
+    keeps none. ``unbiased_running_var=False`` keeps the biased batch variance in the
+    running variance (Keras, d2l: their momentum 0.9 is this ``momentum=0.1``).
+
+    Subclassing (synchronized batch norm): the training statistics go through two hooks,
+    and only those need overriding to compute them across processes:
+
+    * ``_train_forward(x, running_mean, running_var, momentum)`` gets the validated input
+      (C-contiguous, the layer's dtype, channels along ``self.axis``), normalizes it with
+      the statistics of the batch, updates ``running_mean``/``running_var`` in place with
+      ``momentum`` when they are not None (``self.unbiased_running_var`` says which
+      variance), and returns ``(output, save_mean, save_invstd)``.
+    * ``_train_backward(grad_output, x, save_mean, save_invstd)`` gets what that forward
+      returned and returns ``(grad_input, grad_weight, grad_bias)`` (the last two None
+      without ``affine``), the parameter gradients summed over the whole batch.
+
+    The layer keeps everything else: the input check (``_check_input_dim``), momentum and
+    ``num_batches_tracked`` (counted only after ``_train_forward`` returned), evaluation,
+    saving for the backward, gradient accumulation and state dicts. The hooks run only in
+    training mode; evaluation without running statistics uses the local batch, as torch's
+    SyncBatchNorm does.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, bias=True, dtype=np.float32, axis=1,
+                 unbiased_running_var=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias, dtype,
+                         axis)
+        self.unbiased_running_var = bool(unbiased_running_var)
+
+    def _train_forward(self, x, running_mean, running_var, momentum):
+        return batch_norm_forward(x, self.weight, self.bias, running_mean, running_var, True,
+                                  momentum, self.eps, axis=self.axis,
+                                  unbiased_running_var=self.unbiased_running_var)
+
+    def _train_backward(self, grad_output, x, save_mean, save_invstd):
+        return batch_norm_backward(grad_output, x, self.weight, None, None, save_mean,
+                                   save_invstd, True, self.eps, axis=self.axis)
+
+    def _forward(self, x):
+        if self.training:
+            tracked = self.track_running_stats
+            if not tracked:
+                momentum = 0.0
+            elif self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked + 1)
+            else:
+                momentum = self.momentum
+            output, save_mean, save_invstd = self._train_forward(
+                x, self.running_mean if tracked else None, self.running_var if tracked else None,
+                momentum)
+            if tracked:
+                self.num_batches_tracked += 1
+            return output, ("train", x, save_mean, save_invstd)
+        if self.running_mean is None:
+            output, save_mean, save_invstd = batch_norm_forward(
+                x, self.weight, self.bias, None, None, True, 0.0, self.eps, axis=self.axis)
+            return output, ("batch", x, save_mean, save_invstd)
+        output = batch_norm_forward(x, self.weight, self.bias, self.running_mean,
+                                    self.running_var, False, 0.0, self.eps, axis=self.axis)[0]
+        return output, ("eval", x) + self._saved_running_stats()
+
+    def _backward(self, grad_output, saved):
+        mode, x, first, second = saved
+        if mode == "train":
+            grads = self._train_backward(grad_output, x, first, second)
+        elif mode == "batch":
+            grads = batch_norm_backward(grad_output, x, self.weight, None, None, first, second,
+                                        True, self.eps, axis=self.axis)
+        else:
+            grads = batch_norm_backward(grad_output, x, self.weight, first, second, None, None,
+                                        False, self.eps, axis=self.axis)
+        grad_input, grad_weight, grad_bias = grads
+        return grad_input, {"weight": grad_weight, "bias": grad_bias}
+
+    def extra_repr(self):
+        text = super().extra_repr()
+        return text if self.unbiased_running_var else f"{text}, unbiased_running_var=False"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm of (N, C) or (N, C, L) input (channels last: (N, L, C) with axis=-1),
+    as torch.nn.BatchNorm1d."""
+    _input_ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm of (N, C, H, W) input (channels last: (N, H, W, C) with axis=-1),
+    as torch.nn.BatchNorm2d."""
+    _input_ndims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm of (N, C, D, H, W) input (channels last: (N, D, H, W, C) with axis=-1),
+    as torch.nn.BatchNorm3d."""
+    _input_ndims = (5,)
+
+
+class _InstanceNorm(_NormBase):
+    """Instance norm with torch's semantics: each sample's channel normalized over its own
+    spatial values, in training and in evaluation, unless the layer tracks running
+    statistics, which then normalize in evaluation (and are updated in training with
+    ``momentum``; ``momentum=None`` leaves them unchanged, as in torch). An input without
+    the batch axis (one rank lower) is one sample. ``num_batches_tracked`` is kept but
+    never counted, as in torch."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, *, bias=True, dtype=np.float32, axis=1):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, bias, dtype,
+                         axis)
+
+    def _forward(self, x):
+        unbatched = x.ndim == self._input_ndims[0]
+        batched = x[None] if unbatched else x
+        axis = v.channel_axis(self.axis, batched.ndim, batch_axis_allowed=False)
+        if batched.shape[axis] != self.num_features:
+            dim = axis - 1 if unbatched else axis
+            if self.affine:
+                raise ValueError(f"expected input's size at dim={dim} to match num_features "
+                                 f"({self.num_features}), but got: {batched.shape[axis]}.")
+            warnings.warn(f"input's size at dim={dim} does not match num_features. You can "
+                          f"silence this warning by not passing in num_features, which is not "
+                          f"used because affine=False", stacklevel=3)
+        use_input_stats = self.training or not self.track_running_stats
+        output, mean, rstd = instance_norm_forward(
+            batched, self.weight, self.bias, self.running_mean, self.running_var,
+            use_input_stats, 0.0 if self.momentum is None else self.momentum, self.eps,
+            axis=axis)
+        if use_input_stats:
+            saved = ("instance", batched, mean, rstd)
+        else:
+            saved = ("eval", batched) + self._saved_running_stats()
+        return (output[0] if unbatched else output), saved + (axis, unbatched)
+
+    def _backward(self, grad_output, saved):
+        mode, x, first, second, axis, unbatched = saved
+        dy = v.as_array(grad_output, "grad_output")
+        if unbatched:
+            dy = dy[None]
+        if mode == "instance":
+            grad_input, grad_weight, grad_bias = instance_norm_backward(
+                dy, x, first, second, self.weight, axis=axis)
+        else:
+            grad_input, grad_weight, grad_bias = batch_norm_backward(
+                dy, x, self.weight, first, second, None, None, False, self.eps, axis=axis)
+        return (grad_input[0] if unbatched else grad_input), {"weight": grad_weight,
+                                                              "bias": grad_bias}
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance norm of (N, C, L) or unbatched (C, L) input (channels last: (N, L, C) with
+    axis=-1), as torch.nn.InstanceNorm1d."""
+    _input_ndims = (2, 3)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance norm of (N, C, H, W) or unbatched (C, H, W) input (channels last:
+    (N, H, W, C) with axis=-1), as torch.nn.InstanceNorm2d."""
+    _input_ndims = (3, 4)
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance norm of (N, C, D, H, W) or unbatched (C, D, H, W) input (channels last:
+    (N, D, H, W, C) with axis=-1), as torch.nn.InstanceNorm3d."""
+    _input_ndims = (4, 5)
