@@ -86,6 +86,7 @@ class Row:
             "implementations": {
                 name: {"status": timing.status, "median_s": timing.median,
                        "calls_per_sample": timing.calls_per_sample, "note": timing.note,
+                       "page_faults_per_call": timing.faults_per_call,
                        "samples_s": timing.samples}
                 for name, timing in self.timings.items()},
             "ratios": self.ratios,

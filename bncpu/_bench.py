@@ -30,6 +30,11 @@ import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+try:
+    import resource
+except ImportError:   # Windows
+    resource = None
+
 import numpy as np
 
 import bncpu
@@ -633,6 +638,12 @@ class Timing:
     calls_per_sample: int = 1
     status: str = "ok"       # "ok", "n/a: <reason>" or "error: <message>"
     note: str = None
+    faults: int = 0          # minor page faults during the samples (Linux, macOS)
+
+    @property
+    def faults_per_call(self):
+        calls = len(self.samples) * self.calls_per_sample
+        return self.faults / calls if calls else None
 
     @property
     def median(self):
@@ -681,11 +692,18 @@ def _time_call(call):
     return time.perf_counter() - start
 
 
-def _sample(call, calls_per_sample):
+def _minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def _sample(timing, call):
+    """One sample of ``call`` into ``timing``: its time per call and its page faults."""
+    faults = _minor_faults()
     begin = time.perf_counter()
-    for _ in range(calls_per_sample):
+    for _ in range(timing.calls_per_sample):
         call()
-    return (time.perf_counter() - begin) / calls_per_sample
+    timing.samples.append((time.perf_counter() - begin) / timing.calls_per_sample)
+    timing.faults += _minor_faults() - faults
 
 
 def measure(calls, budget):
@@ -723,8 +741,7 @@ def measure(calls, budget):
         start = time.perf_counter()
         for rounds in range(1, budget.max_rounds + 1):
             for name in rotation:
-                timings[name].samples.append(_sample(runnable[name],
-                                                     timings[name].calls_per_sample))
+                _sample(timings[name], runnable[name])
             if rounds >= budget.min_rounds and time.perf_counter() - start >= budget.seconds:
                 break
         for name in runnable:
@@ -733,7 +750,7 @@ def measure(calls, budget):
             timing, start = timings[name], time.perf_counter()
             while (len(timing.samples) < budget.apart_samples
                    and time.perf_counter() - start < budget.apart_seconds):
-                timing.samples.append(_sample(runnable[name], timing.calls_per_sample))
+                _sample(timing, runnable[name])
     finally:
         if gc_was_enabled:
             gc.enable()
