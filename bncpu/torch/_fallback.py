@@ -1,0 +1,82 @@
+"""Calls that bncpu does not compute go to PyTorch's own operator; each one is counted
+here and logged at DEBUG level on the ``bncpu.torch`` logger, so a slow path is never
+silent.
+
+=============================================  ===========================================
+case                                           what runs
+=============================================  ===========================================
+input not on the CPU (CUDA, MPS, meta, ...)    torch's operator (``torch.nn.functional``)
+input neither float32 nor float64 (bfloat16,   torch's operator
+float16, integer)
+weight, bias or running statistics of another  torch's operator (its own dtype rules and
+dtype or device than the input                 errors)
+a sparse or otherwise non-strided input        torch's operator
+running statistics that require grad           torch's operator
+double backward (``create_graph=True``)        bncpu's forward; the backward is recomputed
+                                               with torch's operator, differentiable
+=============================================  ===========================================
+"""
+import collections
+import logging
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+_log = logging.getLogger("bncpu.torch")
+_counts = collections.Counter()
+
+
+def fallback_counts():
+    """How many calls went to PyTorch's operator, by (function, reason), since import or
+    the last ``reset_fallback_counts()``."""
+    return dict(_counts)
+
+
+def reset_fallback_counts():
+    """Set every fallback count back to zero."""
+    _counts.clear()
+
+
+def record(function, reason):
+    """Count one call of ``function`` that runs torch's operator because of ``reason``."""
+    _counts[(function, reason)] += 1
+    _log.debug("bncpu.torch.%s: %s; running torch's operator", function, reason)
+
+
+def reason(input, tensors, running=()):
+    """Why bncpu cannot compute this call (a short phrase), or None when it can.
+
+    ``tensors`` are the optional parameters (weight, bias, residual), ``running`` the
+    optional running statistics; None entries are absent arguments.
+    """
+    if not isinstance(input, torch.Tensor):
+        return "input is not a tensor"
+    if input.layout != torch.strided:
+        return f"{input.layout} input"
+    if input.device.type != "cpu":
+        return f"{input.device.type} input"
+    if input.dtype not in _FLOAT_DTYPES:
+        return f"{input.dtype} input"
+    for tensor in (*tensors, *running):
+        if tensor is not None and (not isinstance(tensor, torch.Tensor)
+                                   or tensor.dtype != input.dtype
+                                   or tensor.device != input.device
+                                   or tensor.layout != torch.strided):
+            return "parameters of another dtype or device than the input"
+    if any(tensor is not None and tensor.requires_grad for tensor in running):
+        return "running statistics require grad"
+    return None
+
+
+def double_backward(function, torch_forward, inputs, grad_output):
+    """Gradients of ``torch_forward(*inputs)`` for ``grad_output``, with a graph (for
+    ``create_graph=True``): the backward of a bncpu operator when a higher derivative is
+    asked for. Entries of ``inputs`` that are None or need no grad get None."""
+    record(function, "double backward")
+    needed = [tensor for tensor in inputs if tensor is not None and tensor.requires_grad]
+    with torch.enable_grad():
+        output = torch_forward(*inputs)
+    grads = iter(torch.autograd.grad(output, needed, grad_output, create_graph=True,
+                                     allow_unused=True))
+    return tuple(next(grads) if tensor is not None and tensor.requires_grad else None
+                 for tensor in inputs)

@@ -1,0 +1,573 @@
+"""bncpu's kernels as PyTorch custom operators, namespace ``bncpu`` (``torch.ops.bncpu``).
+
+Each normalization is a pair of functional operators, ``<name>_forward`` and
+``<name>_backward``, defined by schema in a ``torch.library.Library`` with a CPU kernel;
+each has a fake kernel (shapes, dtypes and strides only, for ``torch.compile`` and
+export) and the forward has its autograd formula registered
+(``torch.library.register_autograd``), which calls the backward operator. In the
+profiler they show as ``bncpu::batch_norm_forward`` and so on. (``Library.define`` and
+``impl`` rather than ``torch.library.custom_op``: the same registrations, without the
+wrapper custom_op puts around every call, about a third of the per-call overhead.)
+
+Zero copy: a CPU tensor is handed to bncpu as a NumPy view of its memory
+(``tensor.detach().numpy()``), outputs are allocated by torch and written by the kernel
+through ``out=``, and bncpu's own result arrays (statistics) become tensors with
+``torch.from_numpy``. A channels-last input (``channels_last``, ``channels_last_3d``, or
+any (N, C, *spatial) tensor whose strides put C last) is viewed permuted to
+(N, *spatial, C), which is C-contiguous, and run with ``axis=-1``; its output is
+allocated in the same memory format.
+
+Running statistics: PyTorch does not take an autograd formula for an operator that
+mutates its arguments, so the training forward returns the updated running statistics
+as new tensors (the kernel updates a clone of the C values, like aten's
+``_native_batch_norm_legit_functional``) and ``bncpu.torch.functional`` copies them
+back with ``Tensor.copy_``, a mutation PyTorch records (and ``torch.compile``
+functionalizes) as it does for its own batch norm. Nothing is written when the kernel
+raises.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import bncpu
+from bncpu.torch import _fallback
+
+Tensor = torch.Tensor
+
+_library = torch.library.Library("bncpu", "FRAGMENT")
+
+
+def _operator(schema):
+    """Define ``bncpu::<schema>`` with the decorated function as its CPU kernel."""
+    def define(kernel):
+        _library.define(schema)
+        _library.impl(schema.split("(", 1)[0], kernel, "CPU")
+        return kernel
+    return define
+
+
+def _fake(name):
+    """Register the decorated function as the fake kernel of ``bncpu::<name>``."""
+    return torch.library.register_fake(f"bncpu::{name}", lib=_library)
+
+
+def _autograd(name, backward, setup_context):
+    torch.library.register_autograd(f"bncpu::{name}", backward, setup_context=setup_context,
+                                    lib=_library)
+
+
+def _array(tensor, order=None):
+    """A NumPy view of a CPU tensor's memory (None stays None), permuted by ``order``."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    if order is not None:
+        tensor = tensor.permute(order)
+    return tensor.numpy()
+
+
+def _channels_last_order(tensor):
+    """(0, 2, ..., ndim-1, 1) when that permutation makes the (N, C, *spatial) tensor
+    C-contiguous and the tensor itself is not; None otherwise."""
+    if tensor.dim() < 3 or tensor.is_contiguous():
+        return None
+    order = (0, *range(2, tensor.dim()), 1)
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def _axis(order):
+    return 1 if order is None else -1
+
+
+def _tensor(array, like):
+    """bncpu's result array as a tensor (no copy), or an empty tensor for None."""
+    return like.new_empty(0) if array is None else torch.from_numpy(array)
+
+
+def _or_empty(tensor, like):
+    """``tensor``, or a new empty tensor for None (a result that is absent)."""
+    return like.new_empty(0) if tensor is None else tensor
+
+
+def _updated(stat, training):
+    """The clone of a running statistic that the kernel updates, or None."""
+    return stat.detach().clone() if training and stat is not None else None
+
+
+def _bias_grad(grad_bias, weight, bias, grad_output, channel_dims):
+    """grad_bias from the backward operator, or Σ grad_output when bias comes without weight
+    (the kernels give the parameter gradients only with a weight)."""
+    if bias is None or not bias.requires_grad:
+        return None
+    if weight is not None:
+        return grad_bias
+    dims = [d for d in range(grad_output.dim()) if d not in channel_dims]
+    return grad_output.sum(dim=dims) if dims else grad_output
+
+
+# ----------------------------------------------------------------------------------
+# Batch norm
+# ----------------------------------------------------------------------------------
+@_operator(
+    "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? "
+    "running_mean, Tensor? running_var, bool training, float momentum, float eps) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+def batch_norm_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                       training: bool, momentum: float, eps: float
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(output, save_mean, save_invstd, new_running_mean, new_running_var); the last two
+    are empty unless training with running statistics, save_* empty in evaluation."""
+    order = _channels_last_order(input)
+    output = torch.empty_like(input)
+    new_mean, new_var = _updated(running_mean, training), _updated(running_var, training)
+    _, save_mean, save_invstd = bncpu.batch_norm_forward(
+        _array(input, order), _array(weight), _array(bias),
+        _array(new_mean if training else running_mean),
+        _array(new_var if training else running_var),
+        training, momentum, eps, axis=_axis(order), out=_array(output, order))
+    return (output, torch.from_numpy(save_mean), torch.from_numpy(save_invstd),
+            _or_empty(new_mean, input), _or_empty(new_var, input))
+
+
+@_fake("batch_norm_forward")
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    stats = input.shape[1] if training else 0
+    return (torch.empty_like(input), input.new_empty(stats), input.new_empty(stats),
+            input.new_empty(running_mean.shape if training and running_mean is not None else 0),
+            input.new_empty(running_var.shape if training and running_var is not None else 0))
+
+
+@_operator(
+    "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? "
+    "running_mean, Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool "
+    "training, float eps) -> (Tensor, Tensor, Tensor)")
+def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
+                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        save_mean: Tensor, save_invstd: Tensor, training: bool, eps: float
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); the last two empty without weight."""
+    order = _channels_last_order(input)
+    grad_input = torch.empty_like(input)
+    _, grad_weight, grad_bias = bncpu.batch_norm_backward(
+        _array(grad_output, order), _array(input, order), _array(weight),
+        _array(running_mean), _array(running_var), _array(save_mean), _array(save_invstd),
+        training, eps, axis=_axis(order), out=_array(grad_input, order))
+    return grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input)
+
+
+@_fake("batch_norm_backward")
+def _(grad_output, input, weight, running_mean, running_var, save_mean, save_invstd, training,
+      eps):
+    params = 0 if weight is None else input.shape[1]
+    return torch.empty_like(input), input.new_empty(params), input.new_empty(params)
+
+
+def _batch_norm_setup(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, training, _, eps = inputs
+    running = (None, None) if training else (running_mean, running_var)
+    ctx.save_for_backward(input, weight, bias, *running, output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.training, ctx.eps = training, eps
+
+
+def _batch_norm_grad(ctx, grad_output, *_):
+    input, weight, bias, running_mean, running_var, save_mean, save_invstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        grads = _fallback.double_backward(
+            "batch_norm",
+            lambda x, w, b: F.batch_norm(x, running_mean, running_var, w, b, ctx.training, 0.0,
+                                         ctx.eps),
+            (input, weight, bias), grad_output)
+    else:
+        grad_input, grad_weight, grad_bias = torch.ops.bncpu.batch_norm_backward(
+            grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
+            ctx.training, ctx.eps)
+        grads = (grad_input, grad_weight if weight is not None else None,
+                 _bias_grad(grad_bias, weight, bias, grad_output, (1,)))
+    return (*grads, None, None, None, None, None)
+
+
+_autograd("batch_norm_forward", _batch_norm_grad, _batch_norm_setup)
+
+
+# ----------------------------------------------------------------------------------
+# Batch norm + (add) + ReLU
+# ----------------------------------------------------------------------------------
+@_operator(
+    "batch_norm_relu_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? "
+    "running_mean, Tensor? running_var, bool training, float momentum, float eps, "
+    "Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def batch_norm_relu_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                            training: bool, momentum: float, eps: float,
+                            residual: Optional[Tensor]
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """relu(batch_norm(input) + residual): outputs as ``batch_norm_forward``'s."""
+    order = _channels_last_order(input)
+    output = torch.empty_like(input)
+    new_mean, new_var = _updated(running_mean, training), _updated(running_var, training)
+    _, save_mean, save_invstd = bncpu.batch_norm_relu_forward(
+        _array(input, order), _array(weight), _array(bias),
+        _array(new_mean if training else running_mean),
+        _array(new_var if training else running_var),
+        training, momentum, eps, residual=_array(residual, order), axis=_axis(order),
+        out=_array(output, order))
+    return (output, torch.from_numpy(save_mean), torch.from_numpy(save_invstd),
+            _or_empty(new_mean, input), _or_empty(new_var, input))
+
+
+@_fake("batch_norm_relu_forward")
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, residual):
+    stats = input.shape[1] if training else 0
+    return (torch.empty_like(input), input.new_empty(stats), input.new_empty(stats),
+            input.new_empty(running_mean.shape if training and running_mean is not None else 0),
+            input.new_empty(running_var.shape if training and running_var is not None else 0))
+
+
+@_operator(
+    "batch_norm_relu_backward(Tensor grad_output, Tensor output, Tensor input, "
+    "Tensor? weight, Tensor? running_mean, Tensor? running_var, Tensor save_mean, "
+    "Tensor save_invstd, bool training, float eps, bool residual_grad) -> (Tensor, "
+    "Tensor, Tensor, Tensor)")
+def batch_norm_relu_backward(grad_output: Tensor, output: Tensor, input: Tensor,
+                             weight: Optional[Tensor], running_mean: Optional[Tensor],
+                             running_var: Optional[Tensor], save_mean: Tensor,
+                             save_invstd: Tensor, training: bool, eps: float,
+                             residual_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual); the mask is output > 0;
+    grad_weight and grad_bias empty without weight, grad_residual without residual_grad."""
+    order = _channels_last_order(input)
+    grad_input = torch.empty_like(input)
+    _, grad_weight, grad_bias, grad_residual = bncpu.batch_norm_relu_backward(
+        _array(grad_output, order), _array(output, order), _array(input, order),
+        _array(weight), _array(running_mean), _array(running_var), _array(save_mean),
+        _array(save_invstd), training, eps, residual_grad=residual_grad, axis=_axis(order),
+        out=_array(grad_input, order))
+    if grad_residual is not None:
+        grad_residual = torch.from_numpy(grad_residual)
+        if order is not None:   # the array is (N, *spatial, C): back to (N, C, *spatial)
+            grad_residual = grad_residual.permute(0, -1, *range(1, input.dim() - 1))
+    return (grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input),
+            input.new_empty(0) if grad_residual is None else grad_residual)
+
+
+@_fake("batch_norm_relu_backward")
+def _(grad_output, output, input, weight, running_mean, running_var, save_mean, save_invstd,
+      training, eps, residual_grad):
+    params = 0 if weight is None else input.shape[1]
+    if not residual_grad:
+        grad_residual = input.new_empty(0)
+    elif _channels_last_order(input) is not None:
+        grad_residual = torch.empty_like(input)
+    else:
+        grad_residual = input.new_empty(input.shape)
+    return (torch.empty_like(input), input.new_empty(params), input.new_empty(params),
+            grad_residual)
+
+
+def _batch_norm_relu_setup(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, training, _, eps, residual = inputs
+    running = (None, None) if training else (running_mean, running_var)
+    ctx.save_for_backward(input, weight, bias, *running, output[1], output[2], output[0],
+                          residual)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.training, ctx.eps = training, eps
+
+
+def _batch_norm_relu_grad(ctx, grad_output, *_):
+    (input, weight, bias, running_mean, running_var, save_mean, save_invstd, output,
+     residual) = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        def torch_forward(x, w, b, r):
+            y = F.batch_norm(x, running_mean, running_var, w, b, ctx.training, 0.0, ctx.eps)
+            return torch.relu(y if r is None else y + r)
+        grads = _fallback.double_backward("batch_norm_relu", torch_forward,
+                                          (input, weight, bias, residual), grad_output)
+    else:
+        residual_grad = residual is not None and residual.requires_grad
+        grad_input, grad_weight, grad_bias, grad_residual = (
+            torch.ops.bncpu.batch_norm_relu_backward(
+                grad_output, output, input, weight, running_mean, running_var, save_mean,
+                save_invstd, ctx.training, ctx.eps, residual_grad or (bias is not None
+                                                                      and weight is None)))
+        grads = (grad_input, grad_weight if weight is not None else None,
+                 _bias_grad(grad_bias, weight, bias, grad_residual, (1,)),
+                 grad_residual if residual_grad else None)
+    return (*grads[:3], None, None, None, None, None, grads[3])
+
+
+_autograd("batch_norm_relu_forward", _batch_norm_relu_grad, _batch_norm_relu_setup)
+
+
+# ----------------------------------------------------------------------------------
+# Layer norm and RMS norm: rows of the trailing normalized_shape values
+# ----------------------------------------------------------------------------------
+def _leading(input, normalized_shape):
+    return input.shape[:input.dim() - len(normalized_shape)]
+
+
+@_operator(
+    "layer_norm_forward(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? "
+    "bias, float eps) -> (Tensor, Tensor, Tensor)")
+def layer_norm_forward(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
+                       bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, mean, rstd), mean and rstd of the leading shape."""
+    output = input.new_empty(input.shape)
+    _, mean, rstd = bncpu.layer_norm_forward(_array(input), normalized_shape, _array(weight),
+                                             _array(bias), eps, out=output.numpy())
+    return output, torch.from_numpy(mean), torch.from_numpy(rstd)
+
+
+@_fake("layer_norm_forward")
+def _(input, normalized_shape, weight, bias, eps):
+    leading = _leading(input, normalized_shape)
+    return input.new_empty(input.shape), input.new_empty(leading), input.new_empty(leading)
+
+
+@_operator(
+    "layer_norm_backward(Tensor grad_output, Tensor input, int[] normalized_shape, "
+    "Tensor mean, Tensor rstd, Tensor? weight) -> (Tensor, Tensor, Tensor)")
+def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: list[int],
+                        mean: Tensor, rstd: Tensor, weight: Optional[Tensor]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); the last two empty without weight."""
+    grad_input = input.new_empty(input.shape)
+    _, grad_weight, grad_bias = bncpu.layer_norm_backward(
+        _array(grad_output), _array(input), normalized_shape, _array(mean), _array(rstd),
+        _array(weight), out=grad_input.numpy())
+    return grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input)
+
+
+@_fake("layer_norm_backward")
+def _(grad_output, input, normalized_shape, mean, rstd, weight):
+    params = (0,) if weight is None else tuple(normalized_shape)
+    return input.new_empty(input.shape), input.new_empty(params), input.new_empty(params)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    input, normalized_shape, weight, bias, eps = inputs
+    ctx.save_for_backward(input, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
+
+
+def _layer_norm_grad(ctx, grad_output, *_):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        grads = _fallback.double_backward(
+            "layer_norm",
+            lambda x, w, b: F.layer_norm(x, ctx.normalized_shape, w, b, ctx.eps),
+            (input, weight, bias), grad_output)
+    else:
+        grad_input, grad_weight, grad_bias = torch.ops.bncpu.layer_norm_backward(
+            grad_output, input, ctx.normalized_shape, mean, rstd, weight)
+        normalized_dims = range(input.dim() - len(ctx.normalized_shape), input.dim())
+        grads = (grad_input, grad_weight if weight is not None else None,
+                 _bias_grad(grad_bias, weight, bias, grad_output, normalized_dims))
+    return grads[0], None, grads[1], grads[2], None
+
+
+_autograd("layer_norm_forward", _layer_norm_grad, _layer_norm_setup)
+
+
+@_operator(
+    "rms_norm_forward(Tensor input, int[] normalized_shape, Tensor? weight, float? "
+    "eps) -> (Tensor, Tensor)")
+def rms_norm_forward(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
+                     eps: Optional[float]) -> tuple[Tensor, Tensor]:
+    """(output, rstd), rstd of the leading shape."""
+    output = input.new_empty(input.shape)
+    _, rstd = bncpu.rms_norm_forward(_array(input), normalized_shape, _array(weight), eps,
+                                     out=output.numpy())
+    return output, torch.from_numpy(rstd)
+
+
+@_fake("rms_norm_forward")
+def _(input, normalized_shape, weight, eps):
+    return input.new_empty(input.shape), input.new_empty(_leading(input, normalized_shape))
+
+
+@_operator(
+    "rms_norm_backward(Tensor grad_output, Tensor input, int[] normalized_shape, "
+    "Tensor rstd, Tensor? weight) -> (Tensor, Tensor)")
+def rms_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: list[int],
+                      rstd: Tensor, weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(grad_input, grad_weight); grad_weight empty without weight."""
+    grad_input = input.new_empty(input.shape)
+    _, grad_weight = bncpu.rms_norm_backward(_array(grad_output), _array(input),
+                                             normalized_shape, _array(rstd), _array(weight),
+                                             out=grad_input.numpy())
+    return grad_input, _tensor(grad_weight, input)
+
+
+@_fake("rms_norm_backward")
+def _(grad_output, input, normalized_shape, rstd, weight):
+    params = (0,) if weight is None else tuple(normalized_shape)
+    return input.new_empty(input.shape), input.new_empty(params)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    input, normalized_shape, weight, eps = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.normalized_shape, ctx.eps = normalized_shape, eps
+
+
+def _rms_norm_grad(ctx, grad_output, *_):
+    input, weight, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        grad_input, grad_weight = _fallback.double_backward(
+            "rms_norm", lambda x, w: F.rms_norm(x, ctx.normalized_shape, w, ctx.eps),
+            (input, weight), grad_output)
+    else:
+        grad_input, grad_weight = torch.ops.bncpu.rms_norm_backward(
+            grad_output, input, ctx.normalized_shape, rstd, weight)
+        grad_weight = grad_weight if weight is not None else None
+    return grad_input, None, grad_weight, None
+
+
+_autograd("rms_norm_forward", _rms_norm_grad, _rms_norm_setup)
+
+
+# ----------------------------------------------------------------------------------
+# Group norm, and instance norm with the input's statistics (one channel per group)
+# ----------------------------------------------------------------------------------
+@_operator(
+    "group_norm_forward(Tensor input, int num_groups, Tensor? weight, Tensor? bias, "
+    "float eps) -> (Tensor, Tensor, Tensor)")
+def group_norm_forward(input: Tensor, num_groups: int, weight: Optional[Tensor],
+                       bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(output, mean, rstd), mean and rstd of shape (N, num_groups)."""
+    order = _channels_last_order(input)
+    output = torch.empty_like(input)
+    _, mean, rstd = bncpu.group_norm_forward(_array(input, order), num_groups, _array(weight),
+                                             _array(bias), eps, axis=_axis(order),
+                                             out=_array(output, order))
+    return output, torch.from_numpy(mean), torch.from_numpy(rstd)
+
+
+@_fake("group_norm_forward")
+def _(input, num_groups, weight, bias, eps):
+    stats = (input.shape[0], num_groups)
+    return torch.empty_like(input), input.new_empty(stats), input.new_empty(stats)
+
+
+@_operator(
+    "group_norm_backward(Tensor grad_output, Tensor input, int num_groups, Tensor "
+    "mean, Tensor rstd, Tensor? weight) -> (Tensor, Tensor, Tensor)")
+def group_norm_backward(grad_output: Tensor, input: Tensor, num_groups: int, mean: Tensor,
+                        rstd: Tensor, weight: Optional[Tensor]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); the last two empty without weight."""
+    order = _channels_last_order(input)
+    grad_input = torch.empty_like(input)
+    _, grad_weight, grad_bias = bncpu.group_norm_backward(
+        _array(grad_output, order), _array(input, order), num_groups, _array(mean),
+        _array(rstd), _array(weight), axis=_axis(order), out=_array(grad_input, order))
+    return grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input)
+
+
+@_fake("group_norm_backward")
+def _(grad_output, input, num_groups, mean, rstd, weight):
+    params = 0 if weight is None else input.shape[1]
+    return torch.empty_like(input), input.new_empty(params), input.new_empty(params)
+
+
+def _group_norm_setup(ctx, inputs, output):
+    input, num_groups, weight, bias, eps = inputs
+    ctx.save_for_backward(input, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.num_groups, ctx.eps = num_groups, eps
+
+
+def _group_norm_grad(ctx, grad_output, *_):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        grads = _fallback.double_backward(
+            "group_norm", lambda x, w, b: F.group_norm(x, ctx.num_groups, w, b, ctx.eps),
+            (input, weight, bias), grad_output)
+    else:
+        grad_input, grad_weight, grad_bias = torch.ops.bncpu.group_norm_backward(
+            grad_output, input, ctx.num_groups, mean, rstd, weight)
+        grads = (grad_input, grad_weight if weight is not None else None,
+                 _bias_grad(grad_bias, weight, bias, grad_output, (1,)))
+    return grads[0], None, grads[1], grads[2], None
+
+
+_autograd("group_norm_forward", _group_norm_grad, _group_norm_setup)
+
+
+@_operator(
+    "instance_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? "
+    "running_mean, Tensor? running_var, float momentum, float eps) -> (Tensor, "
+    "Tensor, Tensor, Tensor, Tensor)")
+def instance_norm_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          momentum: float, eps: float
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Instance norm with the input's statistics: (output, mean, rstd, new_running_mean,
+    new_running_var), mean and rstd (N, C), the last two empty without running
+    statistics."""
+    order = _channels_last_order(input)
+    output = torch.empty_like(input)
+    new_mean, new_var = _updated(running_mean, True), _updated(running_var, True)
+    _, mean, rstd = bncpu.instance_norm_forward(
+        _array(input, order), _array(weight), _array(bias), _array(new_mean), _array(new_var),
+        True, momentum, eps, axis=_axis(order), out=_array(output, order))
+    return (output, torch.from_numpy(mean), torch.from_numpy(rstd),
+            _or_empty(new_mean, input), _or_empty(new_var, input))
+
+
+@_fake("instance_norm_forward")
+def _(input, weight, bias, running_mean, running_var, momentum, eps):
+    stats = input.shape[:2]
+    return (torch.empty_like(input), input.new_empty(stats), input.new_empty(stats),
+            input.new_empty(running_mean.shape if running_mean is not None else 0),
+            input.new_empty(running_var.shape if running_var is not None else 0))
+
+
+@_operator(
+    "instance_norm_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor "
+    "rstd, Tensor? weight) -> (Tensor, Tensor, Tensor)")
+def instance_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+                           weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias); the last two empty without weight."""
+    order = _channels_last_order(input)
+    grad_input = torch.empty_like(input)
+    _, grad_weight, grad_bias = bncpu.instance_norm_backward(
+        _array(grad_output, order), _array(input, order), _array(mean), _array(rstd),
+        _array(weight), axis=_axis(order), out=_array(grad_input, order))
+    return grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input)
+
+
+@_fake("instance_norm_backward")
+def _(grad_output, input, mean, rstd, weight):
+    params = 0 if weight is None else input.shape[1]
+    return torch.empty_like(input), input.new_empty(params), input.new_empty(params)
+
+
+def _instance_norm_setup(ctx, inputs, output):
+    input, weight, bias, _, _, _, eps = inputs
+    ctx.save_for_backward(input, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.eps = eps
+
+
+def _instance_norm_grad(ctx, grad_output, *_):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        grads = _fallback.double_backward(
+            "instance_norm",
+            lambda x, w, b: F.instance_norm(x, None, None, w, b, True, 0.0, ctx.eps),
+            (input, weight, bias), grad_output)
+    else:
+        grad_input, grad_weight, grad_bias = torch.ops.bncpu.instance_norm_backward(
+            grad_output, input, mean, rstd, weight)
+        grads = (grad_input, grad_weight if weight is not None else None,
+                 _bias_grad(grad_bias, weight, bias, grad_output, (1,)))
+    return (*grads, None, None, None, None)
+
+
+_autograd("instance_norm_forward", _instance_norm_grad, _instance_norm_setup)
