@@ -137,7 +137,7 @@ cdef void c_set_num_threads(int n) noexcept nogil:
     bncpu_store_requested(min(max(n, 0), _max_threads))
 
 
-def get_num_threads() -> int:
+def get_num_threads():
     """Number of threads the next large kernel call will use.
 
     Returns
@@ -150,7 +150,7 @@ def get_num_threads() -> int:
     return configured_threads()
 
 
-def set_num_threads(n: int) -> None:
+def set_num_threads(n):
     """Use ``n`` threads in every later large kernel call of the process.
 
     Parameters
@@ -179,6 +179,6 @@ def set_num_threads(n: int) -> None:
     c_set_num_threads(min(n, _max_threads))
 
 
-def openmp_enabled() -> bool:
+def openmp_enabled():
     """True when the kernels were compiled with OpenMP."""
     return bool(BNCPU_HAVE_OPENMP)
