@@ -457,8 +457,12 @@ def _floor_numpy(reads, out, n_threads):
 
 
 def floor_call(inputs, n_threads):
-    reads = inputs.streams()
     out = np.empty_like(inputs.x) if inputs.case.operation.writes else None
+    return floor_call_into(inputs.streams(), out, n_threads)
+
+
+def floor_call_into(reads, out, n_threads):
+    """The floor's pass over the arrays ``reads`` into ``out`` (None: sums only)."""
     if torch is not None:
         return _floor_torch(reads, out)
     return _floor_numpy(reads, out, n_threads)
