@@ -220,6 +220,7 @@ static struct {
     PyThreadState *interpreter_thread; /* non-NULL: this unit's bncpu_import() started the
                                           interpreter and released the GIL with this state */
     int attempted;                     /* bncpu_import() has been called */
+    int finalized;                     /* bncpu_finalize() ended the interpreter */
     char error[1024];                  /* why the last bncpu_import() failed, "" if it did not */
 } bncpu_import_state_;
 
@@ -315,6 +316,8 @@ static inline int bncpu_start_interpreter_(void)
 }
 
 /* Load the kernels: BNCPU_OK, or BNCPU_ERR_IMPORT with the reason in bncpu_import_error().
+ * After this unit's bncpu_finalize() ended the interpreter, it returns BNCPU_ERR_IMPORT
+ * at once (see bncpu_finalize()).
  *
  * Standalone program (no interpreter yet): starts one (see BNCPU_PYTHON at the top),
  * imports bncpu, and returns with the GIL released, so that kernels may then be called
@@ -334,6 +337,15 @@ static inline int bncpu_import(void)
         return BNCPU_OK;
     bncpu_import_state_.attempted = 1;
     bncpu_import_state_.error[0] = '\0';
+    if (bncpu_import_state_.finalized) {
+        /* A second interpreter would import NumPy again, which NumPy does not support
+         * (the import fails with an unrelated TypeError): refuse with the reason. */
+        snprintf(bncpu_import_state_.error, sizeof bncpu_import_state_.error,
+                 "bncpu_import() after bncpu_finalize(): the embedded Python interpreter "
+                 "cannot be started twice in one process (NumPy cannot be imported again); "
+                 "call bncpu_finalize() once, at the end of the program");
+        return BNCPU_ERR_IMPORT;
+    }
     if (!Py_IsInitialized()) {
         if (bncpu_start_interpreter_() != 0)
             return BNCPU_ERR_IMPORT;
@@ -375,14 +387,18 @@ static inline const char *bncpu_import_error(void)
  * once, from the thread that called bncpu_import(), after every kernel call of every
  * thread has returned. No kernel may be called afterwards: the macros of this unit
  * return BNCPU_ERR_NOT_IMPORTED, but a table pointer kept elsewhere would call code
- * whose interpreter is gone. Where the interpreter was already running (an extension
- * module), it only forgets the table and leaves the interpreter alone. */
+ * whose interpreter is gone. Python cannot be started again in the same process
+ * (NumPy does not support a second import): a later bncpu_import() of this unit
+ * returns BNCPU_ERR_IMPORT, bncpu_import_error() saying why; in another unit it fails
+ * too. Where the interpreter was already running (an extension module), it only forgets
+ * the table and leaves the interpreter alone: bncpu_import() works again afterwards. */
 static inline void bncpu_finalize(void)
 {
     bncpu_api_table = NULL;
     if (bncpu_import_state_.interpreter_thread != NULL) {
         PyEval_RestoreThread(bncpu_import_state_.interpreter_thread);
         bncpu_import_state_.interpreter_thread = NULL;
+        bncpu_import_state_.finalized = 1;
         Py_FinalizeEx();
     }
 }

@@ -166,3 +166,81 @@ def test_absurd_thread_counts_run_at_the_cap_with_single_thread_bits(setting):
     report = child_json(code, env)
     assert report["threads"] == (report["cap"] if bncpu.openmp_enabled() else 1)
     assert report["same"]
+
+
+# ----------------------------------------------------------------------------------
+# C API: bncpu_import() after bncpu_finalize()
+# ----------------------------------------------------------------------------------
+REIMPORT_PROGRAM = r"""
+#include "bncpu.h"
+
+static void step(const char *name, int status)
+{
+    printf("%s\t%d\t%s\n", name, status, status == BNCPU_OK ? "" : bncpu_import_error());
+}
+
+int main(int argc, char **argv)
+{
+    /* With an argument the program runs Python itself, as an embedding program does. */
+    int embedding = argc > 1;
+    (void)argv;
+    if (embedding)
+        Py_Initialize();
+    step("import", bncpu_import());
+    bncpu_finalize();
+    step("import after finalize", bncpu_import());
+    printf("threads\t%d\t\n", bncpu_get_num_threads());
+    bncpu_finalize();
+    if (embedding)
+        Py_FinalizeEx();
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def reimport_binary(tmp_path_factory):
+    from test_c_api import find_compiler, find_python_config
+    compiler, config = find_compiler(), find_python_config()
+    if sys.platform == "win32" or compiler is None or config is None:
+        pytest.skip("needs a POSIX C compiler and python3-config (the Python development files)")
+
+    def config_flags(*options):
+        return subprocess.run([config, *options], capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    directory = tmp_path_factory.mktemp("reimport")
+    source, binary = directory / "reimport.c", directory / "reimport"
+    source.write_text(REIMPORT_PROGRAM)
+    command = (compiler + ["-Wall", "-Wextra", "-Werror", str(source), "-o", str(binary),
+                           "-I" + bncpu.get_include()]
+               + config_flags("--includes") + config_flags("--embed", "--ldflags"))
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return binary
+
+
+@pytest.mark.parametrize("embedding", [False, True], ids=["standalone", "embedding"])
+def test_c_import_after_finalize(reimport_binary, embedding):
+    from test_c_api import example_env
+    import site
+    env = example_env()
+    # An embedding program's own interpreter finds NumPy through PYTHONPATH.
+    env["PYTHONPATH"] = os.pathsep.join([env.get("PYTHONPATH", "")] + site.getsitepackages())
+    result = subprocess.run([str(reimport_binary)] + (["embedding"] if embedding else []),
+                            capture_output=True, text=True, env=env, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = {name: (int(status), message) for name, status, message in
+             (line.split("\t") for line in result.stdout.splitlines())}
+    assert steps["import"] == (0, ""), steps
+    status, message = steps["import after finalize"]
+    if embedding:
+        # bncpu_finalize() left the program's interpreter alone: importing again works.
+        assert (status, message) == (0, "")
+        assert steps["threads"][0] >= 1
+    else:
+        # The interpreter bncpu_import() started is gone and cannot be started again.
+        assert status == 10   # BNCPU_ERR_IMPORT
+        assert "bncpu_import() after bncpu_finalize()" in message
+        assert "cannot be started twice" in message
+        assert steps["threads"][0] == 0
