@@ -10,6 +10,26 @@ prints the speed report; ``bncpu.get_include()`` locates ``bncpu.h`` for C calle
 """
 import os
 
+
+def _not_built_message(error):
+    """Why the compiled modules did not load: usually a source tree that was never built."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+    here = os.path.dirname(os.path.abspath(__file__))
+    if any(name.startswith("_capi") and name.endswith(tuple(EXTENSION_SUFFIXES))
+           for name in os.listdir(here)):
+        return f"bncpu's compiled extension modules in {here} cannot be loaded: {error}"
+    return (f"bncpu is imported from {here}, which holds its source but not its compiled "
+            f"extension modules (this looks like an unbuilt source tree). Build them in place "
+            f"with `pip install -e .` or `python setup.py build_ext --inplace` in "
+            f"{os.path.dirname(here)}, or install bncpu (`pip install .`) and run Python from "
+            f"another directory so that the installed package is imported.")
+
+
+try:
+    from bncpu import _capi, _threads  # noqa: F401  (the compiled modules every other needs)
+except ImportError as _error:
+    raise ImportError(_not_built_message(_error)) from _error
+
 from bncpu._dispatch import ISA as _ISA
 from bncpu._threads import get_num_threads, openmp_enabled, set_num_threads
 from bncpu._batch_norm import (

@@ -244,3 +244,21 @@ def test_c_import_after_finalize(reimport_binary, embedding):
         assert "bncpu_import() after bncpu_finalize()" in message
         assert "cannot be started twice" in message
         assert steps["threads"][0] == 0
+
+
+# ----------------------------------------------------------------------------------
+# Importing an unbuilt source tree
+# ----------------------------------------------------------------------------------
+def test_importing_an_unbuilt_source_tree_says_how_to_build(tmp_path):
+    # The package's Python files without any compiled module, as in a fresh checkout.
+    shutil.copytree(PACKAGE_DIR, tmp_path / "bncpu",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "*.c", "__pycache__", "include"))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", "import bncpu"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ImportError: bncpu is imported from"), result.stderr
+    assert "not its compiled extension modules" in last_line
+    assert "pip install -e ." in last_line and "build_ext --inplace" in last_line
+    assert "circular import" not in last_line
