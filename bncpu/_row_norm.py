@@ -168,6 +168,8 @@ def _grouped_forward(x, groups, axis, w, b, eps, out, other_inputs=()):
         for i in range(n):
             v.raise_for_status(_bn.forward_train(x[i], result.target[i], outer, c, inner, w, b,
                                                  None, None, 0.0, eps, mean[i], rstd[i]))
+        if s == 0:   # empty instances: rstd NaN, as the row kernels and PyTorch give it
+            rstd.fill(np.nan)
     return result.finish(), mean, rstd
 
 
