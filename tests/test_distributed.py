@@ -358,3 +358,92 @@ def test_import_needs_neither_mpi4py_nor_torch():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------
+# The layer: bncpu.distributed.SyncBatchNorm against bncpu.nn.BatchNorm2d on the whole batch
+# ----------------------------------------------------------------------------------
+LAYER_STEPS = 3
+
+
+def layer_steps(layer, shards, rank, dtype, axis=1):
+    """LAYER_STEPS training steps (forward, backward) on this rank's part of the batch,
+    gradients accumulated, then an evaluation forward: what the layer computed."""
+    start = sum(shards[:rank])
+    record = {"y": [], "dx": []}
+    for step in range(LAYER_STEPS):
+        rng = np.random.default_rng(step)
+        x = rng.normal(1.0, 2.0, (sum(shards), CHANNELS) + SPATIAL).astype(dtype)
+        dy = rng.normal(0.0, 1.0, x.shape).astype(dtype)
+        part = slice(start, start + shards[rank])
+        record["y"].append(np.moveaxis(layer(channels_last(x[part], axis)), axis, 1))
+        record["dx"].append(np.moveaxis(layer.backward(channels_last(dy[part], axis)), axis, 1))
+    layer.eval()
+    record["y_eval"] = np.moveaxis(layer(channels_last(x[part], axis)), axis, 1)
+    record["state"] = layer.state_dict()
+    record["grad_weight"], record["grad_bias"] = layer.grad_weight, layer.grad_bias
+    return record
+
+
+@pytest.mark.parametrize("momentum, axis, dtype", [(0.1, 1, np.float64), (None, -1, np.float32),
+                                                   (1.0, 1, np.float32)])
+def test_layer_equals_whole_batch(momentum, axis, dtype):
+    from bncpu.distributed import SyncBatchNorm
+    from bncpu.nn import BatchNorm2d
+    shards = SHARD_SIZES[:3]
+
+    def step(comm):
+        layer = SyncBatchNorm(CHANNELS, momentum=momentum, comm=comm, dtype=dtype, axis=axis)
+        layer.weight[:] = np.linspace(0.5, 1.5, CHANNELS)
+        return layer_steps(layer, shards, comm.rank, dtype, axis)
+
+    ranks = run_threads(3, step)
+    whole = BatchNorm2d(CHANNELS, momentum=momentum, dtype=dtype)
+    whole.weight[:] = np.linspace(0.5, 1.5, CHANNELS)
+    expected = layer_steps(whole, (sum(shards),), 0, dtype)
+    for name in ("y", "dx"):
+        for s in range(LAYER_STEPS):
+            assert_near(np.concatenate([r[name][s] for r in ranks]), expected[name][s], dtype)
+    assert_near(np.concatenate([r["y_eval"] for r in ranks]), expected["y_eval"], dtype)
+    for name in ("grad_weight", "grad_bias"):
+        assert_near(sum(r[name].astype(np.float64) for r in ranks), expected[name], dtype)
+    for key, value in expected["state"].items():
+        for r in ranks:
+            assert r["state"][key].tobytes() == ranks[0]["state"][key].tobytes(), key
+        assert_near(ranks[0]["state"][key], value, dtype)
+
+
+def test_layer_interface():
+    from bncpu.distributed import SyncBatchNorm
+    layer = SyncBatchNorm(2, comm=LocalCommunicator(), dtype=np.float64, affine=False,
+                          track_running_stats=False)
+    assert "comm=LocalCommunicator()" in repr(layer)
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        layer(np.ones(3))
+    x = np.arange(24, dtype=np.float64).reshape(2, 2, 3, 2)   # any rank >= 2
+    y = layer(x)
+    assert layer.grad_weight is None and layer.backward(np.ones_like(x)).shape == x.shape
+    np.testing.assert_allclose(y, bncpu.batch_norm(x, None, None, training=True), atol=1e-12)
+    assert layer.state_dict() == {}
+    with pytest.raises(TypeError, match="comm must be"):
+        SyncBatchNorm(2, comm=object())
+
+
+def test_layer_error_on_one_process_leaves_every_layer_unchanged():
+    from bncpu.distributed import SyncBatchNorm
+
+    def step(comm):
+        layer = SyncBatchNorm(CHANNELS, comm=comm, dtype=np.float64)
+        x, _ = shard(comm.rank, comm.size, np.float64)
+        if comm.rank == 1:
+            x = x.astype(np.float32)   # the layer computes in float64: a local TypeError
+        with pytest.raises((TypeError, ValueError)) as error:
+            layer(x)
+        return error.value, layer.state_dict()
+
+    results = run_threads(3, step)
+    assert isinstance(results[1][0], TypeError)
+    for error, state in results:
+        assert int(state["num_batches_tracked"]) == 0
+        np.testing.assert_array_equal(state["running_mean"], 0)
+        np.testing.assert_array_equal(state["running_var"], 1)

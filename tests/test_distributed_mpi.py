@@ -38,12 +38,25 @@ if __name__ != "__main__":
 # ----------------------------------------------------------------------------------
 def rank_main(scenario, dtype, axis, outdir):
     from mpi4py import MPI
-
-    from test_distributed import run_scenario
-    comm = None if scenario == "unequal" else MPI.COMM_WORLD   # None: MPI.COMM_WORLD too
-    result = run_scenario(comm, scenario, np.dtype(dtype), int(axis))
-    np.savez(Path(outdir) / f"rank{MPI.COMM_WORLD.Get_rank()}.npz",
-             **{k: np.asarray(val) for k, val in result.items()})
+    rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    if scenario == "layer":          # bncpu.distributed.SyncBatchNorm, comm=None: COMM_WORLD
+        from bncpu.distributed import SyncBatchNorm
+        from test_distributed import CHANNELS, SHARD_SIZES, layer_steps
+        layer = SyncBatchNorm(CHANNELS, dtype=dtype, axis=int(axis))
+        result = layer_steps(layer, SHARD_SIZES[:size], rank, dtype, int(axis))
+        result.update({f"{name}{step}": value for name in ("y", "dx")
+                       for step, value in enumerate(result.pop(name))})
+        result.update({f"state.{k}": value for k, value in result.pop("state").items()})
+    elif scenario == "torch_module":   # bncpu.torch.SyncBatchNorm over an mpi4py communicator
+        import bncpu.torch as bt
+        from test_torch_sync import SHARDS, bn_steps, new_bn
+        module = bt.convert_sync_batchnorm(new_bn(), process_group=MPI.COMM_WORLD)
+        result = bn_steps(module, SHARDS, rank, dtype)
+    else:
+        from test_distributed import run_scenario
+        comm = None if scenario == "unequal" else MPI.COMM_WORLD   # None: MPI.COMM_WORLD too
+        result = run_scenario(comm, scenario, np.dtype(dtype), int(axis))
+    np.savez(Path(outdir) / f"rank{rank}.npz", **{k: np.asarray(val) for k, val in result.items()})
 
 
 if __name__ == "__main__":
@@ -120,6 +133,34 @@ def test_float32_channels_last(mpiexec, tmp_path):
 def test_scenarios(mpiexec, scenario, tmp_path):
     results = run_ranks(mpiexec, 3, scenario, np.float64, 1, tmp_path)
     check_scenario(results, scenario, np.float64)
+
+
+def test_layer(mpiexec, tmp_path):
+    """bncpu.distributed.SyncBatchNorm on MPI.COMM_WORLD: several steps, then evaluation,
+    equal to bncpu.nn.BatchNorm2d on the whole batch."""
+    from bncpu.nn import BatchNorm2d
+    from test_distributed import CHANNELS, LAYER_STEPS, SHARD_SIZES, assert_near, layer_steps
+    ranks = run_ranks(mpiexec, 3, "layer", np.float32, -1, tmp_path)
+    expected = layer_steps(BatchNorm2d(CHANNELS), (sum(SHARD_SIZES[:3]),), 0, np.float32)
+    for name in ("y", "dx"):
+        for step in range(LAYER_STEPS):
+            assert_near(np.concatenate([r[f"{name}{step}"] for r in ranks]),
+                        expected[name][step], np.float32)
+    assert_near(np.concatenate([r["y_eval"] for r in ranks]), expected["y_eval"], np.float32)
+    for name in ("grad_weight", "grad_bias"):
+        assert_near(sum(r[name].astype(np.float64) for r in ranks), expected[name], np.float32)
+    for key, value in expected["state"].items():
+        for r in ranks:
+            assert r[f"state.{key}"].tobytes() == ranks[0][f"state.{key}"].tobytes(), key
+        assert_near(ranks[0][f"state.{key}"], value, np.float32)
+
+
+def test_torch_module_over_mpi4py(mpiexec, tmp_path):
+    """bncpu.torch.SyncBatchNorm with an mpi4py communicator as its process_group."""
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    from test_torch_sync import check_against_whole_batch
+    check_against_whole_batch(run_ranks(mpiexec, 3, "torch_module", np.float64, 1, tmp_path),
+                              "float64")
 
 
 # ----------------------------------------------------------------------------------

@@ -154,6 +154,14 @@ def rank_main(rank, world, init_file, outdir):
         message = str(error)
     save("mismatch", {"error": np.array(message),
                       "running_mean": module.running_mean.numpy()})
+    # A rank whose input the module's own checks reject still joins the step.
+    module = bt.SyncBatchNorm(CHANNELS).double()
+    try:
+        module(torch.ones((2, CHANNELS) if rank else (CHANNELS,), dtype=torch.float64))
+        message = ""
+    except ValueError as error:
+        message = str(error)
+    save("bad_input", {"error": np.array(message)})
     dist.destroy_process_group()
 
 
@@ -254,6 +262,13 @@ def test_mismatch_raises_on_every_rank(gloo_results):
     for r in gloo_results["mismatch"]:
         assert "disagree on the number of channels" in r["error"].item()
         np.testing.assert_array_equal(r["running_mean"][:CHANNELS], 0)
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank(gloo_results):
+    errors = [r["error"].item() for r in gloo_results["bad_input"]]
+    assert "expected at least 2D input (got 1D input)" in errors[0]
+    for error in errors[1:]:
+        assert "process 0: ValueError: expected at least 2D input" in error
 
 
 # ----------------------------------------------------------------------------------

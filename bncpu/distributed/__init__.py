@@ -19,8 +19,10 @@ from bncpu.distributed._comm import (
     Communicator, LocalCommunicator, MPICommunicator, TorchCommunicator, as_communicator,
 )
 from bncpu.distributed._functional import sync_batch_norm_backward, sync_batch_norm_forward
+from bncpu.distributed._layer import SyncBatchNorm
 
 __all__ = [
+    "SyncBatchNorm",
     "Communicator", "LocalCommunicator", "MPICommunicator", "TorchCommunicator",
     "as_communicator", "sync_batch_norm_forward", "sync_batch_norm_backward",
 ]

@@ -125,6 +125,14 @@ def sync_batch_norm_forward(input, weight, bias, running_mean, running_var, mome
     return result.finish(), mean, invstd, total
 
 
+def join_failed_forward(error, comm):
+    """Take part in the forward's all-gather for a process that failed before it (a layer
+    whose own input checks raised ``error``), so that the others raise too instead of
+    waiting; then raise ``error``."""
+    as_communicator(comm).allgather(_failed_row(error))
+    raise error
+
+
 def sync_batch_norm_backward(grad_output, input, weight, mean, invstd, count, comm, *, axis=1,
                              out=None):
     """Backward of ``sync_batch_norm_forward``: ``(grad_input, grad_weight, grad_bias)``.

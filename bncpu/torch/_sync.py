@@ -27,7 +27,9 @@ import torch.nn as nn
 
 from bncpu.distributed import as_communicator
 from bncpu.distributed._comm import TorchCommunicator, _is_torch_group
-from bncpu.distributed._functional import sync_batch_norm_backward, sync_batch_norm_forward
+from bncpu.distributed._functional import (
+    join_failed_forward, sync_batch_norm_backward, sync_batch_norm_forward,
+)
 from bncpu.torch import _fallback
 from bncpu.torch._modules import _BatchNormForward
 
@@ -114,8 +116,24 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         if reason is not None:
             _fallback.record("SyncBatchNorm", reason)
             return nn.SyncBatchNorm.forward(self, input)
-        self._check_non_zero_input_channels(input)
-        return _BatchNormForward.forward(self, input)
+        self._step_comm = self._communicator() if self.training else None
+        if self._step_comm is None:
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
+            return _BatchNormForward.forward(self, input)
+        # A synchronized step: every process joins the collective, even one whose input
+        # the checks reject (it then raises on every process instead of leaving them waiting).
+        self._joined = False
+        try:
+            self._check_input_dim(input)
+            self._check_non_zero_input_channels(input)
+            return _BatchNormForward.forward(self, input)
+        except (TypeError, ValueError) as error:
+            if not self._joined:
+                join_failed_forward(error, self._step_comm)
+            raise
+        finally:
+            self._step_comm = None
 
     def _communicator(self):
         """The communicator of a synchronized step, or None when there is nothing to
@@ -130,11 +148,11 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
         return comm if comm.size > 1 else None
 
     def _normalize(self, input, running_mean, running_var, training, momentum):
-        comm = self._communicator() if training and self.training else None
-        if comm is None:
+        if self._step_comm is None:
             return super()._normalize(input, running_mean, running_var, training, momentum)
+        self._joined = True
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
-                                            running_var, momentum, self.eps, comm)
+                                            running_var, momentum, self.eps, self._step_comm)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
