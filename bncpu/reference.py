@@ -90,14 +90,24 @@ def _channels_back(array, axis):
 
 
 def _grouped(x, num_groups):
-    """View (N, C, *) as (N, G, C/G, S): group g holds channels g*C/G to (g+1)*C/G - 1."""
+    """View (N, C, *) as (N, G, C/G, S): group g holds channels g*C/G to (g+1)*C/G - 1.
+
+    No channels make no groups (instance norm of C == 0 channels passes num_groups = 0).
+    """
     n, c = x.shape[:2]
+    if num_groups == 0 == c:
+        return x.reshape(n, 0, 1, math.prod(x.shape[2:]))
     if c % num_groups != 0:
         raise ValueError(
             "Expected number of channels in input to be divisible by num_groups, "
             f"but got input of shape {list(x.shape)} and num_groups={num_groups}"
         )
     return x.reshape(n, num_groups, c // num_groups, math.prod(x.shape[2:]))
+
+
+def _check_num_groups(num_groups):
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
 
 
 def _trailing_axes(x, normalized_shape):
@@ -138,9 +148,14 @@ def _standardize(x, axes, eps):
     """xhat = (x - mean) * rstd over `axes`, returned with mean and rstd (reduced axes kept as 1s).
 
         mean = sum(x) / n,  var = sum((x - mean)^2) / n,  rstd = 1 / sqrt(var + eps)
+
+    Over no values (n == 0) the mean is 0, as for batch norm's empty batch, and the variance
+    0/0 = NaN, as torch gives them.
     """
-    mean = x.mean(axis=axes, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    n = math.prod(x.shape[axis] for axis in axes)
+    mean = x.sum(axis=axes, keepdims=True) / max(n, 1)
+    m2 = ((x - mean) ** 2).sum(axis=axes, keepdims=True)
+    var = m2 / n if n > 0 else np.full_like(m2, np.nan)
     rstd = 1.0 / np.sqrt(var + eps)
     return (x - mean) * rstd, mean, rstd
 
@@ -348,8 +363,11 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
     x = _channels_first(input, axis)
     dy = _channels(_channels_first(grad_output, axis))
     mean, invstd = _float64(mean)[:, None], _float64(invstd)[:, None]
+    count = np.sum(count)
+    if count == 0 and x.size > 0:
+        raise ValueError("count must be > 0 for a non-empty input")
     # An empty batch has no gradient to spread; max(..., 1) keeps 0/0 out of its empty result.
-    count = max(np.sum(count), 1)
+    count = max(count, 1)
     grad_xhat = (dy - _float64(sum_dy)[:, None] / count
                  - (_channels(x) - mean) * invstd**2 * _float64(sum_dy_xmu)[:, None] / count)
     return _channels_back(_affine(grad_xhat * invstd, weight, None, (-1, 1)).reshape(x.shape), axis)
@@ -426,6 +444,7 @@ def group_norm_forward(input, num_groups, weight, bias, eps, *, axis=1):
     mean and rstd have shape (N, G). `axis` is the channel axis (1, or -1 for channels-last
     (N, *, C) data); the output has the input's shape.
     """
+    _check_num_groups(num_groups)
     x = _channels_first(input, axis, batch_axis_allowed=False)
     xhat, mean, rstd = _standardize(_grouped(x, num_groups), (2, 3), eps)
     output = _affine(_channels(xhat.reshape(x.shape)), weight, bias, (-1, 1)).reshape(x.shape)
@@ -444,6 +463,12 @@ def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, a
 
     Returns (grad_input, grad_weight, grad_bias). `axis`: the channel axis, as in group_norm_forward.
     """
+    _check_num_groups(num_groups)
+    return _group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, axis)
+
+
+def _group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, axis):
+    """group_norm_backward, num_groups = 0 allowed for C = 0 (instance norm of no channels)."""
     x = _channels_first(input, axis, batch_axis_allowed=False)
     dy = _channels(_channels_first(grad_output, axis))
     groups = _grouped(x, num_groups)
@@ -505,8 +530,10 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input size {np.shape(input)}"
         )
-    output, mean, rstd = group_norm_forward(x, x.shape[1], weight, bias, eps)
-    if x.shape[0] > 0:
+    xhat, mean, rstd = _standardize(_grouped(x, x.shape[1]), (2, 3), eps)
+    output = _affine(_channels(xhat.reshape(x.shape)), weight, bias, (-1, 1)).reshape(x.shape)
+    mean, rstd = mean.reshape(x.shape[:2]), rstd.reshape(x.shape[:2])
+    if x.shape[0] * spatial_size > 0:
         unbiased_var = ((_channels(x) - mean[:, :, None]) ** 2).sum(axis=2) / (spatial_size - 1)
         _update_running_stats(
             running_mean, running_var, mean.mean(axis=0), unbiased_var.mean(axis=0), momentum
@@ -519,8 +546,8 @@ def instance_norm_backward(grad_output, input, mean, rstd, weight, *, axis=1):
     group (see group_norm_backward). Returns (grad_input, grad_weight, grad_bias).
     """
     x = _channels_first(input, axis, batch_axis_allowed=False)
-    grad_input, grad_weight, grad_bias = group_norm_backward(
-        _channels_first(grad_output, axis), x, x.shape[1], mean, rstd, weight
+    grad_input, grad_weight, grad_bias = _group_norm_backward(
+        _channels_first(grad_output, axis), x, x.shape[1], mean, rstd, weight, 1
     )
     return _channels_back(grad_input, axis), grad_weight, grad_bias
 

@@ -1,0 +1,251 @@
+"""Synchronized batch norm over 2 processes vs one process on the whole batch.
+
+One training step (forward + backward, float32, default (32, 64, 56, 56)) timed three
+ways, round-robin in one MPI job so that a noisy neighbour slows them alike:
+
+  sync 2p x 1t    bncpu.distributed: 2 MPI processes, 1 thread each, each on half the
+                  batch (split-phase kernels + one all-gather + one all-reduce)
+  whole 1p x 2t   bncpu.batch_norm_forward + batch_norm_backward (fused kernels) on the
+                  whole batch, one process, 2 threads (the other process sleeps)
+  half 1p x 1t    the same fused kernels on one half at 1 thread: what a process would
+                  cost with no synchronization at all
+
+plus, inside the synchronized step, the time spent in the two collectives (including
+waiting for the other process), the latency of the two collectives alone (the same
+messages exchanged back to back by processes that start together: what synchronization
+costs a perfectly balanced step), and the bytes each process sends per step: the payload
+(float64 values) and what mpi4py actually sends (the pickled row of the all-gather).
+
+    python benchmarks/sync_batch_norm.py                      # launches mpiexec -n 2 itself
+    PYTHONPATH=$PWD python benchmarks/sync_batch_norm.py      # an in-place build
+    python benchmarks/sync_batch_norm.py --rounds 30 --json sync.json
+    python benchmarks/sync_batch_norm.py --shape 64,64,28,28 --processes 4
+
+Needs mpi4py and mpiexec (pip install mpich mpi4py). Cells are medians over the rounds;
+the ratio column is the median of the per-round ratios.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="32,64,56,56", help="whole batch (N,C,H,W)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="write every sample and the summary here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------
+# Inside the MPI job
+# ----------------------------------------------------------------------------------
+class TimedCommunicator:
+    """An MPICommunicator that adds up the wall time of its collectives and the bytes
+    this process contributes to them."""
+
+    def __init__(self, inner):
+        from mpi4py import MPI
+        self.inner, self.rank, self.size = inner, inner.rank, inner.size
+        self.pickle = MPI.pickle
+        self.seconds = 0.0
+        self.payload_bytes = 0
+        self.sent_bytes = 0
+
+    def allgather(self, row):
+        start = time.perf_counter()
+        rows = self.inner.allgather(row)
+        self.seconds += time.perf_counter() - start
+        self.payload_bytes += row.nbytes
+        self.sent_bytes += len(self.pickle.dumps(np.ascontiguousarray(row, np.float64)))
+        return rows
+
+    def allreduce_sum(self, values):
+        start = time.perf_counter()
+        total = self.inner.allreduce_sum(values)
+        self.seconds += time.perf_counter() - start
+        self.payload_bytes += values.nbytes
+        self.sent_bytes += values.nbytes
+        return total
+
+
+def quiet_barrier(comm):
+    """A barrier that sleeps instead of spinning (MPICH's blocking calls poll a core,
+    which would steal it from the other process's 2-thread run)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(2e-4)
+
+
+def worker(args):
+    from mpi4py import MPI
+
+    import bncpu
+    from bncpu import _bench
+    from bncpu.distributed import (
+        MPICommunicator, sync_batch_norm_backward, sync_batch_norm_forward,
+    )
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    shape = tuple(int(v) for v in args.shape.split(","))
+    if shape[0] % size:
+        raise SystemExit(f"the batch ({shape[0]}) must split evenly over {size} processes")
+    _bench.reuse_freed_memory()
+    rng = np.random.default_rng(rank)
+    half_shape = (shape[0] // size,) + shape[1:]
+    x = rng.standard_normal(half_shape, dtype=np.float32).astype(args.dtype)
+    dy = rng.standard_normal(half_shape, dtype=np.float32).astype(args.dtype)
+    c = shape[1]
+    weight, bias = np.ones(c, args.dtype), np.zeros(c, args.dtype)
+    running_mean, running_var = np.zeros(c, args.dtype), np.ones(c, args.dtype)
+    if rank == 0:
+        x_whole = np.concatenate([x] * size)
+        dy_whole = np.concatenate([dy] * size)
+    comm = TimedCommunicator(MPICommunicator(world))
+
+    def sync_step():
+        _, mean, invstd, count = sync_batch_norm_forward(x, weight, bias, running_mean,
+                                                         running_var, 0.1, 1e-5, comm)
+        sync_batch_norm_backward(dy, x, weight, mean, invstd, count, comm)
+
+    def fused_step(xs, dys):
+        _, save_mean, save_invstd = bncpu.batch_norm_forward(xs, weight, bias, running_mean,
+                                                             running_var, True, 0.1, 1e-5)
+        bncpu.batch_norm_backward(dys, xs, weight, None, None, save_mean, save_invstd, True,
+                                  1e-5)
+
+    def timed(function, *arguments):
+        start = time.perf_counter()
+        function(*arguments)
+        return time.perf_counter() - start
+
+    def collectives_only(repeats=50):
+        """Seconds per step of the two collectives alone, on the step's message sizes."""
+        row = np.zeros(4 + 2 * c)
+        sums = np.zeros(1 + 2 * c)
+        quiet_barrier(world)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            comm.inner.allgather(row)
+            comm.inner.allreduce_sum(sums)
+        return world.allreduce((time.perf_counter() - start) / repeats, op=MPI.MAX)
+
+    samples = {"sync": [], "collectives": [], "latency": [], "whole": [], "half": []}
+    for round_index in range(args.warmup + args.rounds):
+        bncpu.set_num_threads(1)
+        quiet_barrier(world)
+        comm.seconds = 0.0
+        comm.payload_bytes = comm.sent_bytes = 0
+        step = world.allreduce(timed(sync_step), op=MPI.MAX)
+        collectives = world.allreduce(comm.seconds, op=MPI.MAX)
+        step_bytes = (comm.payload_bytes, comm.sent_bytes)
+        latency = collectives_only()
+        if rank == 0:
+            bncpu.set_num_threads(2)
+            whole = timed(fused_step, x_whole, dy_whole)
+            bncpu.set_num_threads(1)
+            half = timed(fused_step, x, dy)
+        quiet_barrier(world)
+        if rank == 0 and round_index >= args.warmup:
+            for name, value in (("sync", step), ("collectives", collectives),
+                                ("latency", latency), ("whole", whole), ("half", half)):
+                samples[name].append(value)
+    if rank == 0:
+        print(json.dumps({"samples": samples, "payload_bytes": step_bytes[0],
+                          "sent_bytes": step_bytes[1], "processes": size, "shape": shape,
+                          "dtype": args.dtype, "isa": bncpu.isa(),
+                          "openmp": bncpu.openmp_enabled()}))
+
+
+# ----------------------------------------------------------------------------------
+# The launcher
+# ----------------------------------------------------------------------------------
+def find_mpiexec():
+    local = Path(sys.executable).parent / "mpiexec"
+    if os.access(local, os.X_OK):
+        return str(local)
+    from shutil import which
+    return which("mpiexec")
+
+
+def system_load():
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        raise SystemExit("mpiexec not found: pip install mpich mpi4py")
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--worker"]
+    forwarded = [a for a in forwarded if not a.startswith("--json")]
+    if args.json:
+        forwarded = [a for a in forwarded if a != args.json]
+    command = [mpiexec, "-n", str(args.processes), sys.executable, os.path.abspath(__file__),
+               "--worker", *forwarded]
+    try:
+        import bncpu
+    except ImportError:
+        raise SystemExit("bncpu is not importable: pip install it, or set PYTHONPATH to the "
+                         "repository of an in-place build") from None
+    # The workers import the bncpu this launcher found.
+    package_parent = str(Path(bncpu.__file__).resolve().parent.parent)
+    env = dict(os.environ, OMP_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [package_parent,
+                                                        os.environ.get("PYTHONPATH")])))
+    load_before = system_load()
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    samples = report["samples"]
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    ratios = {
+        "sync / whole": statistics.median(s / w for s, w in zip(samples["sync"], samples["whole"])),
+        "sync / half": statistics.median(s / h for s, h in zip(samples["sync"], samples["half"])),
+        "collectives / sync": statistics.median(
+            c / s for c, s in zip(samples["collectives"], samples["sync"])),
+    }
+    report.update(medians_s=medians, ratios=ratios, load_average=[load_before, system_load()])
+    p = report["processes"]
+    shape = tuple(report["shape"])
+    print(f"synchronized batch norm, training forward + backward, {shape} {report['dtype']}, "
+          f"{args.rounds} rounds (medians), kernels {report['isa']}")
+    print(f"  sync {p}p x 1t       {medians['sync'] * 1e3:8.2f} ms   "
+          f"(collectives {medians['collectives'] * 1e3:.3f} ms, "
+          f"{ratios['collectives / sync'] * 100:.2f}% of the step)")
+    print(f"  collectives alone {medians['latency'] * 1e6:8.1f} us   (all-gather + all-reduce "
+          f"of this step's messages, processes in step)")
+    print(f"  whole 1p x 2t     {medians['whole'] * 1e3:8.2f} ms")
+    print(f"  half 1p x 1t      {medians['half'] * 1e3:8.2f} ms   (1/{p} of the batch, fused, "
+          f"no synchronization)")
+    print(f"  sync / whole      {ratios['sync / whole']:8.2f}x   "
+          f"sync / half {ratios['sync / half']:.2f}x")
+    print(f"  bytes sent per process per step: {report['payload_bytes']} payload "
+          f"(float64 values), {report['sent_bytes']} as sent by mpi4py")
+    print(f"  load average before/after: {load_before:.2f} / {system_load():.2f} "
+          f"(on {os.cpu_count()} CPUs; above 0 the timings include other processes' work)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
