@@ -67,7 +67,8 @@ def batch_norm_forward(input, weight, bias, running_mean, running_var, training,
     n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
-    training = bool(training)
+    training = v.check_flag(training, "training")
+    unbiased_running_var = v.check_flag(unbiased_running_var, "unbiased_running_var")
     rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
                             updated=training)
     w = v.per_channel(weight, "weight", c, dtype)
@@ -75,12 +76,14 @@ def batch_norm_forward(input, weight, bias, running_mean, running_var, training,
     if training and n * s == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, "
                          f"got input size {x.shape}")
+    if training:
+        v.check_out_apart(out, running_mean=rm, running_var=rv)
     result = v.Output(out, x.shape, dtype, (x, w, b, rm, rv))
     if training:
         save_mean = np.empty(c, dtype)
         save_invstd = np.empty(c, dtype)
         status = _forward_train(x, result.target, n, c, s, w, b, rm, rv, momentum, eps,
-                                save_mean, save_invstd, bool(unbiased_running_var))
+                                save_mean, save_invstd, unbiased_running_var)
     else:
         save_mean = save_invstd = np.empty(0, dtype)
         status = _bn.forward_eval(x, result.target, n, c, s, w, b, rm, rv, eps)
@@ -104,7 +107,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
     dy = v.as_input(grad_output, "grad_output", dtype=dtype)
     v.same_shape(dy, "grad_output", x.shape)
     n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
-    training = bool(training)
+    training = v.check_flag(training, "training")
     eps = v.check_eps(eps)
     w = v.per_channel(weight, "weight", c, dtype)
     if training:
@@ -171,24 +174,20 @@ def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None
     p, c = mean.shape
     v.compute_dtype(mean.dtype, "mean")
     v.compute_dtype(m2.dtype, "m2")
-    counts = np.atleast_1d(v.as_array(count, "count"))
-    if counts.ndim != 1 or counts.shape[0] != p or counts.dtype.kind not in "iub":
-        raise ValueError(f"count must hold {p} integers, got {counts!r}")
-    if (counts < 0).any():
-        raise ValueError("count must be >= 0")
-    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    counts = v.check_counts(count, p)
+    total = int(counts.sum())
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
+    unbiased_running_var = v.check_flag(unbiased_running_var, "unbiased_running_var")
     dtype = (v.compute_dtype(running_mean.dtype, "running_mean")
              if isinstance(running_mean, np.ndarray) else np.dtype(np.float64))
     rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
-    if counts.sum() == 1:
+    if total == 1:
         raise ValueError("Expected more than 1 value per channel when training, got a total count of 1")
     mean_out = np.empty(c, np.float64)
     invstd_out = np.empty(c, np.float64)
     mean = np.ascontiguousarray(mean, np.float64)
     m2 = np.ascontiguousarray(m2, np.float64)
-    total = int(counts.sum())
     if rm is None or unbiased_running_var or total == 0:
         status = _bn.gather_stats(p, c, mean, m2, counts, rm, rv, momentum, eps, mean_out,
                                   invstd_out, dtype == np.float32)
@@ -258,10 +257,11 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
     dtype = x.dtype
     sum_dy = v.stats_array(sum_dy, "sum_dy", c)
     sum_dy_xmu = v.stats_array(sum_dy_xmu, "sum_dy_xmu", c)
-    count = v.check_count(count)
+    count = v.total_count(count)
     if count == 0 and x.size > 0:
         raise ValueError("count must be > 0 for a non-empty input")
     result = v.Output(out, x.shape, dtype, (dy, x, w))
-    v.raise_for_status(_bn.backward_elemt(dy, x, result.target, n, c, s, mean, invstd, w,
-                                          sum_dy, sum_dy_xmu, count))
+    if x.size > 0:
+        v.raise_for_status(_bn.backward_elemt(dy, x, result.target, n, c, s, mean, invstd, w,
+                                              sum_dy, sum_dy_xmu, count))
     return result.finish()

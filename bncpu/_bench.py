@@ -24,6 +24,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import inspect
 import math
 import os
 import platform
@@ -50,12 +51,14 @@ MOMENTUM = 0.1
 RMS_EPS = 1e-6
 
 # ``bncpu`` allocates its results as a caller does; ``bncpu_out`` writes the input-sized
-# result into a preallocated ``out=`` (the other results are small). ``onednn`` runs
+# result into a preallocated ``out=`` (the other results are small); ``bncpu_bn``, for the
+# fused operations only, is bncpu's batch norm alone on the same input. ``onednn`` runs
 # oneDNN's primitive on the case's own layout, ``onednn_best`` on the fastest of its
 # layouts for the shape (bncpu/_onednn.py). All but the reference are timed round-robin;
 # the reference, whose calls on large inputs take tenths of a second and churn through
 # temporaries, is timed apart afterwards.
-IMPLEMENTATIONS = ("bncpu", "bncpu_out", "torch", "onednn", "onednn_best", "floor", "reference")
+IMPLEMENTATIONS = ("bncpu", "bncpu_out", "bncpu_bn", "torch", "onednn", "onednn_best", "floor",
+                   "reference")
 TIMED_APART = ("reference",)
 
 
@@ -68,24 +71,32 @@ Unavailable = _onednn.Unavailable
 # ---------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Calls:
-    """How each library runs one operation on a case's inputs: ``bncpu.<function>(*args)``
-    and ``bncpu.reference.<function>(*args)``; ``torch(tensor)`` returns the torch call to
-    time, ``tensor`` turning each ndarray into a tensor sharing its memory."""
+    """How each library runs one operation on a case's inputs:
+    ``bncpu.<function>(*args, **kwargs)`` and the same in ``bncpu.reference``;
+    ``torch(tensor)`` returns the torch call to time, ``tensor`` turning each ndarray into a
+    tensor sharing its memory (channels-last data: an NCHW view with channels-last strides).
+    ``baseline``: for a fused operation, the Calls of bncpu's batch norm alone."""
     function: str
     args: tuple
     torch: object
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    baseline: object = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Operation:
-    """One timed operation. ``reads``/``writes`` count the input-sized arrays it must at
-    least read and write: the bytes the streaming floor moves. An operation that writes
-    one takes ``out=`` for it."""
+    """One timed operation. ``streams`` names the input-sized arrays of ``Inputs`` it must
+    at least read, ``writes`` counts those it writes: the bytes the streaming floor moves.
+    An operation that writes one takes ``out=`` for it."""
     key: str
     label: str
-    reads: int
+    streams: tuple
     writes: int
     calls: object      # Inputs -> Calls
+
+    @property
+    def reads(self):
+        return len(self.streams)
 
 
 def _aten(name):
@@ -101,7 +112,8 @@ def _bn_forward(training):
     def calls(inputs):
         arrays = (inputs.x, inputs.weight, inputs.bias, inputs.running_mean, inputs.running_var)
         return Calls("batch_norm_forward", arrays + (training, MOMENTUM, EPS),
-                     _aten_call("native_batch_norm", *arrays, training, MOMENTUM, EPS))
+                     _aten_call("native_batch_norm", *arrays, training, MOMENTUM, EPS),
+                     inputs.axis_kwargs)
     return calls
 
 
@@ -111,8 +123,50 @@ def _bn_backward(training):
         arrays = (inputs.dy, inputs.x, inputs.weight, inputs.running_mean, inputs.running_var,
                   save_mean, save_invstd)
         return Calls("batch_norm_backward", arrays + (training, EPS),
-                     _aten_call("native_batch_norm_backward", *arrays, training, EPS, [True] * 3))
+                     _aten_call("native_batch_norm_backward", *arrays, training, EPS, [True] * 3),
+                     inputs.axis_kwargs)
     return calls
+
+
+def _bn_relu_forward(training, residual):
+    """relu(batch_norm(x) [+ residual]); torch: native_batch_norm, [add_,] relu_."""
+    def calls(inputs):
+        arrays = (inputs.x, inputs.weight, inputs.bias, inputs.running_mean, inputs.running_var)
+        kwargs = dict(inputs.axis_kwargs, residual=inputs.residual) if residual else dict(
+            inputs.axis_kwargs)
+
+        def torch_call(tensor):
+            tensors = [tensor(array) for array in arrays]
+            skip = tensor(inputs.residual) if residual else None
+
+            def run():
+                output = _aten("native_batch_norm")(*tensors, training, MOMENTUM, EPS)[0]
+                if skip is not None:
+                    output.add_(skip)
+                return output.relu_()
+            return run
+        return Calls("batch_norm_relu_forward", arrays + (training, MOMENTUM, EPS), torch_call,
+                     kwargs, _bn_forward(training)(inputs))
+    return calls
+
+
+def _bn_relu_backward(inputs):
+    """Backward through relu(batch_norm(x)); torch: threshold_backward then
+    native_batch_norm_backward."""
+    save_mean, save_invstd = inputs.bn_saved
+    arrays = (inputs.dy, inputs.relu_output, inputs.x, inputs.weight, inputs.running_mean,
+              inputs.running_var, save_mean, save_invstd)
+
+    def torch_call(tensor):
+        dy, output, x = tensor(inputs.dy), tensor(inputs.relu_output), tensor(inputs.x)
+        rest = [tensor(array) for array in arrays[3:]]
+
+        def run():
+            grad = _aten("threshold_backward")(dy, output, 0)
+            return _aten("native_batch_norm_backward")(grad, x, *rest, True, EPS, [True] * 3)
+        return run
+    return Calls("batch_norm_relu_backward", arrays + (True, EPS), torch_call, inputs.axis_kwargs,
+                 _bn_backward(True)(inputs))
 
 
 def _bn_stats(inputs):
@@ -160,7 +214,7 @@ def _layer_norm_backward(inputs):
 
 def _group_dims(inputs):
     """(N, C, HxW, groups): native_group_norm's explicit sizes."""
-    n, c = inputs.x.shape[:2]
+    n, c = inputs.x.shape[0], inputs.channels
     return n, c, inputs.x.size // (n * c), inputs.case.param
 
 
@@ -168,12 +222,13 @@ def _group_norm_forward(inputs):
     args = (inputs.x, inputs.case.param, inputs.weight, inputs.bias, EPS)
     return Calls("group_norm_forward", args,
                  _aten_call("native_group_norm", inputs.x, inputs.weight, inputs.bias,
-                            *_group_dims(inputs), EPS))
+                            *_group_dims(inputs), EPS), inputs.axis_kwargs)
 
 
 def _group_norm_backward(inputs):
     groups = inputs.case.param
-    _, mean, rstd = bncpu.group_norm_forward(inputs.x, groups, inputs.weight, inputs.bias, EPS)
+    _, mean, rstd = bncpu.group_norm_forward(inputs.x, groups, inputs.weight, inputs.bias, EPS,
+                                             **inputs.axis_kwargs)
 
     def torch_call(tensor):
         x, weight = tensor(inputs.x), tensor(inputs.weight)
@@ -182,7 +237,7 @@ def _group_norm_backward(inputs):
         return functools.partial(_aten("native_group_norm_backward"), tensor(inputs.dy), x,
                                  torch_mean, torch_rstd, weight, *_group_dims(inputs), [True] * 3)
     return Calls("group_norm_backward", (inputs.dy, inputs.x, groups, mean, rstd, inputs.weight),
-                 torch_call)
+                 torch_call, inputs.axis_kwargs)
 
 
 def _instance_norm_forward(inputs):
@@ -238,23 +293,30 @@ def _rms_norm_backward(inputs):
                  torch_call)
 
 
+_X, _DX = ("x",), ("dy", "x")
 OPERATIONS = {op.key: op for op in (
-    Operation("bn_fwd_train", "batch_norm fwd train", 1, 1, _bn_forward(True)),
-    Operation("bn_fwd_eval", "batch_norm fwd eval", 1, 1, _bn_forward(False)),
-    Operation("bn_bwd_train", "batch_norm bwd train", 2, 1, _bn_backward(True)),
-    Operation("bn_bwd_eval", "batch_norm bwd eval", 2, 1, _bn_backward(False)),
-    Operation("bn_stats", "batch_norm_stats", 1, 0, _bn_stats),
-    Operation("bn_elemt", "batch_norm_elemt", 1, 1, _bn_elemt),
-    Operation("bn_bwd_reduce", "batch_norm_backward_reduce", 2, 0, _bn_backward_reduce),
-    Operation("bn_bwd_elemt", "batch_norm_backward_elemt", 2, 1, _bn_backward_elemt),
-    Operation("ln_fwd", "layer_norm fwd", 1, 1, _layer_norm_forward),
-    Operation("ln_bwd", "layer_norm bwd", 2, 1, _layer_norm_backward),
-    Operation("gn_fwd", "group_norm fwd", 1, 1, _group_norm_forward),
-    Operation("gn_bwd", "group_norm bwd", 2, 1, _group_norm_backward),
-    Operation("in_fwd", "instance_norm fwd", 1, 1, _instance_norm_forward),
-    Operation("in_bwd", "instance_norm bwd", 2, 1, _instance_norm_backward),
-    Operation("rms_fwd", "rms_norm fwd", 1, 1, _rms_norm_forward),
-    Operation("rms_bwd", "rms_norm bwd", 2, 1, _rms_norm_backward),
+    Operation("bn_fwd_train", "batch_norm fwd train", _X, 1, _bn_forward(True)),
+    Operation("bn_fwd_eval", "batch_norm fwd eval", _X, 1, _bn_forward(False)),
+    Operation("bn_bwd_train", "batch_norm bwd train", _DX, 1, _bn_backward(True)),
+    Operation("bn_bwd_eval", "batch_norm bwd eval", _DX, 1, _bn_backward(False)),
+    Operation("bn_stats", "batch_norm_stats", _X, 0, _bn_stats),
+    Operation("bn_elemt", "batch_norm_elemt", _X, 1, _bn_elemt),
+    Operation("bn_bwd_reduce", "batch_norm_backward_reduce", _DX, 0, _bn_backward_reduce),
+    Operation("bn_bwd_elemt", "batch_norm_backward_elemt", _DX, 1, _bn_backward_elemt),
+    Operation("bnr_fwd_train", "bn+relu fwd train", _X, 1, _bn_relu_forward(True, False)),
+    Operation("bnr_fwd_eval", "bn+relu fwd eval", _X, 1, _bn_relu_forward(False, False)),
+    Operation("bnar_fwd_train", "bn+add+relu fwd train", ("x", "residual"), 1,
+              _bn_relu_forward(True, True)),
+    Operation("bnr_bwd_train", "bn+relu bwd train", ("dy", "relu_output", "x"), 1,
+              _bn_relu_backward),
+    Operation("ln_fwd", "layer_norm fwd", _X, 1, _layer_norm_forward),
+    Operation("ln_bwd", "layer_norm bwd", _DX, 1, _layer_norm_backward),
+    Operation("gn_fwd", "group_norm fwd", _X, 1, _group_norm_forward),
+    Operation("gn_bwd", "group_norm bwd", _DX, 1, _group_norm_backward),
+    Operation("in_fwd", "instance_norm fwd", _X, 1, _instance_norm_forward),
+    Operation("in_bwd", "instance_norm bwd", _DX, 1, _instance_norm_backward),
+    Operation("rms_fwd", "rms_norm fwd", _X, 1, _rms_norm_forward),
+    Operation("rms_bwd", "rms_norm bwd", _DX, 1, _rms_norm_backward),
 )}
 
 
@@ -268,6 +330,7 @@ class Case:
     dtype: str
     param: object = None   # layer/RMS norm: normalized_shape; group norm: num_groups
     quick: bool = False    # part of the --quick subset
+    axis: int = 1          # the channel axis: -1 for channels-last data
 
     @property
     def operation(self):
@@ -278,17 +341,18 @@ class Case:
         """Operation label with its parameter, e.g. 'group_norm fwd G=32'."""
         label = self.operation.label
         if self.op.startswith(("ln_", "rms_")):
-            return f"{label} over {len(self.param)}d"
+            label = f"{label} over {len(self.param)}d"
         if self.op.startswith("gn_"):
-            return f"{label} G={self.param}"
-        return label
+            label = f"{label} G={self.param}"
+        return label + (" axis=-1" if self.axis == -1 else "")
 
     @property
     def id(self):
-        """A pytest id: 'bn_fwd_train-32x64x56x56-float32'."""
+        """A pytest id: 'bn_fwd_train-32x64x56x56-float32' ('-chlast': channels-last)."""
         param = "" if self.param is None else "-" + (
             f"g{self.param}" if isinstance(self.param, int) else f"last{len(self.param)}")
-        return f"{self.op}{param}-{'x'.join(map(str, self.shape))}-{self.dtype}"
+        layout = "-chlast" if self.axis == -1 else ""
+        return f"{self.op}{param}{layout}-{'x'.join(map(str, self.shape))}-{self.dtype}"
 
     @property
     def input_bytes(self):
@@ -300,7 +364,7 @@ class Case:
         return (self.operation.reads + self.operation.writes) * self.input_bytes
 
 
-# Issue 3's batch-norm shapes: LeNet-with-batch-norm at batch 256 on Fashion-MNIST
+# The first speed round's batch-norm shapes: LeNet-with-batch-norm at batch 256 on Fashion-MNIST
 # ((256, 6, 24, 24), (256, 16, 8, 8), (256, 120)), ResNet-50 layers, a high-resolution
 # early layer, fewer channels than threads, and a wide MLP layer. float64 for two of them.
 BN_SHAPES = (
@@ -316,12 +380,16 @@ BN_SHAPES = (
 )
 BN_OPS = ("bn_fwd_train", "bn_fwd_eval", "bn_bwd_train", "bn_bwd_eval",
           "bn_stats", "bn_elemt", "bn_bwd_reduce", "bn_bwd_elemt")
-# --quick: the shapes with targets, all ops on the main one, the fused ops on the others.
+_MAIN_SHAPE = (32, 64, 56, 56)
+# The forward and backward batch-norm functions (the split-phase ones aside).
+_BN_MAIN_OPS = ("bn_fwd_train", "bn_fwd_eval", "bn_bwd_train", "bn_bwd_eval")
+# --quick: the shapes with targets, all ops on the main one, the forward and backward on
+# the others.
 QUICK_BN = {(256, 120): ("float32",), (256, 16, 8, 8): ("float32",),
             (32, 64, 56, 56): ("float32",), (4, 1, 512, 512): ("float32",)}
 QUICK_BN_OPS = ("bn_fwd_train", "bn_fwd_eval", "bn_bwd_train")
 
-# Issue 5's shapes: (forward op, backward op, shape, param, in --quick).
+# The other norms: (family, shape, param, in --quick).
 OTHER_NORMS = (
     ("ln", (8192, 1024), (1024,), True),
     ("ln", (32, 64, 56, 56), (64, 56, 56), False),
@@ -332,8 +400,23 @@ OTHER_NORMS = (
 )
 
 
+# Channels-last data (axis=-1), where bncpu takes it: the main shape's data in NHWC, and
+# group norm on a ResNeXt-like map.
+CHANNELS_LAST_BN = (32, 56, 56, 64)
+CHANNELS_LAST_GN = ((8, 28, 28, 256), 32)
+# Batch norm fused with ReLU (and a residual add), where bncpu has it.
+FUSED_SHAPES = ((32, 64, 56, 56), (32, 256, 56, 56))
+FUSED_OPS = ("bnr_fwd_train", "bnr_fwd_eval", "bnar_fwd_train", "bnr_bwd_train")
+
+
+def _takes_axis(name):
+    function = getattr(bncpu, name, None)
+    return function is not None and "axis" in inspect.signature(function).parameters
+
+
 def cases(quick=False):
-    """The registry: every case, in report order (batch-norm shapes, then the other norms)."""
+    """The registry: every case, in report order (batch-norm shapes, channels-last and
+    fused batch norm when this bncpu has them, then the other norms)."""
     found = []
     for shape, dtypes in BN_SHAPES:
         for dtype in dtypes:
@@ -341,9 +424,22 @@ def cases(quick=False):
                 in_quick = (dtype in QUICK_BN.get(shape, ())
                             and (op in QUICK_BN_OPS or shape == (32, 64, 56, 56)))
                 found.append(Case(op, shape, dtype, quick=in_quick))
+    if _takes_axis("batch_norm_forward") and _takes_axis("batch_norm_backward"):
+        for op in _BN_MAIN_OPS:
+            found.append(Case(op, CHANNELS_LAST_BN, "float32", quick=op in QUICK_BN_OPS,
+                              axis=-1))
+    if hasattr(bncpu, "batch_norm_relu_forward"):
+        for shape in FUSED_SHAPES:
+            for op in FUSED_OPS:
+                found.append(Case(op, shape, "float32",
+                                  quick=shape == _MAIN_SHAPE and op == "bnr_fwd_train"))
     for family, shape, param, in_quick in OTHER_NORMS:
         for direction in ("fwd", "bwd"):
             found.append(Case(f"{family}_{direction}", shape, "float32", param, in_quick))
+    if _takes_axis("group_norm_forward") and _takes_axis("group_norm_backward"):
+        shape, groups = CHANNELS_LAST_GN
+        for op in ("gn_fwd", "gn_bwd"):
+            found.append(Case(op, shape, "float32", groups, axis=-1))
     return [case for case in found if case.quick or not quick]
 
 
@@ -356,15 +452,17 @@ class Inputs:
         self._rng = np.random.default_rng(seed)
         dtype = np.dtype(case.dtype)
         self.x = self._normal(case.shape, 2.0, 0.5)
+        self.channels = case.shape[case.axis]
+        # bncpu and the reference are told the channel axis only when it is not 1.
+        self.axis_kwargs = {} if case.axis == 1 else {"axis": case.axis}
         if case.op.startswith(("ln_", "rms_")):
             param_shape = case.param
         else:
-            param_shape = (case.shape[1],)
+            param_shape = (self.channels,)
         self.weight = self._normal(param_shape, 0.1, 1.0)
         self.bias = self._normal(param_shape, 0.1, 0.0)
-        channels = case.shape[1]
-        self.running_mean = np.zeros(channels, dtype)
-        self.running_var = np.ones(channels, dtype)
+        self.running_mean = np.zeros(self.channels, dtype)
+        self.running_var = np.ones(self.channels, dtype)
 
     def _normal(self, shape, scale, loc):
         values = self._rng.standard_normal(shape, dtype=np.dtype(self.case.dtype))
@@ -385,7 +483,17 @@ class Inputs:
     def bn_saved(self):
         """(save_mean, save_invstd) of a training forward."""
         return bncpu.batch_norm_forward(self.x, self.weight, self.bias, None, None, True,
-                                        MOMENTUM, EPS)[1:]
+                                        MOMENTUM, EPS, **self.axis_kwargs)[1:]
+
+    @functools.cached_property
+    def residual(self):
+        return self._normal(self.case.shape, 1.0, 0.0)
+
+    @functools.cached_property
+    def relu_output(self):
+        """relu(batch_norm(x)) of a training forward: what the fused backward reads."""
+        return bncpu.batch_norm_relu_forward(self.x, self.weight, self.bias, None, None, True,
+                                             MOMENTUM, EPS, **self.axis_kwargs)[0]
 
     @functools.cached_property
     def bn_global(self):
@@ -400,8 +508,8 @@ class Inputs:
         return bncpu.batch_norm_backward_reduce(self.dy, self.x, mean, invstd, self.weight)[:2]
 
     def streams(self):
-        """The input-sized arrays the operation reads (x, and dy for backward ones)."""
-        return (self.x, self.dy)[:self.case.operation.reads]
+        """The input-sized arrays the operation reads."""
+        return tuple(getattr(self, name) for name in self.case.operation.streams)
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,6 +528,20 @@ def _as_tensor(value):
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
+def _tensor_converter(case):
+    """``_as_tensor``, except that channels-last input-sized arrays become NCHW-shaped
+    views with channels-last strides: torch's own channels_last memory format."""
+    if case.axis == 1:
+        return _as_tensor
+
+    def tensor(value):
+        converted = _as_tensor(value)
+        if isinstance(value, np.ndarray) and value.shape == case.shape:
+            return converted.movedim(-1, 1)
+        return converted
+    return tensor
+
+
 def _floor_torch(reads, out):
     if out is None:
         tensors = [torch.from_numpy(array) for array in reads]
@@ -428,6 +550,8 @@ def _floor_torch(reads, out):
     if len(reads) == 1:
         x, b = torch.from_numpy(reads[0]), torch.tensor(0.25, dtype=y.dtype)
         return functools.partial(torch.add, b, x, alpha=1.5, out=y)
+    if len(reads) == 3:   # y = a + b*c, one pass
+        return functools.partial(torch.addcmul, *map(torch.from_numpy, reads), out=y)
     return functools.partial(torch.add, *map(torch.from_numpy, reads), out=y)
 
 
@@ -448,7 +572,10 @@ def _floor_numpy(reads, out, n_threads):
             return [np.add.reduce(array[part]) for array in flat_reads]
         if len(flat_reads) == 1:
             return np.multiply(flat_reads[0][part], 1.5, out=flat_out[part])
-        return np.add(flat_reads[0][part], flat_reads[1][part], out=flat_out[part])
+        np.add(flat_reads[0][part], flat_reads[1][part], out=flat_out[part])
+        for array in flat_reads[2:]:   # a second pass over out: NumPy has no 3-input ufunc
+            np.add(flat_out[part], array[part], out=flat_out[part])
+        return flat_out
 
     if n_slices == 1:
         return functools.partial(one_pass, slices[0])
@@ -481,14 +608,19 @@ def implementation_call(inputs, implementation, n_threads):
             return onednn_call(inputs, implementation == "onednn_best", n_threads)
         calls = inputs.calls
         if implementation == "torch":
-            return calls.torch(_as_tensor)
+            return calls.torch(_tensor_converter(inputs.case))
+        if implementation == "bncpu_bn":
+            if calls.baseline is None:
+                return Unavailable("only for fused operations")
+            calls = calls.baseline
         library = bncpu if implementation.startswith("bncpu") else reference
         function = getattr(library, calls.function)
         if implementation == "bncpu_out":
             if not inputs.case.operation.writes:
                 return Unavailable("no input-sized result to preallocate")
-            return functools.partial(function, *calls.args, out=np.empty_like(inputs.x))
-        return functools.partial(function, *calls.args)
+            return functools.partial(function, *calls.args, **calls.kwargs,
+                                     out=np.empty_like(inputs.x))
+        return functools.partial(function, *calls.args, **calls.kwargs)
     except Exception as error:
         return error
 
@@ -514,9 +646,15 @@ def onednn_call(inputs, best, n_threads):
             mean, variance = inputs.running_mean, inputs.running_var
         else:
             mean, variance = np.zeros_like(inputs.running_mean), np.ones_like(inputs.running_var)
-        dy = inputs.dy if kind.startswith("backward") else None
-        layouts = _onednn.LAYOUTS if best and inputs.x.ndim == 4 else ("plain",)
-        primitives = [_onednn.batch_norm(kind, inputs.x, inputs.weight, inputs.bias, mean,
+        x, dy = inputs.x, inputs.dy if kind.startswith("backward") else None
+        own_layout = "plain"
+        if case.axis == -1:   # channels-last data: oneDNN's NHWC is its own layout
+            if x.ndim != 4:
+                raise Unavailable("channels-last: this harness runs 4-D input")
+            x, dy = (None if a is None else a.transpose(0, 3, 1, 2) for a in (x, dy))
+            own_layout = "nhwc"
+        layouts = _onednn.LAYOUTS if best and x.ndim == 4 else (own_layout,)
+        primitives = [_onednn.batch_norm(kind, x, inputs.weight, inputs.bias, mean,
                                          variance, dy, layout=layout, eps=EPS)
                       for layout in layouts]
         return _onednn.fastest(primitives) if len(primitives) > 1 else primitives[0]
@@ -530,6 +668,8 @@ def onednn_call(inputs, best, n_threads):
         variance = 1.0 / rstd.astype(np.float64) ** 2 - EPS
         return _onednn.layer_norm("backward", x, inputs.weight, inputs.bias, mean, variance,
                                   inputs.dy.reshape(x.shape), eps=EPS)
+    if case.op in FUSED_OPS:
+        raise Unavailable("oneDNN's batch norm + ReLU fusion is not in this harness")
     raise Unavailable(f"oneDNN 3.2 has no {case.operation.label.split()[0]} primitive")
 
 
@@ -764,10 +904,16 @@ def measure(calls, budget):
 # ---------------------------------------------------------------------------------------
 # Ratios and targets
 # ---------------------------------------------------------------------------------------
+# Metrics that are bncpu's time over another's (at most the bound); the others are
+# speed-ups, another's time over bncpu's (at least the bound).
+AT_MOST = ("floor", "bn_alone")
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """``metric``: a peer ('torch', 'reference', 'onednn', 'onednn_best': their time /
-    bncpu's time, >= bound) or 'floor' (bncpu's time / the floor's, <= bound)."""
+    bncpu's time, >= bound), 'floor' (bncpu's time / the floor's, <= bound) or
+    'bn_alone' (a fused operation's time / bncpu's batch norm alone, <= bound)."""
     metric: str
     bound: float
 
@@ -778,10 +924,10 @@ class Target:
         value = self.value(ratios)
         if value is None:
             return None
-        return value <= self.bound if self.metric == "floor" else value >= self.bound
+        return value <= self.bound if self.metric in AT_MOST else value >= self.bound
 
     def __str__(self):
-        return f"{self.metric}{'<=' if self.metric == 'floor' else '>='}{self.bound:.3g}"
+        return f"{self.metric}{'<=' if self.metric in AT_MOST else '>='}{self.bound:.3g}"
 
 
 PEERS = ("torch", "onednn", "onednn_best", "reference")
@@ -799,18 +945,26 @@ def ratios(medians):
             own = medians.get("bncpu")
         if own and medians.get(name):
             found[name] = medians[name] / own
-    if medians.get("bncpu") and medians.get("floor"):
-        found["floor"] = medians["bncpu"] / medians["floor"]
+    for name, other in (("floor", "floor"), ("bn_alone", "bncpu_bn")):
+        if medians.get("bncpu") and medians.get(other):
+            found[name] = medians["bncpu"] / medians[other]
     return found
 
 
-_MAIN_SHAPE = (32, 64, 56, 56)
 _FEW_CHANNELS = (4, 1, 512, 512)
 _SMALL_SHAPES = ((256, 120), (256, 16, 8, 8))
-_FUSED_BN = ("bn_fwd_train", "bn_fwd_eval", "bn_bwd_train", "bn_bwd_eval")
 # The first speed round, (32, 64, 56, 56) float32 at 2 threads: {op: (vs torch, x floor)}.
 _MAIN_TARGETS = {"bn_fwd_train": (4.0, 2.0), "bn_fwd_eval": (1.0, 1.25),
                  "bn_bwd_train": (3.0, None)}
+
+
+# Fused batch norm, 2 threads, float32: the training forward costs at most 1.1x batch norm
+# alone and beats torch's composition (batch norm, [add_,] relu_) 4x; the backward beats
+# threshold_backward + batch-norm backward 2x; inference 1.8x torch, within 1.1x the floor.
+_FUSED_TARGETS = {"bnr_fwd_train": (("bn_alone", 1.1), ("torch", 4.0)),
+                  "bnar_fwd_train": (("torch", 4.0),),
+                  "bnr_bwd_train": (("torch", 2.0),),
+                  "bnr_fwd_eval": (("torch", 1.8), ("floor", 1.1))}
 
 
 def _spatial(shape):
@@ -820,16 +974,21 @@ def _spatial(shape):
 def targets(case, n_threads):
     """The goals that apply to ``case`` timed at ``n_threads``."""
     found = []
-    if case.op in _FUSED_BN or case.op.startswith(("ln_", "gn_", "in_", "rms_")):
+    if case.op in _BN_MAIN_OPS or case.op in FUSED_OPS or case.op.startswith(
+            ("ln_", "gn_", "in_", "rms_")):
         # Not slower than PyTorch on any row, at any thread count; the small shapes of
         # the first round also: per-call time within 1.5x of PyTorch's.
         found.append(Target("torch", 1.0))
         if case.shape in _SMALL_SHAPES:
             found.append(Target("torch", 1 / 1.5))
-    if case.dtype == "float32" and case.op in _FUSED_BN:
+    if case.dtype == "float32" and case.op in _BN_MAIN_OPS:
         # oneDNN: within 0.9x of its best layout on every batch-norm shape; (N, C) input,
-        # where it has one layout, at least as fast.
-        found.append(Target("onednn_best", 1.0 if len(case.shape) == 2 else 0.9))
+        # where it has one layout, at least as fast; channels-last at least as fast as
+        # oneDNN on the same NHWC data.
+        if case.axis == -1:
+            found.append(Target("onednn", 1.0))
+        else:
+            found.append(Target("onednn_best", 1.0 if len(case.shape) == 2 else 0.9))
         # Short rows (S = 1, S = 49) at the streaming floor in eval, within 1.3x of it
         # in the training forward.
         if _spatial(case.shape) in (1, 49) and case.op in ("bn_fwd_eval", "bn_fwd_train"):
@@ -850,6 +1009,8 @@ def targets(case, n_threads):
         found.append(Target("torch", 1.5))
         if case.op.endswith("_fwd"):
             found.append(Target("floor", 2.0))
+    if case.op in _FUSED_TARGETS:
+        found += [Target(metric, bound) for metric, bound in _FUSED_TARGETS[case.op]]
     return found
 
 

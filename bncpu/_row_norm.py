@@ -285,7 +285,7 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
     """
     x = v.as_input(input)
     axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
-    if not use_input_stats:
+    if not v.check_flag(use_input_stats, "use_input_stats"):
         return batch_norm_forward(x, weight, bias, running_mean, running_var, False, momentum,
                                   eps, out=out, axis=axis)
     dtype = x.dtype
@@ -298,6 +298,7 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
     if s == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, "
                          f"got input size {x.shape}")
+    v.check_out_apart(out, running_mean=rm, running_var=rv)
     output, mean, rstd = _grouped_forward(x, c, axis, w, b, eps, out, (rm, rv))
     if rm is not None and n * s > 0:
         var = np.maximum(1.0 / np.square(rstd.astype(np.float64)) - eps, 0.0)

@@ -102,15 +102,28 @@ def channel_layout(shape, axis):
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
+def check_channel_shape(array, name, c, updated=False):
+    """ValueError unless ``array`` has shape (c,), saying what is wrong: the number of
+    elements (PyTorch's message), or only the shape, with the fix."""
+    if array.shape == (c,):
+        return
+    if array.size != c:
+        raise ValueError(f"{name} should contain {c} elements not {array.size}"
+                         + ("" if array.ndim == 1 else f" (it has shape {array.shape})"))
+    fix = (f"pass {name}.reshape(-1)" if not updated else
+           f"pass {name}.reshape(-1), a view of it when it is contiguous, so that the update "
+           f"reaches it")
+    raise ValueError(f"{name} has shape {array.shape} but must have shape ({c},), one element "
+                     f"per channel: {fix}")
+
+
 def per_channel(value, name, c, dtype):
     """Optional per-channel parameter (weight, bias): None or a contiguous 1-D copy."""
     if value is None:
         return None
     array = as_array(value, name)
     compute_dtype(array.dtype, name)
-    if array.ndim != 1 or array.shape[0] != c:
-        raise ValueError(f"{name} should contain {c} elements not {array.size}"
-                         + ("" if array.ndim == 1 else f" (shape {array.shape}, expected ({c},))"))
+    check_channel_shape(array, name, c)
     return np.ascontiguousarray(array, dtype=dtype)
 
 
@@ -122,9 +135,7 @@ def running_stat(value, name, c, dtype, updated=True):
     if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(value).__name__}")
-    if value.ndim != 1 or value.shape[0] != c:
-        raise ValueError(f"{name} should contain {c} elements not {value.size}"
-                         + ("" if value.ndim == 1 else f" (shape {value.shape}, expected ({c},))"))
+    check_channel_shape(value, name, c, updated)
     if value.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"{name} has dtype {value.dtype} but the input is computed as {dtype}; "
                         f"running statistics must have the compute dtype")
@@ -154,37 +165,100 @@ def stats_array(value, name, c):
     """Per-channel statistics of the split-phase functions: float64, 1-D, c values."""
     array = as_array(value, name)
     compute_dtype(array.dtype, name)
-    if array.ndim != 1 or array.shape[0] != c:
-        raise ValueError(f"{name} should contain {c} elements not {array.size}")
+    check_channel_shape(array, name, c)
     return np.ascontiguousarray(array, dtype=np.float64)
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _shown(number):
+    """A number as a message shows it: huge integers by their size, not their 400 digits."""
+    text = str(number)
+    return text if len(text) <= 24 else f"{text[:6]}... (an integer of {len(text)} digits)"
+
+
+def _real(value, name):
+    """A real number as a float; TypeError naming ``name`` if not one, ValueError if it is
+    too large for a float (an int of more than 308 digits)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return eps
+    value = _real(eps, "eps")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {_shown(eps)}")
+    return value
 
 
 def check_momentum(momentum):
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {type(momentum).__name__}")
-    momentum = float(momentum)
-    if not (0.0 <= momentum <= 1.0):
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    return momentum
+    value = _real(momentum, "momentum")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {_shown(momentum)}")
+    return value
+
+
+def check_flag(value, name):
+    """A bool (Python's or NumPy's), as PyTorch requires of its flags: a string or a
+    number is a TypeError, not silently true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def check_count(count, name="count"):
+    if isinstance(count, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, got {type(count).__name__}")
     try:
         count = operator.index(count)
     except TypeError:
         raise TypeError(f"{name} must be an integer, got {type(count).__name__}") from None
     if count < 0:
         raise ValueError(f"{name} must be >= 0, got {count}")
+    if count > INT64_MAX:
+        raise ValueError(f"{name} must be below 2**63, got {_shown(count)}")
     return count
+
+
+def check_counts(counts, p, name="count"):
+    """P per-process counts (an integer or a 1-D integer array-like of P entries) as a
+    contiguous int64 array; ValueError when one is negative or their total is 2**63 or more."""
+    array = np.atleast_1d(as_array(counts, name))
+    if array.ndim != 1 or array.shape[0] != p or array.dtype.kind not in "iub":
+        raise ValueError(f"{name} must hold {p} integers, got {counts!r}")
+    values = [int(k) for k in array]
+    if any(k < 0 for k in values):
+        raise ValueError(f"{name} must be >= 0")
+    if sum(values) > INT64_MAX:
+        raise ValueError(f"the total {name} must be below 2**63, got {_shown(sum(values))}")
+    return np.array(values, dtype=np.int64)
+
+
+def total_count(count, name="count"):
+    """The total of an integer count or of per-process counts (a 1-D integer array-like,
+    as PyTorch's batch_norm_backward_elemt takes them), checked as ``check_count``."""
+    if isinstance(count, (np.ndarray, list, tuple)):
+        array = as_array(count, name)
+        if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+            raise TypeError(f"{name} must be an integer or a 1-D array of integers, "
+                            f"got {type(count).__name__} of dtype {array.dtype} and "
+                            f"shape {array.shape}")
+        return check_count(sum(check_count(int(k), name) for k in array), f"the total {name}")
+    return check_count(count, name)
+
+
+def check_out_apart(out, **updated):
+    """ValueError when ``out`` shares memory with an array the call updates in place
+    (running statistics): one of the two writes would be lost."""
+    for name, array in updated.items():
+        if out is not None and array is not None and np.may_share_memory(out, array):
+            raise ValueError(f"out shares memory with {name}, which is updated in place: "
+                             f"pass an out array apart from it (or a copy of {name})")
 
 
 def same_shape(array, name, shape):

@@ -309,7 +309,9 @@ def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None
     n == 1 makes that 0/0 = nan, as in torch. n == 0 gives mean 0 and invstd 1 / sqrt(eps).
     unbiased_running_var=False puts the biased M2 / n there instead (Keras's and d2l's convention).
     """
-    part_means, part_m2s, part_counts = _float64(mean), _float64(m2), _float64(count)
+    # (C,) arrays and a single count are one process's partials.
+    part_means, part_m2s = np.atleast_2d(_float64(mean)), np.atleast_2d(_float64(m2))
+    part_counts = np.atleast_1d(_float64(count))
     n = part_counts.sum()
     # max(n, 1): with n == 0 every numerator is 0 too, and the statistics come out as 0.
     total_mean = part_counts @ part_means / max(n, 1)
