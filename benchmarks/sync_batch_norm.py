@@ -9,6 +9,10 @@ ways, round-robin in one MPI job so that a noisy neighbour slows them alike:
                   whole batch, one process, 2 threads (the other process sleeps)
   half 1p x 1t    the same fused kernels on one half at 1 thread: what a process would
                   cost with no synchronization at all
+  split 1p x 1t   the synchronized step's kernels on one half at 1 thread with no peer
+                  (LocalCommunicator): the split-phase kernels' cost over the fused ones
+  sync gloo       as "sync 2p x 1t", through torch.distributed's gloo backend on
+                  127.0.0.1 (the same processes join a gloo group; when torch is installed)
 
 plus, inside the synchronized step, the time spent in the two collectives (including
 waiting for the other process), the latency of the two collectives alone (the same
@@ -25,11 +29,13 @@ Needs mpi4py and mpiexec (pip install mpich mpi4py). Cells are medians over the 
 the ratio column is the median of the per-round ratios.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="write every sample and the summary here")
+    parser.add_argument("--no-gloo", action="store_true", help="skip the gloo rows")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gloo-store", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -94,7 +102,7 @@ def worker(args):
     import bncpu
     from bncpu import _bench
     from bncpu.distributed import (
-        MPICommunicator, sync_batch_norm_backward, sync_batch_norm_forward,
+        LocalCommunicator, MPICommunicator, sync_batch_norm_backward, sync_batch_norm_forward,
     )
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
@@ -113,8 +121,16 @@ def worker(args):
         x_whole = np.concatenate([x] * size)
         dy_whole = np.concatenate([dy] * size)
     comm = TimedCommunicator(MPICommunicator(world))
+    gloo = None
+    if args.gloo_store:
+        import torch.distributed as dist
 
-    def sync_step():
+        from bncpu.distributed import TorchCommunicator
+        dist.init_process_group("gloo", init_method=f"file://{args.gloo_store}", rank=rank,
+                                world_size=size)
+        gloo = TorchCommunicator()
+
+    def sync_step(comm=comm):
         _, mean, invstd, count = sync_batch_norm_forward(x, weight, bias, running_mean,
                                                          running_var, 0.1, 1e-5, comm)
         sync_batch_norm_backward(dy, x, weight, mean, invstd, count, comm)
@@ -130,18 +146,21 @@ def worker(args):
         function(*arguments)
         return time.perf_counter() - start
 
-    def collectives_only(repeats=50):
+    def collectives_only(engine, repeats=50):
         """Seconds per step of the two collectives alone, on the step's message sizes."""
         row = np.zeros(4 + 2 * c)
         sums = np.zeros(1 + 2 * c)
         quiet_barrier(world)
         start = time.perf_counter()
         for _ in range(repeats):
-            comm.inner.allgather(row)
-            comm.inner.allreduce_sum(sums)
+            engine.allgather(row)
+            engine.allreduce_sum(sums)
         return world.allreduce((time.perf_counter() - start) / repeats, op=MPI.MAX)
 
-    samples = {"sync": [], "collectives": [], "latency": [], "whole": [], "half": []}
+    samples = {"sync": [], "collectives": [], "latency": [], "whole": [], "half": [],
+               "split": []}
+    if gloo is not None:
+        samples.update(sync_gloo=[], latency_gloo=[])
     for round_index in range(args.warmup + args.rounds):
         bncpu.set_num_threads(1)
         quiet_barrier(world)
@@ -150,17 +169,26 @@ def worker(args):
         step = world.allreduce(timed(sync_step), op=MPI.MAX)
         collectives = world.allreduce(comm.seconds, op=MPI.MAX)
         step_bytes = (comm.payload_bytes, comm.sent_bytes)
-        latency = collectives_only()
+        latency = collectives_only(comm.inner)
+        if gloo is not None:
+            quiet_barrier(world)
+            gloo_step = world.allreduce(timed(sync_step, gloo), op=MPI.MAX)
+            gloo_latency = collectives_only(gloo)
         if rank == 0:
             bncpu.set_num_threads(2)
             whole = timed(fused_step, x_whole, dy_whole)
             bncpu.set_num_threads(1)
             half = timed(fused_step, x, dy)
+            split = timed(sync_step, LocalCommunicator())
         quiet_barrier(world)
         if rank == 0 and round_index >= args.warmup:
             for name, value in (("sync", step), ("collectives", collectives),
-                                ("latency", latency), ("whole", whole), ("half", half)):
+                                ("latency", latency), ("whole", whole), ("half", half),
+                                ("split", split)):
                 samples[name].append(value)
+            if gloo is not None:
+                samples["sync_gloo"].append(gloo_step)
+                samples["latency_gloo"].append(gloo_latency)
     if rank == 0:
         print(json.dumps({"samples": samples, "payload_bytes": step_bytes[0],
                           "sent_bytes": step_bytes[1], "processes": size, "shape": shape,
@@ -198,6 +226,9 @@ def main(argv=None):
     forwarded = [a for a in forwarded if not a.startswith("--json")]
     if args.json:
         forwarded = [a for a in forwarded if a != args.json]
+    store = tempfile.TemporaryDirectory()
+    if not args.no_gloo and importlib.util.find_spec("torch") is not None:
+        forwarded += ["--gloo-store", os.path.join(store.name, "gloo")]
     command = [mpiexec, "-n", str(args.processes), sys.executable, os.path.abspath(__file__),
                "--worker", *forwarded]
     try:
@@ -207,11 +238,12 @@ def main(argv=None):
                          "repository of an in-place build") from None
     # The workers import the bncpu this launcher found.
     package_parent = str(Path(bncpu.__file__).resolve().parent.parent)
-    env = dict(os.environ, OMP_NUM_THREADS="2",
+    env = dict(os.environ, OMP_NUM_THREADS="2", MASTER_ADDR="127.0.0.1",
                PYTHONPATH=os.pathsep.join(filter(None, [package_parent,
                                                         os.environ.get("PYTHONPATH")])))
     load_before = system_load()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    with store:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -220,6 +252,8 @@ def main(argv=None):
     ratios = {
         "sync / whole": statistics.median(s / w for s, w in zip(samples["sync"], samples["whole"])),
         "sync / half": statistics.median(s / h for s, h in zip(samples["sync"], samples["half"])),
+        "split / half": statistics.median(s / h for s, h in zip(samples["split"],
+                                                                samples["half"])),
         "collectives / sync": statistics.median(
             c / s for c, s in zip(samples["collectives"], samples["sync"])),
     }
@@ -233,11 +267,16 @@ def main(argv=None):
           f"{ratios['collectives / sync'] * 100:.2f}% of the step)")
     print(f"  collectives alone {medians['latency'] * 1e6:8.1f} us   (all-gather + all-reduce "
           f"of this step's messages, processes in step)")
+    if "sync_gloo" in medians:
+        print(f"  sync gloo         {medians['sync_gloo'] * 1e3:8.2f} ms   (collectives alone "
+              f"{medians['latency_gloo'] * 1e6:.1f} us)")
     print(f"  whole 1p x 2t     {medians['whole'] * 1e3:8.2f} ms")
     print(f"  half 1p x 1t      {medians['half'] * 1e3:8.2f} ms   (1/{p} of the batch, fused, "
           f"no synchronization)")
+    print(f"  split 1p x 1t     {medians['split'] * 1e3:8.2f} ms   (the same half, split-phase "
+          f"kernels, no peer)")
     print(f"  sync / whole      {ratios['sync / whole']:8.2f}x   "
-          f"sync / half {ratios['sync / half']:.2f}x")
+          f"sync / half {ratios['sync / half']:.2f}x   split / half {ratios['split / half']:.2f}x")
     print(f"  bytes sent per process per step: {report['payload_bytes']} payload "
           f"(float64 values), {report['sent_bytes']} as sent by mpi4py")
     print(f"  load average before/after: {load_before:.2f} / {system_load():.2f} "

@@ -116,6 +116,10 @@ class TorchCommunicator:
         return f"TorchCommunicator(group={self.group!r}, rank={self.rank}, size={self.size})"
 
 
+_MEMBERS = ("rank", "size", "allgather", "allreduce_sum")
+_OWN = (LocalCommunicator, MPICommunicator, TorchCommunicator)
+
+
 def _is_mpi4py_comm(comm):
     mpi = sys.modules.get("mpi4py.MPI")
     return mpi is not None and isinstance(comm, mpi.Comm)
@@ -135,6 +139,8 @@ def as_communicator(comm=None):
     * a torch.distributed ``ProcessGroup``: TorchCommunicator(comm);
     * any object with ``rank``, ``size``, ``allgather`` and ``allreduce_sum``: itself.
     """
+    if isinstance(comm, _OWN):
+        return comm
     if comm is None:
         try:
             return MPICommunicator()
@@ -147,7 +153,8 @@ def as_communicator(comm=None):
         return MPICommunicator(comm)
     if _is_torch_group(comm):
         return TorchCommunicator(comm)
-    if isinstance(comm, Communicator):
+    # Duck-typed: isinstance() on the runtime-checkable Protocol costs ~100 us a call.
+    if all(hasattr(comm, name) for name in _MEMBERS):
         return comm
     raise TypeError(f"comm must be an mpi4py communicator, a torch.distributed process group "
                     f"or an object with rank, size, allgather and allreduce_sum, "
