@@ -574,3 +574,104 @@ def test_backward_matches_finite_differences(name, with_params):
     actual = [g for g in grads if g is not None]
     for our_grad, numerical_grad in zip(actual, expected, strict=True):
         np.testing.assert_allclose(our_grad, numerical_grad, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate input: the kernels agree with the twin (same results, or both raise)
+# ---------------------------------------------------------------------------------------------
+def _degenerate_calls(module, shape):
+    """Every function of `module` (bncpu or bncpu.reference) on an input of `shape`, with the
+    other arguments derived from it, as {name: thunk}. Each thunk returns the results and the
+    running statistics it updated."""
+    x = random_input(shape)
+    dy = random_input(shape, seed=4)
+    c = shape[1] if len(shape) > 1 else 0
+    weight, bias = random_params(c, "weight+bias")
+
+    def train(name, call):
+        def thunk():
+            running_mean, running_var = running_stats(c)
+            return list(call(running_mean, running_var)) + [running_mean, running_var]
+        return name, thunk
+
+    m = module
+    calls = dict([
+        train("batch_norm_forward train", lambda rm, rv: m.batch_norm_forward(
+            x, weight, bias, rm, rv, True, MOMENTUM, EPS)),
+        ("batch_norm_forward eval", lambda: m.batch_norm_forward(
+            x, weight, bias, *running_stats(c), False, MOMENTUM, EPS)),
+        ("batch_norm_backward train", lambda: m.batch_norm_backward(
+            dy, x, weight, None, None, *ref.batch_norm_gather_stats(
+                *ref.batch_norm_stats(x)[:2], [ref.batch_norm_stats(x)[2]], eps=EPS), True, EPS)),
+        ("batch_norm_backward eval", lambda: m.batch_norm_backward(
+            dy, x, weight, *running_stats(c), None, None, False, EPS)),
+        ("batch_norm_stats", lambda: m.batch_norm_stats(x)),
+        train("batch_norm_gather_stats", lambda rm, rv: m.batch_norm_gather_stats(
+            np.stack([ref.batch_norm_stats(x)[0]] * 2), np.stack([ref.batch_norm_stats(x)[1]] * 2),
+            [ref.batch_norm_stats(x)[2]] * 2, rm, rv, MOMENTUM, EPS)),
+        ("batch_norm_elemt", lambda: m.batch_norm_elemt(
+            x, weight, bias, np.zeros(c), np.ones(c))),
+        ("batch_norm_backward_reduce", lambda: m.batch_norm_backward_reduce(
+            dy, x, np.zeros(c), np.ones(c), weight)),
+        ("batch_norm_backward_elemt counts", lambda: m.batch_norm_backward_elemt(
+            dy, x, np.zeros(c), np.ones(c), weight, np.ones(c), np.ones(c),
+            [x.size // max(c, 1), 3])),
+        ("batch_norm_backward_elemt count 0", lambda: m.batch_norm_backward_elemt(
+            dy, x, np.zeros(c), np.ones(c), weight, np.ones(c), np.ones(c), 0)),
+        ("layer_norm_forward", lambda: m.layer_norm_forward(
+            x, shape[-1:], None, None, EPS)),
+        ("layer_norm_forward 2 dims", lambda: m.layer_norm_forward(
+            x, shape[-2:], None, None, EPS)),
+        ("layer_norm_backward", lambda: m.layer_norm_backward(
+            dy, x, shape[-1:], *ref.layer_norm_forward(x, shape[-1:], None, None, EPS)[1:],
+            np.ones(shape[-1:]))),
+        ("rms_norm_forward", lambda: m.rms_norm_forward(x, shape[-1:], None, EPS)),
+        ("rms_norm_backward", lambda: m.rms_norm_backward(
+            dy, x, shape[-1:], ref.rms_norm_forward(x, shape[-1:], None, EPS)[1],
+            np.ones(shape[-1:]))),
+        ("group_norm_forward", lambda: m.group_norm_forward(x, 1, weight, bias, EPS)),
+        ("group_norm_forward 0 groups", lambda: m.group_norm_forward(x, 0, None, None, EPS)),
+        ("group_norm_backward", lambda: m.group_norm_backward(
+            dy, x, 1, *ref.group_norm_forward(x, 1, None, None, EPS)[1:], weight)),
+        train("instance_norm_forward", lambda rm, rv: m.instance_norm_forward(
+            x, weight, bias, rm, rv, True, MOMENTUM, EPS)),
+        ("instance_norm_backward", lambda: m.instance_norm_backward(
+            dy, x, *ref.instance_norm_forward(x, None, None, None, None, True, 0.1, EPS)[1:],
+            weight)),
+    ])
+    return calls
+
+
+DEGENERATE_SHAPES = [(0, 3), (0, 3, 4), (2, 3, 0), (2, 0, 4), (2, 0), (0, 0, 3), (3, 1),
+                     (1, 3, 1), (2, 3, 1, 0), (1, 1)]
+
+
+def _outcome(thunk):
+    try:
+        with np.errstate(all="ignore"):
+            return "result", thunk()
+    except (ValueError, TypeError) as exc:
+        return "error", type(exc)
+
+
+@pytest.mark.parametrize("name", list(_degenerate_calls(ref, (2, 3)).keys()))
+@pytest.mark.parametrize("shape", DEGENERATE_SHAPES, ids=str)
+def test_kernels_agree_with_the_twin_on_degenerate_input(shape, name):
+    import bncpu
+    ours_kind, ours = _outcome(_degenerate_calls(bncpu, shape)[name])
+    twin_kind, twin = _outcome(_degenerate_calls(ref, shape)[name])
+    if ours_kind == "error" or twin_kind == "error":
+        # The twin that raises while the kernels compute (or the reverse) is a disagreement;
+        # raising together is agreement, with the same exception type.
+        assert (ours_kind, ours) == (twin_kind, twin)
+        return
+    assert len(ours) == len(twin)
+    for index, (a, b) in enumerate(zip(ours, twin)):
+        if b is None or a is None:
+            assert a is None and b is None, f"result {index}"
+        elif np.ndim(b) == 0:
+            np.testing.assert_allclose(a, b, rtol=1e-12, err_msg=f"result {index}")
+        else:
+            assert np.shape(a) == np.shape(b), f"result {index}"
+            np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-10, atol=1e-12,
+                                       equal_nan=True, err_msg=f"result {index}")

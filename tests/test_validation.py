@@ -30,6 +30,8 @@ def make_state():
         # Read-only, strided, byte-swapped, float32 and aliased running statistics.
         read_only=read_only(np.ones(C)), strided=np.ones(2 * C)[::2], swapped=np.ones(C, ">f8"),
         float32=np.ones(C, np.float32), shared=np.ones(2 * C),
+        # An out of shape (1, C, 2) whose memory can hold running statistics too.
+        stats_out=np.ones((1, C, 2)),
     )
 
 
@@ -104,7 +106,15 @@ CASES = {
         ValueError, "bias should contain 3 elements not 2"),
     "weight 2-D": (
         lambda s: forward(s, weight=np.ones((1, 3))),
-        ValueError, r"weight should contain 3 elements .*shape \(1, 3\)"),
+        ValueError, r"^weight has shape \(1, 3\) but must have shape \(3,\), one element "
+                    r"per channel: pass weight.reshape\(-1\)$"),
+    "weight d2l-shaped (1, C, 1, 1)": (
+        lambda s: forward(s, weight=np.ones((1, 3, 1, 1))),
+        ValueError, r"^weight has shape \(1, 3, 1, 1\) but must have shape \(3,\),"
+                    r" .*weight.reshape\(-1\)$"),
+    "bias 2-D of the wrong size": (
+        lambda s: forward(s, bias=np.ones((2, 3))),
+        ValueError, r"^bias should contain 3 elements not 6 \(it has shape \(2, 3\)\)$"),
     "weight scalar": (
         lambda s: forward(s, weight=1.0),
         ValueError, "weight should contain 3 elements not 1"),
@@ -116,7 +126,11 @@ CASES = {
         ValueError, "running_var should contain 3 elements not 2"),
     "running_mean 2-D": (
         lambda s: forward(s, running_mean=np.zeros((3, 1))),
-        ValueError, "running_mean should contain 3 elements"),
+        ValueError, r"running_mean has shape \(3, 1\) but must have shape \(3,\), .*"
+                    r"reshape\(-1\), a view"),
+    "running_var d2l-shaped (1, C, 1, 1), eval": (
+        lambda s: forward(s, training=False, running_var=np.ones((1, C, 1, 1))),
+        ValueError, r"running_var has shape \(1, 3, 1, 1\) but must have shape \(3,\)"),
     "eval running_var too long": (
         lambda s: forward(s, training=False, running_var=np.ones(4)),
         ValueError, "running_var should contain 3 elements not 4"),
@@ -305,7 +319,11 @@ CASES = {
         ValueError, "mean should contain 3 elements not 4"),
     "elemt invstd 2-D": (
         lambda s: elemt(s, invstd=np.ones((1, C))),
-        ValueError, "invstd should contain 3"),
+        ValueError, r"^invstd has shape \(1, 3\) but must have shape \(3,\), .*"
+                    r"invstd.reshape\(-1\)$"),
+    "elemt mean (C, 1)": (
+        lambda s: elemt(s, mean=np.zeros((C, 1))),
+        ValueError, r"^mean has shape \(3, 1\) but must have shape \(3,\)"),
     "elemt bias length": (
         lambda s: elemt(s, bias=np.ones(2)),
         ValueError, "bias should contain 3 elements not 2"),
@@ -333,6 +351,92 @@ CASES = {
     "backward_elemt shapes disagree": (
         lambda s: backward_elemt(s, input=np.ones((4, C, 6))),
         ValueError, "grad_output has shape"),
+    # Issue 18, item 12: one channel and a scalar weight (sizes equal, shape wrong)
+    "one channel, scalar weight": (
+        lambda s: forward(s, input=np.ones((4, 1, 5)), weight=np.float64(2.0), running_mean=None,
+                          running_var=None, out=None),
+        ValueError, r"^weight has shape \(\) but must have shape \(1,\), one element per channel: "
+                    r"pass weight.reshape\(-1\)$"),
+    "one channel, bias (1, 1)": (
+        lambda s: forward(s, input=np.ones((4, 1, 5)), bias=np.ones((1, 1)), weight=None,
+                          running_mean=None, running_var=None, out=None),
+        ValueError, r"^bias has shape \(1, 1\) but must have shape \(1,\)"),
+    # Issue 18, item 11: huge numbers name their argument; flags must be bools
+    "eps 10**400": (
+        lambda s: forward(s, eps=10**400),
+        ValueError, r"^eps must be finite and >= 0, got 100000\.\.\. \(an integer of 401 digits\)$"),
+    "momentum 10**400": (
+        lambda s: forward(s, momentum=10**400),
+        ValueError, r"^momentum must be in \[0, 1\], got 100000\.\.\. \(an integer of 401 digits\)$"),
+    "momentum -10**400": (
+        lambda s: forward(s, momentum=-10**400),
+        ValueError, r"^momentum must be in \[0, 1\], got -10000\.\.\."),
+    "gather eps 10**400": (lambda s: gather(s, eps=10**400), ValueError, "^eps must be finite"),
+    "backward eps 10**400": (lambda s: backward(s, eps=10**400), ValueError, "^eps must be finite"),
+    "eps numpy bool": (lambda s: forward(s, eps=np.True_), TypeError, "eps must be a real number"),
+    "backward_elemt count 2**63": (
+        lambda s: backward_elemt(s, count=2**63),
+        ValueError, r"^count must be below 2\*\*63, got 9223372036854775808$"),
+    "backward_elemt count 10**400": (
+        lambda s: backward_elemt(s, count=10**400),
+        ValueError, r"^count must be below 2\*\*63, got 100000\.\.\."),
+    "backward_elemt counts summing to 2**63": (
+        lambda s: backward_elemt(s, count=np.array([2**62, 2**62], np.uint64)),
+        ValueError, r"^the total count must be below 2\*\*63"),
+    "backward_elemt counts float": (
+        lambda s: backward_elemt(s, count=[10.0, 10.0]),
+        TypeError, "count must be an integer or a 1-D array of integers"),
+    "backward_elemt counts negative": (
+        lambda s: backward_elemt(s, count=[30, -10]),
+        ValueError, "count must be >= 0"),
+    "backward_elemt counts 2-D": (
+        lambda s: backward_elemt(s, count=np.full((2, 1), 10)),
+        TypeError, "1-D array of integers"),
+    "backward_elemt count bool": (
+        lambda s: backward_elemt(s, count=True),
+        TypeError, "count must be an integer, got bool"),
+    "gather count 2**63": (
+        lambda s: gather(s, count=np.array([2**63, 0], np.uint64)),
+        ValueError, r"^the total count must be below 2\*\*63"),
+    "gather counts summing to 2**63": (
+        lambda s: gather(s, count=[2**62, 2**62]),
+        ValueError, r"^the total count must be below 2\*\*63"),
+    "training a string": (
+        lambda s: forward(s, training="no"),
+        TypeError, "^training must be a bool, got str$"),
+    "training an int": (lambda s: forward(s, training=1), TypeError, "training must be a bool"),
+    "training None": (lambda s: forward(s, training=None), TypeError, "training must be a bool"),
+    "batch_norm training a string": (
+        lambda s: bncpu.batch_norm(s.x, s.running_mean, s.running_var, training="False",
+                                   out=s.out),
+        TypeError, "training must be a bool"),
+    "backward training a string": (
+        lambda s: backward(s, training="yes"),
+        TypeError, "training must be a bool"),
+    "unbiased_running_var a string": (
+        lambda s: forward(s, unbiased_running_var="no"),
+        TypeError, "unbiased_running_var must be a bool"),
+    "instance_norm use_input_stats a string": (
+        lambda s: bncpu.instance_norm(s.x, s.running_mean, s.running_var,
+                                      use_input_stats="no", out=s.out),
+        TypeError, "use_input_stats must be a bool"),
+    # Issue 18, item 9: out sharing memory with the running statistics it would update
+    "out overlapping running_mean": (
+        lambda s: forward(s, input=s.x[:1, :, :2], running_mean=s.stats_out.reshape(-1)[:C],
+                          out=s.stats_out),
+        ValueError, "^out shares memory with running_mean, which is updated in place"),
+    "out overlapping running_var": (
+        lambda s: forward(s, input=s.x[:1, :, :2], running_var=s.stats_out.reshape(-1)[C:],
+                          out=s.stats_out),
+        ValueError, "^out shares memory with running_var"),
+    "(N, C) out holding running_mean": (
+        lambda s: forward(s, input=s.x[:2, :, 0], running_mean=s.stats_out.reshape(-1)[1:C + 1],
+                          out=s.stats_out.reshape(2, C)),
+        ValueError, "^out shares memory with running_mean"),
+    "instance_norm out overlapping running_mean": (
+        lambda s: bncpu.instance_norm(s.x[:1, :, :2], s.stats_out.reshape(-1)[:C],
+                                      s.running_var, out=s.stats_out),
+        ValueError, "^out shares memory with running_mean"),
 }
 
 
