@@ -32,9 +32,8 @@ OPERATIONS = ("fwd_eval", "fwd_train", "bwd_train")
 def at_offset(shape, offset, fill=None):
     """A float32 array of ``shape`` whose data starts ``offset`` bytes after a line start."""
     size = int(np.prod(shape))
-    raw = np.empty(size * 4 + 2 * LINE, np.uint8)
-    start = -raw.ctypes.data % LINE + offset
-    array = raw[start:start + size * 4].view(np.float32).reshape(shape)
+    raw = _bench.aligned_empty((size * 4 + LINE,), np.uint8)
+    array = raw[offset:offset + size * 4].view(np.float32).reshape(shape)
     if fill is not None:
         array[...] = fill
     return array

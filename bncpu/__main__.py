@@ -195,6 +195,25 @@ def header_lines(env, thread_counts, quick):
     return lines
 
 
+def layout_lines(rows):
+    """Channels-last rows against the channels-first rows of the same data: bncpu's time
+    on NHWC data over its time on the same values in NCHW."""
+    first = {(row.case.op, row.case.shape, row.case.dtype, row.n_threads): row
+             for row in rows if row.case.axis == 1}
+    lines = []
+    for row in rows:
+        if row.case.axis != -1 or not row.medians.get("bncpu"):
+            continue
+        shape = row.case.shape
+        nchw = first.get((row.case.op, (shape[0], shape[-1]) + shape[1:-1], row.case.dtype,
+                          row.n_threads))
+        if nchw is not None and nchw.medians.get("bncpu"):
+            lines.append(f"  {row.case.label} {shape} {row.n_threads}t: "
+                         f"{row.medians['bncpu'] / nchw.medians['bncpu']:.2f}x the time of "
+                         f"the same data channels-first {nchw.case.shape}")
+    return (["channels-last vs channels-first (bncpu, same values):"] + lines) if lines else []
+
+
 def summary_line(rows):
     verdicts = [met for row in rows for _, _, met in row.targets]
     return (f"targets: {verdicts.count(True)} met, {verdicts.count(False)} missed, "
@@ -259,6 +278,9 @@ def main(argv=None):
     for n_threads in thread_counts:
         print(f"\nthreads: {n_threads}")
         print("\n".join(table_lines([row for row in rows if row.n_threads == n_threads])))
+    layouts = layout_lines(rows)
+    if layouts:
+        print("\n" + "\n".join(layouts))
     print(f"\n{summary_line(rows)}; {len(rows)} rows in {elapsed:.0f} s")
     # Other processes on the CPUs stretch multi-threaded timings most: an OpenMP team waits
     # for its slowest thread.
