@@ -1,9 +1,10 @@
 """Synchronized batch norm over MPI: mpiexec -n 1..4 ranks, from Python and from C.
 
 The Python tests launch this very file under mpiexec (``python test_distributed_mpi.py
-scenario dtype axis outdir``): each rank runs a scenario of tests/test_distributed.py
-with an mpi4py communicator and saves what it computed; the test then checks the ranks'
-results together, against batch norm of the concatenated batch. The C test builds
+outdir scenario:dtype:axis ...``): each rank runs the scenarios of
+tests/test_distributed.py in turn with an mpi4py communicator and saves what it
+computed; the test then checks the ranks' results together, against batch norm of the
+concatenated batch. The 3-rank scenarios share one launch. The C test builds
 examples/c/bn_mpi.c with mpicc and runs it on 3 ranks.
 
 Every launch is bounded in time (the whole process group is killed past it), so a hung
@@ -36,7 +37,12 @@ if __name__ != "__main__":
 # ----------------------------------------------------------------------------------
 # The rank's side: run a scenario, save the results
 # ----------------------------------------------------------------------------------
-def rank_main(scenario, dtype, axis, outdir):
+def rank_main(outdir, *specs):
+    for spec in specs:
+        run_spec(outdir, spec, *spec.split(":"))
+
+
+def run_spec(outdir, spec, scenario, dtype, axis):
     from mpi4py import MPI
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     if scenario == "layer":          # bncpu.distributed.SyncBatchNorm, comm=None: COMM_WORLD
@@ -56,7 +62,8 @@ def rank_main(scenario, dtype, axis, outdir):
         from test_distributed import run_scenario
         comm = None if scenario == "unequal" else MPI.COMM_WORLD   # None: MPI.COMM_WORLD too
         result = run_scenario(comm, scenario, np.dtype(dtype), int(axis))
-    np.savez(Path(outdir) / f"rank{rank}.npz", **{k: np.asarray(val) for k, val in result.items()})
+    np.savez(Path(outdir) / f"{spec}_rank{rank}.npz",
+             **{k: np.asarray(val) for k, val in result.items()})
 
 
 if __name__ == "__main__":
@@ -109,43 +116,58 @@ def launch(command, timeout=LAUNCH_TIMEOUT, **extra_env):
     return stdout
 
 
-def run_ranks(mpiexec, size, scenario, dtype, axis, tmp_path):
-    launch([*mpiexec, "-n", str(size), sys.executable, __file__, scenario,
-            np.dtype(dtype).name, str(axis), str(tmp_path)])
-    results = []
-    for rank in range(size):
-        with np.load(tmp_path / f"rank{rank}.npz") as saved:
-            result = {k: saved[k] for k in saved.files}
-        for name in ("error", "rank", "count"):
-            if name in result:
-                result[name] = result[name].item()
-        results.append(result)
-    return results
+def spec(scenario, dtype=np.float64, axis=1):
+    return f"{scenario}:{np.dtype(dtype).name}:{axis}"
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def run_ranks(mpiexec, size, specs, outdir):
+    """Launch ``size`` ranks running ``specs``; {spec: [per-rank results]}."""
+    launch([*mpiexec, "-n", str(size), sys.executable, __file__, str(outdir), *specs])
+    runs = {}
+    for name in specs:
+        results = []
+        for rank in range(size):
+            with np.load(outdir / f"{name}_rank{rank}.npz") as saved:
+                result = {k: saved[k] for k in saved.files}
+            for key in ("error", "rank", "count"):
+                if key in result:
+                    result[key] = result[key].item()
+            results.append(result)
+        runs[name] = results
+    return runs
+
+
+THREE_RANK_SPECS = ([spec("unequal", np.float32, -1), spec("layer", np.float32, -1)]
+                    + [spec(s) for s in SCENARIOS])
+
+
+@pytest.fixture(scope="module")
+def three_ranks(mpiexec, tmp_path_factory):
+    """The 3-rank scenarios, run in one launch."""
+    return run_ranks(mpiexec, 3, THREE_RANK_SPECS, tmp_path_factory.mktemp("mpi3"))
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
 def test_equals_whole_batch(mpiexec, size, tmp_path):
-    results = run_ranks(mpiexec, size, "unequal", np.float64, 1, tmp_path)
-    check_scenario(results, "unequal", np.float64)
+    name = spec("unequal")
+    check_scenario(run_ranks(mpiexec, size, [name], tmp_path)[name], "unequal", np.float64)
 
 
-def test_float32_channels_last(mpiexec, tmp_path):
-    results = run_ranks(mpiexec, 3, "unequal", np.float32, -1, tmp_path)
-    check_scenario(results, "unequal", np.float32)
+def test_float32_channels_last(three_ranks):
+    check_scenario(three_ranks[spec("unequal", np.float32, -1)], "unequal", np.float32)
 
 
-@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "unequal"])
-def test_scenarios(mpiexec, scenario, tmp_path):
-    results = run_ranks(mpiexec, 3, scenario, np.float64, 1, tmp_path)
-    check_scenario(results, scenario, np.float64)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_scenarios(three_ranks, scenario):
+    check_scenario(three_ranks[spec(scenario)], scenario, np.float64)
 
 
-def test_layer(mpiexec, tmp_path):
+def test_layer(three_ranks):
     """bncpu.distributed.SyncBatchNorm on MPI.COMM_WORLD: several steps, then evaluation,
     equal to bncpu.nn.BatchNorm2d on the whole batch."""
     from bncpu.nn import BatchNorm2d
     from test_distributed import CHANNELS, LAYER_STEPS, SHARD_SIZES, assert_near, layer_steps
-    ranks = run_ranks(mpiexec, 3, "layer", np.float32, -1, tmp_path)
+    ranks = three_ranks[spec("layer", np.float32, -1)]
     expected = layer_steps(BatchNorm2d(CHANNELS), (sum(SHARD_SIZES[:3]),), 0, np.float32)
     for name in ("y", "dx"):
         for step in range(LAYER_STEPS):
@@ -164,8 +186,8 @@ def test_torch_module_over_mpi4py(mpiexec, tmp_path):
     """bncpu.torch.SyncBatchNorm with an mpi4py communicator as its process_group."""
     pytest.importorskip("torch", reason="PyTorch is not installed")
     from test_torch_sync import check_against_whole_batch
-    check_against_whole_batch(run_ranks(mpiexec, 3, "torch_module", np.float64, 1, tmp_path),
-                              "float64")
+    name = spec("torch_module")
+    check_against_whole_batch(run_ranks(mpiexec, 3, [name], tmp_path)[name], "float64")
 
 
 # ----------------------------------------------------------------------------------
