@@ -175,11 +175,19 @@ def worker(args):
             gloo_step = world.allreduce(timed(sync_step, gloo), op=MPI.MAX)
             gloo_latency = collectives_only(gloo)
         if rank == 0:
-            bncpu.set_num_threads(2)
-            whole = timed(fused_step, x_whole, dy_whole)
+            # Rank 0 alone, in an order that rotates every round; a pause after each run
+            # lets the 2-thread run's OpenMP worker stop spinning before the next one.
+            local = {"whole": lambda: timed(fused_step, x_whole, dy_whole),
+                     "half": lambda: timed(fused_step, x, dy),
+                     "split": lambda: timed(sync_step, LocalCommunicator())}
+            names = list(local)
+            local_times = {}
+            for name in names[round_index % 3:] + names[:round_index % 3]:
+                bncpu.set_num_threads(2 if name == "whole" else 1)
+                local_times[name] = local[name]()
+                time.sleep(0.01)
+            whole, half, split = (local_times[name] for name in names)
             bncpu.set_num_threads(1)
-            half = timed(fused_step, x, dy)
-            split = timed(sync_step, LocalCommunicator())
         quiet_barrier(world)
         if rank == 0 and round_index >= args.warmup:
             for name, value in (("sync", step), ("collectives", collectives),
