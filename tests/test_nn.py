@@ -336,6 +336,8 @@ def test_load_state_dict_errors_load_nothing(torch):
     assert layer.bias.dtype == np.float32
     with pytest.raises(ValueError, match='parameter named "num_batches_tracked": cannot convert'):
         layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": 1.5})
+    with pytest.raises(TypeError, match="Expected state_dict to be dict-like"):
+        layer.load_state_dict([("bias", [1, 2, 3])])
     # num_batches_tracked may be left out (torch's state dicts of old versions)
     partial = layer.state_dict()
     del partial["num_batches_tracked"]

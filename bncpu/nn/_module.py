@@ -149,6 +149,8 @@ class Module:
         always one. Errors are reported together, as torch does, and nothing is loaded.
         Returns ``IncompatibleKeys(missing_keys, unexpected_keys)``.
         """
+        if not (hasattr(state_dict, "keys") and hasattr(state_dict, "__getitem__")):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
         own = self._state()
         missing = [key for key in own if key not in state_dict and key not in _OPTIONAL_KEYS]
         unexpected = [key for key in state_dict if key not in own]
