@@ -441,3 +441,28 @@ def test_biased_running_var_functions_match_reference(dtype, momentum):
                                   unbiased_running_var=False)
     close(gathered[0], expected[0], dtype)
     close(gathered[1], expected[1], dtype)
+
+
+def test_training_statistics_go_through_the_hooks():
+    """The contract a synchronized subclass relies on: in training, and only there, the
+    statistics come from _train_forward and the backward from _train_backward; the layer
+    counts the batch after _train_forward returned."""
+    calls = []
+
+    class Recording(nn.BatchNorm2d):
+        def _train_forward(self, x, running_mean, running_var, momentum):
+            calls.append(("forward", int(self.num_batches_tracked), momentum))
+            return super()._train_forward(x, running_mean, running_var, momentum)
+
+        def _train_backward(self, grad_output, x, save_mean, save_invstd):
+            calls.append(("backward",))
+            return super()._train_backward(grad_output, x, save_mean, save_invstd)
+
+    layer = Recording(3, momentum=None, dtype=np.float64)
+    x = random_input((2, 3, 4, 4), np.float64)
+    for _ in range(2):
+        layer.backward(layer(x))
+    layer.eval()
+    layer.backward(layer(x))
+    assert calls == [("forward", 0, 1.0), ("backward",), ("forward", 1, 0.5), ("backward",)]
+    assert int(layer.num_batches_tracked) == 2
