@@ -322,7 +322,7 @@ def test_matrix_input_is_computed_as_a_plain_array():
 
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_matrix_weight_is_not_one_dimensional():
-    with pytest.raises(ValueError, match=r"weight should contain 3 elements .*shape \(1, 3\)"):
+    with pytest.raises(ValueError, match=r"weight has shape \(1, 3\) but must have shape \(3,\)"):
         bncpu.batch_norm(random_input((6, 3)), None, None, np.matrix(np.ones(3)), training=True)
 
 
