@@ -62,7 +62,7 @@ class SyncBatchNorm(_BatchNorm):
         self._joined = False
         try:
             return super().forward(input)
-        except (TypeError, ValueError) as error:
+        except Exception as error:
             if self.training and not self._joined:
                 join_failed_forward(error, self.comm)
             raise

@@ -128,7 +128,7 @@ class SyncBatchNorm(_BatchNormForward, nn.modules.batchnorm._BatchNorm):
             self._check_input_dim(input)
             self._check_non_zero_input_channels(input)
             return _BatchNormForward.forward(self, input)
-        except (TypeError, ValueError) as error:
+        except Exception as error:
             if not self._joined:
                 join_failed_forward(error, self._step_comm)
             raise
