@@ -10,6 +10,11 @@ medians over rounds, so a load that comes and goes hits all variants alike.
 
     python benchmarks/channels_last.py --threads 2 --rounds 31
     python benchmarks/channels_last.py --threads 2 --json channels_last.json
+    python benchmarks/channels_last.py --threads 1 --clock cpu     # on a loaded machine
+
+``--clock cpu`` times each call by the CPU time of the process (all its threads) instead of
+the wall clock: on a machine shared with other work, waiting for a core no longer counts,
+so at one thread the figures hardly move with the load (memory bandwidth is still shared).
 
 Run it from outside the repository root or with bncpu installed (``python`` in the root
 imports the source tree, which works only when built in place).
@@ -38,6 +43,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="threads for bncpu and torch")
     parser.add_argument("--rounds", type=int, default=31, help="round-robin rounds (default 31)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default) or the process's CPU time per call")
     parser.add_argument("--json", metavar="FILE", help="write the medians and ratios")
     return parser.parse_args(argv)
 
@@ -113,7 +120,7 @@ def group_norm_calls():
     return {"bncpu NHWC axis=-1": ours(last, dy_last, -1), "bncpu NCHW": ours(first, dy_first, 1)}
 
 
-def round_robin(calls, rounds):
+def round_robin(calls, rounds, clock=time.perf_counter):
     """{variant: {phase: median seconds}}, every (variant, phase) called once per round."""
     pairs = [(variant, phase) for variant, phases in calls.items() for phase in phases]
     for variant, phase in pairs:            # warm-up
@@ -121,9 +128,9 @@ def round_robin(calls, rounds):
     times = {pair: [] for pair in pairs}
     for _ in range(rounds):
         for variant, phase in pairs:
-            start = time.perf_counter()
+            start = clock()
             calls[variant][phase]()
-            times[(variant, phase)].append(time.perf_counter() - start)
+            times[(variant, phase)].append(clock() - start)
     medians = {}
     for (variant, phase), values in times.items():
         medians.setdefault(variant, {})[phase] = statistics.median(values)
@@ -144,16 +151,18 @@ def main(argv=None):
     args = parse_args(argv)
     bncpu.set_num_threads(args.threads)
     _bench.reuse_freed_memory()
-    bn = round_robin(batch_norm_calls(args.threads), args.rounds)
-    gn = round_robin(group_norm_calls(), args.rounds)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    bn = round_robin(batch_norm_calls(args.threads), args.rounds, clock)
+    gn = round_robin(group_norm_calls(), args.rounds, clock)
     print(f"bncpu {bncpu.__version__} ({bncpu.isa()}), {args.threads} threads, {args.rounds} "
-          f"rounds, torch {torch.__version__ if torch else 'absent'}; load average "
+          f"rounds, {args.clock} clock, torch {torch.__version__ if torch else 'absent'}; load average "
           f"{' '.join(f'{load:.2f}' for load in os.getloadavg())}")
     table("batch norm (32, 56, 56, 64) float32", bn, "bncpu NCHW")
     table("group norm (8, 28, 28, 256) float32, 32 groups", gn, "bncpu NCHW")
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"batch_norm": bn, "group_norm": gn, "threads": args.threads}, file, indent=1)
+            json.dump({"batch_norm": bn, "group_norm": gn, "threads": args.threads,
+                       "clock": args.clock}, file, indent=1)
 
 
 if __name__ == "__main__":
