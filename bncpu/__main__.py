@@ -181,8 +181,9 @@ def header_lines(env, thread_counts, quick):
         "            preallocated arrays",
         "  memory  : " + ("malloc keeps freed memory for reuse (no page faults on every call)"
                           if env["reuse_freed_memory"] else "the C library's default malloc"),
-        "  oneDNN  : " + (f"{env['onednn']}, plain layout and the fastest of plain, NHWC and "
-                          "nChw16c (named when not plain)" if env["onednn"]
+        "  oneDNN  : " + (f"{env['onednn']}, on the case's layout, and on the fastest of plain, "
+                          "NHWC, nChw8c, nChw16c (its\n            reference code left out; "
+                          "named when not plain)" if env["onednn"]
                           else f"column skipped: {env['onednn_missing']}"),
         "  columns : bncpu = time per call; out= = time per call into a preallocated out=;",
         "            GB/s = bytes an ideal kernel moves / bncpu time;",
@@ -196,8 +197,8 @@ def header_lines(env, thread_counts, quick):
 
 
 def layout_lines(rows):
-    """Channels-last rows against the channels-first rows of the same data: bncpu's time
-    on NHWC data over its time on the same values in NCHW."""
+    """Channels-last rows against the channels-first rows of the same size: bncpu's time
+    on NHWC data over its time on NCHW data."""
     first = {(row.case.op, row.case.shape, row.case.dtype, row.n_threads): row
              for row in rows if row.case.axis == 1}
     lines = []
@@ -210,8 +211,8 @@ def layout_lines(rows):
         if nchw is not None and nchw.medians.get("bncpu"):
             lines.append(f"  {row.case.label} {shape} {row.n_threads}t: "
                          f"{row.medians['bncpu'] / nchw.medians['bncpu']:.2f}x the time of "
-                         f"the same data channels-first {nchw.case.shape}")
-    return (["channels-last vs channels-first (bncpu, same values):"] + lines) if lines else []
+                         f"channels-first {nchw.case.shape}")
+    return (["channels-last vs channels-first (bncpu, same sizes):"] + lines) if lines else []
 
 
 def summary_line(rows):

@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 try:
@@ -444,6 +445,10 @@ def cases(quick=False):
 
 
 LINE = 64
+# The large input arrays of the latest shape, shared by its cases (no implementation
+# writes into an input): making 100 MB of normal values takes longer than timing a case.
+_SHARED = {}
+_SHARED_BYTES = 1 << 20
 
 
 def aligned_empty(shape, dtype):
@@ -464,9 +469,9 @@ class Inputs:
 
     def __init__(self, case, seed=0):
         self.case = case
-        self._rng = np.random.default_rng(seed)
+        self._seed = seed
         dtype = np.dtype(case.dtype)
-        self.x = self._normal(case.shape, 2.0, 0.5)
+        self.x = self._normal("x", case.shape, 2.0, 0.5)
         self.channels = case.shape[case.axis]
         # bncpu and the reference are told the channel axis only when it is not 1.
         self.axis_kwargs = {} if case.axis == 1 else {"axis": case.axis}
@@ -474,16 +479,27 @@ class Inputs:
             param_shape = case.param
         else:
             param_shape = (self.channels,)
-        self.weight = self._normal(param_shape, 0.1, 1.0)
-        self.bias = self._normal(param_shape, 0.1, 0.0)
+        self.weight = self._normal("weight", param_shape, 0.1, 1.0)
+        self.bias = self._normal("bias", param_shape, 0.1, 0.0)
         self.running_mean = np.zeros(self.channels, dtype)
         self.running_var = np.ones(self.channels, dtype)
+        self.onednn_primitives = {}   # by layout: see onednn_call
 
-    def _normal(self, shape, scale, loc):
+    def _normal(self, name, shape, scale, loc):
+        """loc + scale * standard normal values, from a generator of their own (so that
+        every case of a shape gets the same arrays, made once: see ``_SHARED``)."""
+        key = (name, tuple(shape), self.case.dtype, self._seed)
+        if key in _SHARED:
+            return _SHARED[key]
         values = aligned_empty(shape, self.case.dtype)
-        values[...] = self._rng.standard_normal(shape, dtype=np.dtype(self.case.dtype))
+        rng = np.random.default_rng([self._seed, zlib.crc32(name.encode())])
+        values[...] = rng.standard_normal(shape, dtype=np.dtype(self.case.dtype))
         values *= scale
         values += loc
+        if values.nbytes >= _SHARED_BYTES:
+            if any(other[1:3] != key[1:3] for other in _SHARED):
+                _SHARED.clear()   # keep one shape's arrays only
+            _SHARED[key] = values
         return values
 
     @functools.cached_property
@@ -493,7 +509,7 @@ class Inputs:
 
     @functools.cached_property
     def dy(self):
-        return self._normal(self.case.shape, 1.0, 0.0)
+        return self._normal("dy", self.case.shape, 1.0, 0.0)
 
     @functools.cached_property
     def bn_saved(self):
@@ -503,7 +519,7 @@ class Inputs:
 
     @functools.cached_property
     def residual(self):
-        return self._normal(self.case.shape, 1.0, 0.0)
+        return self._normal("residual", self.case.shape, 1.0, 0.0)
 
     @functools.cached_property
     def relu_output(self):
@@ -646,6 +662,26 @@ _ONEDNN_BATCH_NORM = {"bn_fwd_train": "forward_training", "bn_fwd_eval": "forwar
                       "bn_bwd_train": "backward_training", "bn_bwd_eval": "backward_inference"}
 
 
+def _cached_primitive(inputs, layout, make):
+    """The primitive of ``inputs`` in ``layout``, made once for both oneDNN columns."""
+    if layout not in inputs.onednn_primitives:
+        inputs.onednn_primitives[layout] = make()
+    return inputs.onednn_primitives[layout]
+
+
+def _onednn_layer_norm(inputs):
+    """Layer norm over the case's normalized shape, flattened: oneDNN normalizes the last
+    dimension of a (rows, width) tensor."""
+    shape = inputs.case.param
+    x = inputs.x.reshape(-1, math.prod(shape))
+    if inputs.case.op == "ln_fwd":
+        return _onednn.layer_norm("forward_training", x, inputs.weight, inputs.bias, eps=EPS)
+    _, mean, rstd = bncpu.layer_norm_forward(inputs.x, shape, inputs.weight, inputs.bias, EPS)
+    variance = 1.0 / rstd.astype(np.float64) ** 2 - EPS
+    return _onednn.layer_norm("backward", x, inputs.weight, inputs.bias, mean, variance,
+                              inputs.dy.reshape(x.shape), eps=EPS)
+
+
 def onednn_call(inputs, best, n_threads):
     """oneDNN's primitive for ``inputs``: on the case's layout, or (``best``) on the
     fastest of the layouts oneDNN has for the shape; the callable's ``layout`` says which."""
@@ -671,20 +707,12 @@ def onednn_call(inputs, best, n_threads):
             x, dy = (None if a is None else a.transpose(0, 3, 1, 2) for a in (x, dy))
             own_layout = "nhwc"
         layouts = _onednn.LAYOUTS if best and x.ndim == 4 else (own_layout,)
-        primitives = [_onednn.batch_norm(kind, x, inputs.weight, inputs.bias, mean,
-                                         variance, dy, layout=layout, eps=EPS)
-                      for layout in layouts]
+        primitives = [_cached_primitive(inputs, layout, functools.partial(
+            _onednn.batch_norm, kind, x, inputs.weight, inputs.bias, mean, variance, dy,
+            layout=layout, eps=EPS)) for layout in layouts]
         return _onednn.fastest(primitives) if len(primitives) > 1 else primitives[0]
     if case.op in ("ln_fwd", "ln_bwd"):
-        width = math.prod(case.param)
-        x = inputs.x.reshape(-1, width)
-        if case.op == "ln_fwd":
-            return _onednn.layer_norm("forward_training", x, inputs.weight, inputs.bias, eps=EPS)
-        _, mean, rstd = bncpu.layer_norm_forward(inputs.x, case.param, inputs.weight,
-                                                 inputs.bias, EPS)
-        variance = 1.0 / rstd.astype(np.float64) ** 2 - EPS
-        return _onednn.layer_norm("backward", x, inputs.weight, inputs.bias, mean, variance,
-                                  inputs.dy.reshape(x.shape), eps=EPS)
+        return _cached_primitive(inputs, "plain", functools.partial(_onednn_layer_norm, inputs))
     if case.op in FUSED_OPS:
         raise Unavailable("oneDNN's batch norm + ReLU fusion is not in this harness")
     raise Unavailable(f"oneDNN 3.2 has no {case.operation.label.split()[0]} primitive")
