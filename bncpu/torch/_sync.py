@@ -48,6 +48,11 @@ def _channels_last_order(input):
     return order if input.permute(order).is_contiguous() else None
 
 
+def _inverse(order):
+    """The permutation that undoes ``order``."""
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
 class _SyncBatchNormFunction(torch.autograd.Function):
     """Forward and backward of synchronized batch norm on CPU tensors (bncpu kernels;
     NumPy views of the tensors, outputs allocated by torch)."""
@@ -68,10 +73,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.statistics = (mean, invstd, count, comm, axis, order)
         ctx.has_bias = bias is not None
-        if order is None:
-            return output
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        return output.permute(inverse)
+        return output if order is None else output.permute(_inverse(order))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -84,7 +86,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dy.numpy(), x.numpy(), _numpy(weight), mean, invstd, count, comm, axis=axis,
             out=grad_input.numpy())
         if order is not None:
-            grad_input = grad_input.permute(sorted(range(len(order)), key=order.__getitem__))
+            grad_input = grad_input.permute(_inverse(order))
         return (grad_input,
                 None if grad_weight is None else torch.from_numpy(grad_weight),
                 None if grad_bias is None or not ctx.has_bias else torch.from_numpy(grad_bias),
