@@ -447,3 +447,47 @@ def test_layer_error_on_one_process_leaves_every_layer_unchanged():
         assert int(state["num_batches_tracked"]) == 0
         np.testing.assert_array_equal(state["running_mean"], 0)
         np.testing.assert_array_equal(state["running_var"], 1)
+
+
+# ----------------------------------------------------------------------------------
+# Any split of any batch
+# ----------------------------------------------------------------------------------
+def test_any_split_equals_whole_batch():
+    """Random batches split at random points (empty shards included) over 1-4 threads."""
+    hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=25, deadline=None)
+    @hypothesis.given(size=st.integers(1, 4), samples=st.integers(2, 9),
+                      channels=st.integers(1, 5), spatial=st.integers(1, 7),
+                      cuts=st.lists(st.floats(0, 1), min_size=3, max_size=3),
+                      dtype=st.sampled_from([np.float32, np.float64]),
+                      seed=st.integers(0, 2**32 - 1))
+    def check(size, samples, channels, spatial, cuts, dtype, seed):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(rng.uniform(-5, 5), rng.uniform(0.1, 3),
+                       (samples, channels, spatial)).astype(dtype)
+        dy = rng.normal(size=x.shape).astype(dtype)
+        weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
+        bounds = [0] + sorted(int(c * samples) for c in cuts[:size - 1]) + [samples]
+
+        def step(comm):
+            part = slice(bounds[comm.rank], bounds[comm.rank + 1])
+            y, mean, invstd, count = sync_batch_norm_forward(x[part], weight, None, None, None,
+                                                             0.1, EPS, comm)
+            dx, grad_weight, _ = sync_batch_norm_backward(dy[part], x[part], weight, mean,
+                                                          invstd, count, comm)
+            return y, dx, grad_weight
+
+        results = run_threads(size, step)
+        wide = [a.astype(np.float64) for a in (x, dy, weight)]
+        y, save_mean, save_invstd = reference.batch_norm_forward(wide[0], wide[2], None, None,
+                                                                 None, True, 0.1, EPS)
+        dx, grad_weight, _ = reference.batch_norm_backward(wide[1], wide[0], wide[2], None,
+                                                           None, save_mean, save_invstd, True,
+                                                           EPS)
+        assert_near(np.concatenate([r[0] for r in results]), y, dtype)
+        assert_near(np.concatenate([r[1] for r in results]), dx, dtype)
+        assert_near(sum(r[2].astype(np.float64) for r in results), grad_weight, dtype)
+
+    check()

@@ -53,6 +53,11 @@ def run_spec(outdir, spec, scenario, dtype, axis):
         result.update({f"{name}{step}": value for name in ("y", "dx")
                        for step, value in enumerate(result.pop(name))})
         result.update({f"state.{k}": value for k, value in result.pop("state").items()})
+    elif scenario == "rank_dies":      # rank 1 dies before the collective the others enter
+        if rank == 1:
+            os._exit(3)
+        from test_distributed import run_scenario
+        result = run_scenario(MPI.COMM_WORLD, "unequal", np.dtype(dtype), int(axis))
     elif scenario == "torch_module":   # bncpu.torch.SyncBatchNorm over an mpi4py communicator
         import bncpu.torch as bt
         from test_torch_sync import SHARDS, bn_steps, new_bn
@@ -102,8 +107,9 @@ def package_env(**extra):
     return env
 
 
-def launch(command, timeout=LAUNCH_TIMEOUT, **extra_env):
-    """Run ``command`` in its own process group; kill the whole group past ``timeout``."""
+def launch(command, timeout=LAUNCH_TIMEOUT, expect_success=True, **extra_env):
+    """Run ``command`` in its own process group; kill the whole group past ``timeout``.
+    Returns its stdout (and asserts it succeeded, unless ``expect_success`` is False)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=package_env(**extra_env), start_new_session=True)
     try:
@@ -112,7 +118,11 @@ def launch(command, timeout=LAUNCH_TIMEOUT, **extra_env):
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         pytest.fail(f"{' '.join(command)} did not finish within {timeout} s (hung collective?)")
-    assert process.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-3000:]}{stderr[-3000:]}"
+    if expect_success:
+        assert process.returncode == 0, (f"{' '.join(command)} failed:\n"
+                                         f"{stdout[-3000:]}{stderr[-3000:]}")
+    else:
+        assert process.returncode != 0, f"{' '.join(command)} succeeded"
     return stdout
 
 
@@ -180,6 +190,13 @@ def test_layer(three_ranks):
         for r in ranks:
             assert r[f"state.{key}"].tobytes() == ranks[0][f"state.{key}"].tobytes(), key
         assert_near(ranks[0][f"state.{key}"], value, np.float32)
+
+
+def test_a_dying_rank_ends_the_job(mpiexec, tmp_path):
+    """A rank that dies before a collective: the launcher ends the others (they do not
+    wait forever), well within the launch timeout."""
+    launch([*mpiexec, "-n", "3", sys.executable, __file__, str(tmp_path), spec("rank_dies")],
+           timeout=120, expect_success=False)
 
 
 def test_torch_module_over_mpi4py(mpiexec, tmp_path):
