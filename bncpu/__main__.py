@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import os
 import re
 import sys
 
@@ -179,6 +180,7 @@ def header_lines(env, thread_counts, quick):
         "            floor), then the NumPy reference's apart; bncpu, torch and the reference",
         "            allocate their results, bncpu out=, oneDNN and the floor write into",
         "            preallocated arrays",
+        f"  OpenMP  : wait policy {env['wait_policy']}",
         "  memory  : " + ("malloc keeps freed memory for reuse (no page faults on every call)"
                           if env["reuse_freed_memory"] else "the C library's default malloc"),
         "  oneDNN  : " + (f"{env['onednn']}, on the case's layout, and on the fastest of plain, "
@@ -289,6 +291,12 @@ def main(argv=None):
         print(f"other processes used {env['others_cpu_share']:.0%} of the CPUs during the run"
               + ("; the timings are noisy, rerun on an idle machine"
                  if env["others_cpu_share"] > 0.1 else ""))
+        # A spinning OpenMP worker that shares its core with other processes stalls the
+        # team for a scheduler time slice at every barrier (benchmarks/thread_wait.py).
+        if (env["others_cpu_share"] > 0.1 and max(thread_counts) > 1
+                and not os.environ.get("OMP_WAIT_POLICY")):
+            print("with other processes on the cores, OpenMP's spinning workers stall at "
+                  "barriers: OMP_WAIT_POLICY=passive gives steadier multi-thread timings")
 
     if args.json:
         with open(args.json, "w") as out:

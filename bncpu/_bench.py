@@ -771,7 +771,15 @@ def environment():
         "onednn_missing": _onednn.unavailable_reason(),
         "floor": floor_description(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "wait_policy": wait_policy(),
     }
+
+
+def wait_policy():
+    """The OpenMP wait policy in effect, from the environment libgomp read at start-up."""
+    settings = [f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                if os.environ.get(name)]
+    return ", ".join(settings) or "default (workers spin ~300,000 iterations, then sleep)"
 
 
 def reuse_freed_memory():
