@@ -491,3 +491,17 @@ def test_any_split_equals_whole_batch():
         assert_near(sum(r[2].astype(np.float64) for r in results), grad_weight, dtype)
 
     check()
+
+
+def test_every_argument_is_checked_before_the_collective():
+    """A bad argument that the kernels would only meet after the collective (here the
+    running-variance flag) is caught on its process before it, so all raise together."""
+    def step(comm):
+        x, _ = shard(comm.rank, comm.size, np.float64)
+        flag = "yes" if comm.rank == 2 else True
+        with pytest.raises((TypeError, ValueError), match="unbiased_running_var must be a bool"):
+            sync_batch_norm_forward(x, None, None, None, None, 0.1, 1e-5, comm,
+                                    unbiased_running_var=flag)
+        return True
+
+    assert run_threads(3, step) == [True] * 3

@@ -18,11 +18,12 @@ Backward:
               grad_weight_p = sum_dy_xmu_p·invstd, grad_bias_p = sum_dy_p (this process's
               share, as in torch's SyncBatchNorm; data-parallel training sums them)
 
-Every process checks its own arguments before the collective and sends the outcome in
+Every process checks all its arguments before the collective and sends the outcome in
 it (``status``, with the error message in place of the statistics), and every process
 checks that all agree on the channel count and dtype, so a bad argument anywhere raises
 on every process instead of leaving the others blocked in a collective; nothing is
-written when it raises. The rows are merged in rank order, so every process computes
+written when it raises. What can still fail after a collective (a total count of 1)
+depends only on what every process received, so it fails everywhere alike. The rows are merged in rank order, so every process computes
 the same statistics, bit for bit, whatever order they arrive in.
 """
 import numpy as np
@@ -103,6 +104,7 @@ def sync_batch_norm_forward(input, weight, bias, running_mean, running_var, mome
         dtype = x.dtype
         eps = v.check_eps(eps)
         momentum = v.check_momentum(momentum)
+        unbiased_running_var = v.check_flag(unbiased_running_var, "unbiased_running_var")
         rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
         w = v.per_channel(weight, "weight", c, dtype)
         b = v.per_channel(bias, "bias", c, dtype)
