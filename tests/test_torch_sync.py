@@ -26,12 +26,14 @@ DDP_SHARDS = (3, 2, 5)      # DistributedDataParallel: every rank has samples
 CHANNELS, SPATIAL = 4, (3, 3)
 STEPS = 3
 LAUNCH_TIMEOUT = 240
+FUNCTIONAL_SCENARIOS = ("unequal", "mismatch_dtype", "bad_running_mean")
 TOLERANCE = {"float32": 3e-6, "float64": 1e-10}
 
 if __name__ != "__main__":
     import pytest
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     import bncpu
+    from test_distributed import check_scenario
 else:
     import torch
 
@@ -162,6 +164,11 @@ def rank_main(rank, world, init_file, outdir):
     except ValueError as error:
         message = str(error)
     save("bad_input", {"error": np.array(message)})
+    # The functional steps and the NumPy layer's communicator over a torch process group.
+    from test_distributed import run_scenario
+    for scenario in FUNCTIONAL_SCENARIOS:
+        result = run_scenario(dist.group.WORLD, scenario, np.float64)
+        save(f"functional_{scenario}", {k: np.asarray(v) for k, v in result.items()})
     dist.destroy_process_group()
 
 
@@ -183,7 +190,8 @@ def gloo_results(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                MASTER_ADDR="127.0.0.1")
     package_parent = str(Path(bncpu.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, str(HERE),
+                                                      env.get("PYTHONPATH")]))
     if sys.platform != "linux":
         del env["GLOO_SOCKET_IFNAME"]
     init_file = outdir / "store"
@@ -262,6 +270,17 @@ def test_mismatch_raises_on_every_rank(gloo_results):
     for r in gloo_results["mismatch"]:
         assert "disagree on the number of channels" in r["error"].item()
         np.testing.assert_array_equal(r["running_mean"][:CHANNELS], 0)
+
+
+@pytest.mark.parametrize("scenario", FUNCTIONAL_SCENARIOS)
+def test_functional_over_a_process_group(gloo_results, scenario):
+    """sync_batch_norm_forward/backward with a torch process group as comm."""
+    ranks = gloo_results[f"functional_{scenario}"]
+    for r in ranks:
+        for key in ("error", "rank", "count"):
+            if key in r:
+                r[key] = r[key].item()
+    check_scenario(ranks, scenario, np.float64)
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank(gloo_results):
