@@ -19,14 +19,17 @@ waiting for the other process), the latency of the two collectives alone (the sa
 messages exchanged back to back by processes that start together: what synchronization
 costs a perfectly balanced step), and the bytes each process sends per step: the payload
 (float64 values) and what mpi4py actually sends (the pickled row of the all-gather).
+Each row shows the median over the rounds and the minimum (for the collectives alone,
+the fastest single exchange): on a busy machine the minimum is the better estimate of
+what the code costs.
 
     python benchmarks/sync_batch_norm.py                      # launches mpiexec -n 2 itself
     PYTHONPATH=$PWD python benchmarks/sync_batch_norm.py      # an in-place build
     python benchmarks/sync_batch_norm.py --rounds 30 --json sync.json
     python benchmarks/sync_batch_norm.py --shape 64,64,28,28 --processes 4
 
-Needs mpi4py and mpiexec (pip install mpich mpi4py). Cells are medians over the rounds;
-the ratio column is the median of the per-round ratios.
+Needs mpi4py and mpiexec (pip install mpich mpi4py). The ratios are medians of the
+per-round ratios.
 """
 import argparse
 import importlib.util
@@ -147,20 +150,24 @@ def worker(args):
         return time.perf_counter() - start
 
     def collectives_only(engine, repeats=50):
-        """Seconds per step of the two collectives alone, on the step's message sizes."""
+        """Seconds of the step's two collectives alone, on its message sizes: the median
+        and the minimum over ``repeats`` exchanges (the slower process's)."""
         row = np.zeros(4 + 2 * c)
         sums = np.zeros(1 + 2 * c)
         quiet_barrier(world)
-        start = time.perf_counter()
+        times = []
         for _ in range(repeats):
+            start = time.perf_counter()
             engine.allgather(row)
             engine.allreduce_sum(sums)
-        return world.allreduce((time.perf_counter() - start) / repeats, op=MPI.MAX)
+            times.append(time.perf_counter() - start)
+        return (world.allreduce(statistics.median(times), op=MPI.MAX),
+                world.allreduce(min(times), op=MPI.MAX))
 
-    samples = {"sync": [], "collectives": [], "latency": [], "whole": [], "half": [],
-               "split": []}
+    samples = {"sync": [], "collectives": [], "latency": [], "latency_min": [], "whole": [],
+               "half": [], "split": []}
     if gloo is not None:
-        samples.update(sync_gloo=[], latency_gloo=[])
+        samples.update(sync_gloo=[], latency_gloo=[], latency_gloo_min=[])
     for round_index in range(args.warmup + args.rounds):
         bncpu.set_num_threads(1)
         quiet_barrier(world)
@@ -169,11 +176,11 @@ def worker(args):
         step = world.allreduce(timed(sync_step), op=MPI.MAX)
         collectives = world.allreduce(comm.seconds, op=MPI.MAX)
         step_bytes = (comm.payload_bytes, comm.sent_bytes)
-        latency = collectives_only(comm.inner)
+        latency, latency_min = collectives_only(comm.inner)
         if gloo is not None:
             quiet_barrier(world)
             gloo_step = world.allreduce(timed(sync_step, gloo), op=MPI.MAX)
-            gloo_latency = collectives_only(gloo)
+            gloo_latency, gloo_latency_min = collectives_only(gloo)
         if rank == 0:
             # Rank 0 alone, in an order that rotates every round; a pause after each run
             # lets the 2-thread run's OpenMP worker stop spinning before the next one.
@@ -191,12 +198,13 @@ def worker(args):
         quiet_barrier(world)
         if rank == 0 and round_index >= args.warmup:
             for name, value in (("sync", step), ("collectives", collectives),
-                                ("latency", latency), ("whole", whole), ("half", half),
-                                ("split", split)):
+                                ("latency", latency), ("latency_min", latency_min),
+                                ("whole", whole), ("half", half), ("split", split)):
                 samples[name].append(value)
             if gloo is not None:
                 samples["sync_gloo"].append(gloo_step)
                 samples["latency_gloo"].append(gloo_latency)
+                samples["latency_gloo_min"].append(gloo_latency_min)
     if rank == 0:
         print(json.dumps({"samples": samples, "payload_bytes": step_bytes[0],
                           "sent_bytes": step_bytes[1], "processes": size, "shape": shape,
@@ -266,25 +274,27 @@ def main(argv=None):
             c / s for c, s in zip(samples["collectives"], samples["sync"])),
     }
     report.update(medians_s=medians, ratios=ratios, load_average=[load_before, system_load()])
+    report.update(minimums_s={name: min(values) for name, values in samples.items()})
     p = report["processes"]
-    shape = tuple(report["shape"])
-    print(f"synchronized batch norm, training forward + backward, {shape} {report['dtype']}, "
-          f"{args.rounds} rounds (medians), kernels {report['isa']}")
-    print(f"  sync {p}p x 1t       {medians['sync'] * 1e3:8.2f} ms   "
-          f"(collectives {medians['collectives'] * 1e3:.3f} ms, "
-          f"{ratios['collectives / sync'] * 100:.2f}% of the step)")
-    print(f"  collectives alone {medians['latency'] * 1e6:8.1f} us   (all-gather + all-reduce "
-          f"of this step's messages, processes in step)")
-    if "sync_gloo" in medians:
-        print(f"  sync gloo         {medians['sync_gloo'] * 1e3:8.2f} ms   (collectives alone "
-              f"{medians['latency_gloo'] * 1e6:.1f} us)")
-    print(f"  whole 1p x 2t     {medians['whole'] * 1e3:8.2f} ms")
-    print(f"  half 1p x 1t      {medians['half'] * 1e3:8.2f} ms   (1/{p} of the batch, fused, "
-          f"no synchronization)")
-    print(f"  split 1p x 1t     {medians['split'] * 1e3:8.2f} ms   (the same half, split-phase "
-          f"kernels, no peer)")
-    print(f"  sync / whole      {ratios['sync / whole']:8.2f}x   "
-          f"sync / half {ratios['sync / half']:.2f}x   split / half {ratios['split / half']:.2f}x")
+    rows = [("sync", f"sync {p}p x 1t", f"{p} processes, 1 thread each, 1/{p} of the batch each"),
+            ("collectives", "  in collectives", "of which in the all-gather + all-reduce "
+                                               "(waiting for the other process included)"),
+            ("latency", "  collectives alone", "the same two messages, processes in step"),
+            ("sync_gloo", "sync gloo", "as sync, through torch.distributed's gloo"),
+            ("latency_gloo", "  collectives alone", "the same two messages over gloo"),
+            ("whole", "whole 1p x 2t", "fused kernels, whole batch, 1 process, 2 threads"),
+            ("half", "half 1p x 1t", f"fused kernels, 1/{p} of the batch, no synchronization"),
+            ("split", "split 1p x 1t", f"split-phase kernels, 1/{p} of the batch, no peer")]
+    print(f"synchronized batch norm, training forward + backward, {tuple(report['shape'])} "
+          f"{report['dtype']}, {args.rounds} rounds, kernels {report['isa']}")
+    print(f"  {'':20} {'median':>10} {'min':>10}")
+    for key, label, what in rows:
+        if key not in samples:
+            continue
+        low = report["minimums_s"].get(f"{key}_min", report["minimums_s"][key])
+        print(f"  {label:20} {medians[key] * 1e3:7.3f} ms {low * 1e3:7.3f} ms   {what}")
+    print("  median per-round ratios: " + ", ".join(f"{name} {value:.2f}x"
+                                                   for name, value in ratios.items()))
     print(f"  bytes sent per process per step: {report['payload_bytes']} payload "
           f"(float64 values), {report['sent_bytes']} as sent by mpi4py")
     print(f"  load average before/after: {load_before:.2f} / {system_load():.2f} "
