@@ -1,6 +1,9 @@
 """Batch norm: the public Python functions (validation in bncpu._validate, kernels in
 bncpu/_kernels/batch_norm.pyx)."""
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from bncpu import _validate as v
 from bncpu._dispatch import KERNELS
@@ -35,32 +38,88 @@ def _blend_biased(running_mean, running_var, batch_mean, unbiased_var, count, mo
 # ----------------------------------------------------------------------------------
 # Batch norm
 # ----------------------------------------------------------------------------------
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, out=None, axis=1, unbiased_running_var=True):
+def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDArray | None,
+               weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+               out: NDArray | None = None, axis: int = 1,
+               unbiased_running_var: bool = True) -> NDArray:
     """Batch normalization, as ``torch.nn.functional.batch_norm``.
 
-    Per channel (``axis``, 1 for (N, C, *spatial), -1 for channels-last (N, *spatial, C))
-    over the other values of the input: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
-    With ``training=True`` the batch statistics are used and, when given,
-    ``running_mean``/``running_var`` are updated in place (``new = (1 - momentum)·old +
-    momentum·batch``, the variance unbiased, or biased with ``unbiased_running_var=False``
-    as Keras and d2l keep it); with ``training=False`` the running statistics are used.
-    Any ``axis`` runs on the input's own memory, and the output has the input's layout.
-    Returns the output (``out`` itself when given).
+    Per channel over the other values of the input:
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``. With ``training=True`` the batch
+    statistics are used and the running statistics, when given, are updated in place;
+    with ``training=False`` the running statistics are used.
+
+    Parameters
+    ----------
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running statistics in the compute dtype. Required when ``training=False``. In
+        training they are updated in place, so they must be writeable, C-contiguous, in
+        native byte order, apart from each other and from ``out``.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    training : bool
+        Use (and record) the batch statistics rather than the running ones.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    out : ndarray, optional
+        Where to write the result: of the input's shape, writeable, castable from the
+        compute dtype under 'same_kind'. It may be the input itself.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last
+        (N, *spatial, C). Any axis runs on the input's own memory.
+    unbiased_running_var : bool, default True
+        Blend the unbiased batch variance into ``running_var`` (PyTorch); False blends the
+        biased one, as Keras and d2l do.
+
+    Returns
+    -------
+    ndarray
+        The normalized input, of its shape and layout (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
                               momentum, eps, out=out, axis=axis,
                               unbiased_running_var=unbiased_running_var)[0]
 
 
-def batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                       *, out=None, axis=1, unbiased_running_var=True):
-    """``torch.ops.aten.native_batch_norm``: returns (output, save_mean, save_invstd).
+def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                       running_mean: NDArray | None, running_var: NDArray | None,
+                       training: bool, momentum: float, eps: float, *,
+                       out: NDArray | None = None, axis: int = 1,
+                       unbiased_running_var: bool = True
+                       ) -> tuple[NDArray, NDArray, NDArray]:
+    """Batch norm with its saved statistics, as ``torch.ops.aten.native_batch_norm``.
 
-    In training, save_mean and save_invstd hold the batch mean and 1/sqrt(var + eps)
-    per channel (the input's dtype), as ``batch_norm_backward`` needs them; in
-    evaluation they are empty arrays, as in PyTorch. ``axis`` and
-    ``unbiased_running_var`` as in ``batch_norm``.
+    The arguments are those of ``batch_norm``, in PyTorch's order for this operator.
+
+    Returns
+    -------
+    output : ndarray
+        As ``batch_norm`` returns it (``out`` itself when given).
+    save_mean, save_invstd : ndarray of shape (C,)
+        In training, the batch mean and 1/sqrt(var + eps) per channel in the compute dtype,
+        as ``batch_norm_backward`` needs them; in evaluation empty arrays, as in PyTorch.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     x = v.as_input(input)
     dtype = x.dtype
@@ -91,16 +150,56 @@ def batch_norm_forward(input, weight, bias, running_mean, running_var, training,
     return result.finish(), save_mean, save_invstd
 
 
-def batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                        save_invstd, training, eps, *, out=None, axis=1):
-    """``torch.ops.aten.native_batch_norm_backward``: (grad_input, grad_weight, grad_bias).
+def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike | None,
+                        running_mean: ArrayLike | None, running_var: ArrayLike | None,
+                        save_mean: ArrayLike | None, save_invstd: ArrayLike | None,
+                        training: bool, eps: float, *, out: NDArray | None = None,
+                        axis: int = 1
+                        ) -> tuple[NDArray, NDArray | None, NDArray | None]:
+    """Batch norm backward, as ``torch.ops.aten.native_batch_norm_backward``.
 
     Training (statistics from the forward, x̂ = (x - save_mean)·save_invstd):
     ``grad_input = weight·save_invstd·(dy - mean(dy) - x̂·mean(dy·x̂))``,
-    ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy``. Evaluation (running statistics are
-    constants): ``grad_input = dy·weight/sqrt(running_var + eps)``. grad_weight and
-    grad_bias are None when weight is None. ``out`` receives grad_input and may be
-    grad_output or input itself. ``axis``: the channel axis, as in ``batch_norm``.
+    ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy``. Evaluation (the running statistics
+    are constants): ``grad_input = dy·weight/sqrt(running_var + eps)``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    running_mean, running_var : array_like of shape (C,)
+        Used (only read) when ``training=False``.
+    save_mean, save_invstd : array_like of shape (C,)
+        The statistics ``batch_norm_forward`` saved; used when ``training=True``.
+    training : bool
+        Whether the forward normalized with the batch statistics.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    out : ndarray, optional
+        Receives grad_input, as ``out`` in ``batch_norm``; may be grad_output or input.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last
+        (N, *spatial, C). Any axis runs on the input's own memory.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape (``out`` itself when given).
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        None when weight is None.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     x = v.as_input(input)
     dtype = x.dtype
@@ -139,13 +238,32 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
 #   backward: batch_norm_backward_reduce, all-reduce the two sums,
 #             batch_norm_backward_elemt with the global count.
 # ----------------------------------------------------------------------------------
-def batch_norm_stats(input, *, axis=1):
-    """Local per-channel statistics: (mean, m2, count), m2 = Σ(x - mean)², float64.
+def batch_norm_stats(input: ArrayLike, *, axis: int = 1) -> tuple[NDArray, NDArray, int]:
+    """Local per-channel statistics of one process's part of a batch (synchronized batch
+    norm, step 1).
 
-    Partials of several processes (or chunks) merge exactly with
-    ``batch_norm_gather_stats``. An empty batch gives count 0 (mean and m2 zero), so a
-    process without samples can still take part in a synchronized step. ``axis``: the
-    channel axis, as in ``batch_norm``.
+    Parameters
+    ----------
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last
+        (N, *spatial, C). Any axis runs on the input's own memory.
+
+    Returns
+    -------
+    mean, m2 : ndarray of shape (C,), float64
+        The mean and m2 = Σ(x - mean)² per channel; partials of several processes (or
+        chunks) merge exactly with ``batch_norm_gather_stats``. An empty part gives 0 and 0.
+    count : int
+        The number of values per channel (0 for an empty part, which can still take part in
+        a synchronized step).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As ``batch_norm``.
     """
     x = v.as_input(input)
     n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
@@ -155,15 +273,42 @@ def batch_norm_stats(input, *, axis=1):
     return mean, m2, n * s
 
 
-def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None,
-                            momentum=0.1, eps=1e-5, *, unbiased_running_var=True):
-    """Merge per-process partials into the global (mean, invstd), float64.
+def batch_norm_gather_stats(mean: ArrayLike, m2: ArrayLike, count: ArrayLike,
+                            running_mean: NDArray | None = None,
+                            running_var: NDArray | None = None, momentum: float = 0.1,
+                            eps: float = 1e-5, *, unbiased_running_var: bool = True
+                            ) -> tuple[NDArray, NDArray]:
+    """Merge per-process partials into the batch's (mean, invstd) (synchronized batch norm,
+    step 2).
 
-    ``mean`` and ``m2`` are (P, C) stacks (or (C,) for one process) of
-    ``batch_norm_stats`` results and ``count`` the P counts. The running statistics,
-    when given, are updated in place exactly as the training forward does, using the
-    total count (the variance unbiased unless ``unbiased_running_var=False``). A total
-    count of 0 leaves them unchanged. (No ``axis``: the partials are per channel already.)
+    Parameters
+    ----------
+    mean, m2 : array_like of shape (P, C), or (C,) for one process
+        ``batch_norm_stats`` results of the P processes.
+    count : int or array_like of P integers
+        Their counts, each >= 0, totalling below 2**63 and not exactly 1.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Updated in place as the training forward does, with the total count (unchanged when
+        it is 0). float32 or float64, the same for both.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    unbiased_running_var : bool, default True
+        As in ``batch_norm``. (No ``axis``: the partials are per channel already.)
+
+    Returns
+    -------
+    mean, invstd : ndarray of shape (C,), float64
+        The batch's mean and 1/sqrt(var + eps) per channel.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     mean = v.as_array(mean, "mean")
     m2 = v.as_array(m2, "m2")
@@ -201,9 +346,41 @@ def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None
     return mean_out, invstd_out
 
 
-def batch_norm_elemt(input, weight, bias, mean, invstd, *, out=None, axis=1):
-    """Normalize with given per-channel statistics: (x - mean)·invstd·weight + bias,
-    the channels along ``axis`` (as in ``batch_norm``)."""
+def batch_norm_elemt(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                     mean: ArrayLike, invstd: ArrayLike, *, out: NDArray | None = None,
+                     axis: int = 1) -> NDArray:
+    """Normalize with given per-channel statistics (synchronized batch norm, step 3):
+    ``(x - mean)·invstd·weight + bias``.
+
+    Parameters
+    ----------
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    mean, invstd : array_like of shape (C,)
+        Per-channel statistics (computed in float64), e.g. from ``batch_norm_gather_stats``.
+    out : ndarray, optional
+        Where to write the result: of the input's shape, writeable, castable from the
+        compute dtype under 'same_kind'. It may be the input itself.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last
+        (N, *spatial, C). Any axis runs on the input's own memory.
+
+    Returns
+    -------
+    ndarray
+        The normalized input (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
+    """
     x = v.as_input(input)
     dtype = x.dtype
     n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
@@ -228,13 +405,41 @@ def _split_backward_args(grad_output, input, mean, invstd, weight, axis):
             v.per_channel(weight, "weight", c, x.dtype), layout)
 
 
-def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None, *, axis=1):
-    """Per-channel (sum_dy, sum_dy_xmu, grad_weight, grad_bias).
+def batch_norm_backward_reduce(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
+                               invstd: ArrayLike, weight: ArrayLike | None = None, *,
+                               axis: int = 1
+                               ) -> tuple[NDArray, NDArray, NDArray | None, NDArray | None]:
+    """The per-channel sums of the batch-norm backward over one process's part.
 
-    ``sum_dy = Σ dy`` and ``sum_dy_xmu = Σ dy·(x - mean)`` (float64) are what processes
-    all-reduce in synchronized batch norm; ``grad_weight = sum_dy_xmu·invstd`` and
-    ``grad_bias = sum_dy`` (input dtype) are None when weight is None. ``axis``: the
-    channel axis, as in ``batch_norm``.
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    mean, invstd : array_like of shape (C,)
+        The statistics the forward normalized with.
+    weight : array_like of shape (C,), optional
+        Only whether it is given matters: without it no parameter gradients are returned.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last
+        (N, *spatial, C). Any axis runs on the input's own memory.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : ndarray of shape (C,), float64
+        Σ dy and Σ dy·(x - mean): what processes all-reduce in synchronized batch norm.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        sum_dy_xmu·invstd and sum_dy in the compute dtype; None when weight is None.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     dy, x, mean, invstd, w, (n, c, s) = _split_backward_args(grad_output, input, mean, invstd,
                                                              weight, axis)
@@ -247,11 +452,48 @@ def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None, *,
     return sum_dy, sum_dy_xmu, (sum_dy_xmu * invstd).astype(dtype), sum_dy.astype(dtype)
 
 
-def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu,
-                              count, *, out=None, axis=1):
-    """grad_input from the global sums and count of all processes:
-    ``weight·invstd·(dy - sum_dy/count - (x - mean)·invstd²·sum_dy_xmu/count)``, the
-    channels along ``axis`` (as in ``batch_norm``)."""
+def batch_norm_backward_elemt(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
+                              invstd: ArrayLike, weight: ArrayLike | None, sum_dy: ArrayLike,
+                              sum_dy_xmu: ArrayLike, count: int | ArrayLike, *,
+                              out: NDArray | None = None, axis: int = 1) -> NDArray:
+    """grad_input from the sums and count of all processes:
+    ``weight·invstd·(dy - sum_dy/count - (x - mean)·invstd²·sum_dy_xmu/count)``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    mean, invstd : array_like of shape (C,)
+        The statistics the forward normalized with.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    sum_dy, sum_dy_xmu : array_like of shape (C,)
+        ``batch_norm_backward_reduce``'s sums, all-reduced over the processes.
+    count : int or 1-D array_like of ints
+        The batch's total count, or the per-process counts (summed), as PyTorch's
+        ``batch_norm_backward_elemt`` takes them; > 0 for a non-empty input, below 2**63.
+    out : ndarray, optional
+        Receives grad_input, as ``out`` in ``batch_norm``; may be grad_output or input.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last
+        (N, *spatial, C). Any axis runs on the input's own memory.
+
+    Returns
+    -------
+    ndarray
+        grad_input, of the input's shape (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
+    """
     dy, x, mean, invstd, w, (n, c, s) = _split_backward_args(grad_output, input, mean, invstd,
                                                              weight, axis)
     dtype = x.dtype

@@ -5,10 +5,14 @@ Each normalizes rows of contiguous values on their own: layer and RMS norm the v
 of the trailing ``normalized_shape`` dims, group norm the values of one sample's group
 of channels, instance norm those of one sample's channel.
 """
+from __future__ import annotations
+
 import math
 import operator
+from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from bncpu import _validate as v
 from bncpu._batch_norm import batch_norm_forward
@@ -69,22 +73,68 @@ def _num_groups(num_groups, input_shape, axis=1):
 # ----------------------------------------------------------------------------------
 # Layer norm
 # ----------------------------------------------------------------------------------
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(input: ArrayLike, normalized_shape: int | Sequence[int],
+               weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+               eps: float = 1e-5, *, out: NDArray | None = None) -> NDArray:
     """Layer normalization, as ``torch.nn.functional.layer_norm``.
 
-    Over the values of the trailing dims named by ``normalized_shape`` (an int or a
-    tuple), for each leading index: ``y = (x - mean) / sqrt(var + eps) * weight + bias``,
-    the variance biased; weight and bias have shape ``normalized_shape``.
-    Returns the output (``out`` itself when given).
+    Over the values of the trailing dimensions named by ``normalized_shape``, for each
+    leading index: ``y = (x - mean) / sqrt(var + eps) * weight + bias``, the variance
+    biased.
+
+    Parameters
+    ----------
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    weight, bias : array_like of shape normalized_shape, optional
+        Elementwise scale and shift (1 and 0 when None).
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    out : ndarray, optional
+        Where to write the result: of the input's shape, writeable, castable from the
+        compute dtype under 'same_kind'. It may be the input itself.
+
+    Returns
+    -------
+    ndarray
+        The normalized input (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     return layer_norm_forward(input, normalized_shape, weight, bias, eps, out=out)[0]
 
 
-def layer_norm_forward(input, normalized_shape, weight, bias, eps, *, out=None):
-    """``torch.ops.aten.native_layer_norm``: returns (output, mean, rstd).
+def layer_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
+                       weight: ArrayLike | None, bias: ArrayLike | None, eps: float, *,
+                       out: NDArray | None = None) -> tuple[NDArray, NDArray, NDArray]:
+    """Layer norm with its statistics, as ``torch.ops.aten.native_layer_norm``.
 
-    mean and rstd = 1/sqrt(var + eps) have shape ``input.shape[:-len(normalized_shape)]``
-    and the input's dtype, as ``layer_norm_backward`` needs them.
+    The arguments are those of ``layer_norm``.
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input (``out`` itself when given).
+    mean, rstd : ndarray of shape ``input.shape[:-len(normalized_shape)]``
+        Per row, in the compute dtype, rstd = 1/sqrt(var + eps), as ``layer_norm_backward``
+        needs them. A row of no values has mean 0 and rstd NaN, as in PyTorch.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     x = v.as_input(input, min_ndim=0)
     dtype = x.dtype
@@ -100,14 +150,47 @@ def layer_norm_forward(input, normalized_shape, weight, bias, eps, *, out=None):
     return result.finish(), mean, rstd
 
 
-def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight, *, out=None):
-    """``torch.ops.aten.native_layer_norm_backward``: (grad_input, grad_weight, grad_bias).
+def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
+                        normalized_shape: int | Sequence[int], mean: ArrayLike,
+                        rstd: ArrayLike, weight: ArrayLike | None, *,
+                        out: NDArray | None = None
+                        ) -> tuple[NDArray, NDArray | None, NDArray | None]:
+    """Layer norm backward, as ``torch.ops.aten.native_layer_norm_backward``.
 
     With x̂ = (x - mean)·rstd and g = dy·weight, means over the normalized values:
-    ``grad_input = rstd·(g - mean(g) - x̂·mean(g·x̂))``; sums over the leading dims:
-    ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy`` (None when weight is None). mean and
-    rstd come from ``layer_norm_forward`` (PyTorch's shape with trailing 1s is accepted
-    too). ``out`` receives grad_input and may be grad_output or input itself.
+    ``grad_input = rstd·(g - mean(g) - x̂·mean(g·x̂))``; sums over the leading dimensions:
+    ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    mean, rstd : array_like
+        From ``layer_norm_forward`` (PyTorch's shape with trailing 1s is accepted too).
+    weight : array_like of shape normalized_shape, optional
+        The forward's weight (1 when None).
+    out : ndarray, optional
+        Receives grad_input, as ``out`` in the forward; may be grad_output or input.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape (``out`` itself when given).
+    grad_weight, grad_bias : ndarray of shape normalized_shape, or None
+        None when weight is None.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     dy, x, normalized_shape, leading, rows, d = _rows_backward_args(grad_output, input,
                                                                     normalized_shape)
@@ -214,22 +297,72 @@ def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out, ax
     return result.finish(), grad_weight, grad_bias
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, axis=1):
+def group_norm(input: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, eps: float = 1e-5, *,
+               out: NDArray | None = None, axis: int = 1) -> NDArray:
     """Group normalization, as ``torch.nn.functional.group_norm``.
 
-    The C channels of an (N, C, *spatial) input form ``num_groups`` groups of C/num_groups
-    contiguous channels; each sample's group is normalized over its values:
-    ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]`` (weight, bias per channel).
-    ``axis`` is the channel axis: 1, or -1 for channels-last (N, *spatial, C) input, whose
-    output keeps that layout. Returns the output (``out`` itself when given).
+    The C channels form ``num_groups`` groups of C/num_groups adjacent channels; each
+    sample's group is normalized over its values:
+    ``y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]``.
+
+    Parameters
+    ----------
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``. float32 and float64 are kept;
+        float16 is computed as float32, integers and bool as float64.
+    num_groups : int
+        >= 1, dividing C.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    out : ndarray, optional
+        Where to write the result: of the input's shape, writeable, castable from the
+        compute dtype under 'same_kind'. It may be the input itself.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data, whose results
+        keep that layout; not 0 (the samples).
+
+    Returns
+    -------
+    ndarray
+        The normalized input (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     return group_norm_forward(input, num_groups, weight, bias, eps, out=out, axis=axis)[0]
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps, *, out=None, axis=1):
-    """``torch.ops.aten.native_group_norm``: returns (output, mean, rstd), mean and
-    rstd = 1/sqrt(var + eps) of shape (N, num_groups) in the input's dtype. ``axis``:
-    the channel axis, as in ``group_norm``."""
+def group_norm_forward(input: ArrayLike, num_groups: int, weight: ArrayLike | None,
+                       bias: ArrayLike | None, eps: float, *, out: NDArray | None = None,
+                       axis: int = 1) -> tuple[NDArray, NDArray, NDArray]:
+    """Group norm with its statistics, as ``torch.ops.aten.native_group_norm``.
+
+    The arguments are those of ``group_norm``.
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input (``out`` itself when given).
+    mean, rstd : ndarray of shape (N, num_groups)
+        Per sample and group, in the compute dtype, rstd = 1/sqrt(var + eps). A group of no
+        values has mean 0 and rstd NaN, as in PyTorch.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
+    """
     x = v.as_input(input)
     axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
     groups = _num_groups(num_groups, x.shape, axis)
@@ -239,49 +372,135 @@ def group_norm_forward(input, num_groups, weight, bias, eps, *, out=None, axis=1
     return _grouped_forward(x, groups, axis, w, b, eps, out)
 
 
-def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, out=None, axis=1):
-    """``torch.ops.aten.native_group_norm_backward``: (grad_input, grad_weight, grad_bias).
+def group_norm_backward(grad_output: ArrayLike, input: ArrayLike, num_groups: int,
+                        mean: ArrayLike, rstd: ArrayLike, weight: ArrayLike | None, *,
+                        out: NDArray | None = None, axis: int = 1
+                        ) -> tuple[NDArray, NDArray | None, NDArray | None]:
+    """Group norm backward, as ``torch.ops.aten.native_group_norm_backward``.
 
     With x̂ = (x - mean)·rstd and g = dy·weight[c], means over each group's values:
-    ``grad_input = rstd·(g - mean(g) - x̂·mean(g·x̂))``; per channel over N and spatial:
-    ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy`` (None when weight is None).
-    ``out`` receives grad_input and may be grad_output or input itself. ``axis``: the
-    channel axis, as in ``group_norm``.
+    ``grad_input = rstd·(g - mean(g) - x̂·mean(g·x̂))``; per channel over the samples and
+    spatial values: ``grad_weight = Σ dy·x̂``, ``grad_bias = Σ dy``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``. float32 and float64 are kept;
+        float16 is computed as float32, integers and bool as float64.
+    num_groups : int
+        As in the forward.
+    mean, rstd : array_like of shape (N, num_groups)
+        From ``group_norm_forward``.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    out : ndarray, optional
+        Receives grad_input, as ``out`` in the forward; may be grad_output or input.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data, whose results
+        keep that layout; not 0 (the samples).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape (``out`` itself when given).
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        None when weight is None.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     return _grouped_backward(grad_output, input,
                              lambda shape, axis: _num_groups(num_groups, shape, axis),
                              mean, rstd, weight, out, axis)
 
 
-def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None, axis=1):
+def instance_norm(input: ArrayLike, running_mean: NDArray | None = None,
+                  running_var: NDArray | None = None, weight: ArrayLike | None = None,
+                  bias: ArrayLike | None = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, *, out: NDArray | None = None,
+                  axis: int = 1) -> NDArray:
     """Instance normalization, as ``torch.nn.functional.instance_norm``.
 
     With ``use_input_stats`` each sample's channel is normalized over its own spatial
-    values (group norm with one channel per group) and the running statistics, when
-    given, are updated in place with the batch means of the per-instance statistics,
-    the variance unbiased: ``new = (1 - momentum)·old + momentum·mean_N(stat)``.
-    Without it the running statistics normalize (batch norm in evaluation).
-    ``axis`` is the channel axis: 1, or -1 for channels-last (N, *spatial, C) input
-    (run without a copy; the output keeps that layout).
-    Returns the output (``out`` itself when given).
+    values (group norm with one channel per group) and the running statistics, when given,
+    are updated in place with the batch means of the per-instance statistics, the variance
+    unbiased: ``new = (1 - momentum)·old + momentum·mean_N(stat)``. Without it the running
+    statistics normalize (batch norm in evaluation).
+
+    Parameters
+    ----------
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``. float32 and float64 are kept;
+        float16 is computed as float32, integers and bool as float64.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Required without ``use_input_stats``. Updated in place with it, so then writeable,
+        C-contiguous, apart from each other and from ``out``.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    use_input_stats : bool
+        Normalize with each instance's statistics (True) or the running ones.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    out : ndarray, optional
+        Where to write the result: of the input's shape, writeable, castable from the
+        compute dtype under 'same_kind'. It may be the input itself.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data, whose results
+        keep that layout; not 0 (the samples).
+
+    Returns
+    -------
+    ndarray
+        The normalized input (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     return instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
                                  momentum, eps, out=out, axis=axis)[0]
 
 
-def instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
-                          momentum, eps, *, out=None, axis=1):
-    """Instance norm with its statistics: (output, mean, rstd), mean and
-    rstd = 1/sqrt(var + eps) of shape (N, C) in the input's dtype.
+def instance_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                          running_mean: NDArray | None, running_var: NDArray | None,
+                          use_input_stats: bool, momentum: float, eps: float, *,
+                          out: NDArray | None = None, axis: int = 1
+                          ) -> tuple[NDArray, NDArray, NDArray]:
+    """Instance norm with its statistics.
 
-    One spatial value per instance is an error with ``use_input_stats``, as in PyTorch.
-    An empty batch leaves the running statistics unchanged. Without
-    ``use_input_stats`` this is ``batch_norm_forward`` in evaluation, whose empty
-    statistics it returns. ``axis``: the channel axis, as in ``instance_norm``.
-
-    The running variance is recovered from the saved statistics as
+    The arguments are those of ``instance_norm``. With ``use_input_stats`` one spatial
+    value per instance is an error, as in PyTorch, and an empty batch leaves the running
+    statistics unchanged. The running variance is recovered from the saved statistics as
     ``1/rstd² - eps`` (in float64; for float32 within a few units in the last place).
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input (``out`` itself when given).
+    mean, rstd : ndarray of shape (N, C)
+        Per instance, in the compute dtype, rstd = 1/sqrt(var + eps); without
+        ``use_input_stats``, the empty arrays ``batch_norm_forward`` returns in evaluation.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     x = v.as_input(input)
     axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
@@ -307,11 +526,45 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
     return output, mean, rstd
 
 
-def instance_norm_backward(grad_output, input, mean, rstd, weight, *, out=None, axis=1):
+def instance_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
+                           rstd: ArrayLike, weight: ArrayLike | None, *,
+                           out: NDArray | None = None, axis: int = 1
+                           ) -> tuple[NDArray, NDArray | None, NDArray | None]:
     """Instance-norm backward with the input's own statistics (``use_input_stats``):
-    ``group_norm_backward`` with one channel per group; mean and rstd of shape (N, C).
-    ``axis``: the channel axis, as in ``instance_norm``.
-    Returns (grad_input, grad_weight, grad_bias)."""
+    ``group_norm_backward`` with one channel per group.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``. float32 and float64 are kept;
+        float16 is computed as float32, integers and bool as float64.
+    mean, rstd : array_like of shape (N, C)
+        From ``instance_norm_forward``.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    out : ndarray, optional
+        Receives grad_input, as ``out`` in the forward; may be grad_output or input.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data, whose results
+        keep that layout; not 0 (the samples).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape (``out`` itself when given).
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        None when weight is None.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
+    """
     return _grouped_backward(grad_output, input, lambda shape, axis: shape[axis], mean, rstd,
                              weight, out, axis)
 
@@ -319,20 +572,68 @@ def instance_norm_backward(grad_output, input, mean, rstd, weight, *, out=None, 
 # ----------------------------------------------------------------------------------
 # RMS norm
 # ----------------------------------------------------------------------------------
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
+def rms_norm(input: ArrayLike, normalized_shape: int | Sequence[int],
+             weight: ArrayLike | None = None, eps: float | None = None, *,
+             out: NDArray | None = None) -> NDArray:
     """RMS normalization, as ``torch.nn.functional.rms_norm``.
 
-    Over the values of the trailing dims named by ``normalized_shape``:
-    ``y = x / sqrt(mean(x²) + eps) * weight``. ``eps=None`` is the machine epsilon of
-    the dtype computed in (float32 for float16 input, float64 for integers).
-    Returns the output (``out`` itself when given).
+    Over the values of the trailing dimensions named by ``normalized_shape``:
+    ``y = x / sqrt(mean(x²) + eps) * weight``.
+
+    Parameters
+    ----------
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    weight : array_like of shape normalized_shape, optional
+        Elementwise scale (1 when None).
+    eps : float, optional
+        Finite and >= 0; None is the machine epsilon of the compute dtype (float32 for
+        float16 input, float64 for integers), as in PyTorch.
+    out : ndarray, optional
+        Where to write the result: of the input's shape, writeable, castable from the
+        compute dtype under 'same_kind'. It may be the input itself.
+
+    Returns
+    -------
+    ndarray
+        The normalized input (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     return rms_norm_forward(input, normalized_shape, weight, eps, out=out)[0]
 
 
-def rms_norm_forward(input, normalized_shape, weight, eps, *, out=None):
-    """RMS norm with its statistic, as ``torch.ops.aten._fused_rms_norm``: (output, rstd),
-    rstd = 1/sqrt(mean(x²) + eps) of shape ``input.shape[:-len(normalized_shape)]``."""
+def rms_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
+                     weight: ArrayLike | None, eps: float | None, *,
+                     out: NDArray | None = None) -> tuple[NDArray, NDArray]:
+    """RMS norm with its statistic, as ``torch.ops.aten._fused_rms_norm``.
+
+    The arguments are those of ``rms_norm``.
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input (``out`` itself when given).
+    rstd : ndarray of shape ``input.shape[:-len(normalized_shape)]``
+        1/sqrt(mean(x²) + eps) per row, in the compute dtype.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
+    """
     x = v.as_input(input, min_ndim=0)
     dtype = x.dtype
     normalized_shape = _normalized_shape(normalized_shape, x.shape)
@@ -346,14 +647,46 @@ def rms_norm_forward(input, normalized_shape, weight, eps, *, out=None):
     return result.finish(), rstd
 
 
-def rms_norm_backward(grad_output, input, normalized_shape, rstd, weight, *, out=None):
-    """RMS-norm backward, as ``torch.ops.aten._fused_rms_norm_backward``:
-    (grad_input, grad_weight).
+def rms_norm_backward(grad_output: ArrayLike, input: ArrayLike,
+                      normalized_shape: int | Sequence[int], rstd: ArrayLike,
+                      weight: ArrayLike | None, *, out: NDArray | None = None
+                      ) -> tuple[NDArray, NDArray | None]:
+    """RMS-norm backward, as ``torch.ops.aten._fused_rms_norm_backward``.
 
     With x̂ = x·rstd and g = dy·weight, means over the normalized values:
     ``grad_input = rstd·(g - x̂·mean(g·x̂))``; ``grad_weight = Σ dy·x̂`` over the leading
-    dims (None when weight is None). ``out`` receives grad_input and may be grad_output
-    or input itself.
+    dimensions.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``. float32 and float64 are
+        kept; float16 is computed as float32, integers and bool as float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    rstd : array_like
+        From ``rms_norm_forward`` (PyTorch's shape with trailing 1s is accepted too).
+    weight : array_like of shape normalized_shape, optional
+        The forward's weight (1 when None).
+    out : ndarray, optional
+        Receives grad_input, as ``out`` in the forward; may be grad_output or input.
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape (``out`` itself when given).
+    grad_weight : ndarray of shape normalized_shape, or None
+        None when weight is None.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     dy, x, normalized_shape, leading, rows, d = _rows_backward_args(grad_output, input,
                                                                     normalized_shape)
