@@ -11,7 +11,7 @@ prints the speed report; ``bncpu.get_include()`` locates ``bncpu.h`` for C calle
 import os
 
 
-def _not_built_message(error):
+def _not_built_message(error: ImportError) -> str:
     """Why the compiled modules did not load: usually a source tree that was never built."""
     from importlib.machinery import EXTENSION_SUFFIXES
     here = os.path.dirname(os.path.abspath(__file__))
@@ -62,12 +62,24 @@ __all__ = [
 ]
 
 
-def isa():
-    """The instruction set the kernels were compiled for and run with: 'avx512',
-    'avx2' or 'baseline' (portable x86-64). Set BNCPU_ISA before import to force one."""
+def isa() -> str:
+    """The instruction set the kernels were compiled for and run with.
+
+    Returns
+    -------
+    str
+        'avx512', 'avx2' or 'baseline' (portable x86-64): the best build this CPU runs,
+        or the one the environment variable BNCPU_ISA named before import.
+    """
     return _ISA
 
 
-def get_include():
-    """Directory holding bncpu.h, for compiling C programs and extensions."""
+def get_include() -> str:
+    """Directory holding bncpu.h, for compiling C programs and extensions.
+
+    Returns
+    -------
+    str
+        An absolute path, to pass to the C compiler as ``-I``.
+    """
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
