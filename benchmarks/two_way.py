@@ -14,6 +14,13 @@ code, so that agreement between the two says the report's timing is sound.
 With ``--compare``, each row prints the report's speed-up over torch next to this one's
 and their difference; the last line gives the largest difference. Timings on a loaded
 machine are noisy: run both on an idle one to check the 10% agreement.
+
+On a busy machine the load changes between two runs minutes apart. ``--interleave K``
+compares in one process instead: per case, K times, the report's harness (every
+implementation, ``bncpu._bench.measure`` with the report's budget) and then this two-way
+loop, each giving a speed-up over torch; the medians of the K are compared.
+
+    python benchmarks/two_way.py --threads 2 --interleave 3
 """
 import argparse
 import gc
@@ -38,6 +45,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="only the report's --quick cases")
     parser.add_argument("--compare", metavar="REPORT_JSON",
                         help="a `python -m bncpu --json` file to compare with")
+    parser.add_argument("--interleave", type=int, default=0, metavar="K",
+                        help="alternate the report's harness and this one K times per case")
     parser.add_argument("--json", metavar="FILE", help="write the medians and ratios")
     return parser.parse_args(argv)
 
@@ -62,6 +71,18 @@ def _time_once(call):
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
+
+
+def interleaved(inputs, calls, n_threads, args):
+    """(two-way speed-up, report-harness speed-up), medians over ``args.interleave``
+    alternations in this process."""
+    mine, report = [], []
+    for _ in range(args.interleave):
+        timings = _bench.measure(_bench.implementation_calls(inputs, n_threads), _bench.FULL)
+        report.append(timings["torch"].median / timings["bncpu"].median)
+        medians = two_way(*calls, args.samples, args.min_sample)
+        mine.append(medians["torch"] / medians["bncpu"])
+    return statistics.median(mine), statistics.median(report)
 
 
 def report_ratios(path, n_threads):
@@ -95,6 +116,8 @@ def main(argv=None):
         except (NotImplementedError, RuntimeError):   # no CPU kernel in torch
             continue
         ratio = medians["torch"] / medians["bncpu"]
+        if args.interleave:
+            ratio, reported[case.id] = interleaved(inputs, calls, n_threads, args)
         line = (f"{case.id:45s} bncpu {_bench.format_seconds(medians['bncpu']):>9s}  "
                 f"torch {_bench.format_seconds(medians['torch']):>9s}  vs torch {ratio:6.3g}x")
         result = {"case": case.id, "threads": n_threads, "median_s": medians, "vs_torch": ratio}

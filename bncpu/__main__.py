@@ -143,7 +143,8 @@ def table_lines(rows):
         own_cell = _bench.format_seconds(own) if own else row.timings["bncpu"].status[:40]
         out = row.medians.get("bncpu_out")
         best = _speedup(row.ratios.get("onednn_best"))
-        if row.ratios.get("onednn_best") and row.timings["onednn_best"].note != "plain":
+        if row.ratios.get("onednn_best") and row.timings["onednn_best"].note not in (None,
+                                                                                      "plain"):
             best += f" {row.timings['onednn_best'].note}"
         body.append((str(row.case.shape), row.case.dtype, row.case.label, own_cell,
                      _bench.format_seconds(out) if out else "-", gbps,

@@ -133,7 +133,11 @@ def test_measure_times_the_reference_apart():
 def test_ratios_compare_onednn_with_bncpu_into_out():
     medians = {"bncpu": 2.0, "bncpu_out": 1.0, "torch": 4.0, "onednn": 3.0, "floor": 1.0}
     found = _bench.ratios(medians)
-    assert found == {"torch": 2.0, "onednn": 3.0, "floor": 2.0}
+    # one layout (no onednn_best timing): the oneDNN column is also the best one
+    assert found == {"torch": 2.0, "onednn": 3.0, "onednn_best": 3.0, "floor": 2.0}
+    medians.update(onednn_best=0.5, bncpu_bn=1.6)
+    found = _bench.ratios(medians)
+    assert found["onednn_best"] == 0.5 and found["bn_alone"] == 2.0 / 1.6
 
 
 def test_report_runs_and_writes_json(tmp_path, capsys):
