@@ -21,10 +21,14 @@ Conventions, shared with the kernels and taken from PyTorch, whose semantics the
   gradients as None when `weight` is None.
 """
 
+from __future__ import annotations
+
 import math
 import numbers
+from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "batch_norm",
@@ -178,8 +182,10 @@ def _standardize_backward(grad_xhat, xhat, rstd, axes, centered=True):
 # Batch norm: statistics per channel over N and S
 # ---------------------------------------------------------------------------------------------
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, axis=1, unbiased_running_var=True):
+def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDArray | None,
+               weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
+               unbiased_running_var: bool = True) -> NDArray:
     """Batch norm as torch.nn.functional.batch_norm: the output of batch_norm_forward."""
     return batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, momentum, eps, axis=axis,
@@ -187,8 +193,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     )[0]
 
 
-def batch_norm_forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                       *, axis=1, unbiased_running_var=True):
+def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                       running_mean: NDArray | None, running_var: NDArray | None, training: bool,
+                       momentum: float, eps: float, *, axis: int = 1,
+                       unbiased_running_var: bool = True) -> tuple[NDArray, NDArray, NDArray]:
     """Batch norm with its saved statistics, as torch.ops.aten.native_batch_norm.
 
     For channel c, over the M = N * S values of the batch:
@@ -232,8 +240,11 @@ def batch_norm_forward(input, weight, bias, running_mean, running_var, training,
     return _channels_back(output, axis), save_mean, save_invstd
 
 
-def batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                        save_invstd, training, eps, *, axis=1):
+def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike | None,
+                        running_mean: ArrayLike | None, running_var: ArrayLike | None,
+                        save_mean: ArrayLike | None, save_invstd: ArrayLike | None, training: bool,
+                        eps: float, *, axis: int = 1
+                        ) -> tuple[NDArray, NDArray | None, NDArray | None]:
     """Batch norm backward, as torch.ops.aten.native_batch_norm_backward.
 
     Sums run per channel over N and S. Training, where the statistics came from this batch
@@ -273,7 +284,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
 # batch_norm_elemt on each part. Backward: batch_norm_backward_reduce on each part, sum the
 # reductions over processes, batch_norm_backward_elemt on each part.
 
-def batch_norm_stats(input, *, axis=1):
+def batch_norm_stats(input: ArrayLike, *, axis: int = 1) -> tuple[NDArray, NDArray, int]:
     """Per-channel partial statistics of one process's part of the batch: (mean, m2, count).
 
         count = N * S,  mean_c = sum(x) / count,  m2_c = sum((x - mean_c)^2)
@@ -288,12 +299,15 @@ def batch_norm_stats(input, *, axis=1):
     return mean, m2, count
 
 
-def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None, momentum=0.1,
-                            eps=1e-5, *, unbiased_running_var=True):
+def batch_norm_gather_stats(mean: ArrayLike, m2: ArrayLike, count: int | ArrayLike,
+                            running_mean: NDArray | None = None,
+                            running_var: NDArray | None = None, momentum: float = 0.1,
+                            eps: float = 1e-5, *, unbiased_running_var: bool = True
+                            ) -> tuple[NDArray, NDArray]:
     """Merge the partial statistics of P processes into the batch's (mean, invstd).
 
     Row p of the (P, C) arrays `mean` and `m2` and entry p of `count` come from batch_norm_stats
-    on process p. Chan et al.'s parallel formula, written for P parts at once, gives exactly
+    on process p ((C,) arrays and one count for a single process). Chan et al.'s parallel formula, written for P parts at once, gives exactly
 
         n = sum_p n_p
         mean = sum_p n_p * mean_p / n
@@ -322,7 +336,8 @@ def batch_norm_gather_stats(mean, m2, count, running_mean=None, running_var=None
     return total_mean, 1.0 / np.sqrt(total_m2 / max(n, 1) + eps)
 
 
-def batch_norm_elemt(input, weight, bias, mean, invstd, *, axis=1):
+def batch_norm_elemt(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                     mean: ArrayLike, invstd: ArrayLike, *, axis: int = 1) -> NDArray:
     """The elementwise half of batch norm, given the batch statistics of channel c:
 
         y = (x - mean_c) * invstd_c * weight_c + bias_c
@@ -332,7 +347,9 @@ def batch_norm_elemt(input, weight, bias, mean, invstd, *, axis=1):
     return _channels_back(_affine(xhat, weight, bias, (-1, 1)).reshape(x.shape), axis)
 
 
-def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None, *, axis=1):
+def batch_norm_backward_reduce(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
+                               invstd: ArrayLike, weight: ArrayLike | None = None, *, axis: int = 1
+                               ) -> tuple[NDArray, NDArray, NDArray | None, NDArray | None]:
     """The reduction half of the batch norm backward, per channel over one process's part:
 
         sum_dy = sum(dy),  sum_dy_xmu = sum(dy * (x - mean_c))
@@ -350,8 +367,10 @@ def batch_norm_backward_reduce(grad_output, input, mean, invstd, weight=None, *,
     return sum_dy, sum_dy_xmu, sum_dy_xmu * _float64(invstd), sum_dy.copy()
 
 
-def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count,
-                              *, axis=1):
+def batch_norm_backward_elemt(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
+                              invstd: ArrayLike, weight: ArrayLike | None, sum_dy: ArrayLike,
+                              sum_dy_xmu: ArrayLike, count: int | ArrayLike, *, axis: int = 1
+                              ) -> NDArray:
     """The elementwise half of the training-mode batch norm backward, given the reductions summed
     over all processes and the batch's total count:
 
@@ -379,12 +398,16 @@ def batch_norm_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, 
 # Layer norm: statistics per leading index over the trailing normalized_shape
 # ---------------------------------------------------------------------------------------------
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+def layer_norm(input: ArrayLike, normalized_shape: int | Sequence[int],
+               weight: ArrayLike | None = None, bias: ArrayLike | None = None, eps: float = 1e-5
+               ) -> NDArray:
     """Layer norm as torch.nn.functional.layer_norm: the output of layer_norm_forward."""
     return layer_norm_forward(input, normalized_shape, weight, bias, eps)[0]
 
 
-def layer_norm_forward(input, normalized_shape, weight, bias, eps):
+def layer_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
+                       weight: ArrayLike | None, bias: ArrayLike | None, eps: float
+                       ) -> tuple[NDArray, NDArray, NDArray]:
     """Layer norm with its statistics, as torch.ops.aten.native_layer_norm: (output, mean, rstd).
 
     For each leading index, over the n values of the trailing dims D named by normalized_shape:
@@ -402,7 +425,10 @@ def layer_norm_forward(input, normalized_shape, weight, bias, eps):
     return output, mean.reshape(leading_shape), rstd.reshape(leading_shape)
 
 
-def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight):
+def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
+                        normalized_shape: int | Sequence[int], mean: ArrayLike, rstd: ArrayLike,
+                        weight: ArrayLike | None
+                        ) -> tuple[NDArray, NDArray | None, NDArray | None]:
     """Layer norm backward, as torch.ops.aten.native_layer_norm_backward.
 
     With xhat = (x - mean) * rstd and g = dy * weight, means over the normalized dims D and
@@ -429,12 +455,15 @@ def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight
 # Group norm: statistics per sample and group of channels
 # ---------------------------------------------------------------------------------------------
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1):
+def group_norm(input: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
+               bias: ArrayLike | None = None, eps: float = 1e-5, *, axis: int = 1) -> NDArray:
     """Group norm as torch.nn.functional.group_norm: the output of group_norm_forward."""
     return group_norm_forward(input, num_groups, weight, bias, eps, axis=axis)[0]
 
 
-def group_norm_forward(input, num_groups, weight, bias, eps, *, axis=1):
+def group_norm_forward(input: ArrayLike, num_groups: int, weight: ArrayLike | None,
+                       bias: ArrayLike | None, eps: float, *, axis: int = 1
+                       ) -> tuple[NDArray, NDArray, NDArray]:
     """Group norm with its statistics, as torch.ops.aten.native_group_norm: (output, mean, rstd).
 
     The C channels form G = num_groups contiguous groups of C/G. For sample n and group g, over the
@@ -454,7 +483,9 @@ def group_norm_forward(input, num_groups, weight, bias, eps, *, axis=1):
             rstd.reshape(x.shape[0], num_groups))
 
 
-def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, axis=1):
+def group_norm_backward(grad_output: ArrayLike, input: ArrayLike, num_groups: int, mean: ArrayLike,
+                        rstd: ArrayLike, weight: ArrayLike | None, *, axis: int = 1
+                        ) -> tuple[NDArray, NDArray | None, NDArray | None]:
     """Group norm backward, as torch.ops.aten.native_group_norm_backward.
 
     With xhat = (x - mean) * rstd and g = dy * weight_c, means over each group's values and sums per
@@ -490,16 +521,20 @@ def _group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, axi
 # Instance norm: statistics per sample and channel
 # ---------------------------------------------------------------------------------------------
 
-def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, axis=1):
+def instance_norm(input: ArrayLike, running_mean: NDArray | None = None,
+                  running_var: NDArray | None = None, weight: ArrayLike | None = None,
+                  bias: ArrayLike | None = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> NDArray:
     """Instance norm as torch.nn.functional.instance_norm: the output of instance_norm_forward."""
     return instance_norm_forward(
         input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis=axis
     )[0]
 
 
-def instance_norm_forward(input, weight, bias, running_mean, running_var, use_input_stats,
-                          momentum, eps, *, axis=1):
+def instance_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                          running_mean: NDArray | None, running_var: NDArray | None,
+                          use_input_stats: bool, momentum: float, eps: float, *, axis: int = 1
+                          ) -> tuple[NDArray, NDArray, NDArray]:
     """Instance norm with its statistics: (output, mean, rstd).
 
     With use_input_stats, sample n and channel c are normalized over their own S values, which
@@ -543,7 +578,9 @@ def instance_norm_forward(input, weight, bias, running_mean, running_var, use_in
     return _channels_back(output, axis), mean, rstd
 
 
-def instance_norm_backward(grad_output, input, mean, rstd, weight, *, axis=1):
+def instance_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
+                           rstd: ArrayLike, weight: ArrayLike | None, *, axis: int = 1
+                           ) -> tuple[NDArray, NDArray | None, NDArray | None]:
     """Instance norm backward with the input's own statistics: group norm's with one channel per
     group (see group_norm_backward). Returns (grad_input, grad_weight, grad_bias).
     """
@@ -568,12 +605,14 @@ def _rms_norm_default_eps(dtype):
     return np.finfo(np.promote_types(dtype, np.float32)).eps
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
+def rms_norm(input: ArrayLike, normalized_shape: int | Sequence[int],
+             weight: ArrayLike | None = None, eps: float | None = None) -> NDArray:
     """RMS norm as torch.nn.functional.rms_norm: the output of rms_norm_forward."""
     return rms_norm_forward(input, normalized_shape, weight, eps)[0]
 
 
-def rms_norm_forward(input, normalized_shape, weight, eps):
+def rms_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
+                     weight: ArrayLike | None, eps: float | None) -> tuple[NDArray, NDArray]:
     """RMS norm with its statistic, as torch.ops.aten._fused_rms_norm: (output, rstd).
 
     For each leading index, over the n values of the trailing dims D named by normalized_shape:
@@ -594,7 +633,9 @@ def rms_norm_forward(input, normalized_shape, weight, eps):
     return output, rstd.reshape(x.shape[:axes[0]])
 
 
-def rms_norm_backward(grad_output, input, normalized_shape, rstd, weight):
+def rms_norm_backward(grad_output: ArrayLike, input: ArrayLike,
+                      normalized_shape: int | Sequence[int], rstd: ArrayLike,
+                      weight: ArrayLike | None) -> tuple[NDArray, NDArray | None]:
     """RMS norm backward, as torch.ops.aten._fused_rms_norm_backward.
 
     With xhat = x * rstd and g = dy * weight, means over the normalized dims D and sums over the
