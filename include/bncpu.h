@@ -415,15 +415,18 @@ static inline const char *bncpu_isa(void)
     return bncpu_api_table != NULL ? bncpu_api_table->isa : "";
 }
 
-/* Threads a large kernel call will use (process-wide setting); 0 before bncpu_import(). */
+/* Threads a large kernel call will use (process-wide setting); 0 before bncpu_import().
+ * At most 4 per CPU available to the process (at least 16), and 1 in a process created by
+ * fork(): GNU OpenMP's threads do not survive a fork, so a forked child runs single-threaded. */
 static inline int bncpu_get_num_threads(void)
 {
     return bncpu_api_table != NULL ? bncpu_api_table->get_num_threads() : 0;
 }
 
 /* Use n threads in every later call of this process (n >= 1), or OpenMP's default
- * (n == 0: OMP_NUM_THREADS or the number of cores). The same setting as Python's
- * bncpu.set_num_threads. n < 0 is BNCPU_ERR_BAD_SIZE. */
+ * (n == 0: OMP_NUM_THREADS or the number of cores), lowered to the cap that
+ * bncpu_get_num_threads() describes. The same setting as Python's bncpu.set_num_threads.
+ * n < 0 is BNCPU_ERR_BAD_SIZE. */
 static inline int bncpu_set_num_threads(int n)
 {
     if (bncpu_api_table == NULL)
