@@ -145,7 +145,8 @@ def get_num_threads():
     int
         The ``set_num_threads`` setting, else OpenMP's default (``OMP_NUM_THREADS``,
         threadpoolctl's limit or the number of CPUs), lowered to ``MAX_THREADS``; 1 in a
-        process created by ``fork()`` and when bncpu was built without OpenMP.
+        process created by ``fork()``. (Without OpenMP the kernels run serially whatever
+        this says.)
     """
     return configured_threads()
 
