@@ -124,7 +124,7 @@ def test_measure_times_the_reference_apart():
     budget = _bench.Budget(seconds=0.0, sample_seconds=0.0, min_rounds=4, max_rounds=4,
                            apart_samples=3, apart_seconds=10.0, once_seconds=1.0)
     timings = _bench.measure(calls, budget)
-    timed = order[6:]   # after two calibration calls each
+    timed = order[12:]   # after four calibration calls each
     assert timed == ["bncpu", "torch"] * 4 + ["reference"] * 3
     assert [len(timings[name].samples) for name in ("bncpu", "torch", "reference")] == [4, 4, 3]
     assert timings["floor"].status == "n/a: not here"
