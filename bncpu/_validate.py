@@ -181,6 +181,8 @@ def _shown(number):
 def _real(value, name):
     """A real number as a float; TypeError naming ``name`` if not one, ValueError if it is
     too large for a float (an int of more than 308 digits)."""
+    if type(value) is float:   # the usual case, without the abstract-class check
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
