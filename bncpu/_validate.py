@@ -244,7 +244,7 @@ def check_counts(counts, p, name="count"):
 def total_count(count, name="count"):
     """The total of an integer count or of per-process counts (a 1-D integer array-like,
     as PyTorch's batch_norm_backward_elemt takes them), checked as ``check_count``."""
-    if isinstance(count, (np.ndarray, list, tuple)):
+    if isinstance(count, (list, tuple)) or (isinstance(count, np.ndarray) and count.ndim > 0):
         array = as_array(count, name)
         if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
             raise TypeError(f"{name} must be an integer or a 1-D array of integers, "

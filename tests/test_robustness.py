@@ -468,3 +468,22 @@ def test_streamed_outputs_do_not_depend_on_alignment_or_aliasing(call, dtype):
     else:
         function(target, dy, w, target)
     assert_bitwise_equal(target, expected)
+
+
+# ----------------------------------------------------------------------------------
+# Counts: every integer form, and per-process counts (summed), as PyTorch takes them
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("count", [20, np.int32(20), np.uint64(20), np.array(20), [8, 12], (20,),
+                                   np.array([5, 0, 15], np.int32), np.array([20], np.uint8)],
+                         ids=repr)
+def test_backward_elemt_takes_the_total_count_or_per_process_counts(count):
+    inputs = Inputs((4, 3, 5))
+    sums = bncpu.batch_norm_backward_reduce(inputs.dy, inputs.x, inputs.mean, inputs.save_invstd)
+    expected = bncpu.batch_norm_backward_elemt(inputs.dy, inputs.x, inputs.mean, inputs.save_invstd,
+                                               inputs.weight, sums[0], sums[1], 20)
+    result = bncpu.batch_norm_backward_elemt(inputs.dy, inputs.x, inputs.mean, inputs.save_invstd,
+                                             inputs.weight, sums[0], sums[1], count)
+    assert_bitwise_equal(result, expected)
+    twin = ref.batch_norm_backward_elemt(inputs.dy, inputs.x, inputs.mean, inputs.save_invstd,
+                                         inputs.weight, sums[0], sums[1], count)
+    np.testing.assert_allclose(result, twin, rtol=1e-12, atol=1e-12)
