@@ -13,7 +13,13 @@ Rules (NumPy's, with PyTorch's names in the messages):
   and are never converted; in evaluation they are only read.
 * ``out`` follows NumPy's contract: an ndarray of the result's shape, writeable,
   castable from the result dtype under 'same_kind'. It may be non-contiguous or alias
-  an input; the kernels then write to a temporary that is copied into ``out``.
+  an input; the kernels then write to a temporary that is copied into ``out``. It may
+  not share memory with running statistics the call updates (one write would be lost).
+* Flags (``training``, ``use_input_stats``) are bools, Python's or NumPy's: a string or
+  a number is a TypeError, as in PyTorch. Numbers too large for a float or for int64
+  are a ValueError naming the argument.
+* A per-channel array of the right size but another shape (``(1, C, 1, 1)``, ``()``)
+  is a ValueError that says its shape and suggests ``.reshape(-1)``.
 * Everything is checked before any kernel runs, so an error writes nothing.
 """
 import math
