@@ -52,9 +52,41 @@ def _fake(name):
     return torch.library.register_fake(f"bncpu::{name}", lib=_library)
 
 
-def _autograd(name, backward, setup_context):
+# name -> (the operator, the same kernel and formulas as an autograd.Function)
+_FORWARDS = {}
+
+
+def _autograd(name, kernel, backward, setup_context):
+    """Register the autograd formula of the forward operator ``bncpu::<name>``, and build
+    its eager twin (see ``forward``)."""
     torch.library.register_autograd(f"bncpu::{name}", backward, setup_context=setup_context,
                                     lib=_library)
+    def eager_forward(ctx, *args):
+        # (forward with ctx, not a separate setup_context: Function.apply binds the
+        # arguments with inspect.signature on every call for the latter)
+        output = kernel(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    eager = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
+    _FORWARDS[name] = (getattr(torch.ops.bncpu, name).default, eager.apply)
+
+
+def forward(name, *args):
+    """Run the forward operator ``bncpu::<name>`` on ``args`` (input first).
+
+    Under ``torch.compile``, the profiler, a dispatch mode (fake tensors, export) or with
+    a tensor subclass the call goes through torch's dispatcher to the operator. A plain
+    eager call runs the same kernel and autograd formulas as an ``autograd.Function``:
+    the dispatcher's boxing and its two Python trampolines (the autograd kernel, then the
+    CPU kernel) cost several times the kernel's own overhead on a small input.
+    """
+    operator, eager = _FORWARDS[name]
+    if (torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor
+            or torch.autograd._profiler_enabled() or torch._C._len_torch_dispatch_stack()):
+        return operator(*args)
+    return eager(*args)
 
 
 def _array(tensor, order=None):
@@ -189,7 +221,7 @@ def _batch_norm_grad(ctx, grad_output, *_):
     return (*grads, None, None, None, None, None)
 
 
-_autograd("batch_norm_forward", _batch_norm_grad, _batch_norm_setup)
+_autograd("batch_norm_forward", batch_norm_forward, _batch_norm_grad, _batch_norm_setup)
 
 
 # ----------------------------------------------------------------------------------
@@ -298,7 +330,8 @@ def _batch_norm_relu_grad(ctx, grad_output, *_):
     return (*grads[:3], None, None, None, None, None, grads[3])
 
 
-_autograd("batch_norm_relu_forward", _batch_norm_relu_grad, _batch_norm_relu_setup)
+_autograd("batch_norm_relu_forward", batch_norm_relu_forward, _batch_norm_relu_grad,
+          _batch_norm_relu_setup)
 
 
 # ----------------------------------------------------------------------------------
@@ -369,7 +402,7 @@ def _layer_norm_grad(ctx, grad_output, *_):
     return grads[0], None, grads[1], grads[2], None
 
 
-_autograd("layer_norm_forward", _layer_norm_grad, _layer_norm_setup)
+_autograd("layer_norm_forward", layer_norm_forward, _layer_norm_grad, _layer_norm_setup)
 
 
 @_operator(
@@ -428,7 +461,7 @@ def _rms_norm_grad(ctx, grad_output, *_):
     return grad_input, None, grad_weight, None
 
 
-_autograd("rms_norm_forward", _rms_norm_grad, _rms_norm_setup)
+_autograd("rms_norm_forward", rms_norm_forward, _rms_norm_grad, _rms_norm_setup)
 
 
 # ----------------------------------------------------------------------------------
@@ -496,7 +529,7 @@ def _group_norm_grad(ctx, grad_output, *_):
     return grads[0], None, grads[1], grads[2], None
 
 
-_autograd("group_norm_forward", _group_norm_grad, _group_norm_setup)
+_autograd("group_norm_forward", group_norm_forward, _group_norm_grad, _group_norm_setup)
 
 
 @_operator(
@@ -570,4 +603,5 @@ def _instance_norm_grad(ctx, grad_output, *_):
     return (*grads, None, None, None, None)
 
 
-_autograd("instance_norm_forward", _instance_norm_grad, _instance_norm_setup)
+_autograd("instance_norm_forward", instance_norm_forward, _instance_norm_grad,
+          _instance_norm_setup)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from bncpu.torch import _fallback
+from bncpu.torch._ops import forward
 
-_ops = torch.ops.bncpu
 
 
 def _shape_list(normalized_shape):
@@ -38,8 +38,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         _fallback.record("batch_norm", reason)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
-    output, _, _, new_mean, new_var = _ops.batch_norm_forward.default(
-        input, weight, bias, running_mean, running_var, training, momentum, eps)
+    output, _, _, new_mean, new_var = forward(
+        "batch_norm_forward", input, weight, bias, running_mean, running_var, training, momentum,
+        eps)
     if training:
         _write_running(running_mean, running_var, new_mean, new_var)
     return output
@@ -55,8 +56,9 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
         output = F.batch_norm(input, running_mean, running_var, weight, bias, training,
                               momentum, eps)
         return torch.relu(output if residual is None else output + residual)
-    output, _, _, new_mean, new_var = _ops.batch_norm_relu_forward.default(
-        input, weight, bias, running_mean, running_var, training, momentum, eps, residual)
+    output, _, _, new_mean, new_var = forward(
+        "batch_norm_relu_forward", input, weight, bias, running_mean, running_var, training,
+        momentum, eps, residual)
     if training:
         _write_running(running_mean, running_var, new_mean, new_var)
     return output
@@ -68,8 +70,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if reason is not None:
         _fallback.record("layer_norm", reason)
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
-    return _ops.layer_norm_forward.default(input, _shape_list(normalized_shape), weight, bias,
-                                           eps)[0]
+    return forward("layer_norm_forward", input, _shape_list(normalized_shape), weight, bias,
+                   eps)[0]
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -79,7 +81,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if reason is not None:
         _fallback.record("group_norm", reason)
         return F.group_norm(input, num_groups, weight, bias, eps)
-    return _ops.group_norm_forward.default(input, num_groups, weight, bias, eps)[0]
+    return forward("group_norm_forward", input, num_groups, weight, bias, eps)[0]
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -93,10 +95,10 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         return F.instance_norm(input, running_mean, running_var, weight, bias,
                                use_input_stats, momentum, eps)
     if not use_input_stats:
-        return _ops.batch_norm_forward.default(input, weight, bias, running_mean, running_var,
-                                               False, momentum, eps)[0]
-    output, _, _, new_mean, new_var = _ops.instance_norm_forward.default(
-        input, weight, bias, running_mean, running_var, momentum, eps)
+        return forward("batch_norm_forward", input, weight, bias, running_mean, running_var,
+                       False, momentum, eps)[0]
+    output, _, _, new_mean, new_var = forward(
+        "instance_norm_forward", input, weight, bias, running_mean, running_var, momentum, eps)
     _write_running(running_mean, running_var, new_mean, new_var)
     return output
 
@@ -108,4 +110,4 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if reason is not None:
         _fallback.record("rms_norm", reason)
         return F.rms_norm(input, normalized_shape, weight, eps)
-    return _ops.rms_norm_forward.default(input, _shape_list(normalized_shape), weight, eps)[0]
+    return forward("rms_norm_forward", input, _shape_list(normalized_shape), weight, eps)[0]
