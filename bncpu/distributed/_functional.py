@@ -116,7 +116,7 @@ def sync_batch_norm_forward(input, weight, bias, running_mean, running_var, mome
         row = _failed_row(error)
     rows = comm.allgather(row)
     _check_rows(rows, comm.rank, local_error)
-    stacked = np.stack(rows)
+    stacked = np.array(rows)   # rows of one length, checked above
     means = stacked[:, _HEADER:_HEADER + c]
     m2s = stacked[:, _HEADER + c:]
     counts = stacked[:, 3].astype(np.int64)
