@@ -259,6 +259,24 @@ def test_opcheck(name):
     torch.library.opcheck(getattr(torch.ops.bncpu, name).default, OPCHECK[name](x, weight, bias))
 
 
+def test_eager_path_equals_the_operator():
+    """A plain eager call (the kernel as an autograd.Function) and the same call through
+    torch.ops.bncpu give the same bits, forward and backward."""
+    from bncpu.torch import _ops
+
+    x = tensors((4, 3, 5), torch.float32)[0]
+    weight, bias = params(3, torch.float32, (True, True))
+    results = []
+    for call in (_ops.forward, lambda name, *args: getattr(torch.ops.bncpu, name).default(*args)):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
+        outputs = call("batch_norm_forward", *inputs, torch.zeros(3), torch.ones(3), True, 0.1,
+                       1e-5)
+        outputs[0].backward(torch.linspace(-1, 1, x.numel()).reshape(x.shape))
+        results.append([*outputs, *(t.grad for t in inputs)])
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
 # ----------------------------------------------------------------------------------
 # torch.compile, profiler
 # ----------------------------------------------------------------------------------

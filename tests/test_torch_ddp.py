@@ -74,9 +74,12 @@ def free_port():
 
 
 def test_ddp_gloo_two_processes(tmp_path):
+    import bncpu
+
+    # The processes import the bncpu this process imported (installed or built in place).
+    bncpu_root = str(Path(bncpu.__file__).resolve().parent.parent)
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                           os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([bncpu_root, os.environ.get("PYTHONPATH", "")]))
     port = free_port()
     processes = [subprocess.Popen([sys.executable, __file__, str(rank), str(WORLD), str(port),
                                    str(tmp_path)], env=env, stdout=subprocess.PIPE,
