@@ -186,7 +186,34 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
                weight: ArrayLike | None = None, bias: ArrayLike | None = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
                unbiased_running_var: bool = True) -> NDArray:
-    """Batch norm as torch.nn.functional.batch_norm: the output of batch_norm_forward."""
+    """Batch norm as torch.nn.functional.batch_norm: the output of batch_norm_forward.
+
+    Parameters
+    ----------
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``.
+        Any real dtype, computed in float64.
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running statistics; required when ``training=False``, updated in place in training.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    training : bool
+        Use (and record) the batch statistics rather than the running ones.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last (N, *spatial, C).
+    unbiased_running_var : bool, default True
+        Blend the unbiased batch variance into ``running_var`` (PyTorch); False blends the
+        biased one, as Keras and d2l do.
+
+    Returns
+    -------
+    ndarray
+        The normalized input, of its shape and layout.
+    """
     return batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, momentum, eps, axis=axis,
         unbiased_running_var=unbiased_running_var,
@@ -217,6 +244,35 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
     `axis` is the channel axis (1, or -1 for channels-last (N, *, C) data); the output has the
     input's shape. unbiased_running_var=False puts the biased var_c into the running variance,
     as Keras and d2l do.
+
+    Parameters
+    ----------
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``.
+        Any real dtype, computed in float64.
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running statistics; required when ``training=False``, updated in place in training.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    training : bool
+        Use (and record) the batch statistics rather than the running ones.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last (N, *spatial, C).
+    unbiased_running_var : bool, default True
+        Blend the unbiased batch variance into ``running_var`` (PyTorch); False blends the
+        biased one, as Keras and d2l do.
+
+    Returns
+    -------
+    output : ndarray
+        As ``batch_norm`` returns it.
+    save_mean, save_invstd : ndarray of shape (C,)
+        In training, the batch mean and 1/sqrt(var + eps) per channel in float64,
+        as ``batch_norm_backward`` needs them; in evaluation empty arrays, as in PyTorch.
     """
     x = _channels_first(input, axis)
     if not training:
@@ -259,6 +315,33 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
         dx = dy * weight * invstd
 
     Returns (grad_input, grad_weight, grad_bias). `axis`: the channel axis, as in batch_norm_forward.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``.
+        Any real dtype, computed in float64.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    running_mean, running_var : array_like of shape (C,)
+        Used (only read) when ``training=False``.
+    save_mean, save_invstd : array_like of shape (C,)
+        The statistics ``batch_norm_forward`` saved; used when ``training=True``.
+    training : bool
+        Whether the forward normalized with the batch statistics.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last (N, *spatial, C).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        None when weight is None.
     """
     x, grad_output = _channels_first(input, axis), _channels_first(grad_output, axis)
     if training:
@@ -291,6 +374,23 @@ def batch_norm_stats(input: ArrayLike, *, axis: int = 1) -> tuple[NDArray, NDArr
 
     m2 is the sum of squared deviations, not yet divided by anything: that is what merges exactly
     across processes. An empty part gives mean 0 and m2 0, not 0/0. `axis`: the channel axis.
+
+    Parameters
+    ----------
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``.
+        Any real dtype, computed in float64.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last (N, *spatial, C).
+
+    Returns
+    -------
+    mean, m2 : ndarray of shape (C,), float64
+        The mean and m2 = Σ(x - mean)² per channel; partials of several processes (or
+        chunks) merge exactly with ``batch_norm_gather_stats``. An empty part gives 0 and 0.
+    count : int
+        The number of values per channel (0 for an empty part, which can still take part in
+        a synchronized step).
     """
     x = _channels(_channels_first(input, axis))
     count = x.shape[0] * x.shape[2]
@@ -307,7 +407,8 @@ def batch_norm_gather_stats(mean: ArrayLike, m2: ArrayLike, count: int | ArrayLi
     """Merge the partial statistics of P processes into the batch's (mean, invstd).
 
     Row p of the (P, C) arrays `mean` and `m2` and entry p of `count` come from batch_norm_stats
-    on process p ((C,) arrays and one count for a single process). Chan et al.'s parallel formula, written for P parts at once, gives exactly
+    on process p ((C,) arrays and one count for a single process). Chan et al.'s parallel
+    formula, written for P parts at once, gives exactly
 
         n = sum_p n_p
         mean = sum_p n_p * mean_p / n
@@ -322,6 +423,27 @@ def batch_norm_gather_stats(mean: ArrayLike, m2: ArrayLike, count: int | ArrayLi
 
     n == 1 makes that 0/0 = nan, as in torch. n == 0 gives mean 0 and invstd 1 / sqrt(eps).
     unbiased_running_var=False puts the biased M2 / n there instead (Keras's and d2l's convention).
+
+    Parameters
+    ----------
+    mean, m2 : array_like of shape (P, C), or (C,) for one process
+        ``batch_norm_stats`` results of the P processes.
+    count : int or array_like of P integers
+        Their counts, each >= 0, totalling below 2**63 and not exactly 1.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Updated in place as the training forward does, with the total count (unchanged when
+        it is 0). float32 or float64, the same for both.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    unbiased_running_var : bool, default True
+        As in ``batch_norm``. (No ``axis``: the partials are per channel already.)
+
+    Returns
+    -------
+    mean, invstd : ndarray of shape (C,), float64
+        The batch's mean and 1/sqrt(var + eps) per channel.
     """
     # (C,) arrays and a single count are one process's partials.
     part_means, part_m2s = np.atleast_2d(_float64(mean)), np.atleast_2d(_float64(m2))
@@ -341,6 +463,23 @@ def batch_norm_elemt(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike
     """The elementwise half of batch norm, given the batch statistics of channel c:
 
         y = (x - mean_c) * invstd_c * weight_c + bias_c
+
+    Parameters
+    ----------
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``.
+        Any real dtype, computed in float64.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    mean, invstd : array_like of shape (C,)
+        Per-channel statistics (computed in float64), e.g. from ``batch_norm_gather_stats``.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last (N, *spatial, C).
+
+    Returns
+    -------
+    ndarray
+        The normalized input.
     """
     x = _channels_first(input, axis)
     xhat = (_channels(x) - _float64(mean)[:, None]) * _float64(invstd)[:, None]
@@ -357,6 +496,27 @@ def batch_norm_backward_reduce(grad_output: ArrayLike, input: ArrayLike, mean: A
 
     Returns (sum_dy, sum_dy_xmu, grad_weight, grad_bias). Summed over processes, all four are the
     batch's: sum_dy and sum_dy_xmu feed batch_norm_backward_elemt.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``.
+        Any real dtype, computed in float64.
+    mean, invstd : array_like of shape (C,)
+        The statistics the forward normalized with.
+    weight : array_like of shape (C,), optional
+        Only whether it is given matters: without it no parameter gradients are returned.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last (N, *spatial, C).
+
+    Returns
+    -------
+    sum_dy, sum_dy_xmu : ndarray of shape (C,), float64
+        Σ dy and Σ dy·(x - mean): what processes all-reduce in synchronized batch norm.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        sum_dy_xmu·invstd and sum_dy in float64; None when weight is None.
     """
     dy = _channels(_channels_first(grad_output, axis))
     x = _channels(_channels_first(input, axis))
@@ -380,6 +540,30 @@ def batch_norm_backward_elemt(grad_output: ArrayLike, input: ArrayLike, mean: Ar
     This is batch_norm_backward's training formula, with xhat * sum(dy * xhat) written as
     (x - mean) * invstd^2 * sum_dy_xmu. `count` may also be the per-process counts, which are
     summed, as torch.batch_norm_backward_elemt takes them.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data of at least 2 dimensions, channels along ``axis``.
+        Any real dtype, computed in float64.
+    mean, invstd : array_like of shape (C,)
+        The statistics the forward normalized with.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    sum_dy, sum_dy_xmu : array_like of shape (C,)
+        ``batch_norm_backward_reduce``'s sums, all-reduced over the processes.
+    count : int or 1-D array_like of ints
+        The batch's total count, or the per-process counts (summed), as PyTorch's
+        ``batch_norm_backward_elemt`` takes them; > 0 for a non-empty input, below 2**63.
+    axis : int, default 1
+        The channel axis: 1 for (N, C, *spatial) data, -1 for channels-last (N, *spatial, C).
+
+    Returns
+    -------
+    ndarray
+        grad_input, of the input's shape.
     """
     x = _channels_first(input, axis)
     dy = _channels(_channels_first(grad_output, axis))
@@ -401,7 +585,25 @@ def batch_norm_backward_elemt(grad_output: ArrayLike, input: ArrayLike, mean: Ar
 def layer_norm(input: ArrayLike, normalized_shape: int | Sequence[int],
                weight: ArrayLike | None = None, bias: ArrayLike | None = None, eps: float = 1e-5
                ) -> NDArray:
-    """Layer norm as torch.nn.functional.layer_norm: the output of layer_norm_forward."""
+    """Layer norm as torch.nn.functional.layer_norm: the output of layer_norm_forward.
+
+    Parameters
+    ----------
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``.
+        Any real dtype, computed in float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    weight, bias : array_like of shape normalized_shape, optional
+        Elementwise scale and shift (1 and 0 when None).
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+
+    Returns
+    -------
+    ndarray
+        The normalized input.
+    """
     return layer_norm_forward(input, normalized_shape, weight, bias, eps)[0]
 
 
@@ -416,6 +618,26 @@ def layer_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
         y = (x - mean) * rstd * weight + bias          (weight and bias of shape normalized_shape)
 
     mean and rstd have shape input.shape[:-len(normalized_shape)] (torch keeps trailing 1s).
+
+    Parameters
+    ----------
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``.
+        Any real dtype, computed in float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    weight, bias : array_like of shape normalized_shape, optional
+        Elementwise scale and shift (1 and 0 when None).
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input.
+    mean, rstd : ndarray of shape ``input.shape[:-len(normalized_shape)]``
+        Per row, in float64, rstd = 1/sqrt(var + eps), as ``layer_norm_backward``
+        needs them. A row of no values has mean 0 and rstd NaN, as in PyTorch.
     """
     x = _float64(input)
     axes = _trailing_axes(x, normalized_shape)
@@ -438,6 +660,27 @@ def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
         grad_weight = sum(dy * xhat),  grad_bias = sum(dy)
 
     Returns (grad_input, grad_weight, grad_bias).
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``.
+        Any real dtype, computed in float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    mean, rstd : array_like
+        From ``layer_norm_forward`` (PyTorch's shape with trailing 1s is accepted too).
+    weight : array_like of shape normalized_shape, optional
+        The forward's weight (1 when None).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape.
+    grad_weight, grad_bias : ndarray of shape normalized_shape, or None
+        None when weight is None.
     """
     x, dy = _float64(input), _float64(grad_output)
     axes = _trailing_axes(x, normalized_shape)
@@ -457,7 +700,27 @@ def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
 
 def group_norm(input: ArrayLike, num_groups: int, weight: ArrayLike | None = None,
                bias: ArrayLike | None = None, eps: float = 1e-5, *, axis: int = 1) -> NDArray:
-    """Group norm as torch.nn.functional.group_norm: the output of group_norm_forward."""
+    """Group norm as torch.nn.functional.group_norm: the output of group_norm_forward.
+
+    Parameters
+    ----------
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``.
+        Any real dtype, computed in float64.
+    num_groups : int
+        >= 1, dividing C.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data; not 0 (the samples).
+
+    Returns
+    -------
+    ndarray
+        The normalized input.
+    """
     return group_norm_forward(input, num_groups, weight, bias, eps, axis=axis)[0]
 
 
@@ -474,6 +737,28 @@ def group_norm_forward(input: ArrayLike, num_groups: int, weight: ArrayLike | No
 
     mean and rstd have shape (N, G). `axis` is the channel axis (1, or -1 for channels-last
     (N, *, C) data); the output has the input's shape.
+
+    Parameters
+    ----------
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``.
+        Any real dtype, computed in float64.
+    num_groups : int
+        >= 1, dividing C.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data; not 0 (the samples).
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input.
+    mean, rstd : ndarray of shape (N, num_groups)
+        Per sample and group, in float64, rstd = 1/sqrt(var + eps). A group of no
+        values has mean 0 and rstd NaN, as in PyTorch.
     """
     _check_num_groups(num_groups)
     x = _channels_first(input, axis, batch_axis_allowed=False)
@@ -495,6 +780,29 @@ def group_norm_backward(grad_output: ArrayLike, input: ArrayLike, num_groups: in
         grad_weight = sum(dy * xhat),  grad_bias = sum(dy)
 
     Returns (grad_input, grad_weight, grad_bias). `axis`: the channel axis, as in group_norm_forward.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``.
+        Any real dtype, computed in float64.
+    num_groups : int
+        As in the forward.
+    mean, rstd : array_like of shape (N, num_groups)
+        From ``group_norm_forward``.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data; not 0 (the samples).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        None when weight is None.
     """
     _check_num_groups(num_groups)
     return _group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, axis)
@@ -525,7 +833,31 @@ def instance_norm(input: ArrayLike, running_mean: NDArray | None = None,
                   running_var: NDArray | None = None, weight: ArrayLike | None = None,
                   bias: ArrayLike | None = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1) -> NDArray:
-    """Instance norm as torch.nn.functional.instance_norm: the output of instance_norm_forward."""
+    """Instance norm as torch.nn.functional.instance_norm: the output of instance_norm_forward.
+
+    Parameters
+    ----------
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``.
+        Any real dtype, computed in float64.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Required without ``use_input_stats``; updated in place with it.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    use_input_stats : bool
+        Normalize with each instance's statistics (True) or the running ones.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data; not 0 (the samples).
+
+    Returns
+    -------
+    ndarray
+        The normalized input.
+    """
     return instance_norm_forward(
         input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, axis=axis
     )[0]
@@ -555,6 +887,32 @@ def instance_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: Arra
     Without use_input_stats this is batch norm in eval mode: the running statistics normalize,
     and empty (0,) arrays stand in for mean and rstd, as batch_norm_forward returns them.
     `axis`: the channel axis, as in group_norm_forward.
+
+    Parameters
+    ----------
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``.
+        Any real dtype, computed in float64.
+    running_mean, running_var : ndarray of shape (C,), optional
+        Required without ``use_input_stats``; updated in place with it.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel scale and shift (1 and 0 when None).
+    use_input_stats : bool
+        Normalize with each instance's statistics (True) or the running ones.
+    momentum : float
+        In [0, 1]: ``new = (1 - momentum)·old + momentum·batch``.
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data; not 0 (the samples).
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input.
+    mean, rstd : ndarray of shape (N, C)
+        Per instance, in float64, rstd = 1/sqrt(var + eps); without
+        ``use_input_stats``, the empty arrays ``batch_norm_forward`` returns in evaluation.
     """
     x = _channels_first(input, axis, batch_axis_allowed=False)
     if not use_input_stats:
@@ -583,6 +941,27 @@ def instance_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: Array
                            ) -> tuple[NDArray, NDArray | None, NDArray | None]:
     """Instance norm backward with the input's own statistics: group norm's with one channel per
     group (see group_norm_backward). Returns (grad_input, grad_weight, grad_bias).
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        (N, C, *spatial) data, or channels along ``axis``.
+        Any real dtype, computed in float64.
+    mean, rstd : array_like of shape (N, C)
+        From ``instance_norm_forward``.
+    weight : array_like of shape (C,), optional
+        The forward's weight (1 when None).
+    axis : int, default 1
+        The channel axis: 1, or -1 for channels-last (N, *spatial, C) data; not 0 (the samples).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+        None when weight is None.
     """
     x = _channels_first(input, axis, batch_axis_allowed=False)
     grad_input, grad_weight, grad_bias = _group_norm_backward(
@@ -607,7 +986,26 @@ def _rms_norm_default_eps(dtype):
 
 def rms_norm(input: ArrayLike, normalized_shape: int | Sequence[int],
              weight: ArrayLike | None = None, eps: float | None = None) -> NDArray:
-    """RMS norm as torch.nn.functional.rms_norm: the output of rms_norm_forward."""
+    """RMS norm as torch.nn.functional.rms_norm: the output of rms_norm_forward.
+
+    Parameters
+    ----------
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``.
+        Any real dtype, computed in float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    weight : array_like of shape normalized_shape, optional
+        Elementwise scale (1 when None).
+    eps : float, optional
+        Finite and >= 0; None is the machine epsilon of the input's floating type (float32's
+        for float16 input, float64's for integers), as in PyTorch.
+
+    Returns
+    -------
+    ndarray
+        The normalized input.
+    """
     return rms_norm_forward(input, normalized_shape, weight, eps)[0]
 
 
@@ -622,6 +1020,26 @@ def rms_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
     No mean is subtracted and there is no bias. eps=None means the machine epsilon of the input's
     floating type, float32's for float16 input (see _rms_norm_default_eps). rstd has shape
     input.shape[:-len(normalized_shape)].
+
+    Parameters
+    ----------
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``.
+        Any real dtype, computed in float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    weight : array_like of shape normalized_shape, optional
+        Elementwise scale (1 when None).
+    eps : float, optional
+        Finite and >= 0; None is the machine epsilon of the input's floating type (float32's
+        for float16 input, float64's for integers), as in PyTorch.
+
+    Returns
+    -------
+    output : ndarray
+        The normalized input.
+    rstd : ndarray of shape ``input.shape[:-len(normalized_shape)]``
+        1/sqrt(mean(x²) + eps) per row, in float64.
     """
     input = np.asarray(input)
     if eps is None:
@@ -645,6 +1063,27 @@ def rms_norm_backward(grad_output: ArrayLike, input: ArrayLike,
         grad_weight = sum(dy * xhat)
 
     Returns (grad_input, grad_weight).
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/dy, of the input's shape.
+    input : array_like
+        Data whose trailing dimensions are ``normalized_shape``.
+        Any real dtype, computed in float64.
+    normalized_shape : int or sequence of ints
+        The trailing dimensions normalized together.
+    rstd : array_like
+        From ``rms_norm_forward`` (PyTorch's shape with trailing 1s is accepted too).
+    weight : array_like of shape normalized_shape, optional
+        The forward's weight (1 when None).
+
+    Returns
+    -------
+    grad_input : ndarray
+        Of the input's shape.
+    grad_weight : ndarray of shape normalized_shape, or None
+        None when weight is None.
     """
     x, dy = _float64(input), _float64(grad_output)
     axes = _trailing_axes(x, normalized_shape)
