@@ -28,7 +28,6 @@ import json
 import re
 import statistics
 import sys
-import time
 
 from bncpu import _bench
 
@@ -45,6 +44,9 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="only the report's --quick cases")
     parser.add_argument("--compare", metavar="REPORT_JSON",
                         help="a `python -m bncpu --json` file to compare with")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time with the thread's CPU time (1 thread only), as the report's "
+                             "--cpu-clock")
     parser.add_argument("--interleave", type=int, default=0, metavar="K",
                         help="alternate the report's harness and this one K times per case")
     parser.add_argument("--json", metavar="FILE", help="write the medians and ratios")
@@ -60,17 +62,19 @@ def two_way(bncpu_call, torch_call, samples, min_sample):
     times = {"bncpu": [], "torch": []}
     for _ in range(samples):
         for name, call in (("bncpu", bncpu_call), ("torch", torch_call)):
-            start = time.perf_counter()
+            if loops > 1:   # as the report: a short call starts from its own cache state
+                call()
+            start = _bench.clock()
             for _ in range(loops):
                 call()
-            times[name].append((time.perf_counter() - start) / loops)
+            times[name].append((_bench.clock() - start) / loops)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _time_once(call):
-    start = time.perf_counter()
+    start = _bench.clock()
     call()
-    return time.perf_counter() - start
+    return _bench.clock() - start
 
 
 def interleaved(inputs, calls, n_threads, args):
@@ -99,6 +103,10 @@ def main(argv=None):
         sys.exit("two_way.py compares with torch: install torch==2.13.0")
     _bench.reuse_freed_memory()   # the report's default, so that both see the same malloc
     n_threads = args.threads or _bench.bncpu.get_num_threads()
+    if args.cpu_clock:
+        if n_threads != 1:
+            sys.exit("--cpu-clock needs --threads 1")
+        _bench.use_cpu_clock(True)
     _bench.set_threads(n_threads)
     pattern = re.compile(args.cases) if args.cases else None
     reported = report_ratios(args.compare, n_threads) if args.compare else {}

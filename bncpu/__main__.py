@@ -46,6 +46,9 @@ def parse_args(argv):
     parser.add_argument("--cases", type=parse_pattern, default=None, metavar="REGEX",
                         help="only the cases whose id matches, e.g. 'bn_bwd_train-32x64x56x56' "
                              "(ids: operation-shape-dtype, as in the JSON and benchmarks/)")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time with the calling thread's CPU time instead of the wall "
+                             "clock: steadier on a busy machine; needs --threads 1")
     parser.add_argument("--json", metavar="FILE", help="write every raw timing and the environment")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG bar chart of the speed-ups "
                                                        "(needs matplotlib)")
@@ -53,6 +56,9 @@ def parse_args(argv):
                         help="leave glibc's malloc thresholds alone: large results then may "
                              "page-fault fresh memory on every call, depending on case order")
     args = parser.parse_args(argv)
+    if args.cpu_clock and args.threads != [1]:
+        parser.error("--cpu-clock needs --threads 1 (other threads' work is not on the "
+                     "calling thread's clock)")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         parser.error("--plot needs matplotlib, which is not installed "
                      "(pip install matplotlib, or pip install 'bncpu[bench]')")
@@ -177,6 +183,7 @@ def header_lines(env, thread_counts, quick):
         f"  versions: Python {env['python']}, numpy {env['numpy']}, "
         f"torch {env['torch'] or 'not installed'}",
         f"  floor   : {env['floor']}",
+        f"  clock   : {env['clock']}",
         "  timing  : medians of samples taken round-robin (bncpu, bncpu out=, torch, oneDNN,",
         "            floor), then the NumPy reference's apart; bncpu, torch and the reference",
         "            allocate their results, bncpu out=, oneDNN and the floor write into",
@@ -263,6 +270,8 @@ def main(argv=None):
     env = _bench.environment()
     env["reuse_freed_memory"] = not args.default_malloc and _bench.reuse_freed_memory()
     thread_counts = args.threads or [env["default_threads"]]
+    _bench.use_cpu_clock(args.cpu_clock)
+    env["clock"] = "thread CPU time" if args.cpu_clock else "wall clock"
     cases = [case for case in _bench.cases(quick=args.quick)
              if args.cases is None or args.cases.search(case.id)]
     budget = _bench.QUICK if args.quick else _bench.FULL

@@ -891,10 +891,22 @@ def describe(error):
     return f"error: {type(error).__name__}: {message}"
 
 
+# What a sample is timed with: wall-clock time, or (``use_cpu_clock``, one thread only)
+# the calling thread's CPU time, which a busy machine's other processes do not inflate.
+clock = time.perf_counter
+
+
+def use_cpu_clock(enabled):
+    """Time samples with the calling thread's CPU time (True) or the wall clock (False).
+    Only meaningful at 1 thread, where every implementation runs on the calling thread."""
+    global clock
+    clock = time.thread_time if enabled else time.perf_counter
+
+
 def _time_call(call):
-    start = time.perf_counter()
+    start = clock()
     call()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _minor_faults():
@@ -902,12 +914,18 @@ def _minor_faults():
 
 
 def _sample(timing, call):
-    """One sample of ``call`` into ``timing``: its time per call and its page faults."""
+    """One sample of ``call`` into ``timing``: its time per call and its page faults.
+
+    A short call (several per sample) is called once untimed first: its inputs and
+    results fit in the caches, and without that call its time would depend on what the
+    previous implementation left there (the floor's or oneDNN's buffers)."""
+    if timing.calls_per_sample > 1:
+        call()
     faults = _minor_faults()
-    begin = time.perf_counter()
+    begin = clock()
     for _ in range(timing.calls_per_sample):
         call()
-    timing.samples.append((time.perf_counter() - begin) / timing.calls_per_sample)
+    timing.samples.append((clock() - begin) / timing.calls_per_sample)
     timing.faults += _minor_faults() - faults
 
 
