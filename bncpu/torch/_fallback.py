@@ -51,17 +51,16 @@ def reason(input, tensors, running=()):
     """
     if not isinstance(input, torch.Tensor):
         return "input is not a tensor"
+    if not input.is_cpu:
+        return f"{input.device.type} input"
     if input.layout != torch.strided:
         return f"{input.layout} input"
-    if input.device.type != "cpu":
-        return f"{input.device.type} input"
-    if input.dtype not in _FLOAT_DTYPES:
-        return f"{input.dtype} input"
+    dtype = input.dtype
+    if dtype not in _FLOAT_DTYPES:
+        return f"{dtype} input"
     for tensor in (*tensors, *running):
-        if tensor is not None and (not isinstance(tensor, torch.Tensor)
-                                   or tensor.dtype != input.dtype
-                                   or tensor.device != input.device
-                                   or tensor.layout != torch.strided):
+        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype
+                                   or not tensor.is_cpu or tensor.layout != torch.strided):
             return "parameters of another dtype or device than the input"
     if any(tensor is not None and tensor.requires_grad for tensor in running):
         return "running statistics require grad"
