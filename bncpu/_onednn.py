@@ -259,10 +259,7 @@ class Primitive:
         self.buffers = buffers
         self._descs = descs   # kept alive with the memories made from them
         self._pd = pd
-        name = ctypes.c_char_p()
-        lib.check(lib.dll.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO_STR, 0,
-                                                    ctypes.byref(name)), "implementation name")
-        self.implementation = name.value.decode()
+        self.implementation = _implementation(lib, pd)
         self._primitive = ctypes.c_void_p()
         lib.check(lib.dll.dnnl_primitive_create(ctypes.byref(self._primitive), pd),
                   "dnnl_primitive_create")
@@ -298,13 +295,24 @@ def _tensor_tag(shape, layout):
     return _LAYOUT_TAGS[layout]
 
 
-def batch_norm(kind, x, weight, bias, mean, variance, dy=None, *, layout="plain", eps=1e-5):
+def _implementation(lib, pd):
+    """The name of the implementation oneDNN chose for a primitive descriptor."""
+    name = ctypes.c_char_p()
+    lib.check(lib.dll.dnnl_primitive_desc_query(pd, _QUERY_IMPL_INFO_STR, 0, ctypes.byref(name)),
+              "implementation name")
+    return name.value.decode()
+
+
+def batch_norm(kind, x, weight, bias, mean, variance, dy=None, *, layout="plain", eps=1e-5,
+               optimized_only=False):
     """A batch-norm primitive on ``x`` (N, C) or (N, C, H, W), float32.
 
     ``kind``: 'forward_training' (mean and variance are outputs), 'forward_inference'
     (mean and variance are the running statistics), 'backward_training' or
     'backward_inference' (mean and variance are the batch's or the running ones; ``dy``
-    the output gradient). Weight and bias are oneDNN's scale and shift."""
+    the output gradient). Weight and bias are oneDNN's scale and shift.
+    ``optimized_only``: raise ``Unavailable`` before making any buffer when oneDNN would
+    run this layout with its reference code."""
     lib = library()
     shape = tuple(x.shape)
     tag = _tensor_tag(shape, layout)
@@ -320,18 +328,8 @@ def batch_norm(kind, x, weight, bias, mean, variance, dy=None, *, layout="plain"
     lib.check(lib.dll.dnnl_batch_normalization_forward_primitive_desc_create(
         ctypes.byref(forward_pd), lib.engine, forward_kind, descs["src"], descs["dst"],
         ctypes.c_float(eps), flags, None), "batch norm forward primitive")
-    size = _buffer_size(shape, layout)
-
-    def params(*names_and_values):
-        return {name: _copy(value) for name, value in names_and_values}
-
-    buffers = {"src": to_layout(x, layout)}
-    buffers.update(params(("mean", mean), ("variance", variance), ("scale", weight)))
     if kind.startswith("forward"):
-        buffers["shift"] = _copy(bias)
-        buffers["dst"] = aligned_empty(size)
         pd = forward_pd
-        names = ("src", "dst", "mean", "variance", "scale", "shift")
     else:
         pd = ctypes.c_void_p()
         lib.check(lib.dll.dnnl_batch_normalization_backward_primitive_desc_create(
@@ -339,6 +337,20 @@ def batch_norm(kind, x, weight, bias, mean, variance, dy=None, *, layout="plain"
             descs["src"], ctypes.c_float(eps), flags, forward_pd, None),
             "batch norm backward primitive")
         lib.dll.dnnl_primitive_desc_destroy(forward_pd)
+    implementation = _implementation(lib, pd)
+    if optimized_only and implementation.startswith("ref"):
+        lib.dll.dnnl_primitive_desc_destroy(pd)
+        for desc in descs.values():
+            lib.dll.dnnl_memory_desc_destroy(desc)
+        raise Unavailable(f"oneDNN runs {layout} with its reference code ({implementation})")
+    size = _buffer_size(shape, layout)
+    buffers = {"src": to_layout(x, layout), "mean": _copy(mean), "variance": _copy(variance),
+               "scale": _copy(weight)}
+    if kind.startswith("forward"):
+        buffers["shift"] = _copy(bias)
+        buffers["dst"] = aligned_empty(size)
+        names = ("src", "dst", "mean", "variance", "scale", "shift")
+    else:
         buffers["diff_dst"] = to_layout(dy, layout)
         buffers["diff_src"] = aligned_empty(size)
         buffers["diff_scale"] = aligned_empty(channels)
