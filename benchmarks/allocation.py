@@ -14,7 +14,7 @@ Configurations:
   mallopt      the same thresholds set from Python (what ``python -m bncpu`` does)
 
     python benchmarks/allocation.py                 # every configuration, default shapes
-    python benchmarks/allocation.py --threads 1 --calls 41
+    python benchmarks/allocation.py --threads 1 --calls 41 --cpu-clock
 
 Timings on a loaded machine are noisy; the page-fault counts are not.
 """
@@ -33,7 +33,7 @@ CASES = (("batch_norm fwd eval", "eval", (32, 256, 56, 56)),
          ("batch_norm bwd train", "backward", (32, 64, 56, 56)))
 
 
-def worker(config, threads, calls):
+def worker(config, threads, calls, cpu_clock):
     """Runs in the fresh process: prints one JSON line per case."""
     import resource
 
@@ -47,6 +47,7 @@ def worker(config, threads, calls):
     if config == "mallopt" and not _bench.reuse_freed_memory():
         raise SystemExit("mallopt refused")
     bncpu.set_num_threads(threads)
+    clock = time.thread_time if cpu_clock else time.perf_counter
     rng = np.random.default_rng(0)
     for label, kind, shape in CASES:
         x = rng.standard_normal(shape, dtype=np.float32)
@@ -72,9 +73,9 @@ def worker(config, threads, calls):
         for i in range(calls):
             for name in times:
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
+                start = clock()
                 result = call(out if name == "out=" else None)
-                elapsed = time.perf_counter() - start
+                elapsed = clock() - start
                 del result
                 faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
                 if i == 0 and name == "allocating":
@@ -88,13 +89,14 @@ def worker(config, threads, calls):
             flush=True)
 
 
-def run_config(config, threads, calls):
+def run_config(config, threads, calls, cpu_clock):
     env = dict(os.environ)
     if config == "tunables":
         env["GLIBC_TUNABLES"] = (f"glibc.malloc.mmap_threshold={ONE_GIB}:"
                                  f"glibc.malloc.trim_threshold={ONE_GIB}")
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", config,
-                             "--threads", str(threads), "--calls", str(calls)],
+                             "--threads", str(threads), "--calls", str(calls)]
+                            + (["--cpu-clock"] if cpu_clock else []),
                             env=env, capture_output=True, text=True, check=True)
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
@@ -104,17 +106,22 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=21)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time with the thread's CPU time (user + system, so page faults "
+                             "count): steadier on a busy machine; needs --threads 1")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--json", metavar="FILE", help="write every result")
     args = parser.parse_args(argv)
+    if args.cpu_clock and args.threads != 1:
+        parser.error("--cpu-clock needs --threads 1")
     if args.worker:
-        worker(args.worker, args.threads, args.calls)
+        worker(args.worker, args.threads, args.calls, args.cpu_clock)
         return 0
     results = []
     print(f"{'config':9s} {'operation':21s} {'shape':18s} {'first':>8s} {'allocating':>10s} "
           f"{'out=':>8s} {'alloc/out':>9s} {'faults/call':>11s}")
     for config in args.configs.split(","):
-        for row in run_config(config, args.threads, args.calls):
+        for row in run_config(config, args.threads, args.calls, args.cpu_clock):
             results.append(row)
             median = row["median_s"]
             print(f"{config:9s} {row['case']:21s} {str(tuple(row['shape'])):18s} "
