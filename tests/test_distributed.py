@@ -324,6 +324,21 @@ def test_out_and_no_weight():
     assert_near(np.concatenate(results), expected, np.float64)
 
 
+def test_out_overlapping_running_stats_rejected():
+    """An out= sharing memory with the running statistics would overwrite their update:
+    rejected before the collective, nothing written (issue 18 item 9)."""
+    from bncpu.distributed._comm import LocalCommunicator
+    x = np.random.default_rng(0).random((6, 3), dtype=np.float64)
+    storage = np.zeros(18 + 6)
+    running_mean, running_var = storage[:3], storage[3:6]
+    running_var[:] = 1.0
+    before = storage.copy()
+    with pytest.raises(ValueError, match="out shares memory with running_mean"):
+        sync_batch_norm_forward(x, None, None, running_mean, running_var, 0.1, 1e-5,
+                                LocalCommunicator(), out=storage[:18].reshape(6, 3))
+    np.testing.assert_array_equal(storage, before)
+
+
 def test_local_communicator_equals_batch_norm():
     x, dy = shard(0, 1, np.float64)
     weight, bias, running_mean, running_var = parameters(np.float64)

@@ -108,6 +108,7 @@ def sync_batch_norm_forward(input, weight, bias, running_mean, running_var, mome
         rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
         w = v.per_channel(weight, "weight", c, dtype)
         b = v.per_channel(bias, "bias", c, dtype)
+        v.check_out_apart(out, running_mean=rm, running_var=rv)
         result = v.Output(out, x.shape, dtype, (x, w, b, rm, rv))
         mean, m2, count = bncpu.batch_norm_stats(x, axis=axis)
         row = np.concatenate(([_STATUS_OK, c, _DTYPE_CODES[dtype], count], mean, m2))
