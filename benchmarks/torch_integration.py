@@ -103,8 +103,12 @@ def overhead(samples):
         _, mean, invstd = bncpu.batch_norm_forward(xn, wn, bn, rmn, rvn, True, 0.1, 1e-5)
         bncpu.batch_norm_backward(dyn, xn, wn, None, None, mean, invstd, True, 1e-5)
 
-    def torch_train_fwd_bwd():
+    def bncpu_torch_train_fwd_bwd():
         bt.batch_norm(x_grad, running_mean, running_var, weight, bias, True).backward(dy)
+
+    def torch_train_fwd_bwd():
+        torch.nn.functional.batch_norm(x_grad, running_mean, running_var, weight, bias,
+                                       True).backward(dy)
 
     functions = {
         "bncpu.batch_norm_forward, train": lambda: bncpu.batch_norm_forward(
@@ -119,9 +123,10 @@ def overhead(samples):
                                                                      1e-5),
         "bncpu.torch.layer_norm": lambda: bt.layer_norm(rows, (32,), rows_weight, rows_bias),
         "bncpu fwd+bwd, train": direct_train_fwd_bwd,
-        "bncpu.torch fwd+bwd (autograd), train": torch_train_fwd_bwd,
+        "bncpu.torch fwd+bwd (autograd), train": bncpu_torch_train_fwd_bwd,
         "torch.nn.functional.batch_norm, train": lambda: torch.nn.functional.batch_norm(
             x, running_mean, running_var, weight, bias, True),
+        "torch.nn.functional fwd+bwd (autograd), train": torch_train_fwd_bwd,
     }
     times = round_robin(functions, samples, min_seconds=0.01)
     show("Per-call overhead, tiny inputs (2, 3, 4, 4) and (8, 32), float32", times)
