@@ -18,7 +18,7 @@ work the absolute times drift: compare the ratios, and rerun on an idle machine.
 
     python benchmarks/torch_integration.py --threads 2
     python benchmarks/torch_integration.py --threads 2 --samples 5 --block-steps 2   # quicker
-    python benchmarks/torch_integration.py --only overhead --samples 41
+    python benchmarks/torch_integration.py --only overhead --samples 41 --cpu-clock
 """
 import argparse
 import json
@@ -42,31 +42,35 @@ def parse_args(argv=None):
                         help="timed training steps per ResNet-block variant (5)")
     parser.add_argument("--only", choices=("overhead", "module", "block"), action="append",
                         help="run only this part (repeatable; default: all three)")
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time the per-call overhead in CPU time of the calling thread "
+                             "(tiny inputs run on it alone), not wall time: on a busy "
+                             "machine, time spent descheduled is left out")
     parser.add_argument("--json", metavar="PATH", help="write every sample as JSON")
     return parser.parse_args(argv)
 
 
-def round_robin(functions, samples, min_seconds=0.0, warmup=1):
+def round_robin(functions, samples, min_seconds=0.0, warmup=1, clock=time.perf_counter):
     """{name: [seconds per call]} with one sample of each function in turn; a sample
     loops a function until it lasts ``min_seconds``."""
     loops = {}
     for name, function in functions.items():
         for _ in range(warmup):
             function()
-        start, count = time.perf_counter(), 0
+        start, count = clock(), 0
         while True:
             function()
             count += 1
-            if time.perf_counter() - start >= min_seconds:
+            if clock() - start >= min_seconds:
                 break
         loops[name] = count
     times = {name: [] for name in functions}
     for _ in range(samples):
         for name, function in functions.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(loops[name]):
                 function()
-            times[name].append((time.perf_counter() - start) / loops[name])
+            times[name].append((clock() - start) / loops[name])
     return times
 
 
@@ -87,7 +91,7 @@ def show(title, times, baseline=None, unit=1e-6, unit_name="us"):
 # ----------------------------------------------------------------------------------
 # 1. Per-call overhead
 # ----------------------------------------------------------------------------------
-def overhead(samples):
+def overhead(samples, clock=time.perf_counter):
     x = torch.randn(2, 3, 4, 4)
     weight, bias = torch.rand(3) + 0.5, torch.randn(3)
     running_mean, running_var = torch.zeros(3), torch.ones(3)
@@ -128,8 +132,10 @@ def overhead(samples):
             x, running_mean, running_var, weight, bias, True),
         "torch.nn.functional fwd+bwd (autograd), train": torch_train_fwd_bwd,
     }
-    times = round_robin(functions, samples, min_seconds=0.01)
-    show("Per-call overhead, tiny inputs (2, 3, 4, 4) and (8, 32), float32", times)
+    times = round_robin(functions, samples, min_seconds=0.01, clock=clock)
+    clock_name = "wall clock" if clock is time.perf_counter else "CPU time of the calling thread"
+    show(f"Per-call overhead, tiny inputs (2, 3, 4, 4) and (8, 32), float32 ({clock_name})",
+         times)
     pairs = [("bncpu.torch.batch_norm, train", "bncpu.batch_norm_forward, train"),
              ("bncpu.torch.batch_norm, eval", "bncpu.batch_norm_forward, eval"),
              ("bncpu.torch.layer_norm", "bncpu.layer_norm_forward"),
@@ -146,7 +152,8 @@ def overhead(samples):
 def module_fwd_bwd(samples, shape=(32, 64, 56, 56)):
     results = {}
     for layout in ("NCHW", "channels_last"):
-        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        memory_format = (torch.channels_last if layout == "channels_last"
+                         else torch.contiguous_format)
         x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_(True)
         dy = torch.randn(shape).contiguous(memory_format=memory_format)
         torch_bn = nn.BatchNorm2d(shape[1])
@@ -173,8 +180,9 @@ def module_fwd_bwd(samples, shape=(32, 64, 56, 56)):
         times = round_robin(functions, samples)
         show(f"Module forward + backward, {shape} float32, {layout}", times,
              baseline="torch nn.BatchNorm2d", unit=1e-3, unit_name="ms")
-        print(f"  fused vs torch BN + ReLU: "
-              f"{median(times['torch nn.BatchNorm2d + nn.ReLU']) / median(times['bncpu.torch BatchNormReLU2d (fused)']):.2f}x")
+        speedup = (median(times["torch nn.BatchNorm2d + nn.ReLU"])
+                   / median(times["bncpu.torch BatchNormReLU2d (fused)"]))
+        print(f"  fused vs torch BN + ReLU: {speedup:.2f}x")
         results[layout] = times
     return results
 
@@ -266,7 +274,8 @@ def main(argv=None):
     report = {"threads": args.threads, "load_average": load}
     parts = args.only or ("overhead", "module", "block")
     if "overhead" in parts:
-        report["overhead"] = overhead(args.samples)
+        report["overhead"] = overhead(
+            args.samples, time.thread_time if args.cpu_clock else time.perf_counter)
     if "module" in parts:
         report["module"] = module_fwd_bwd(args.samples)
     if "block" in parts:

@@ -36,8 +36,10 @@ import bncpu
 import bncpu.torch
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-FASHION_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-                 "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+FASHION_FILES = {"train_images": "train-images-idx3-ubyte",
+                 "train_labels": "train-labels-idx1-ubyte",
+                 "test_images": "t10k-images-idx3-ubyte",
+                 "test_labels": "t10k-labels-idx1-ubyte"}
 FIRST_STEPS = 5
 
 
@@ -76,7 +78,8 @@ def load_fashion_mnist(directory):
     """(train_x, train_y, test_x, test_y): images (N, 1, 28, 28) float32 in [0, 1],
     labels int64."""
     arrays = {key: read_idx(_find(directory, name)) for key, name in FASHION_FILES.items()}
-    images = [arrays[k].astype(np.float32)[:, None] / 255.0 for k in ("train_images", "test_images")]
+    images = [arrays[key].astype(np.float32)[:, None] / 255.0
+              for key in ("train_images", "test_images")]
     labels = [arrays[k].astype(np.int64) for k in ("train_labels", "test_labels")]
     for x, y in zip(images, labels):
         if len(x) != len(y):
@@ -143,7 +146,8 @@ def accuracy(model, x, y, batch_size):
     correct = 0
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            correct += (model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum().item()
+            batch = slice(start, start + batch_size)
+            correct += (model(x[batch]).argmax(1) == y[batch]).sum().item()
     return correct / max(len(x), 1)
 
 
@@ -204,14 +208,16 @@ def main(argv=None):
     data = load_fashion_mnist(args.data) if args.data else load_digits_28(args.seed)
     if args.epochs is None:
         args.epochs = 10 if args.data else 40
-    source = f"Fashion-MNIST from {args.data}" if args.data else "scikit-learn digits padded to 28x28"
+    source = (f"Fashion-MNIST from {args.data}" if args.data
+              else "scikit-learn digits padded to 28x28")
     print(f"LeNet-BN on {source}: {len(data[0])} training, {len(data[2])} test images; "
           f"SGD lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}; "
           f"threads: torch {torch.get_num_threads()}, bncpu {bncpu.get_num_threads()}")
     torch.manual_seed(args.seed)
     model = lenet()
     runs = {}
-    for label, run_model in (("torch", copy.deepcopy(model)), ("bncpu", bncpu.torch.convert(model))):
+    for label, run_model in (("torch", copy.deepcopy(model)),
+                             ("bncpu", bncpu.torch.convert(model))):
         print(f"{label}:")
         runs[label] = train(run_model, data, args.epochs, args.batch_size, args.lr, args.seed,
                             args.max_batches, label)

@@ -291,7 +291,8 @@ def test_compile_fullgraph_inductor_matches_eager():
     eager_args = [x.clone().requires_grad_(True), *params(3, torch.float32, (True, True)),
                   torch.zeros(3), torch.ones(3)]
     compiled_args = [t.detach().clone().requires_grad_(t.requires_grad) for t in eager_args]
-    for args, function in ((eager_args, step), (compiled_args, torch.compile(step, fullgraph=True))):
+    compiled = torch.compile(step, fullgraph=True)
+    for args, function in ((eager_args, step), (compiled_args, compiled)):
         for _ in range(2):
             function(*args).backward()
     for ours, theirs in zip(compiled_args, eager_args):

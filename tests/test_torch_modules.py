@@ -167,7 +167,8 @@ def test_each_module_state_dict_and_modes(module):
     module.load_state_dict(converted.state_dict())
     dims = {nn.BatchNorm1d: 3, nn.InstanceNorm1d: 3, nn.BatchNorm3d: 5, nn.InstanceNorm3d: 5}
     ndim = next((d for cls, d in dims.items() if isinstance(module, cls)), 4)
-    shape = (5, 3, 4, 4, 4)[:ndim] if not isinstance(module, (nn.LayerNorm, nn.RMSNorm)) else (5, 3, 4)
+    rows = isinstance(module, (nn.LayerNorm, nn.RMSNorm))
+    shape = (5, 3, 4) if rows else (5, 3, 4, 4, 4)[:ndim]
     for training in (True, False, True):
         module.train(training)
         converted.train(training)

@@ -39,13 +39,36 @@ Tensor = torch.Tensor
 _library = torch.library.Library("bncpu", "FRAGMENT")
 
 
+# name -> (the operator torch.ops.bncpu.<name>, its CPU kernel)
+_OPERATORS = {}
+
+
 def _operator(schema):
     """Define ``bncpu::<schema>`` with the decorated function as its CPU kernel."""
     def define(kernel):
+        name = schema.split("(", 1)[0]
         _library.define(schema)
-        _library.impl(schema.split("(", 1)[0], kernel, "CPU")
+        _library.impl(name, kernel, "CPU")
+        _OPERATORS[name] = (getattr(torch.ops.bncpu, name).default, kernel)
         return kernel
     return define
+
+
+def _through_dispatcher(input):
+    """Whether a call must go through torch's dispatcher: under torch.compile, the
+    profiler (which names the operators), a dispatch mode (fake tensors, export) or with a
+    tensor subclass. Plain eager calls skip it: its boxing and two Python trampolines (the
+    autograd kernel, then the CPU kernel) cost several times the kernel's own overhead on
+    a small input."""
+    return (torch.compiler.is_compiling() or type(input) is not torch.Tensor
+            or torch.autograd._profiler_enabled() or torch._C._len_torch_dispatch_stack() > 0)
+
+
+def _run(name, *args):
+    """The operator ``bncpu::<name>`` (no autograd of its own: the backward operators) on
+    ``args``, grad_output first."""
+    operator, kernel = _OPERATORS[name]
+    return operator(*args) if _through_dispatcher(args[0]) else kernel(*args)
 
 
 def _fake(name):
@@ -53,8 +76,8 @@ def _fake(name):
     return torch.library.register_fake(f"bncpu::{name}", lib=_library)
 
 
-# name -> (the operator, the same kernel and formulas as an autograd.Function)
-_FORWARDS = {}
+# name -> the forward operator's kernel and formulas as an autograd.Function
+_EAGER = {}
 
 
 def _autograd(name, kernel, backward, setup_context):
@@ -72,23 +95,20 @@ def _autograd(name, kernel, backward, setup_context):
 
     eager = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(eager_forward), "backward": staticmethod(backward)})
-    _FORWARDS[name] = (getattr(torch.ops.bncpu, name).default, eager.apply)
+    _EAGER[name] = eager.apply
 
 
 def forward(name, *args):
-    """Run the forward operator ``bncpu::<name>`` on ``args`` (input first).
-
-    Under ``torch.compile``, the profiler, a dispatch mode (fake tensors, export) or with
-    a tensor subclass the call goes through torch's dispatcher to the operator. A plain
-    eager call runs the same kernel and autograd formulas as an ``autograd.Function``:
-    the dispatcher's boxing and its two Python trampolines (the autograd kernel, then the
-    CPU kernel) cost several times the kernel's own overhead on a small input.
-    """
-    operator, eager = _FORWARDS[name]
-    if (torch.compiler.is_compiling() or type(args[0]) is not torch.Tensor
-            or torch.autograd._profiler_enabled() or torch._C._len_torch_dispatch_stack()):
+    """Run the forward operator ``bncpu::<name>`` on ``args`` (input first): through the
+    dispatcher when ``_through_dispatcher`` says so, else its kernel and autograd formulas
+    as an ``autograd.Function``, or its kernel alone when no gradient is wanted."""
+    operator, kernel = _OPERATORS[name]
+    if _through_dispatcher(args[0]):
         return operator(*args)
-    return eager(*args)
+    if torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad
+                                       for arg in args):
+        return _EAGER[name](*args)
+    return kernel(*args)
 
 
 def _array(tensor, order=None):
@@ -215,9 +235,9 @@ def _batch_norm_grad(ctx, grad_output, *_):
                                          ctx.eps),
             (input, weight, bias), grad_output)
     else:
-        grad_input, grad_weight, grad_bias = torch.ops.bncpu.batch_norm_backward(
-            grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
-            ctx.training, ctx.eps)
+        grad_input, grad_weight, grad_bias = _run(
+            "batch_norm_backward", grad_output, input, weight, running_mean, running_var,
+            save_mean, save_invstd, ctx.training, ctx.eps)
         grads = (grad_input, grad_weight if weight is not None else None,
                  _bias_grad(grad_bias, weight, bias, grad_output, (1,)))
     return (*grads, None, None, None, None, None)
@@ -321,11 +341,10 @@ def _batch_norm_relu_grad(ctx, grad_output, *_):
                                           (input, weight, bias, residual), grad_output)
     else:
         residual_grad = residual is not None and residual.requires_grad
-        grad_input, grad_weight, grad_bias, grad_residual = (
-            torch.ops.bncpu.batch_norm_relu_backward(
-                grad_output, output, input, weight, running_mean, running_var, save_mean,
-                save_invstd, ctx.training, ctx.eps, residual_grad or (bias is not None
-                                                                      and weight is None)))
+        grad_input, grad_weight, grad_bias, grad_residual = _run(
+            "batch_norm_relu_backward", grad_output, output, input, weight, running_mean,
+            running_var, save_mean, save_invstd, ctx.training, ctx.eps,
+            residual_grad or (bias is not None and weight is None))
         grads = (grad_input, grad_weight if weight is not None else None,
                  _bias_grad(grad_bias, weight, bias, grad_residual, (1,)),
                  grad_residual if residual_grad else None)
@@ -396,8 +415,8 @@ def _layer_norm_grad(ctx, grad_output, *_):
             lambda x, w, b: F.layer_norm(x, ctx.normalized_shape, w, b, ctx.eps),
             (input, weight, bias), grad_output)
     else:
-        grad_input, grad_weight, grad_bias = torch.ops.bncpu.layer_norm_backward(
-            grad_output, input, ctx.normalized_shape, mean, rstd, weight)
+        grad_input, grad_weight, grad_bias = _run(
+            "layer_norm_backward", grad_output, input, ctx.normalized_shape, mean, rstd, weight)
         normalized_dims = range(input.dim() - len(ctx.normalized_shape), input.dim())
         grads = (grad_input, grad_weight if weight is not None else None,
                  _bias_grad(grad_bias, weight, bias, grad_output, normalized_dims))
@@ -457,8 +476,8 @@ def _rms_norm_grad(ctx, grad_output, *_):
             "rms_norm", lambda x, w: F.rms_norm(x, ctx.normalized_shape, w, ctx.eps),
             (input, weight), grad_output)
     else:
-        grad_input, grad_weight = torch.ops.bncpu.rms_norm_backward(
-            grad_output, input, ctx.normalized_shape, rstd, weight)
+        grad_input, grad_weight = _run("rms_norm_backward", grad_output, input,
+                                       ctx.normalized_shape, rstd, weight)
         grad_weight = grad_weight if weight is not None else None
     return grad_input, None, grad_weight, None
 
@@ -524,8 +543,8 @@ def _group_norm_grad(ctx, grad_output, *_):
             "group_norm", lambda x, w, b: F.group_norm(x, ctx.num_groups, w, b, ctx.eps),
             (input, weight, bias), grad_output)
     else:
-        grad_input, grad_weight, grad_bias = torch.ops.bncpu.group_norm_backward(
-            grad_output, input, ctx.num_groups, mean, rstd, weight)
+        grad_input, grad_weight, grad_bias = _run(
+            "group_norm_backward", grad_output, input, ctx.num_groups, mean, rstd, weight)
         grads = (grad_input, grad_weight if weight is not None else None,
                  _bias_grad(grad_bias, weight, bias, grad_output, (1,)))
     return grads[0], None, grads[1], grads[2], None
@@ -598,8 +617,8 @@ def _instance_norm_grad(ctx, grad_output, *_):
             lambda x, w, b: F.instance_norm(x, None, None, w, b, True, 0.0, ctx.eps),
             (input, weight, bias), grad_output)
     else:
-        grad_input, grad_weight, grad_bias = torch.ops.bncpu.instance_norm_backward(
-            grad_output, input, mean, rstd, weight)
+        grad_input, grad_weight, grad_bias = _run(
+            "instance_norm_backward", grad_output, input, mean, rstd, weight)
         grads = (grad_input, grad_weight if weight is not None else None,
                  _bias_grad(grad_bias, weight, bias, grad_output, (1,)))
     return (*grads, None, None, None, None)
