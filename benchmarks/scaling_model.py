@@ -24,8 +24,8 @@ THREADS = (1, 2, 4, 8, 16)
 
 def model(t1, t2, bytes_moved, core_bw, socket_bw):
     """({p: predicted seconds}, limit) for one row."""
-    parallel = max(0.0, 2.0 * (t1 - t2))
-    serial = max(0.0, t1 - parallel)
+    parallel = min(t1, max(0.0, 2.0 * (t1 - t2)))   # 2 threads no slower, no better than 2x
+    serial = t1 - parallel
     per_core = min(bytes_moved / t1, core_bw)
     predicted, limits = {}, {}
     for p in THREADS:
