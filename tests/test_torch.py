@@ -172,6 +172,27 @@ def test_layer_and_rms_norm(dtype, normalized_shape, affine):
                     dtype)
 
 
+LAYOUTS = {"transposed": lambda x: x.transpose(2, 3), "sliced": lambda x: x[:, :, ::2],
+           "expanded": lambda x: x[:1].expand(3, -1, -1, -1)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_other_strides(layout):
+    """Non-contiguous inputs (bncpu copies them) give torch's values and gradients."""
+    base = tensors((3, 4, 6, 5), torch.float64)[0]
+    weight, bias = params(4, torch.float64, (True, True))
+    for ours, theirs in ((lambda x, w, b: bt.batch_norm(x, None, None, w, b, True),
+                          lambda x, w, b: F.batch_norm(x, None, None, w, b, True)),
+                         (lambda x, w, b: bt.group_norm(x, 2, w, b),
+                          lambda x, w, b: F.group_norm(x, 2, w, b))):
+        # the view is taken inside the function, so the operators receive its strides
+        results = [run(lambda x, w, b: function(LAYOUTS[layout](x), w, b),
+                       [base.requires_grad_(True), weight, bias])
+                   for function in (ours, theirs)]
+        assert not LAYOUTS[layout](base).is_contiguous()
+        assert_same(*results, torch.float64)
+
+
 def test_channels_last_runs_without_a_copy(monkeypatch):
     """The arrays bncpu receives are the tensors' own memory, permuted to (N, H, W, C)
     and C-contiguous, with axis=-1; the output is channels_last."""
