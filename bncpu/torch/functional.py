@@ -11,7 +11,6 @@ from bncpu.torch import _fallback
 from bncpu.torch._ops import forward
 
 
-
 def _shape_list(normalized_shape):
     """normalized_shape (an int, a sequence of ints or a torch.Size) as a list of ints."""
     try:
