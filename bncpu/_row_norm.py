@@ -216,7 +216,8 @@ def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
 #   per-instance ones: no copy;
 # * for group norm, through a channels-first copy of the input (and of grad_output),
 #   the result written back in the input's layout. A channels-last group-norm kernel
-#   replaces that copy without changing any argument or result.
+#   can replace that copy without changing the arguments or the shapes and layouts of
+#   the results.
 def _sample_layout(shape, axis):
     """(N, C, S) of an input of ``shape``: samples along axis 0, channels along ``axis``,
     S values per sample and channel."""
