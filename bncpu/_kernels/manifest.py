@@ -16,7 +16,8 @@ type differs from the kernel's signature fails the build (the table is typed, an
 setup.py compiles with -Werror=incompatible-pointer-types).
 
 Run as ``python bncpu/_kernels/manifest.py --header`` it rewrites the macro block of
-include/bncpu.h; ``--check`` exits 1 when the header does not follow the manifest.
+include/bncpu.h; ``--check`` exits 1 when the header does not follow the manifest;
+``--sources`` writes the generated Cython files (as setup.py does).
 This module imports nothing but the standard library: setup.py reads it before
 anything is built.
 """
@@ -134,6 +135,26 @@ def fill_source(family):
     return "\n".join(lines) + "\n"
 
 
+def write_if_changed(path, text):
+    """Write a generated file, leaving it (and its timestamp) alone when unchanged."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def write_sources(kernels_dir=None):
+    """Write _api_table.pxd and every _fill_<family>.pxi into bncpu/_kernels."""
+    kernels_dir = kernels_dir or os.path.dirname(os.path.abspath(__file__))
+    write_if_changed(os.path.join(kernels_dir, "_api_table.pxd"), cython_table())
+    for family in FAMILIES:
+        write_if_changed(os.path.join(kernels_dir, f"_fill_{family}.pxi"), fill_source(family))
+
+
 MACROS_BEGIN = "/* ---- the kernels' macros: generated from bncpu/_kernels/manifest.py ---- */"
 MACROS_END = "/* ---- end of the generated macros ---- */"
 
@@ -195,12 +216,16 @@ def main(argv):
         with open(path, "w") as f:
             f.write(text[:start] + header_macros() + text[stop:])
         return 0
+    if argv == ["--sources"]:
+        write_sources()
+        return 0
     if argv == ["--check"]:
         problems = check_header(text)
         for problem in problems:
             print(problem, file=sys.stderr)
         return 1 if problems else 0
-    print("usage: python -m bncpu._kernels.manifest --header | --check", file=sys.stderr)
+    print("usage: python bncpu/_kernels/manifest.py --header | --check | --sources",
+          file=sys.stderr)
     return 2
 
 
