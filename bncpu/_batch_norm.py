@@ -1,6 +1,7 @@
 """Batch norm: the public Python functions (validation in bncpu._validate, kernels in
 bncpu/_kernels/batch_norm.pyx, reached through bncpu._ops)."""
 from __future__ import annotations
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
