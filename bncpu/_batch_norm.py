@@ -1,14 +1,12 @@
 """Batch norm: the public Python functions (validation in bncpu._validate, kernels in
-bncpu/_kernels/batch_norm.pyx)."""
+bncpu/_kernels/batch_norm.pyx, reached through bncpu._ops)."""
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bncpu import _validate as v
-from bncpu._dispatch import KERNELS
-
-_bn = KERNELS["batch_norm"]
+from bncpu._ops import batch_norm as _bn
 
 
 def _forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps, save_mean, save_invstd,

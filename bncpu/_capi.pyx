@@ -1,12 +1,16 @@
 """The C API's function table, handed to C code through a capsule.
 
-bncpu/__init__.py fills the table at import: each kernel family module (in the
-instruction-set build bncpu._dispatch chose) writes its entries, then the table is
-published as ``bncpu._capi._C_API``, a capsule named "bncpu._capi._C_API" that
-include/bncpu.h's bncpu_import() reads. The table lives as long as the process.
+bncpu._dispatch fills the table at import: each kernel family module (in the
+instruction-set build it chose) writes its entries, then the table is published as
+``bncpu._capi._C_API``, a capsule named "bncpu._capi._C_API" that include/bncpu.h's
+bncpu_import() reads, and bncpu._ops calls the kernels through it (api_table()). Its
+type comes from _kernels/_api_table.pxd, which setup.py generates from the manifest.
+The table lives as long as the process.
 """
 from cpython.pycapsule cimport PyCapsule_New
 from libc.string cimport memset
+
+from bncpu._kernels._api_table cimport bncpu_api
 
 cdef extern from *:
     """
@@ -14,13 +18,6 @@ cdef extern from *:
     static bncpu_api bncpu_table;
     static char bncpu_isa_name[32];
     """
-    ctypedef struct bncpu_api:
-        int api_version
-        const char* version
-        const char* isa
-        const char* (*strerror)(int) noexcept nogil
-        int (*get_num_threads)() noexcept nogil
-        void (*set_num_threads)(int) noexcept nogil
     int BNCPU_API_VERSION
     const char* BNCPU_VERSION_STRING
     bncpu_api bncpu_table
@@ -44,6 +41,11 @@ def _new_table(str isa):
     bncpu_table.get_num_threads = c_get_num_threads
     bncpu_table.set_num_threads = c_set_num_threads
     return PyCapsule_New(&bncpu_table, "bncpu._capi.table", NULL)
+
+
+cdef const bncpu_api* api_table() noexcept nogil:
+    """The table, for bncpu._ops (complete once bncpu._dispatch has been imported)."""
+    return &bncpu_table
 
 
 def _publish():

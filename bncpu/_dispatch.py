@@ -1,23 +1,24 @@
-"""Pick the instruction-set build of each kernel family at import time, and publish
-the C API table filled with it.
+"""Pick the instruction-set build of the kernel families at import time, and fill and
+publish the C API table with it.
 
-setup.py compiles every kernel family (bncpu/_kernels/<family>.pyx) once portable
-(SSE2, module <family>) and again with AVX2+FMA (<family>_avx2) and AVX-512
-(<family>_avx512). The best build this CPU runs is used; set the environment variable
-BNCPU_ISA=baseline|avx2|avx512 to force one (an unsupported choice is an error).
+setup.py compiles every kernel family of bncpu/_kernels/manifest.py once per ISA level
+(module <family><suffix>: portable SSE2 without suffix, then AVX2+FMA and AVX-512 on
+x86). The best level this CPU runs whose modules all load is used; set the environment
+variable BNCPU_ISA=baseline|avx2|avx512 to force one (an unsupported choice is an
+error). Everything calls the kernels through the table: Python through bncpu._ops, C
+through include/bncpu.h.
 """
 import importlib
 import os
 
 from bncpu import _capi
-
-FAMILIES = ("batch_norm", "row_norm")
-_SUFFIX = {"baseline": "", "avx2": "_avx2", "avx512": "_avx512"}
+from bncpu._kernels.manifest import FAMILIES, ISA_LEVELS
 
 
 def _load(family, isa):
+    suffix = ISA_LEVELS[isa][0]
     try:
-        return importlib.import_module(f"bncpu._kernels.{family}{_SUFFIX[isa]}")
+        return importlib.import_module(f"bncpu._kernels.{family}{suffix}")
     except ImportError:
         return None
 
@@ -27,8 +28,8 @@ def select():
     supported = _capi.cpu_isas()
     forced = os.environ.get("BNCPU_ISA", "").strip().lower()
     if forced:
-        if forced not in _SUFFIX:
-            raise ValueError(f"BNCPU_ISA must be one of {sorted(_SUFFIX)}, got {forced!r}")
+        if forced not in ISA_LEVELS:
+            raise ValueError(f"BNCPU_ISA must be one of {sorted(ISA_LEVELS)}, got {forced!r}")
         if forced not in supported:
             raise ValueError(f"BNCPU_ISA={forced} but this CPU supports only {supported}")
         candidates = [forced]

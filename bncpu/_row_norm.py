@@ -16,10 +16,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from bncpu import _validate as v
 from bncpu._batch_norm import batch_norm_forward
-from bncpu._dispatch import KERNELS
-
-_rows = KERNELS["row_norm"]
-_bn = KERNELS["batch_norm"]
+from bncpu._ops import batch_norm as _bn
+from bncpu._ops import row_norm as _rows
 
 
 def _normalized_shape(normalized_shape, input_shape):

@@ -63,7 +63,7 @@
 #define BNCPU_VERSION_PATCH 0
 #define BNCPU_VERSION_STRING "0.1.0"
 /* Incremented whenever bncpu_api changes; bncpu_import() refuses a mismatch. */
-#define BNCPU_API_VERSION 1
+#define BNCPU_API_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -84,7 +84,9 @@ typedef enum {
     BNCPU_ERR_IMPORT = 10            /* bncpu_import(): the Python package could not be loaded */
 } bncpu_status;
 
-/* The function table (ABI of BNCPU_API_VERSION); use the macros further below. */
+/* The function table (ABI of BNCPU_API_VERSION); use the macros further below.
+ * The kernel members follow bncpu/_kernels/manifest.py (the same names, order and types;
+ * the build fails when a kernel's signature differs from its member). */
 typedef struct bncpu_api {
     int api_version;
     const char *version;
@@ -99,15 +101,17 @@ typedef struct bncpu_api {
      * If running_mean/running_var are given (both or neither; may be NULL) and M > 0:
      *   running_mean = (1-momentum)*running_mean + momentum*mean
      *   running_var  = (1-momentum)*running_var  + momentum*var*M/(M-1)
+     * (unbiased != 0, PyTorch's convention), or momentum*var (unbiased == 0: the biased
+     * batch variance, as Keras and d2l keep it).
      * save_mean/save_invstd (c values each, may be NULL) receive mean and invstd.
      * weight/bias may be NULL (1 and 0). y may be x. M == 1 is BNCPU_ERR_ONE_VALUE;
      * M == 0 writes nothing but save_mean = 0, save_invstd = 1/sqrt(eps)... (nan-free). */
     int (*batch_norm_forward_train_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s,
         const float *weight, const float *bias, float *running_mean, float *running_var,
-        double momentum, double eps, float *save_mean, float *save_invstd);
+        double momentum, double eps, float *save_mean, float *save_invstd, int unbiased);
     int (*batch_norm_forward_train_f64)(const double *x, double *y, int64_t n, int64_t c, int64_t s,
         const double *weight, const double *bias, double *running_mean, double *running_var,
-        double momentum, double eps, double *save_mean, double *save_invstd);
+        double momentum, double eps, double *save_mean, double *save_invstd, int unbiased);
     /* Inference forward: y = (x - running_mean)/sqrt(running_var + eps)*weight + bias. */
     int (*batch_norm_forward_eval_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s,
         const float *weight, const float *bias, const float *running_mean, const float *running_var,
@@ -138,14 +142,15 @@ typedef struct bncpu_api {
     int (*batch_norm_stats_f64)(const double *x, int64_t n, int64_t c, int64_t s, double *mean, double *m2);
     /* Merge p partials (mean and m2 are p*c row-major, counts has p entries) into the
      * global mean and invstd = 1/sqrt(M2/count + eps), and update the running statistics
-     * (may be NULL) as the training forward does, with the total count. A total count of
+     * (may be NULL) as the training forward does, with the total count (unbiased as
+     * there). A total count of
      * 0 leaves everything unchanged and gives mean 0, invstd 1/sqrt(eps). */
     int (*batch_norm_gather_stats_f32)(int64_t p, int64_t c, const double *mean, const double *m2,
         const int64_t *counts, float *running_mean, float *running_var, double momentum, double eps,
-        double *mean_out, double *invstd_out);
+        double *mean_out, double *invstd_out, int unbiased);
     int (*batch_norm_gather_stats_f64)(int64_t p, int64_t c, const double *mean, const double *m2,
         const int64_t *counts, double *running_mean, double *running_var, double momentum, double eps,
-        double *mean_out, double *invstd_out);
+        double *mean_out, double *invstd_out, int unbiased);
     /* Normalize with given statistics: y = (x - mean)*invstd*weight + bias. */
     int (*batch_norm_elemt_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s,
         const double *mean, const double *invstd, const float *weight, const float *bias);
@@ -445,6 +450,7 @@ static inline int bncpu_set_num_threads(int n)
     ((bncpu_api_table != NULL && bncpu_api_table->entry != NULL) \
          ? bncpu_api_table->entry(__VA_ARGS__) : (int)BNCPU_ERR_NOT_IMPORTED)
 
+/* ---- the kernels' macros: generated from bncpu/_kernels/manifest.py ---- */
 #define bncpu_batch_norm_forward_train_f32(...) BNCPU_CALL_(batch_norm_forward_train_f32, __VA_ARGS__)
 #define bncpu_batch_norm_forward_train_f64(...) BNCPU_CALL_(batch_norm_forward_train_f64, __VA_ARGS__)
 #define bncpu_batch_norm_forward_eval_f32(...) BNCPU_CALL_(batch_norm_forward_eval_f32, __VA_ARGS__)
@@ -473,6 +479,7 @@ static inline int bncpu_set_num_threads(int n)
 #define bncpu_rms_norm_forward_f64(...) BNCPU_CALL_(rms_norm_forward_f64, __VA_ARGS__)
 #define bncpu_rms_norm_backward_f32(...) BNCPU_CALL_(rms_norm_backward_f32, __VA_ARGS__)
 #define bncpu_rms_norm_backward_f64(...) BNCPU_CALL_(rms_norm_backward_f64, __VA_ARGS__)
+/* ---- end of the generated macros ---- */
 
 #ifdef __cplusplus
 }

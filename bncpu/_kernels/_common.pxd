@@ -1,9 +1,8 @@
 # Declarations every kernel family shares: the C API's status codes (from
 # include/bncpu.h, so the Cython and C views of the ABI cannot drift apart),
-# argument checks, and raw-pointer access to validated NumPy arrays.
+# and argument checks.
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t, INT64_MAX
-cimport numpy as cnp
 
 cdef extern from "bncpu.h":
     ctypedef enum bncpu_status:
@@ -38,14 +37,3 @@ cdef inline int check_momentum(double momentum) noexcept nogil:
     if not (momentum >= 0 and momentum <= 1):   # NaN fails both
         return BNCPU_ERR_BAD_MOMENTUM
     return BNCPU_OK
-
-
-cdef inline void* data_or_null(object array):
-    """Data pointer of a validated ndarray, NULL for None."""
-    if array is None:
-        return NULL
-    return cnp.PyArray_DATA(<cnp.ndarray>array)
-
-
-cdef inline bint is_float32(object array):
-    return cnp.PyArray_TYPE(<cnp.ndarray>array) == cnp.NPY_FLOAT32

@@ -22,7 +22,14 @@
 
 #include <stdint.h>
 #include <string.h>
+/* Streaming stores are x86 instructions; elsewhere the "streaming" passes store
+ * normally (the same values: only the memory traffic differs). */
+#if defined(__SSE2__) && (defined(__x86_64__) || defined(__i386__) || defined(_M_X64))
 #include <immintrin.h>
+#define BNCPU_HAVE_STREAMING_STORES 1
+#else
+#define BNCPU_HAVE_STREAMING_STORES 0
+#endif
 
 #if defined(__AVX512F__)
 #define BNCPU_EW_BYTES 64
@@ -38,12 +45,23 @@ typedef double bncpu_ew_f64 __attribute__((vector_size(BNCPU_EW_BYTES)));
 /* One vector stored to p (aligned to BNCPU_EW_BYTES) without reading its line. */
 static inline void bncpu_stream_bytes(void* p, bncpu_ew_f32 v)
 {
-#if defined(__AVX512F__)
+#if !BNCPU_HAVE_STREAMING_STORES
+    memcpy(p, &v, sizeof v);
+#elif defined(__AVX512F__)
     _mm512_stream_ps((float*)p, (__m512)v);
 #elif defined(__AVX__)
     _mm256_stream_ps((float*)p, (__m256)v);
 #else
     _mm_stream_ps((float*)p, (__m128)v);
+#endif
+}
+
+/* Orders the streaming stores before the later stores of this thread (x86's
+ * streaming stores are weakly ordered); nothing to do for ordinary stores. */
+static inline void bncpu_store_fence(void)
+{
+#if BNCPU_HAVE_STREAMING_STORES
+    _mm_sfence();
 #endif
 }
 
@@ -81,7 +99,7 @@ static inline void bncpu_affine_##SUFFIX(const T* x, T* y, int64_t length, T hi,
             bncpu_stream_bytes(y + i, (bncpu_ew_f32)v);                                       \
         }                                                                                     \
         if (head < length)                                                                    \
-            _mm_sfence();                                                                     \
+            bncpu_store_fence();                                                              \
     }                                                                                         \
     for (; i < length; i++)                                                                   \
         y[i] = ((x[i] - hi) - lo) * scale + shift;                                            \
@@ -104,7 +122,7 @@ static inline void bncpu_backward_##SUFFIX(const T* dy, const T* x, T* dx, int64
             bncpu_stream_bytes(dx + i, (bncpu_ew_f32)v);                                      \
         }                                                                                     \
         if (head < length)                                                                    \
-            _mm_sfence();                                                                     \
+            bncpu_store_fence();                                                              \
     }                                                                                         \
     for (; i < length; i++)                                                                   \
         dx[i] = (dy[i] - mean_dy - ((x[i] - hi) - lo) * k) * scale;                           \
@@ -125,7 +143,7 @@ static inline void bncpu_scale_##SUFFIX(const T* dy, T* dx, int64_t length, T sc
             bncpu_stream_bytes(dx + i, (bncpu_ew_f32)(g * scale));                            \
         }                                                                                     \
         if (head < length)                                                                    \
-            _mm_sfence();                                                                     \
+            bncpu_store_fence();                                                              \
     }                                                                                         \
     for (; i < length; i++)                                                                   \
         dx[i] = dy[i] * scale;                                                                \
@@ -160,7 +178,7 @@ static inline void bncpu_affine_each_##SUFFIX(const T* x, T* y, int64_t length, 
             bncpu_stream_bytes(y + i, (bncpu_ew_f32)v);                                       \
         }                                                                                     \
         if (head < length)                                                                    \
-            _mm_sfence();                                                                     \
+            bncpu_store_fence();                                                              \
     }                                                                                         \
     for (; i < length; i++)                                                                   \
         y[i] = ((x[i] - hi) - lo) * scale * weight[i] + bias[i];                              \
@@ -263,7 +281,7 @@ static inline void bncpu_widen_f32(float* acc, double* partial, int64_t length)
  * float64 partials (as the runs of _float32_sums.h). dx (may be dy or x), weight,
  * dweight, dbias may be NULL. Rows 4 KiB apart map their lines to the same L1 sets:
  * used for long rows, a few at a time, read from L3 (see row_norm.pyx). */
-static inline void bncpu_columns_backward_f32(const float* dy, const float* x, float* dx,
+static inline void bncpu_rows_span_backward_f32(const float* dy, const float* x, float* dx,
                                               int64_t stride, int n_rows, int64_t length,
                                               const float* hi, const float* lo,
                                               const float* scale, const float* mean_g,

@@ -46,7 +46,7 @@ cdef extern from "_elementwise.h":
     void prefetch "bncpu_prefetch"(const void* p, int64_t n_bytes) noexcept nogil
     void prefetch_write "bncpu_prefetch_write"(void* p, int64_t n_bytes) noexcept nogil
     void widen_f32 "bncpu_widen_f32"(float* acc, double* partial, int64_t length) noexcept nogil
-    void columns_backward_f32 "bncpu_columns_backward_f32"(
+    void rows_span_backward_f32 "bncpu_rows_span_backward_f32"(
         const float* dy, const float* x, float* dx, int64_t stride, int n_rows, int64_t length,
         const float* hi, const float* lo, const float* scale, const float* mean_g,
         const float* k, const float* weight, double* dweight, double* dbias) noexcept nogil
@@ -369,3 +369,61 @@ cdef inline bint use_streaming(const void* output, const void* input_a, const vo
     larger than STREAM_MIN_BYTES, so it would not stay in cache anyway, and is neither
     input (a pass in place reads each line before writing it)."""
     return n_bytes >= STREAM_MIN_BYTES and output != input_a and output != input_b
+
+
+# Gradient sums of float64 rows (row_norm.pyx's piece_grad_sums; float32 rows go
+# through _float32_sums.h). gcc vectorizes a loop that keeps one sum in eight
+# independent accumulators (added in a fixed tree, as sum_span), but leaves a loop
+# that keeps two sums at once scalar: so one sum per loop, the second loop reading the
+# piece from cache.
+cdef inline double sum_dy_weight(const real* dy, const real* weight,
+                                 int64_t length) noexcept nogil:
+    """Σ dy·weight (Σ dy when weight is NULL)."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef int64_t k, stop = length - length % 8
+    if weight == NULL:
+        return sum_span(dy, length)
+    for k in range(0, stop, 8):
+        a0 += <double>dy[k] * weight[k]
+        a1 += <double>dy[k + 1] * weight[k + 1]
+        a2 += <double>dy[k + 2] * weight[k + 2]
+        a3 += <double>dy[k + 3] * weight[k + 3]
+        a4 += <double>dy[k + 4] * weight[k + 4]
+        a5 += <double>dy[k + 5] * weight[k + 5]
+        a6 += <double>dy[k + 6] * weight[k + 6]
+        a7 += <double>dy[k + 7] * weight[k + 7]
+    for k in range(stop, length):
+        a0 += <double>dy[k] * weight[k]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+cdef inline double sum_dy_weight_xmu(const real* dy, const real* weight, const real* x,
+                                     int64_t length, double mean) noexcept nogil:
+    """Σ dy·weight·(x - mean) (without the weight when it is NULL)."""
+    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+    cdef int64_t k, stop = length - length % 8
+    if weight == NULL:
+        for k in range(0, stop, 8):
+            a0 += dy[k] * (<double>x[k] - mean)
+            a1 += dy[k + 1] * (<double>x[k + 1] - mean)
+            a2 += dy[k + 2] * (<double>x[k + 2] - mean)
+            a3 += dy[k + 3] * (<double>x[k + 3] - mean)
+            a4 += dy[k + 4] * (<double>x[k + 4] - mean)
+            a5 += dy[k + 5] * (<double>x[k + 5] - mean)
+            a6 += dy[k + 6] * (<double>x[k + 6] - mean)
+            a7 += dy[k + 7] * (<double>x[k + 7] - mean)
+        for k in range(stop, length):
+            a0 += dy[k] * (<double>x[k] - mean)
+    else:
+        for k in range(0, stop, 8):
+            a0 += <double>dy[k] * weight[k] * (<double>x[k] - mean)
+            a1 += <double>dy[k + 1] * weight[k + 1] * (<double>x[k + 1] - mean)
+            a2 += <double>dy[k + 2] * weight[k + 2] * (<double>x[k + 2] - mean)
+            a3 += <double>dy[k + 3] * weight[k + 3] * (<double>x[k + 3] - mean)
+            a4 += <double>dy[k + 4] * weight[k + 4] * (<double>x[k + 4] - mean)
+            a5 += <double>dy[k + 5] * weight[k + 5] * (<double>x[k + 5] - mean)
+            a6 += <double>dy[k + 6] * weight[k + 6] * (<double>x[k + 6] - mean)
+            a7 += <double>dy[k + 7] * weight[k + 7] * (<double>x[k + 7] - mean)
+        for k in range(stop, length):
+            a0 += <double>dy[k] * weight[k] * (<double>x[k] - mean)
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))

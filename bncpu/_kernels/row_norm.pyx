@@ -19,8 +19,8 @@ Backward, centered, xmu = x - mean, g = dy·weight[p]:
 
 How the work is cut (fixed by the shape alone, so results are bitwise identical for
 any number of threads):
-* A row is cut into pieces: runs of whole channels of at most PIECE values, or, when
-  a channel is longer than PIECE, pieces of PIECE values inside one channel. Row
+* A row is cut into pieces: runs of whole channels of at most ROW_NORM_PIECE values, or, when
+  a channel is longer than ROW_NORM_PIECE, pieces of ROW_NORM_PIECE values inside one channel. Row
   statistics and gradient sums are folded piece by piece in piece order; inside a
   piece, a channel's values (s > 1) are summed as one span.
 * Row mode: one thread owns a row: statistics, then the elementwise pass while the
@@ -54,22 +54,19 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc
-from cpython.pycapsule cimport PyCapsule_GetPointer
-cimport numpy as cnp
 
 from bncpu._threads cimport threads_begin, threads_end
 from bncpu._kernels._common cimport (
     BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_GROUPS, BNCPU_ERR_NO_MEMORY,
-    check_sizes, check_eps, data_or_null, is_float32)
+    check_sizes, check_eps)
 from bncpu._kernels._primitives cimport (
-    real, span_stats, merge_stats, sum_span, sum_sq_span, sum_dy_xmu_span, split_center,
+    real, span_stats, merge_stats, sum_sq_span, sum_dy_xmu_span, split_center,
+    sum_dy_weight, sum_dy_weight_xmu,
     affine_span, affine_each_span, use_streaming, sum_g_xmu_span_f32, row_backward_f32,
-    widen_f32, columns_backward_f32, prefetch, prefetch_write)
-
-cnp.import_array()
+    widen_f32, rows_span_backward_f32, prefetch, prefetch_write)
 
 cdef enum:
-    PIECE = 16384              # values per piece of a row (a unit of parallel work)
+    ROW_NORM_PIECE = 16384     # values per piece of a row (a unit of parallel work)
     MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
     TILE = 2048                # columns per task of the long rows' pass (s == 1), at most
     REREAD_BYTES = 2 << 20     # bytes per array of a group of long rows reduced, then read
@@ -89,8 +86,8 @@ cdef struct Layout:
     int64_t groups
     int64_t channels           # cpg: channels per row
     int64_t params             # c: length of weight, bias, dweight, dbias
-    int64_t piece              # values per piece when seg <= PIECE (whole channels)
-    int64_t pieces_per_seg     # pieces per channel when seg > PIECE, else 0
+    int64_t piece              # values per piece when seg <= ROW_NORM_PIECE (whole channels)
+    int64_t pieces_per_seg     # pieces per channel when seg > ROW_NORM_PIECE, else 0
     int64_t pieces             # pieces per row
     bint stream                # forward: write y with streaming stores (use_streaming)
 
@@ -104,13 +101,13 @@ cdef Layout make_layout(int64_t n, int64_t c, int64_t s, int64_t groups) noexcep
     lay.groups = groups
     lay.params = c
     lay.stream = False
-    if s <= PIECE:
-        lay.piece = (PIECE // s) * s if s > 0 else PIECE
+    if s <= ROW_NORM_PIECE:
+        lay.piece = (ROW_NORM_PIECE // s) * s if s > 0 else ROW_NORM_PIECE
         lay.pieces_per_seg = 0
         lay.pieces = (lay.length + lay.piece - 1) // lay.piece
     else:
-        lay.piece = PIECE
-        lay.pieces_per_seg = (s + PIECE - 1) // PIECE
+        lay.piece = ROW_NORM_PIECE
+        lay.pieces_per_seg = (s + ROW_NORM_PIECE - 1) // ROW_NORM_PIECE
         lay.pieces = lay.channels * lay.pieces_per_seg
     return lay
 
@@ -123,9 +120,9 @@ cdef inline void piece_span(const Layout* lay, int64_t q, int64_t* start,
         start[0] = q * lay.piece
         length[0] = min(lay.piece, lay.length - start[0])
     else:
-        within = (q % lay.pieces_per_seg) * PIECE
+        within = (q % lay.pieces_per_seg) * ROW_NORM_PIECE
         start[0] = (q // lay.pieces_per_seg) * lay.seg + within
-        length[0] = min(<int64_t>PIECE, lay.seg - within)
+        length[0] = min(<int64_t>ROW_NORM_PIECE, lay.seg - within)
 
 
 cdef inline int64_t first_param(const Layout* lay, int64_t row) noexcept nogil:
@@ -146,7 +143,7 @@ cdef inline int64_t span_channel(const Layout* lay, int64_t span) noexcept nogil
 cdef inline int64_t row_blocks(const Layout* lay, int64_t* rows_per_block) noexcept nogil:
     """Blocks of the dweight/dbias partial sums: their number, and rows per block.
     Long rows of one value per channel (s == 1) have one block: their tasks are tiles of
-    columns (backward_columns)."""
+    columns (backward_column_params)."""
     cdef int64_t rows = lay.rows
     cdef int64_t budget = max(<int64_t>1, PARTIALS_BUDGET // max(lay.params, <int64_t>1))
     cdef int64_t blocks = min(rows, min(<int64_t>MAX_BLOCKS, budget))
@@ -221,64 +218,6 @@ cdef inline void add_channel_grads(double* dweight, double* dbias, int64_t p, do
         dbias[p] += sum_dy
 
 
-# Gradient sums of float64 rows (float32 rows go through _float32_sums.h, see
-# piece_grad_sums). gcc vectorizes a loop that keeps one sum in eight
-# independent accumulators (added in a fixed tree, see _primitives), but leaves a loop
-# that keeps two sums at once scalar: so one sum per loop, the second loop reading the
-# piece from cache.
-cdef inline double sum_dy_weight(const real* dy, const real* weight,
-                                 int64_t length) noexcept nogil:
-    """Σ dy·weight (Σ dy when weight is NULL)."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef int64_t k, stop = length - length % 8
-    if weight == NULL:
-        return sum_span(dy, length)
-    for k in range(0, stop, 8):
-        a0 += <double>dy[k] * weight[k]
-        a1 += <double>dy[k + 1] * weight[k + 1]
-        a2 += <double>dy[k + 2] * weight[k + 2]
-        a3 += <double>dy[k + 3] * weight[k + 3]
-        a4 += <double>dy[k + 4] * weight[k + 4]
-        a5 += <double>dy[k + 5] * weight[k + 5]
-        a6 += <double>dy[k + 6] * weight[k + 6]
-        a7 += <double>dy[k + 7] * weight[k + 7]
-    for k in range(stop, length):
-        a0 += <double>dy[k] * weight[k]
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-
-
-cdef inline double sum_dy_weight_xmu(const real* dy, const real* weight, const real* x,
-                                     int64_t length, double mean) noexcept nogil:
-    """Σ dy·weight·(x - mean) (without the weight when it is NULL)."""
-    cdef double a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
-    cdef int64_t k, stop = length - length % 8
-    if weight == NULL:
-        for k in range(0, stop, 8):
-            a0 += dy[k] * (<double>x[k] - mean)
-            a1 += dy[k + 1] * (<double>x[k + 1] - mean)
-            a2 += dy[k + 2] * (<double>x[k + 2] - mean)
-            a3 += dy[k + 3] * (<double>x[k + 3] - mean)
-            a4 += dy[k + 4] * (<double>x[k + 4] - mean)
-            a5 += dy[k + 5] * (<double>x[k + 5] - mean)
-            a6 += dy[k + 6] * (<double>x[k + 6] - mean)
-            a7 += dy[k + 7] * (<double>x[k + 7] - mean)
-        for k in range(stop, length):
-            a0 += dy[k] * (<double>x[k] - mean)
-    else:
-        for k in range(0, stop, 8):
-            a0 += <double>dy[k] * weight[k] * (<double>x[k] - mean)
-            a1 += <double>dy[k + 1] * weight[k + 1] * (<double>x[k + 1] - mean)
-            a2 += <double>dy[k + 2] * weight[k + 2] * (<double>x[k + 2] - mean)
-            a3 += <double>dy[k + 3] * weight[k + 3] * (<double>x[k + 3] - mean)
-            a4 += <double>dy[k + 4] * weight[k + 4] * (<double>x[k + 4] - mean)
-            a5 += <double>dy[k + 5] * weight[k + 5] * (<double>x[k + 5] - mean)
-            a6 += <double>dy[k + 6] * weight[k + 6] * (<double>x[k + 6] - mean)
-            a7 += <double>dy[k + 7] * weight[k + 7] * (<double>x[k + 7] - mean)
-        for k in range(stop, length):
-            a0 += <double>dy[k] * weight[k] * (<double>x[k] - mean)
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-
-
 cdef void piece_grad_sums(const real* dy, const real* x, const Layout* lay, int64_t q,
                           double mean, double rstd, const real* weight, double* sums,
                           double* span_sums, double* dweight, double* dbias) noexcept nogil:
@@ -336,7 +275,7 @@ cdef void piece_backward(const real* dy, const real* x, real* dx, const Layout* 
         pos = span_stop
 
 
-cdef void columns_backward(const real* dy, const real* x, real* dx, int64_t length, double mean,
+cdef void row_span_backward(const real* dy, const real* x, real* dx, int64_t length, double mean,
                            double rstd, double mean_g, double k_coef, const real* weight,
                            double* dweight, double* dbias) noexcept nogil:
     """A run of columns of one row of channels of one value (s == 1): dx = (dy·weight -
@@ -594,7 +533,7 @@ cdef inline void columns_pass(const real* dy, const real* x, real* dx, int64_t l
             if widen and dbias != NULL:
                 widen_f32(acc + length + ACC_GAP, dbias, length)
             return
-    columns_backward(dy, x, dx, length, mean, rstd, mean_g, k_coef, weight, dweight, dbias)
+    row_span_backward(dy, x, dx, length, mean, rstd, mean_g, k_coef, weight, dweight, dbias)
 
 
 cdef inline bint widen_after(int64_t r, int64_t first_row, int64_t last_row) noexcept nogil:
@@ -658,7 +597,7 @@ cdef void tile_task(const real* dy, const real* x, real* dx, Layout lay, int64_t
                     mean_g[r - r0] = <float>row_coefs[2 * r]
                     k[r - r0] = <float>row_coefs[2 * r + 1]
                 offset = r0 * lay.length + start
-                columns_backward_f32(dy + offset, x + offset, dx + offset if dx != NULL else NULL,
+                rows_span_backward_f32(dy + offset, x + offset, dx + offset if dx != NULL else NULL,
                                      lay.length, <int>(r1 - r0), width, hi, lo, scale, mean_g,
                                      k, weight + start if weight != NULL else NULL,
                                      dweight + start if dweight != NULL else NULL,
@@ -668,14 +607,14 @@ cdef void tile_task(const real* dy, const real* x, real* dx, Layout lay, int64_t
     for r in range(first_row, last_row):
         offset = r * lay.length + start
         p = first_param(&lay, r) + start
-        columns_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, width,
+        row_span_backward(dy + offset, x + offset, dx + offset if dx != NULL else NULL, width,
                          row_mean(mean, r), rstd[r], row_coefs[2 * r], row_coefs[2 * r + 1],
                          weight + p if weight != NULL else NULL,
                          dweight + p if dweight != NULL else NULL,
                          dbias + p if dbias != NULL else NULL)
 
 
-cdef int backward_columns(const real* dy, const real* x, real* dx, Layout lay,
+cdef int backward_column_params(const real* dy, const real* x, real* dx, Layout lay,
                           int64_t rows_per_block, int64_t n_blocks, const real* mean,
                           const real* rstd, const real* weight, bint centered,
                           double* dweight, double* dbias, double* row_coefs,
@@ -858,7 +797,7 @@ cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64
         return BNCPU_ERR_NO_MEMORY
     n_threads = threads_begin(n * c * s)
     if lay.seg == 1:
-        status = backward_columns(dy, x, dx, lay, rows_per_block, n_blocks, mean, rstd, weight,
+        status = backward_column_params(dy, x, dx, lay, rows_per_block, n_blocks, mean, rstd, weight,
                                   centered, partial_dweight, partial_dbias, row_coefs, n_threads)
     elif n_threads > 1 and (lay.pieces > 1
                             or n * c * s * <int64_t>sizeof(real) <= CACHED_BYTES):
@@ -925,85 +864,5 @@ cdef int rms_norm_backward(const real* dy, const real* x, real* dx, int64_t rows
     return rows_backward(dy, x, dx, rows, d, 1, 1, NULL, rstd, weight, False, dweight, NULL)
 
 
-cdef extern from "bncpu.h":
-    ctypedef struct bncpu_api_rows "bncpu_api":
-        void* layer_norm_forward_f32
-        void* layer_norm_forward_f64
-        void* layer_norm_backward_f32
-        void* layer_norm_backward_f64
-        void* group_norm_forward_f32
-        void* group_norm_forward_f64
-        void* group_norm_backward_f32
-        void* group_norm_backward_f64
-        void* rms_norm_forward_f32
-        void* rms_norm_forward_f64
-        void* rms_norm_backward_f32
-        void* rms_norm_backward_f64
-
-
-def _fill_api(object table_capsule):
-    """Write this module's kernels into the C API table held by the capsule."""
-    cdef bncpu_api_rows* table = <bncpu_api_rows*>PyCapsule_GetPointer(table_capsule,
-                                                                       "bncpu._capi.table")
-    table.layer_norm_forward_f32 = <void*>layer_norm_forward[float]
-    table.layer_norm_forward_f64 = <void*>layer_norm_forward[double]
-    table.layer_norm_backward_f32 = <void*>layer_norm_backward[float]
-    table.layer_norm_backward_f64 = <void*>layer_norm_backward[double]
-    table.group_norm_forward_f32 = <void*>group_norm_forward[float]
-    table.group_norm_forward_f64 = <void*>group_norm_forward[double]
-    table.group_norm_backward_f32 = <void*>group_norm_backward[float]
-    table.group_norm_backward_f64 = <void*>group_norm_backward[double]
-    table.rms_norm_forward_f32 = <void*>rms_norm_forward[float]
-    table.rms_norm_forward_f64 = <void*>rms_norm_forward[double]
-    table.rms_norm_backward_f32 = <void*>rms_norm_backward[float]
-    table.rms_norm_backward_f64 = <void*>rms_norm_backward[double]
-
-
-# --------------------------------------------------------------------------------
-# Python entry points: arrays already validated by bncpu._validate (C-contiguous,
-# one float dtype, right sizes); each releases the GIL and returns the status.
-# Layer and RMS norm pass (n, c, s, groups) = (rows, d, 1, 1).
-# --------------------------------------------------------------------------------
-def forward(x, y, int64_t n, int64_t c, int64_t s, int64_t groups, weight, bias, double eps,
-            bint centered, save_mean, save_rstd):
-    cdef void* px = data_or_null(x)
-    cdef void* py = data_or_null(y)
-    cdef void* pw = data_or_null(weight)
-    cdef void* pb = data_or_null(bias)
-    cdef void* psm = data_or_null(save_mean)
-    cdef void* psr = data_or_null(save_rstd)
-    cdef int status
-    if is_float32(x):
-        with nogil:
-            status = rows_forward(<const float*>px, <float*>py, n, c, s, groups, <const float*>pw,
-                                  <const float*>pb, eps, centered, <float*>psm, <float*>psr)
-    else:
-        with nogil:
-            status = rows_forward(<const double*>px, <double*>py, n, c, s, groups,
-                                  <const double*>pw, <const double*>pb, eps, centered,
-                                  <double*>psm, <double*>psr)
-    return status
-
-
-def backward(dy, x, dx, int64_t n, int64_t c, int64_t s, int64_t groups, mean, rstd, weight,
-             bint centered, dweight, dbias):
-    cdef void* pdy = data_or_null(dy)
-    cdef void* px = data_or_null(x)
-    cdef void* pdx = data_or_null(dx)
-    cdef void* pmean = data_or_null(mean)
-    cdef void* prstd = data_or_null(rstd)
-    cdef void* pw = data_or_null(weight)
-    cdef void* pdw = data_or_null(dweight)
-    cdef void* pdb = data_or_null(dbias)
-    cdef int status
-    if is_float32(x):
-        with nogil:
-            status = rows_backward(<const float*>pdy, <const float*>px, <float*>pdx, n, c, s,
-                                   groups, <const float*>pmean, <const float*>prstd,
-                                   <const float*>pw, centered, <float*>pdw, <float*>pdb)
-    else:
-        with nogil:
-            status = rows_backward(<const double*>pdy, <const double*>px, <double*>pdx, n, c, s,
-                                   groups, <const double*>pmean, <const double*>prstd,
-                                   <const double*>pw, centered, <double*>pdw, <double*>pdb)
-    return status
+# The C API: this module's entries of the bncpu_api table (generated from the manifest).
+include "_fill_row_norm.pxi"

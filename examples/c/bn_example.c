@@ -141,7 +141,7 @@ static void batch_norm_case_##SFX(int64_t n, int64_t c, int64_t s)              
     emit_array("running_var_in", running_var, c, sizeof(T));                                   \
     /* Training forward: batch statistics, running statistics updated in place. */            \
     CHECK_OK(bncpu_batch_norm_forward_train_##SFX(x, y, n, c, s, weight, bias, running_mean,  \
-        running_var, momentum, eps, save_mean, save_invstd));                                  \
+        running_var, momentum, eps, save_mean, save_invstd, 1));                               \
     emit_array("train_y", y, size, sizeof(T));                                                 \
     emit_array("train_running_mean", running_mean, c, sizeof(T));                              \
     emit_array("train_running_var", running_var, c, sizeof(T));                                \
@@ -168,7 +168,7 @@ static void batch_norm_case_##SFX(int64_t n, int64_t c, int64_t s)              
     emit_array("stats_mean", mean, c, sizeof(double));                                         \
     emit_array("stats_m2", m2, c, sizeof(double));                                             \
     CHECK_OK(bncpu_batch_norm_gather_stats_##SFX(1, c, mean, m2, &count, running_mean,         \
-        running_var, momentum, eps, global_mean, invstd));                                     \
+        running_var, momentum, eps, global_mean, invstd, 1));                                  \
     emit_array("gather_mean", global_mean, c, sizeof(double));                                 \
     emit_array("gather_invstd", invstd, c, sizeof(double));                                    \
     emit_array("gather_running_mean", running_mean, c, sizeof(T));                             \
@@ -294,27 +294,27 @@ static void bad_argument_cases(void)
         expect_status(#call, status, (expected), y, SIZE);                     \
     } while (0)
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_forward_train_f32(
-        NULL, y, N, C, S, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL));
+        NULL, y, N, C, S, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_forward_train_f32(
-        x, y, N, C, S, NULL, NULL, stats_a, NULL, 0.1, 1e-5, NULL, NULL));
+        x, y, N, C, S, NULL, NULL, stats_a, NULL, 0.1, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_BAD_SIZE, bncpu_batch_norm_forward_train_f32(
-        x, y, -1, C, S, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL));
+        x, y, -1, C, S, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_BAD_SIZE, bncpu_batch_norm_forward_train_f32(
-        x, y, INT64_MAX / 2, 3, 5, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL));
+        x, y, INT64_MAX / 2, 3, 5, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_BAD_EPS, bncpu_batch_norm_forward_train_f32(
-        x, y, N, C, S, NULL, NULL, NULL, NULL, 0.1, -1e-5, NULL, NULL));
+        x, y, N, C, S, NULL, NULL, NULL, NULL, 0.1, -1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_BAD_EPS, bncpu_batch_norm_forward_eval_f32(
         x, y, N, C, S, NULL, NULL, stats_a, stats_b, NAN));
     EXPECT(BNCPU_ERR_BAD_EPS, bncpu_batch_norm_forward_eval_f32(
         x, y, N, C, S, NULL, NULL, stats_a, stats_b, INFINITY));
     EXPECT(BNCPU_ERR_BAD_MOMENTUM, bncpu_batch_norm_forward_train_f32(
-        x, y, N, C, S, NULL, NULL, stats_a, stats_b, 1.5, 1e-5, NULL, NULL));
+        x, y, N, C, S, NULL, NULL, stats_a, stats_b, 1.5, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_BAD_MOMENTUM, bncpu_batch_norm_forward_train_f32(
-        x, y, N, C, S, NULL, NULL, stats_a, stats_b, NAN, 1e-5, NULL, NULL));
+        x, y, N, C, S, NULL, NULL, stats_a, stats_b, NAN, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_ONE_VALUE, bncpu_batch_norm_forward_train_f32(
-        x, y, 1, C, 1, weight, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL));
+        x, y, 1, C, 1, weight, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_ALIASED_STATS, bncpu_batch_norm_forward_train_f32(
-        x, y, N, C, S, NULL, NULL, stats_a, stats_a, 0.1, 1e-5, NULL, NULL));
+        x, y, N, C, S, NULL, NULL, stats_a, stats_a, 0.1, 1e-5, NULL, NULL, 1));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_forward_eval_f32(
         x, y, N, C, S, NULL, NULL, NULL, stats_b, 1e-5));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_backward_f32(
@@ -323,9 +323,9 @@ static void bad_argument_cases(void)
         x, x, y, N, C, S, weight, stats_a, NULL, NULL, NULL, 0, 1e-5, NULL, NULL));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_stats_f32(x, N, C, S, NULL, m2));
     EXPECT(BNCPU_ERR_BAD_SIZE, bncpu_batch_norm_gather_stats_f32(
-        2, 1, mean, m2, counts, NULL, NULL, 0.1, 1e-5, mean, invstd));
+        2, 1, mean, m2, counts, NULL, NULL, 0.1, 1e-5, mean, invstd, 1));
     EXPECT(BNCPU_ERR_ONE_VALUE, bncpu_batch_norm_gather_stats_f32(
-        1, C, mean, m2, &one_count, NULL, NULL, 0.1, 1e-5, mean, invstd));
+        1, C, mean, m2, &one_count, NULL, NULL, 0.1, 1e-5, mean, invstd, 1));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_elemt_f32(x, y, N, C, S, mean, NULL, NULL, NULL));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_backward_reduce_f32(
         x, NULL, N, C, S, mean, sum_dy, sum_dy_xmu));
@@ -372,11 +372,11 @@ static void *thread_main(void *argument)
         if (job->index == 0)
             bncpu_set_num_threads(round % 2 ? 1 : 0);
         job->status |= bncpu_batch_norm_forward_train_f32(job->x, y, BIG_N, BIG_C, BIG_S, NULL,
-            NULL, NULL, NULL, 0.1, 1e-5, save_mean, save_invstd);
+            NULL, NULL, NULL, 0.1, 1e-5, save_mean, save_invstd, 1);
         job->status |= bncpu_batch_norm_backward_f32(job->dy, job->x, dx, BIG_N, BIG_C, BIG_S,
             NULL, NULL, NULL, save_mean, save_invstd, 1, 1e-5, NULL, NULL);
         job->status |= bncpu_batch_norm_forward_train_f64(job->small_x, small_y, SMALL_N,
-            SMALL_C, 1, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL);
+            SMALL_C, 1, NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL, 1);
         for (i = 0; i < BIG; i++)
             job->mismatches += (y[i] != job->expected_y[i]) + (dx[i] != job->expected_dx[i]);
         for (i = 0; i < SMALL; i++)
@@ -402,11 +402,11 @@ static void thread_cases(void)
     /* The serial reference: one thread, nothing else running. */
     bncpu_set_num_threads(1);
     status |= bncpu_batch_norm_forward_train_f32(x, expected_y, BIG_N, BIG_C, BIG_S, NULL, NULL,
-        NULL, NULL, 0.1, 1e-5, save_mean, save_invstd);
+        NULL, NULL, 0.1, 1e-5, save_mean, save_invstd, 1);
     status |= bncpu_batch_norm_backward_f32(dy, x, expected_dx, BIG_N, BIG_C, BIG_S, NULL, NULL,
         NULL, save_mean, save_invstd, 1, 1e-5, NULL, NULL);
     status |= bncpu_batch_norm_forward_train_f64(small_x, expected_small_y, SMALL_N, SMALL_C, 1,
-        NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL);
+        NULL, NULL, NULL, NULL, 0.1, 1e-5, NULL, NULL, 1);
     bncpu_set_num_threads(0);
     for (t = 0; t < THREADS; t++) {
         jobs[t] = (thread_job){x, dy, expected_y, expected_dx, small_x, expected_small_y, t, 0, 0};
@@ -477,7 +477,7 @@ int main(int argc, char **argv)
     }
     /* Before bncpu_import(): statuses and messages work, kernels refuse politely. */
     status = bncpu_batch_norm_forward_train_f32(x, y, 2, 2, 1, NULL, NULL, NULL, NULL, 0.1, 1e-5,
-                                                NULL, NULL);
+                                                NULL, NULL, 1);
     expect_status("kernel before bncpu_import()", status, BNCPU_ERR_NOT_IMPORTED, NULL, 0);
 
     start = now_seconds();
@@ -504,7 +504,7 @@ int main(int argc, char **argv)
 
     bncpu_finalize();
     status = bncpu_batch_norm_forward_train_f32(x, y, 2, 2, 1, NULL, NULL, NULL, NULL, 0.1, 1e-5,
-                                                NULL, NULL);
+                                                NULL, NULL, 1);
     expect_status("kernel after bncpu_finalize()", status, BNCPU_ERR_NOT_IMPORTED, NULL, 0);
     printf("{\"case\": \"summary\", \"failures\": %d}\n", failures);
     return failures == 0 ? 0 : 1;

@@ -53,9 +53,9 @@ static PyObject *normalize(PyObject *module, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     status = is_float32
         ? bncpu_batch_norm_forward_train_f32(view.buf, view.buf, n, c, s, NULL, NULL, NULL, NULL,
-                                             0.0, eps, NULL, NULL)
+                                             0.0, eps, NULL, NULL, 1)
         : bncpu_batch_norm_forward_train_f64(view.buf, view.buf, n, c, s, NULL, NULL, NULL, NULL,
-                                             0.0, eps, NULL, NULL);
+                                             0.0, eps, NULL, NULL, 1);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     if (status != BNCPU_OK) {

@@ -167,7 +167,7 @@ int main(int argc, char **argv)
     }
     double mean[CHANNELS], invstd[CHANNELS];
     CHECK(bncpu_batch_norm_gather_stats_f64(size, c, means, m2s, counts, running_mean,
-                                            running_var, momentum, eps, mean, invstd));
+                                            running_var, momentum, eps, mean, invstd, 1));
     CHECK(bncpu_batch_norm_elemt_f64(x, y, n, c, s, mean, invstd, weight, bias));
 
     /* ---- backward: local sums, one all-reduce, gradient of the whole batch's loss ---- */

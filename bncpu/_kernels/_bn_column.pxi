@@ -1,0 +1,238 @@
+# Batch norm, column mode: included by batch_norm.pyx, so it compiles inside each ISA build.
+#
+# Short rows (S <= SHORT_ROW): the buffer is seen as an (N, C·S) matrix cut into tiles
+# of whole channels (tiles_of), read along contiguous memory; each tile is summarized
+# column by column, the tiles of a channel merged in row order.
+
+
+cdef inline bint use_column_mode(int64_t s) noexcept nogil:
+    return s <= SHORT_ROW
+
+
+cdef inline bint use_column_pass(int64_t c, int64_t s) noexcept nogil:
+    """Elementwise passes along the (N, C·S) matrix rows, coefficients per column (S = 1:
+    always). Measured against passes over channel rows: faster for S = 9 and 16, the
+    same for S = 64, slower for S = 100 (five values read per value written). (Passes
+    tile by tile, with the coefficients of a tile's channels, were measured too: on
+    (32, 2048, 7, 7) 2x slower than channel rows, each thread reading 2 KB of every
+    400 KB instead of one contiguous half of the buffer.)"""
+    return s == 1 or (s < PASS_SHORT_ROW and c * s <= COLUMN_COEFS_MAX)
+
+
+cdef struct Tiles:
+    # Column mode's cut of an (N, C, S) buffer seen as an (N, C·S) matrix: tile
+    # t = block·n_chunks + chunk covers matrix rows block·rows.. and channels
+    # chunk·width.. (the tiles of a row block are adjacent tasks).
+    int64_t n, c, s, rows, n_blocks, width, n_chunks
+
+
+cdef inline Tiles tiles_of(int64_t n, int64_t c, int64_t s) noexcept nogil:
+    """The tiles of (N, C, S), S <= SHORT_ROW, from the shape alone: whole channels,
+    at most TILE_COLUMNS columns; rows a multiple of 8 (the float32 runs)."""
+    cdef Tiles t
+    t.n = n
+    t.c = c
+    t.s = s
+    t.width = max(<int64_t>1, min(c, TILE_COLUMNS // s))
+    t.n_chunks = (c + t.width - 1) // t.width
+    t.rows = TILE_VALUES // (t.width * s)
+    t.rows -= t.rows % 8
+    t.n_blocks = (n + t.rows - 1) // t.rows
+    return t
+
+
+cdef inline int64_t tile_block(const Tiles* t, int64_t task) noexcept nogil:
+    return task // t.n_chunks
+
+
+cdef inline int64_t tile_j0(const Tiles* t, int64_t task) noexcept nogil:
+    return (task % t.n_chunks) * t.width
+
+
+cdef inline int64_t tile_row_count(const Tiles* t, int64_t block) noexcept nogil:
+    return min(t.rows, t.n - block * t.rows)
+
+
+cdef inline int64_t tile_width(const Tiles* t, int64_t task) noexcept nogil:
+    return min(t.width, t.c - tile_j0(t, task))
+
+
+cdef inline double add_columns(const double* sums, int64_t s) noexcept nogil:
+    """A channel's total from its s column sums, in column order."""
+    cdef double total = 0
+    cdef int64_t k
+    for k in range(s):
+        total += sums[k]
+    return total
+
+
+cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, int64_t j0,
+                     int64_t width, double* mean, double* m2) noexcept nogil:
+    """Column mode: mean[jj] and M2[jj] of channel j0 + jj over matrix rows r0..r0+rows,
+    two-pass (the second pass reads the tile from cache): column sums, a center per
+    channel, then the columns' deviations from it, added per channel."""
+    cdef double col_sum[TILE_COLUMNS]
+    cdef double col_sq[TILE_COLUMNS]
+    cdef real center[TILE_COLUMNS]
+    cdef int64_t s = t.s, ld = t.c * t.s, cols = width * t.s
+    cdef const real* tile = x + r0 * ld + j0 * s
+    cdef const real* row
+    cdef double d, count = <double>(rows * s)
+    cdef int64_t i, jj, k
+    for k in range(cols):
+        col_sum[k] = 0
+        col_sq[k] = 0
+    if real is float:
+        f32_add_column_sums(col_sum, tile, rows, ld, cols)
+    else:
+        for i in range(rows):
+            row = tile + i * ld
+            for k in range(cols):
+                col_sum[k] += row[k]
+    # float32: a float32 center near the mean, corrected by finish_dev (as add_dev_span).
+    # (S == 1 apart: a loop over the channels that vectorizes, divisions included.)
+    if s == 1:
+        for jj in range(width):
+            center[jj] = <real>(col_sum[jj] / count)
+            col_sum[jj] = 0
+    else:
+        for jj in range(width):
+            center[jj * s] = <real>(add_columns(col_sum + jj * s, s) / count)
+            for k in range(jj * s + 1, jj * s + s):
+                center[k] = center[jj * s]
+            for k in range(jj * s, jj * s + s):
+                col_sum[k] = 0
+    if real is float:
+        f32_add_column_dev_sums(col_sum, col_sq, tile, rows, ld, cols, center)
+    else:
+        for i in range(rows):
+            row = tile + i * ld
+            for k in range(cols):
+                d = row[k] - center[k]
+                col_sq[k] += d * d
+    if s == 1:
+        for jj in range(width):
+            finish_dev(count, center[jj], col_sum[jj], col_sq[jj], &mean[jj], &m2[jj])
+    else:
+        for jj in range(width):
+            finish_dev(count, center[jj * s], add_columns(col_sum + jj * s, s),
+                       add_columns(col_sq + jj * s, s), &mean[jj], &m2[jj])
+
+
+cdef void tile_grad_sums(const real* dy, const real* x, const Tiles* t, int64_t r0, int64_t rows,
+                         int64_t j0, int64_t width, const real* center,
+                         double* sum_dy, double* sum_dy_dev) noexcept nogil:
+    """Column mode: Σdy and Σdy·(x - center) of channel j0 + jj over matrix rows
+    r0..r0+rows, center[k] (per column) its channel's mean rounded to the data's
+    precision (see add_dy_xmu_span)."""
+    cdef double col_dy[TILE_COLUMNS]
+    cdef double col_dev[TILE_COLUMNS]
+    cdef int64_t s = t.s, ld = t.c * t.s, cols = width * t.s
+    cdef int64_t i, jj, k, offset = r0 * ld + j0 * s
+    cdef const real* dy_row
+    cdef const real* x_row
+    for k in range(cols):
+        col_dy[k] = 0
+        col_dev[k] = 0
+    if real is float:
+        f32_add_column_grad_sums(col_dy, col_dev, dy + offset, x + offset, rows, ld, cols,
+                                 center)
+    else:
+        for i in range(rows):
+            dy_row = dy + offset + i * ld
+            x_row = x + offset + i * ld
+            # One sum per loop: gcc vectorizes these, not a loop updating both arrays.
+            for k in range(cols):
+                col_dy[k] += dy_row[k]
+            for k in range(cols):
+                col_dev[k] += dy_row[k] * (x_row[k] - center[k])
+    for jj in range(width):
+        sum_dy[jj] = col_dy[jj] if s == 1 else add_columns(col_dy + jj * s, s)
+        sum_dy_dev[jj] = col_dev[jj] if s == 1 else add_columns(col_dev + jj * s, s)
+
+
+cdef void stats_tile_task(const real* x, const Tiles* t, int64_t task,
+                          double* partials) noexcept nogil:
+    """Tile `task`'s mean and M2 into row `block` of the two (n_blocks, C) partials."""
+    cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
+    tile_stats(x, t, block * t.rows, tile_row_count(t, block), j0, tile_width(t, task),
+               partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
+
+
+cdef void grad_sums_tile_task(const real* dy, const real* x, const Tiles* t, int64_t task,
+                              const real* center, double* partials, real* scaled,
+                              const real* column_coefs) noexcept nogil:
+    """Tile `task`'s Σdy and Σdy·(x - center) into row `block` of the two partials
+    (center per column); and if `scaled` is given, its scaled = dy·scale (PASS_SCALE,
+    coefficients per column) while dy is in cache."""
+    cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
+    cdef int64_t width = tile_width(t, task), rows = tile_row_count(t, block)
+    tile_grad_sums(dy, x, t, block * t.rows, rows, j0, width, center + j0 * t.s,
+                   partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
+    if scaled != NULL:
+        pass_columns(PASS_SCALE, dy, NULL, scaled, t.c * t.s, block * t.rows,
+                     block * t.rows + rows, j0 * t.s, (j0 + width) * t.s, column_coefs)
+
+
+cdef void merge_tile_stats(const Tiles* t, const double* tile_mean, const double* tile_m2,
+                           double* mean, double* m2) noexcept nogil:
+    """Column mode: merge_stats of the tiles' partials in row order, all channels at
+    once (a row block's count is the same for every channel, so the loop over the
+    channels vectorizes; the arithmetic is merge_stats')."""
+    cdef int64_t block, j, c = t.c
+    cdef double count, block_count, total, mean_weight, m2_weight, delta
+    for j in range(c):
+        mean[j] = tile_mean[j]
+        m2[j] = tile_m2[j]
+    count = <double>(tile_row_count(t, 0) * t.s)
+    for block in range(1, t.n_blocks):
+        block_count = <double>(tile_row_count(t, block) * t.s)
+        total = count + block_count
+        mean_weight = block_count / total
+        m2_weight = count * block_count / total
+        for j in range(c):
+            delta = tile_mean[block * c + j] - mean[j]
+            mean[j] += delta * mean_weight
+            m2[j] += tile_m2[block * c + j] + delta * delta * m2_weight
+        count = total
+
+
+cdef void pass_columns(Pass kind, const real* a, const real* b, real* out, int64_t c,
+                       int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+                       const real* coefs) noexcept nogil:
+    """Column mode: rows r0..r1, columns j0..j1 of an (N, c) matrix (c: C, or C·S with
+    coefficients repeated per column, see column_coefs), vectorized along the row."""
+    cdef const real* hi = coefs + COEF_HI * c
+    cdef const real* lo = coefs + COEF_LO * c
+    cdef const real* scale = coefs + COEF_SCALE * c
+    cdef const real* offset = coefs + COEF_OFFSET * c
+    cdef const real* k = coefs + COEF_K * c
+    cdef int64_t i, j, row
+    for i in range(r0, r1):
+        row = i * c
+        if kind == PASS_AFFINE:
+            for j in range(j0, j1):
+                out[row + j] = ((a[row + j] - hi[j]) - lo[j]) * scale[j] + offset[j]
+        elif kind == PASS_BACKWARD:
+            for j in range(j0, j1):
+                out[row + j] = (a[row + j] - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
+        else:
+            for j in range(j0, j1):
+                out[row + j] = a[row + j] * scale[j]
+
+
+cdef real* column_coefs(const real* coefs, int64_t c, int64_t s) noexcept nogil:
+    """Column mode: the coefficients of channel j repeated for its s columns, as
+    pass_columns takes them: coefs itself when s == 1, else a new array (NULL when out
+    of memory)."""
+    cdef real* wide
+    cdef int64_t row, j, k
+    if s == 1:
+        return <real*>coefs
+    wide = <real*>malloc(CHANNEL_COEFS * c * s * sizeof(real))
+    if wide != NULL:
+        for row in range(CHANNEL_COEFS):
+            for j in range(c):
+                for k in range(s):
+                    wide[(row * c + j) * s + k] = coefs[row * c + j]
+    return wide

@@ -1,0 +1,98 @@
+# Batch norm, the elementwise passes with per-channel coefficients (forward, backward,
+# evaluation backward) and the coefficients' formulas: included by batch_norm.pyx, so
+# it compiles inside each ISA build.
+
+
+cdef void pass_span(Pass kind, const real* a, const real* b, real* out, int64_t length,
+                    const real* coefs, int64_t c, int64_t j, bint stream) noexcept nogil:
+    if kind == PASS_AFFINE:
+        affine_span(a, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
+                    coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j], stream)
+    elif kind == PASS_BACKWARD:
+        backward_span(a, b, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
+                      coefs[COEF_K * c + j], coefs[COEF_OFFSET * c + j], coefs[COEF_SCALE * c + j],
+                      stream)
+    else:
+        scale_span(a, out, length, coefs[COEF_SCALE * c + j], stream)
+
+
+cdef void pass_piece_task(Pass kind, const real* a, const real* b, real* out, int64_t task,
+                          int64_t c, int64_t s, int64_t per_row, const real* coefs,
+                          bint stream) noexcept nogil:
+    """Piece p of segment t = i·C + j (memory order), task = t·per_row + p."""
+    cdef int64_t segment = task // per_row if per_row > 1 else task
+    cdef int64_t piece = task - segment * per_row
+    cdef int64_t offset = segment * s + piece * BN_PIECE
+    pass_span(kind, a + offset, b + offset if b != NULL else NULL, out + offset,
+              piece_length(s, piece), coefs, c, segment % c, stream)
+
+
+cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
+                   int64_t n, int64_t c, int64_t s, const real* coefs, int n_threads) noexcept nogil:
+    """out = pass(a, b) over the whole (N, C, S) buffer, in parallel."""
+    cdef int64_t task, n_tasks, r0, per_row, rows, cols = c * s
+    cdef bint stream = use_streaming(out, a, b, n * c * s * sizeof(real))
+    cdef real* by_column = NULL
+    if use_column_pass(c, s):
+        by_column = column_coefs(coefs, c, s)
+    if by_column != NULL:
+        # Along the rows of the (N, C·S) matrix, PASS_VALUES values per task.
+        rows = max(<int64_t>1, PASS_VALUES // cols)
+        n_tasks = (n + rows - 1) // rows
+        if n_threads > 1:
+            for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+                r0 = task * rows
+                pass_columns(kind, a, b, out, cols, r0, min(r0 + rows, n), 0, cols, by_column)
+        else:
+            pass_columns(kind, a, b, out, cols, 0, n, 0, cols, by_column)
+        if by_column != coefs:
+            free(by_column)
+        return
+    # Channel rows (and column mode's fallback when out of memory), piece by piece.
+    per_row = pieces_per_row(s)
+    n_tasks = c * n * per_row
+    if n_threads > 1:
+        for task in prange(n_tasks, schedule='static', num_threads=n_threads):
+            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs, stream)
+    else:
+        for task in range(n_tasks):
+            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs, stream)
+
+
+cdef inline void set_affine_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,
+                                  const real* weight, const real* bias) noexcept nogil:
+    """y = (x - mean)·invstd·w + b as ((x - hi) - lo)·scale + offset."""
+    cdef double w = weight[j] if weight != NULL else 1.0
+    split_center(mean, &coefs[COEF_HI * c + j], &coefs[COEF_LO * c + j])
+    coefs[COEF_SCALE * c + j] = <real>(invstd * w)
+    coefs[COEF_OFFSET * c + j] = bias[j] if bias != NULL else 0
+
+
+cdef inline void set_backward_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,
+                                    const real* weight, double sum_dy, double sum_dy_xmu,
+                                    double count) noexcept nogil:
+    """dx = w·invstd·(dy - Σdy/M - (x - mean)·invstd²·Σdy(x - mean)/M)."""
+    cdef double w = weight[j] if weight != NULL else 1.0
+    split_center(mean, &coefs[COEF_HI * c + j], &coefs[COEF_LO * c + j])
+    coefs[COEF_SCALE * c + j] = <real>(w * invstd)
+    coefs[COEF_OFFSET * c + j] = <real>(sum_dy / count)
+    coefs[COEF_K * c + j] = <real>(sum_dy_xmu / count * invstd * invstd)
+
+
+cdef inline double invstd_of(double var, double eps) noexcept nogil:
+    return 1.0 / sqrt(var + eps)
+
+
+cdef inline void update_running(real* running_mean, real* running_var, int64_t j,
+                                double mean, double var, double count,
+                                double momentum, bint unbiased) noexcept nogil:
+    """The running variance follows the batch's unbiased variance (PyTorch's convention)
+    or, with unbiased false, its biased one (Keras, d2l)."""
+    if running_mean == NULL or count == 0:
+        return
+    running_mean[j] = <real>((1 - momentum) * running_mean[j] + momentum * mean)
+    if unbiased:
+        running_var[j] = <real>((1 - momentum) * running_var[j]
+                                + momentum * var * (count / (count - 1)))
+    else:
+        running_var[j] = <real>((1 - momentum) * running_var[j] + momentum * var)
