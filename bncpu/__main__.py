@@ -195,6 +195,7 @@ def header_lines(env, thread_counts, quick):
                           "NHWC, nChw8c, nChw16c (its\n            reference code left out; "
                           "named when not plain)" if env["onednn"]
                           else f"column skipped: {env['onednn_missing']}"),
+        "  not timed: " + "; ".join(f"{name} ({why})" for name, why in _bench.NOT_TIMED.items()),
         "  columns : bncpu = time per call; out= = time per call into a preallocated out=;",
         "            GB/s = bytes an ideal kernel moves / bncpu time;",
         "            vs ref, vs torch = their time / bncpu time;",

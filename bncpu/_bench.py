@@ -40,7 +40,7 @@ except ImportError:   # Windows
 import numpy as np
 
 import bncpu
-from bncpu import _onednn, reference
+from bncpu import _onednn, _registry, reference
 
 try:
     import torch
@@ -90,6 +90,7 @@ class Operation:
     at least read, ``writes`` counts those it writes: the bytes the streaming floor moves.
     An operation that writes one takes ``out=`` for it."""
     key: str
+    function: str      # the bncpu function timed (Calls.function: the same name)
     label: str
     streams: tuple
     writes: int
@@ -296,28 +297,38 @@ def _rms_norm_backward(inputs):
 
 _X, _DX = ("x",), ("dy", "x")
 OPERATIONS = {op.key: op for op in (
-    Operation("bn_fwd_train", "batch_norm fwd train", _X, 1, _bn_forward(True)),
-    Operation("bn_fwd_eval", "batch_norm fwd eval", _X, 1, _bn_forward(False)),
-    Operation("bn_bwd_train", "batch_norm bwd train", _DX, 1, _bn_backward(True)),
-    Operation("bn_bwd_eval", "batch_norm bwd eval", _DX, 1, _bn_backward(False)),
-    Operation("bn_stats", "batch_norm_stats", _X, 0, _bn_stats),
-    Operation("bn_elemt", "batch_norm_elemt", _X, 1, _bn_elemt),
-    Operation("bn_bwd_reduce", "batch_norm_backward_reduce", _DX, 0, _bn_backward_reduce),
-    Operation("bn_bwd_elemt", "batch_norm_backward_elemt", _DX, 1, _bn_backward_elemt),
-    Operation("bnr_fwd_train", "bn+relu fwd train", _X, 1, _bn_relu_forward(True, False)),
-    Operation("bnr_fwd_eval", "bn+relu fwd eval", _X, 1, _bn_relu_forward(False, False)),
-    Operation("bnar_fwd_train", "bn+add+relu fwd train", ("x", "residual"), 1,
-              _bn_relu_forward(True, True)),
-    Operation("bnr_bwd_train", "bn+relu bwd train", ("dy", "relu_output", "x"), 1,
-              _bn_relu_backward),
-    Operation("ln_fwd", "layer_norm fwd", _X, 1, _layer_norm_forward),
-    Operation("ln_bwd", "layer_norm bwd", _DX, 1, _layer_norm_backward),
-    Operation("gn_fwd", "group_norm fwd", _X, 1, _group_norm_forward),
-    Operation("gn_bwd", "group_norm bwd", _DX, 1, _group_norm_backward),
-    Operation("in_fwd", "instance_norm fwd", _X, 1, _instance_norm_forward),
-    Operation("in_bwd", "instance_norm bwd", _DX, 1, _instance_norm_backward),
-    Operation("rms_fwd", "rms_norm fwd", _X, 1, _rms_norm_forward),
-    Operation("rms_bwd", "rms_norm bwd", _DX, 1, _rms_norm_backward),
+    Operation("bn_fwd_train", "batch_norm_forward", "batch_norm fwd train", _X, 1,
+              _bn_forward(True)),
+    Operation("bn_fwd_eval", "batch_norm_forward", "batch_norm fwd eval", _X, 1,
+              _bn_forward(False)),
+    Operation("bn_bwd_train", "batch_norm_backward", "batch_norm bwd train", _DX, 1,
+              _bn_backward(True)),
+    Operation("bn_bwd_eval", "batch_norm_backward", "batch_norm bwd eval", _DX, 1,
+              _bn_backward(False)),
+    Operation("bn_stats", "batch_norm_stats", "batch_norm_stats", _X, 0, _bn_stats),
+    Operation("bn_elemt", "batch_norm_elemt", "batch_norm_elemt", _X, 1, _bn_elemt),
+    Operation("bn_bwd_reduce", "batch_norm_backward_reduce", "batch_norm_backward_reduce",
+              _DX, 0, _bn_backward_reduce),
+    Operation("bn_bwd_elemt", "batch_norm_backward_elemt", "batch_norm_backward_elemt",
+              _DX, 1, _bn_backward_elemt),
+    Operation("bnr_fwd_train", "batch_norm_relu_forward", "bn+relu fwd train", _X, 1,
+              _bn_relu_forward(True, False)),
+    Operation("bnr_fwd_eval", "batch_norm_relu_forward", "bn+relu fwd eval", _X, 1,
+              _bn_relu_forward(False, False)),
+    Operation("bnar_fwd_train", "batch_norm_relu_forward", "bn+add+relu fwd train",
+              ("x", "residual"), 1, _bn_relu_forward(True, True)),
+    Operation("bnr_bwd_train", "batch_norm_relu_backward", "bn+relu bwd train",
+              ("dy", "relu_output", "x"), 1, _bn_relu_backward),
+    Operation("ln_fwd", "layer_norm_forward", "layer_norm fwd", _X, 1, _layer_norm_forward),
+    Operation("ln_bwd", "layer_norm_backward", "layer_norm bwd", _DX, 1, _layer_norm_backward),
+    Operation("gn_fwd", "group_norm_forward", "group_norm fwd", _X, 1, _group_norm_forward),
+    Operation("gn_bwd", "group_norm_backward", "group_norm bwd", _DX, 1, _group_norm_backward),
+    Operation("in_fwd", "instance_norm_forward", "instance_norm fwd", _X, 1,
+              _instance_norm_forward),
+    Operation("in_bwd", "instance_norm_backward", "instance_norm bwd", _DX, 1,
+              _instance_norm_backward),
+    Operation("rms_fwd", "rms_norm_forward", "rms_norm fwd", _X, 1, _rms_norm_forward),
+    Operation("rms_bwd", "rms_norm_backward", "rms_norm bwd", _DX, 1, _rms_norm_backward),
 )}
 
 
@@ -413,6 +424,26 @@ FUSED_OPS = ("bnr_fwd_train", "bnr_fwd_eval", "bnar_fwd_train", "bnr_bwd_train")
 def _takes_axis(name):
     function = getattr(bncpu, name, None)
     return function is not None and "axis" in inspect.signature(function).parameters
+
+
+# Functions of the registry (bncpu/_registry.py) the report does not time, and why.
+NOT_TIMED = {"batch_norm_gather_stats": "merges C per-channel values: nothing to time"}
+
+
+def untimed_functions():
+    """Registry functions that no operation times and ``NOT_TIMED`` does not explain: a
+    new function must get a row (tests/test_bench.py checks this is empty)."""
+    timed = {op.function for op in OPERATIONS.values()}
+    return sorted(set(_registry.FUNCTIONS) - timed - set(NOT_TIMED))
+
+
+def takes_out(function):
+    """Whether bncpu's ``function`` takes ``out=``: the registry says so for its
+    functions; the others (fused batch norm) are asked."""
+    entry = _registry.FUNCTIONS.get(function)
+    if entry is not None:
+        return entry.has_out
+    return "out" in inspect.signature(getattr(bncpu, function)).parameters
 
 
 def cases(quick=False):
@@ -649,8 +680,8 @@ def implementation_call(inputs, implementation, n_threads):
         library = bncpu if implementation.startswith("bncpu") else reference
         function = getattr(library, calls.function)
         if implementation == "bncpu_out":
-            if not inputs.case.operation.writes:
-                return Unavailable("no input-sized result to preallocate")
+            if not takes_out(calls.function):
+                return Unavailable(f"{calls.function} takes no out=")
             out = aligned_empty(inputs.x.shape, inputs.x.dtype)
             return functools.partial(function, *calls.args, **calls.kwargs, out=out)
         return functools.partial(function, *calls.args, **calls.kwargs)

@@ -151,3 +151,9 @@ def test_report_runs_and_writes_json(tmp_path, capsys):
     implementations = results[0]["implementations"]
     assert implementations["bncpu"]["median_s"] > 0
     assert implementations["bncpu_out"]["median_s"] > 0
+
+
+def test_every_registry_function_is_timed_or_says_why_not():
+    assert _bench.untimed_functions() == []
+    for case in _bench.cases():
+        assert hasattr(bncpu, case.operation.function)
