@@ -108,14 +108,15 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        # numpy's own BLAS threads would blur the picture: one thread for the stand-in.
         worker(args.threads, args.rounds)
         return 0
     rows = {}
-    print(f"{'policy':8s} {'spin_cpu_ms':>11s} {'call_ms':>8s} {'step_ms':>8s} {'step_cpu_ms':>11s}")
+    print(f"{'policy':8s} {'spin_cpu_ms':>11s} {'call_ms':>8s} {'step_ms':>8s} "
+          f"{'step_cpu_ms':>11s}")
     for name, settings in POLICIES.items():
         env = {key: value for key, value in os.environ.items()
                if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        # NumPy's own BLAS threads would blur the picture: one for the stand-in work.
         env.update(settings, OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
                                  "--threads", str(args.threads), "--rounds", str(args.rounds)],
