@@ -194,19 +194,32 @@ def test_other_strides(layout):
 
 
 def test_channels_last_runs_without_a_copy(monkeypatch):
-    """The arrays bncpu receives are the tensors' own memory, permuted to (N, H, W, C)
-    and C-contiguous, with axis=-1; the output is channels_last."""
+    """The operator hands bncpu the tensors' own memory, permuted to (N, H, W, C) and
+    C-contiguous, with axis=-1; a plain eager call hands the kernel that memory as
+    (N·H·W, C, 1). Either way the output is channels_last."""
+    from bncpu._ops import batch_norm as kernels
+
     seen = []
-    original = bncpu.batch_norm_forward
+    original, original_kernel = bncpu.batch_norm_forward, kernels.forward_train
 
     def spy(input, *args, axis=1, out=None, **kwargs):
         seen.append((input.ctypes.data, input.flags.c_contiguous, out.ctypes.data, axis))
         return original(input, *args, axis=axis, out=out, **kwargs)
 
+    def kernel_spy(x, y, n, c, s, *args):
+        seen.append((x.ctypes.data, y.ctypes.data, (n, c, s)))
+        return original_kernel(x, y, n, c, s, *args)
+
     monkeypatch.setattr(bncpu, "batch_norm_forward", spy)
+    monkeypatch.setattr(kernels, "forward_train", kernel_spy)
     x = channels_last(tensors((2, 3, 4, 5), torch.float32)[0])
+    y = torch.ops.bncpu.batch_norm_forward.default(x, None, None, None, None, True, 0.1,
+                                                   1e-5)[0]
+    assert seen[0] == (x.data_ptr(), True, y.data_ptr(), -1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    seen.clear()
     y = bt.batch_norm(x, None, None, training=True)
-    assert seen == [(x.data_ptr(), True, y.data_ptr(), -1)]
+    assert seen == [(x.data_ptr(), y.data_ptr(), (40, 3, 1))]
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -26,12 +26,18 @@ back with ``Tensor.copy_``, a mutation PyTorch records (and ``torch.compile``
 functionalizes) as it does for its own batch norm. Nothing is written when the kernel
 raises.
 """
+import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import increment_version
 
 import bncpu
+from bncpu import _validate
+from bncpu._ops import batch_norm as _bn
+from bncpu._ops import row_norm as _rows
 from bncpu.torch import _fallback
 
 Tensor = torch.Tensor
@@ -626,3 +632,250 @@ def _instance_norm_grad(ctx, grad_output, *_):
 
 _autograd("instance_norm_forward", instance_norm_forward, _instance_norm_grad,
           _instance_norm_setup)
+
+
+# ----------------------------------------------------------------------------------
+# Plain eager calls the kernels take as they are: straight to bncpu._ops
+# ----------------------------------------------------------------------------------
+# A plain eager call (see _through_dispatcher) whose input is contiguous or channels
+# last, with contiguous parameters and running statistics of the right sizes, and eps and
+# momentum Python floats in range, skips the operators and bncpu's Python validation:
+# torch has already guaranteed what bncpu would check (one CPU float dtype: see
+# _fallback.reason) and the checks below the rest, so the kernel wrappers get the
+# tensors' own memory and nothing else runs. The running statistics are updated in place
+# by the kernel and their version counters bumped, as aten's batch norm does in eager
+# mode. Anything else (other strides, sizes that disagree, empty inputs, values out of
+# range) takes the operators' path, which copies where it must and raises bncpu's errors
+# before writing anything. The saved statistics stay NumPy arrays on the autograd
+# context. Per-call CPU time on a tiny input is measured by
+# benchmarks/torch_integration.py --only overhead.
+def _view(tensor):
+    """A NumPy view of a CPU tensor's memory (detached; None stays None)."""
+    return None if tensor is None else tensor.numpy(force=True)
+
+
+def _vector(tensor, size):
+    """Whether ``tensor`` is None or ``size`` contiguous values."""
+    return tensor is None or (tensor.shape == (size,) and tensor.is_contiguous())
+
+
+def _shaped(tensor, shape):
+    """Whether ``tensor`` is None or a contiguous tensor of ``shape``."""
+    return tensor is None or (tensor.shape == shape and tensor.is_contiguous())
+
+
+def _eps_in_range(eps):
+    return type(eps) is float and 0.0 <= eps < float("inf")
+
+
+def _like(input, tensor):
+    """``tensor`` with ``input``'s strides (itself when it has them: no copy)."""
+    if tensor.stride() == input.stride():
+        return tensor
+    return torch.empty_like(input).copy_(tensor)
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(
+        tensor is not None and tensor.requires_grad for tensor in tensors)
+
+
+def _channel_layout(input):
+    """(outer, channels, inner) of an (N, C, *) input as the batch-norm kernels read its
+    memory: (N, C, prod(*)) when contiguous, (N·prod(*), C, 1) when channels last;
+    None otherwise or when it is empty."""
+    shape = input.shape
+    if len(shape) < 2 or input.numel() == 0:
+        return None
+    inner = input.numel() // (shape[0] * shape[1])
+    if input.is_contiguous():
+        return shape[0], shape[1], inner
+    if _channels_last_order(input) is not None:
+        return shape[0] * inner, shape[1], 1
+    return None
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _raise_for_status(status):
+    if status != 0:
+        _validate.raise_for_status(status)
+
+
+class _DirectBatchNorm(torch.autograd.Function):
+    """Batch norm on tensors the kernels take as they are, with autograd."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, layout, training,
+                momentum, eps):
+        output, save_mean, save_invstd = _batch_norm_kernel(
+            input, weight, bias, running_mean, running_var, layout, training, momentum, eps,
+            True)
+        running = (None, None) if training else (running_mean, running_var)
+        ctx.save_for_backward(input, weight, bias, *running)
+        ctx.layout, ctx.training, ctx.eps = layout, training, eps
+        ctx.stats = save_mean, save_invstd
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias, running_mean, running_var = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _fallback.double_backward(
+                "batch_norm",
+                lambda x, w, b: F.batch_norm(x, running_mean, running_var, w, b,
+                                             ctx.training, 0.0, ctx.eps),
+                (input, weight, bias), grad_output)
+            return (*grads, None, None, None, None, None, None)
+        n, c, s = ctx.layout
+        needs = ctx.needs_input_grad
+        grad_input = torch.empty_like(input) if needs[0] else None
+        dtype = _NUMPY_DTYPES[input.dtype]
+        grad_weight = np.empty(c, dtype) if needs[1] else None
+        grad_bias = np.empty(c, dtype) if needs[2] else None
+        save_mean, save_invstd = ctx.stats
+        _raise_for_status(_bn.backward(
+            _view(_like(input, grad_output)), _view(input), _view(grad_input), n, c, s,
+            _view(weight), _view(running_mean), _view(running_var), save_mean, save_invstd,
+            ctx.training, ctx.eps, grad_weight, grad_bias))
+        return (grad_input, None if grad_weight is None else torch.from_numpy(grad_weight),
+                None if grad_bias is None else torch.from_numpy(grad_bias),
+                None, None, None, None, None, None)
+
+
+def _batch_norm_kernel(input, weight, bias, running_mean, running_var, layout, training,
+                       momentum, eps, save):
+    """(output, save_mean, save_invstd): the forward kernel on the tensors' memory, the
+    running statistics updated in place in training; the statistics (NumPy) when ``save``
+    and training, else None."""
+    n, c, s = layout
+    output = torch.empty_like(input)
+    save_mean = save_invstd = None
+    if training:
+        if save:
+            dtype = _NUMPY_DTYPES[input.dtype]
+            save_mean, save_invstd = np.empty(c, dtype), np.empty(c, dtype)
+        _raise_for_status(_bn.forward_train(
+            _view(input), _view(output), n, c, s, _view(weight), _view(bias),
+            _view(running_mean), _view(running_var), momentum, eps, save_mean, save_invstd))
+        if running_mean is not None:
+            increment_version(running_mean)
+            increment_version(running_var)
+    else:
+        _raise_for_status(_bn.forward_eval(
+            _view(input), _view(output), n, c, s, _view(weight), _view(bias),
+            _view(running_mean), _view(running_var), eps))
+    return output, save_mean, save_invstd
+
+
+def batch_norm_direct(input, weight, bias, running_mean, running_var, training, momentum,
+                      eps):
+    """``F.batch_norm``'s result computed straight by the kernel (running statistics
+    updated in place), or None when the call needs the operators' path."""
+    if _through_dispatcher(input):
+        return None
+    layout = _channel_layout(input)
+    if layout is None:
+        return None
+    n, c, s = layout
+    if not (_vector(weight, c) and _vector(bias, c) and _vector(running_mean, c)
+            and _vector(running_var, c) and _eps_in_range(eps)
+            and (running_mean is None) == (running_var is None)):
+        return None
+    if training:
+        if n * s < 2 or not (type(momentum) is float and 0.0 <= momentum <= 1.0):
+            return None
+        if running_mean is not None and running_mean.data_ptr() == running_var.data_ptr():
+            return None
+    elif running_mean is None:
+        return None
+    if _wants_grad(input, weight, bias):
+        return _DirectBatchNorm.apply(input, weight, bias, running_mean, running_var, layout,
+                                      training, momentum, eps)
+    return _batch_norm_kernel(input, weight, bias, running_mean, running_var, layout,
+                              training, momentum, eps, False)[0]
+
+
+class _DirectRowNorm(torch.autograd.Function):
+    """Layer norm (``centered``) or RMS norm on tensors the kernels take as they are, as
+    rows of d values, with autograd."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, normalized_shape, rows, d, eps, centered):
+        output, mean, rstd = _row_norm_kernel(input, weight, bias, rows, d, eps, centered,
+                                              True)
+        ctx.save_for_backward(input, weight, bias)
+        ctx.normalized_shape, ctx.rows, ctx.d = normalized_shape, rows, d
+        ctx.eps, ctx.centered, ctx.stats = eps, centered, (mean, rstd)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            shape, eps = ctx.normalized_shape, ctx.eps
+            if ctx.centered:
+                grads = _fallback.double_backward(
+                    "layer_norm", lambda x, w, b: F.layer_norm(x, shape, w, b, eps),
+                    (input, weight, bias), grad_output)
+            else:
+                grads = (*_fallback.double_backward(
+                    "rms_norm", lambda x, w: F.rms_norm(x, shape, w, eps), (input, weight),
+                    grad_output), None)
+            return (*grads, None, None, None, None, None)
+        needs = ctx.needs_input_grad
+        grad_input = torch.empty_like(input) if needs[0] else None
+        dtype = _NUMPY_DTYPES[input.dtype]
+        grad_weight = np.empty(ctx.normalized_shape, dtype) if needs[1] else None
+        grad_bias = np.empty(ctx.normalized_shape, dtype) if needs[2] else None
+        mean, rstd = ctx.stats
+        _raise_for_status(_rows.backward(
+            _view(_like(input, grad_output)), _view(input), _view(grad_input), ctx.rows, ctx.d,
+            1, 1, mean, rstd, _view(weight), ctx.centered, grad_weight, grad_bias))
+        return (grad_input, None if grad_weight is None else torch.from_numpy(grad_weight),
+                None if grad_bias is None else torch.from_numpy(grad_bias),
+                None, None, None, None, None)
+
+
+def _row_norm_kernel(input, weight, bias, rows, d, eps, centered, save):
+    """(output, mean, rstd): the layer-norm (``centered``) or RMS-norm forward kernel on
+    the tensors' memory; the statistics (NumPy; mean None for RMS norm) when ``save``,
+    else None."""
+    output = torch.empty_like(input)
+    mean = rstd = None
+    if save:
+        dtype = _NUMPY_DTYPES[input.dtype]
+        mean = np.empty(rows, dtype) if centered else None
+        rstd = np.empty(rows, dtype)
+    _raise_for_status(_rows.forward(_view(input), _view(output), rows, d, 1, 1, _view(weight),
+                                    _view(bias), eps, centered, mean, rstd))
+    return output, mean, rstd
+
+
+def row_norm_direct(input, normalized_shape, weight, bias, eps, centered):
+    """``F.layer_norm``'s (``centered``) or ``F.rms_norm``'s result computed straight by
+    the kernel, or None when the call needs the operators' path. ``eps`` None (RMS norm)
+    is the dtype's machine epsilon."""
+    if _through_dispatcher(input):
+        return None
+    if type(normalized_shape) is int:
+        shape = (normalized_shape,)
+    elif type(normalized_shape) in (tuple, list, torch.Size):
+        shape = tuple(normalized_shape)
+    else:
+        return None
+    if not all(type(size) is int for size in shape):
+        return None
+    if eps is None and not centered:
+        eps = torch.finfo(input.dtype).eps
+    leading = input.dim() - len(shape)
+    if not (shape and leading >= 0 and input.shape[leading:] == shape and input.numel()
+            and input.is_contiguous() and _shaped(weight, shape) and _shaped(bias, shape)
+            and _eps_in_range(eps)):
+        return None
+    d = math.prod(shape)
+    rows = input.numel() // d
+    if _wants_grad(input, weight, bias):
+        return _DirectRowNorm.apply(input, weight, bias, shape, rows, d, eps, centered)
+    return _row_norm_kernel(input, weight, bias, rows, d, eps, centered, False)[0]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bncpu.torch import _fallback
-from bncpu.torch._ops import forward
+from bncpu.torch._ops import batch_norm_direct, forward, row_norm_direct
 
 
 def _shape_list(normalized_shape):
@@ -37,6 +37,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         _fallback.record("batch_norm", reason)
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
+    output = batch_norm_direct(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps)
+    if output is not None:
+        return output
     output, _, _, new_mean, new_var = forward(
         "batch_norm_forward", input, weight, bias, running_mean, running_var, training, momentum,
         eps)
@@ -69,6 +73,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if reason is not None:
         _fallback.record("layer_norm", reason)
         return F.layer_norm(input, normalized_shape, weight, bias, eps)
+    output = row_norm_direct(input, normalized_shape, weight, bias, eps, True)
+    if output is not None:
+        return output
     return forward("layer_norm_forward", input, _shape_list(normalized_shape), weight, bias,
                    eps)[0]
 
@@ -109,4 +116,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if reason is not None:
         _fallback.record("rms_norm", reason)
         return F.rms_norm(input, normalized_shape, weight, eps)
+    output = row_norm_direct(input, normalized_shape, weight, None, eps, False)
+    if output is not None:
+        return output
     return forward("rms_norm_forward", input, _shape_list(normalized_shape), weight, eps)[0]
