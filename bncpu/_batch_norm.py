@@ -9,30 +9,6 @@ from bncpu import _validate as v
 from bncpu._ops import batch_norm as _bn
 
 
-def _forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps, save_mean, save_invstd,
-                   unbiased):
-    """The training-forward kernel; the running variance takes the biased batch variance
-    when ``unbiased`` is False (the kernel's statistics with momentum 1 into temporaries,
-    then blended here)."""
-    if unbiased or rm is None or n * s == 0:
-        return _bn.forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps, save_mean,
-                                 save_invstd)
-    batch_mean, batch_var = np.zeros(c, rm.dtype), np.zeros(c, rv.dtype)
-    status = _bn.forward_train(x, y, n, c, s, w, b, batch_mean, batch_var, 1.0, eps, save_mean,
-                               save_invstd)
-    if status == 0:
-        _blend_biased(rm, rv, batch_mean, batch_var, n * s, momentum)
-    return status
-
-
-def _blend_biased(running_mean, running_var, batch_mean, unbiased_var, count, momentum):
-    """running = (1 - momentum)·running + momentum·batch, in place, with the biased
-    variance unbiased_var·(count - 1)/count."""
-    biased_var = unbiased_var.astype(np.float64) * ((count - 1) / count)
-    running_mean[...] = (1 - momentum) * running_mean.astype(np.float64) + momentum * batch_mean
-    running_var[...] = (1 - momentum) * running_var.astype(np.float64) + momentum * biased_var
-
-
 # ----------------------------------------------------------------------------------
 # Batch norm
 # ----------------------------------------------------------------------------------
@@ -139,8 +115,8 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
     if training:
         save_mean = np.empty(c, dtype)
         save_invstd = np.empty(c, dtype)
-        status = _forward_train(x, result.target, n, c, s, w, b, rm, rv, momentum, eps,
-                                save_mean, save_invstd, unbiased_running_var)
+        status = _bn.forward_train(x, result.target, n, c, s, w, b, rm, rv, momentum, eps,
+                                   save_mean, save_invstd, unbiased=unbiased_running_var)
     else:
         save_mean = save_invstd = np.empty(0, dtype)
         status = _bn.forward_eval(x, result.target, n, c, s, w, b, rm, rv, eps)
@@ -329,17 +305,10 @@ def batch_norm_gather_stats(mean: ArrayLike, m2: ArrayLike, count: ArrayLike,
         raise ValueError("Expected more than 1 value per channel when training, got a total count of 1")
     mean_out = np.empty(c, np.float64)
     invstd_out = np.empty(c, np.float64)
-    mean = np.ascontiguousarray(mean, np.float64)
-    m2 = np.ascontiguousarray(m2, np.float64)
-    if rm is None or unbiased_running_var or total == 0:
-        status = _bn.gather_stats(p, c, mean, m2, counts, rm, rv, momentum, eps, mean_out,
-                                  invstd_out, dtype == np.float32)
-    else:
-        batch_mean, batch_var = np.zeros(c, dtype), np.zeros(c, dtype)
-        status = _bn.gather_stats(p, c, mean, m2, counts, batch_mean, batch_var, 1.0, eps,
-                                  mean_out, invstd_out, dtype == np.float32)
-        if status == 0:
-            _blend_biased(rm, rv, batch_mean, batch_var, total, momentum)
+    status = _bn.gather_stats(p, c, np.ascontiguousarray(mean, np.float64),
+                              np.ascontiguousarray(m2, np.float64), counts, rm, rv, momentum,
+                              eps, mean_out, invstd_out, dtype == np.float32,
+                              unbiased=unbiased_running_var)
     v.raise_for_status(status)
     return mean_out, invstd_out
 
