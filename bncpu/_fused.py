@@ -12,8 +12,8 @@ output passes its gradient, as in torch's ``threshold_backward`` (the mask is
 Validation is bncpu._validate's, as for batch norm. The kernels are batch norm's
 (bncpu/_kernels/batch_norm.pyx) with the add and the ReLU in their normalizing pass, and the
 mask applied wherever the backward reads the gradient: the same arithmetic as bncpu's
-batch norm followed by NumPy's add and ReLU, bit for bit, with one pass less forward and
-two less backward.
+batch norm followed by NumPy's add and ReLU, bit for bit, without the passes over memory
+of their own that the add, the ReLU and the mask would take.
 """
 from __future__ import annotations
 
