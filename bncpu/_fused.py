@@ -9,92 +9,229 @@ passed the ReLU where ``output > 0``, so an output of exactly 0 passes no gradie
 output passes its gradient, as in torch's ``threshold_backward`` (the mask is
 ``not output <= 0``).
 
-Validation is bncpu._validate's; the arithmetic is batch norm's (bncpu._batch_norm), the
-ReLU and the mask applied on the way.
+Validation is bncpu._validate's, as for batch norm. The kernels are batch norm's
+(bncpu/_kernels/batch_norm.pyx) with the add and the ReLU in their normalizing pass, and the
+mask applied wherever the backward reads the gradient: the same arithmetic as bncpu's
+batch norm followed by NumPy's add and ReLU, bit for bit, without the passes over memory
+of their own that the add, the ReLU and the mask would take.
 """
+from __future__ import annotations
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from bncpu import _validate as v
-from bncpu._batch_norm import batch_norm_backward, batch_norm_forward
+from bncpu._ops import batch_norm as _bn
 
+def batch_norm_relu(input: ArrayLike, running_mean: NDArray | None,
+                    running_var: NDArray | None, weight: ArrayLike | None = None,
+                    bias: ArrayLike | None = None, training: bool = False,
+                    momentum: float = 0.1, eps: float = 1e-5, *,
+                    residual: ArrayLike | None = None, axis: int = 1,
+                    out: NDArray | None = None) -> NDArray:
+    """``relu(batch_norm(input) + residual)`` in one kernel.
 
-def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
-                    momentum=0.1, eps=1e-5, *, residual=None, axis=1, out=None):
-    """``relu(batch_norm(input) + residual)``, arguments as ``bncpu.batch_norm``.
+    Parameters
+    ----------
+    input, running_mean, running_var, weight, bias, training, momentum, eps, axis
+        As in ``bncpu.batch_norm``.
+    residual : array_like, optional
+        Added to the normalized input before the ReLU (a residual network's shortcut), of
+        the input's shape; converted to the input's compute dtype.
+    out : ndarray, optional
+        Where to write the result, as ``out`` in ``bncpu.batch_norm``; it may be the input
+        or the residual itself.
 
-    ``residual`` (optional) has the input's shape. Returns the output (``out`` itself when
-    given; ``out`` may be the input or the residual).
+    Returns
+    -------
+    ndarray
+        The output, of the input's shape and layout (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     return batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training,
                                    momentum, eps, residual=residual, axis=axis, out=out)[0]
 
 
-def batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training, momentum,
-                            eps, *, residual=None, axis=1, out=None):
-    """``relu(batch_norm_forward(...) + residual)``: returns (output, save_mean, save_invstd),
-    the statistics as ``batch_norm_forward`` saves them (empty arrays in evaluation)."""
+def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None,
+                            bias: ArrayLike | None, running_mean: NDArray | None,
+                            running_var: NDArray | None, training: bool, momentum: float,
+                            eps: float, *, residual: ArrayLike | None = None, axis: int = 1,
+                            out: NDArray | None = None
+                            ) -> tuple[NDArray, NDArray, NDArray]:
+    """``relu(batch_norm(input) + residual)`` with the statistics the backward needs.
+
+    The arguments are those of ``batch_norm_relu``, in the order of
+    ``bncpu.batch_norm_forward``. One kernel: the statistics, then one pass that
+    normalizes, adds the residual and applies the ReLU.
+
+    Returns
+    -------
+    output : ndarray
+        As ``batch_norm_relu`` returns it (``out`` itself when given).
+    save_mean, save_invstd : ndarray of shape (C,)
+        As ``bncpu.batch_norm_forward`` saves them (empty arrays in evaluation).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
+    """
     x = v.as_input(input)
     dtype = x.dtype
+    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    eps = v.check_eps(eps)
+    momentum = v.check_momentum(momentum)
+    training = v.check_flag(training, "training")
+    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
+                            updated=training)
+    w = v.per_channel(weight, "weight", c, dtype)
+    b = v.per_channel(bias, "bias", c, dtype)
+    if training and n * s == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, "
+                         f"got input size {x.shape}")
     residual = _same_shape_input(residual, "residual", x)
-    result = v.Output(out, x.shape, dtype, (x, residual))
-    # The normalized values are written before the residual is read: a target that is the
-    # residual itself needs a buffer.
-    target = result.target
-    if residual is not None and np.may_share_memory(target, residual):
-        target = np.empty(x.shape, dtype)
-    output, save_mean, save_invstd = batch_norm_forward(
-        x, weight, bias, running_mean, running_var, training, momentum, eps, axis=axis,
-        out=target)
-    if residual is not None:
-        np.add(output, residual, out=output)
-    _relu(output)
-    if output is not result.target:
-        result.target[...] = output
+    if training:
+        v.check_out_apart(out, running_mean=rm, running_var=rv)
+    result = v.Output(out, x.shape, dtype, (x, residual, w, b, rm, rv))
+    if training:
+        save_mean = np.empty(c, dtype)
+        save_invstd = np.empty(c, dtype)
+        status = _bn.relu_forward_train(x, residual, result.target, n, c, s, w, b, rm, rv,
+                                        momentum, eps, save_mean, save_invstd)
+    else:
+        save_mean = save_invstd = np.empty(0, dtype)
+        status = _bn.relu_forward_eval(x, residual, result.target, n, c, s, w, b, rm, rv, eps)
+    v.raise_for_status(status)
     return result.finish(), save_mean, save_invstd
 
 
-def batch_norm_relu_backward(grad_output, output, input, weight, running_mean, running_var,
-                             save_mean, save_invstd, training, eps, *, residual_grad=False,
-                             axis=1, out=None):
-    """Backward of ``batch_norm_relu_forward``: (grad_input, grad_weight, grad_bias,
-    grad_residual).
+def batch_norm_relu_backward(grad_output: ArrayLike, output: ArrayLike, input: ArrayLike,
+                             weight: ArrayLike | None, running_mean: ArrayLike | None,
+                             running_var: ArrayLike | None, save_mean: ArrayLike | None,
+                             save_invstd: ArrayLike | None, training: bool, eps: float, *,
+                             residual_grad: bool = False, axis: int = 1,
+                             out: NDArray | None = None
+                             ) -> tuple[NDArray, NDArray | None, NDArray | None,
+                                        NDArray | None]:
+    """Backward of ``batch_norm_relu_forward``.
 
-    With the mask ``output > 0`` (NaN counted as passed, as in PyTorch),
-    ``g = grad_output where the mask holds, else 0`` is the gradient reaching the
-    batch norm (and the residual): the other results are ``batch_norm_backward``'s for ``g``
-    (training or evaluation as ``training`` says), and ``grad_residual = g`` when
-    ``residual_grad`` is true, else None. ``out`` receives grad_input and may be
-    grad_output, output or input itself.
+    With the mask ``output > 0`` (a NaN output counted as passed, as in PyTorch), the
+    gradient reaching the batch norm and the residual is ``g = grad_output`` where the
+    mask holds, else 0. One kernel: the mask is applied as grad_output is read, in the
+    per-channel sums and in the elementwise pass (which also writes grad_residual); g is
+    never stored apart.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        dL/d(output), of the input's shape.
+    output : array_like
+        The forward's output: its positive values say where the ReLU passed.
+    input, weight, running_mean, running_var, save_mean, save_invstd, training, eps, axis
+        As in ``bncpu.batch_norm_backward``.
+    residual_grad : bool, default False
+        Also return the residual's gradient, g.
+    out : ndarray, optional
+        Receives grad_input, as ``out`` in ``bncpu.batch_norm``; may be grad_output,
+        output or input.
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias
+        ``bncpu.batch_norm_backward``'s results for g (grad_input is ``out`` when given).
+    grad_residual : ndarray or None
+        g, of the input's shape, when ``residual_grad`` is true; else None.
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a dtype that is not real, a flag that is not a bool,
+        a running statistic that is not an ndarray of the compute dtype).
+    ValueError
+        Shapes or values that disagree; nothing has been written then.
     """
     x = v.as_input(input)
     dtype = x.dtype
     dy = _same_shape_input(grad_output, "grad_output", x)
     y = _same_shape_input(output, "output", x)
-    if out is not None:
-        v.Output(out, x.shape, dtype, ())   # out's errors before any work
-    grad = np.zeros(x.shape, dtype)
-    np.copyto(grad, dy, where=~(y <= 0))   # not dy·mask: a masked NaN passes nothing
-    if out is None and not residual_grad:
-        out = grad   # the masked gradient is a buffer of our own: overwrite it
-    grad_input, grad_weight, grad_bias = batch_norm_backward(
-        grad, x, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
-        axis=axis, out=out)
-    return grad_input, grad_weight, grad_bias, (grad if residual_grad else None)
+    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    training = v.check_flag(training, "training")
+    residual_grad = v.check_flag(residual_grad, "residual_grad")
+    eps = v.check_eps(eps)
+    w = v.per_channel(weight, "weight", c, dtype)
+    if training:
+        mean = v.per_channel(save_mean, "save_mean", c, dtype)
+        invstd = v.per_channel(save_invstd, "save_invstd", c, dtype)
+        if mean is None or invstd is None:
+            raise ValueError("save_mean and save_invstd must be given when training=True")
+        rm = rv = None
+    else:
+        rm = v.per_channel(running_mean, "running_mean", c, dtype)
+        rv = v.per_channel(running_var, "running_var", c, dtype)
+        if rm is None or rv is None:
+            raise ValueError("running_mean and running_var must be given when training=False")
+        mean = invstd = None
+    result = v.Output(out, x.shape, dtype, (dy, y, x, w))
+    grad_weight = np.empty(c, dtype) if w is not None else None
+    grad_bias = np.empty(c, dtype) if w is not None else None
+    grad_residual = np.empty(x.shape, dtype) if residual_grad else None
+    status = _bn.relu_backward(dy, y, x, result.target, n, c, s, w, rm, rv, mean, invstd,
+                               training, eps, grad_weight, grad_bias, grad_residual)
+    v.raise_for_status(status)
+    return result.finish(), grad_weight, grad_bias, grad_residual
 
 
-def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps=1e-5):
-    """Fold an evaluation-mode batch norm into the layer before it: (folded_weight,
-    folded_bias) with ``layer'(x) = batch_norm(layer(x))``.
+def fold_batch_norm(weight: ArrayLike, bias: ArrayLike | None, running_mean: ArrayLike,
+                    running_var: ArrayLike, bn_weight: ArrayLike | None,
+                    bn_bias: ArrayLike | None, eps: float = 1e-5
+                    ) -> tuple[NDArray, NDArray]:
+    """Fold an evaluation-mode batch norm into the layer before it:
+    ``layer'(x) = batch_norm(layer(x))``.
 
-    ``weight`` is the convolution's or linear layer's, its output channels along axis 0;
-    ``bias``, ``bn_weight`` and ``bn_bias`` may be None (0, 1 and 0). With
-    ``scale = bn_weight / sqrt(running_var + eps)`` per output channel::
+    Per output channel, with ``scale = bn_weight / sqrt(running_var + eps)``::
 
         folded_weight = weight·scale
         folded_bias   = (bias - running_mean)·scale + bn_bias
 
-    computed in float64 and returned in weight's dtype (float16 as float32, integers as
-    float64; the folded bias always given). Nothing is modified.
+    computed in float64. Nothing is modified.
+
+    Parameters
+    ----------
+    weight : array_like
+        The convolution's or linear layer's weight, its output channels along axis 0.
+    bias : array_like of shape (C_out,), optional
+        The layer's bias (0 when None).
+    running_mean, running_var : array_like of shape (C_out,)
+        The batch norm's running statistics.
+    bn_weight, bn_bias : array_like of shape (C_out,), optional
+        The batch norm's weight and bias (1 and 0 when None).
+    eps : float
+        Finite and >= 0, added to the variance under the square root.
+
+    Returns
+    -------
+    folded_weight : ndarray
+        Of weight's shape, in weight's compute dtype (float16 as float32, integers as
+        float64).
+    folded_bias : ndarray of shape (C_out,)
+        In the same dtype; always given.
+
+    Raises
+    ------
+    TypeError
+        An argument whose dtype is not real.
+    ValueError
+        A scalar weight, sizes that disagree, a missing running statistic, a bad eps.
     """
     w = v.as_array(weight, "weight")
     dtype = v.compute_dtype(w.dtype, "weight")
@@ -127,8 +264,3 @@ def _same_shape_input(value, name, x):
     array = v.as_input(value, name, min_ndim=0, dtype=x.dtype)
     v.same_shape(array, name, x.shape)
     return array
-
-
-def _relu(array):
-    """In place: 0 where array < 0 (NaN and -0.0 kept, as torch.relu)."""
-    np.copyto(array, 0, where=array < 0)

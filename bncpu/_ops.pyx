@@ -256,6 +256,103 @@ def bn_backward_elemt(dy, x, dx, int64_t n, int64_t c, int64_t s, mean, invstd, 
 
 
 # ----------------------------------------------------------------------------------
+# Batch norm + (add +) ReLU, fused
+# ----------------------------------------------------------------------------------
+cdef int _relu_forward_train(real* kind, x, residual, y, int64_t n, int64_t c, int64_t s,
+                             weight, bias, running_mean, running_var, double momentum,
+                             double eps, save_mean, save_invstd, bint unbiased):
+    cdef int (*fn)(const real*, const real*, real*, int64_t, int64_t, int64_t, const real*,
+                   const real*, real*, real*, double, double, real*, real*, int) noexcept nogil
+    cdef void* a[9]
+    cdef int status
+    if real is float:
+        fn = API.batch_norm_relu_forward_train_f32
+    else:
+        fn = API.batch_norm_relu_forward_train_f64
+    a[:] = [ptr(x), ptr(residual), ptr(y), ptr(weight), ptr(bias), ptr(running_mean),
+            ptr(running_var), ptr(save_mean), ptr(save_invstd)]
+    with nogil:
+        status = fn(<const real*>a[0], <const real*>a[1], <real*>a[2], n, c, s,
+                    <const real*>a[3], <const real*>a[4], <real*>a[5], <real*>a[6], momentum,
+                    eps, <real*>a[7], <real*>a[8], unbiased)
+    return status
+
+
+def bn_relu_forward_train(x, residual, y, int64_t n, int64_t c, int64_t s, weight, bias,
+                          running_mean, running_var, double momentum, double eps, save_mean,
+                          save_invstd, bint unbiased=True):
+    if is_float32(x):
+        return _relu_forward_train(<float*>NULL, x, residual, y, n, c, s, weight, bias,
+                                   running_mean, running_var, momentum, eps, save_mean,
+                                   save_invstd, unbiased)
+    return _relu_forward_train(<double*>NULL, x, residual, y, n, c, s, weight, bias,
+                               running_mean, running_var, momentum, eps, save_mean, save_invstd,
+                               unbiased)
+
+
+cdef int _relu_forward_eval(real* kind, x, residual, y, int64_t n, int64_t c, int64_t s,
+                            weight, bias, running_mean, running_var, double eps):
+    cdef int (*fn)(const real*, const real*, real*, int64_t, int64_t, int64_t, const real*,
+                   const real*, const real*, const real*, double) noexcept nogil
+    cdef void* a[7]
+    cdef int status
+    if real is float:
+        fn = API.batch_norm_relu_forward_eval_f32
+    else:
+        fn = API.batch_norm_relu_forward_eval_f64
+    a[:] = [ptr(x), ptr(residual), ptr(y), ptr(weight), ptr(bias), ptr(running_mean),
+            ptr(running_var)]
+    with nogil:
+        status = fn(<const real*>a[0], <const real*>a[1], <real*>a[2], n, c, s,
+                    <const real*>a[3], <const real*>a[4], <const real*>a[5], <const real*>a[6],
+                    eps)
+    return status
+
+
+def bn_relu_forward_eval(x, residual, y, int64_t n, int64_t c, int64_t s, weight, bias,
+                         running_mean, running_var, double eps):
+    if is_float32(x):
+        return _relu_forward_eval(<float*>NULL, x, residual, y, n, c, s, weight, bias,
+                                  running_mean, running_var, eps)
+    return _relu_forward_eval(<double*>NULL, x, residual, y, n, c, s, weight, bias,
+                              running_mean, running_var, eps)
+
+
+cdef int _relu_backward(real* kind, dy, y, x, dx, int64_t n, int64_t c, int64_t s, weight,
+                        running_mean, running_var, save_mean, save_invstd, bint training,
+                        double eps, dweight, dbias, dresidual):
+    cdef int (*fn)(const real*, const real*, const real*, real*, int64_t, int64_t, int64_t,
+                   const real*, const real*, const real*, const real*, const real*, int, double,
+                   real*, real*, real*) noexcept nogil
+    cdef void* a[12]
+    cdef int status
+    if real is float:
+        fn = API.batch_norm_relu_backward_f32
+    else:
+        fn = API.batch_norm_relu_backward_f64
+    a[:] = [ptr(dy), ptr(y), ptr(x), ptr(dx), ptr(weight), ptr(running_mean), ptr(running_var),
+            ptr(save_mean), ptr(save_invstd), ptr(dweight), ptr(dbias), ptr(dresidual)]
+    with nogil:
+        status = fn(<const real*>a[0], <const real*>a[1], <const real*>a[2], <real*>a[3], n, c,
+                    s, <const real*>a[4], <const real*>a[5], <const real*>a[6],
+                    <const real*>a[7], <const real*>a[8], training, eps, <real*>a[9],
+                    <real*>a[10], <real*>a[11])
+    return status
+
+
+def bn_relu_backward(dy, y, x, dx, int64_t n, int64_t c, int64_t s, weight, running_mean,
+                     running_var, save_mean, save_invstd, bint training, double eps, dweight,
+                     dbias, dresidual):
+    if is_float32(dy):
+        return _relu_backward(<float*>NULL, dy, y, x, dx, n, c, s, weight, running_mean,
+                              running_var, save_mean, save_invstd, training, eps, dweight, dbias,
+                              dresidual)
+    return _relu_backward(<double*>NULL, dy, y, x, dx, n, c, s, weight, running_mean,
+                          running_var, save_mean, save_invstd, training, eps, dweight, dbias,
+                          dresidual)
+
+
+# ----------------------------------------------------------------------------------
 # Row norms: (n, c, s, groups); layer and RMS norm pass (rows, d, 1, 1). centered=True
 # is group norm's entry (layer norm is group norm of one group of s = 1), False is RMS
 # norm's, which takes rows of d values and no bias or mean.
@@ -347,5 +444,7 @@ def rows_backward(dy, x, dx, int64_t n, int64_t c, int64_t s, int64_t groups, me
 batch_norm = SimpleNamespace(
     forward_train=bn_forward_train, forward_eval=bn_forward_eval, backward=bn_backward,
     stats=bn_stats, gather_stats=bn_gather_stats, elemt=bn_elemt,
-    backward_reduce=bn_backward_reduce, backward_elemt=bn_backward_elemt)
+    backward_reduce=bn_backward_reduce, backward_elemt=bn_backward_elemt,
+    relu_forward_train=bn_relu_forward_train, relu_forward_eval=bn_relu_forward_eval,
+    relu_backward=bn_relu_backward)
 row_norm = SimpleNamespace(forward=rows_forward, backward=rows_backward)

@@ -110,6 +110,35 @@ def _bn_backward_inputs(training):
     return inputs
 
 
+def _bn_relu_forward_inputs(shape, dtype, seed=0):
+    args = _bn_forward_inputs(True)(shape, dtype, seed)
+    args["residual"] = _normal(np.random.default_rng(seed + 2), shape, dtype, 0.0, 1.0)
+    return args
+
+
+def _bn_relu_backward_inputs(shape, dtype, seed=0):
+    forward = _bn_relu_forward_inputs(shape, dtype, seed)
+    output, save_mean, save_invstd = bncpu.batch_norm_relu_forward(
+        forward["input"], forward["weight"], forward["bias"], None, None, True, 0.1, 1e-5,
+        residual=forward["residual"])
+    args = _bn_backward_inputs(True)(shape, dtype, seed)
+    args.update(output=output, save_mean=save_mean, save_invstd=save_invstd,
+                residual_grad=True)
+    return args
+
+
+def _fold_inputs(shape, dtype, seed=0):
+    """A layer weight of C = shape[1] output channels (the rest of the shape after them)
+    and a batch norm of C channels."""
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    weight = _normal(rng, (c,) + (shape[2:] or shape[:1]), dtype)
+    bias, bn_weight = rng.normal(size=c).astype(dtype), rng.uniform(0.5, 1.5, c).astype(dtype)
+    return dict(weight=weight, bias=bias, running_mean=rng.normal(size=c).astype(dtype),
+                running_var=rng.uniform(0.5, 2.0, c).astype(dtype), bn_weight=bn_weight,
+                bn_bias=rng.normal(size=c).astype(dtype), eps=1e-5)
+
+
 def _bn_stats_inputs(shape, dtype, seed=0):
     return dict(input=_normal(np.random.default_rng(seed), shape, dtype))
 
@@ -243,6 +272,25 @@ def _bad_backward_reduce(args):
     return _bad_common(args, twin_checks_weight=False)
 
 
+def _bad_relu(args):
+    """The batch-norm cases, and a residual or an output of another shape."""
+    cases = _bad_running(args) if "momentum" in args else _bad_common(args)
+    for name in ("residual", "output"):
+        if name in args:
+            cases.append((f"{name} of another shape", _spoil(args, name, args[name][:1]), True))
+    return cases
+
+
+def _bad_fold(args):
+    return [("complex weight", _spoil(args, "weight", args["weight"].astype(np.complex128)),
+             False),
+            ("bn_weight one too long", _spoil(args, "bn_weight", np.ones(args["bias"].size + 1)),
+             True),
+            ("running_mean too short",
+             _spoil(args, "running_mean", args["running_mean"][:-1].copy()), True),
+            ("eps = NaN", _spoil(args, "eps", float("nan")), False)]
+
+
 # ----------------------------------------------------------------------------------
 # Torch counterparts
 # ----------------------------------------------------------------------------------
@@ -258,6 +306,17 @@ def _torch_bn_backward(torch, a):
         _t(torch, a["grad_output"]), _t(torch, a["input"]), _t(torch, a["weight"]),
         _t(torch, a["running_mean"]), _t(torch, a["running_var"]), _t(torch, a["save_mean"]),
         _t(torch, a["save_invstd"]), a["training"], a["eps"], [True, True, True])
+
+
+def _torch_bn_relu_forward(torch, a):
+    output, save_mean, save_invstd = _torch_bn_forward(torch, a)
+    return torch.relu(output + _t(torch, a["residual"])), save_mean, save_invstd
+
+
+def _torch_bn_relu_backward(torch, a):
+    grad = torch.ops.aten.threshold_backward(_t(torch, a["grad_output"]), _t(torch, a["output"]),
+                                             0)
+    return _torch_bn_backward(torch, dict(a, grad_output=grad.numpy())) + (grad,)
 
 
 def _torch_layer_forward(torch, a):
@@ -308,6 +367,17 @@ _entries = [
     ("batch_norm_backward_elemt", "batch_norm",
      ("grad_output", "input", "mean", "invstd", "weight", "sum_dy", "sum_dy_xmu", "count"), (),
      _bn_backward_elemt_inputs, BATCH_SHAPES, (), True, None, _bad_common),
+    ("batch_norm_relu_forward", "batch_norm",
+     ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+      "residual"), ("residual",), _bn_relu_forward_inputs, BATCH_SHAPES,
+     ("running_mean", "running_var"), True, _torch_bn_relu_forward, _bad_relu),
+    ("batch_norm_relu_backward", "batch_norm",
+     ("grad_output", "output", "input", "weight", "running_mean", "running_var", "save_mean",
+      "save_invstd", "training", "eps", "residual_grad"), ("residual_grad",),
+     _bn_relu_backward_inputs, BATCH_SHAPES, (), True, _torch_bn_relu_backward, _bad_relu),
+    ("fold_batch_norm", "batch_norm",
+     ("weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias", "eps"), (),
+     _fold_inputs, BATCH_SHAPES, (), False, None, _bad_fold),
     ("layer_norm_forward", "layer_norm", ("input", "normalized_shape", "weight", "bias", "eps"),
      (), _layer_inputs(1, True), ROW_SHAPES, (), True, _torch_layer_forward, _bad_common),
     ("layer_norm_backward", "layer_norm",

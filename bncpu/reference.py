@@ -1106,46 +1106,99 @@ def _relu(v):
     return np.where(v < 0, 0.0, v)
 
 
-def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
-                    momentum=0.1, eps=1e-5, *, residual=None, axis=1):
+def _same_shape(value, name, shape):
+    """value as float64, which must have the input's shape."""
+    array = _float64(value)
+    if array.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {array.shape} but input has shape {tuple(shape)}")
+    return array
+
+
+def batch_norm_relu(input: ArrayLike, running_mean: NDArray | None, running_var: NDArray | None,
+                    weight: ArrayLike | None = None, bias: ArrayLike | None = None,
+                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+                    residual: ArrayLike | None = None, axis: int = 1) -> NDArray:
     """relu(batch_norm(input) + residual): the output of batch_norm_relu_forward."""
     return batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training,
                                    momentum, eps, residual=residual, axis=axis)[0]
 
 
-def batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training, momentum,
-                            eps, *, residual=None, axis=1):
-    """y = batch_norm_forward(...)'s output, then relu(y + residual) (no residual: relu(y)).
+def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
+                            running_mean: NDArray | None, running_var: NDArray | None,
+                            training: bool, momentum: float, eps: float, *,
+                            residual: ArrayLike | None = None, axis: int = 1
+                            ) -> tuple[NDArray, NDArray, NDArray]:
+    """Batch norm, then the residual added, then ReLU:
 
-    Returns (output, save_mean, save_invstd), the statistics as batch_norm_forward saves them.
+        y = batch_norm_forward(...)'s output,   output = relu(y + residual)
+
+    relu(v) = 0 where v < 0, else v; no residual: relu(y).
+
+    Parameters
+    ----------
+    input, weight, bias, running_mean, running_var, training, momentum, eps, axis
+        As in ``batch_norm_forward`` (the running statistics updated in place in training).
+    residual : array_like, optional
+        Of the input's shape.
+
+    Returns
+    -------
+    output : ndarray
+        relu(y + residual).
+    save_mean, save_invstd : ndarray
+        As ``batch_norm_forward`` saves them.
     """
+    if residual is not None:
+        residual = _same_shape(residual, "residual", np.shape(input))
     y, save_mean, save_invstd = batch_norm_forward(input, weight, bias, running_mean, running_var,
                                                    training, momentum, eps, axis=axis)
     if residual is not None:
-        y = y + _float64(residual)
+        y = y + residual
     return _relu(y), save_mean, save_invstd
 
 
-def batch_norm_relu_backward(grad_output, output, input, weight, running_mean, running_var,
-                             save_mean, save_invstd, training, eps, *, residual_grad=False,
-                             axis=1):
+def batch_norm_relu_backward(grad_output: ArrayLike, output: ArrayLike, input: ArrayLike,
+                             weight: ArrayLike | None, running_mean: ArrayLike | None,
+                             running_var: ArrayLike | None, save_mean: ArrayLike | None,
+                             save_invstd: ArrayLike | None, training: bool, eps: float, *,
+                             residual_grad: bool = False, axis: int = 1
+                             ) -> tuple[NDArray, NDArray | None, NDArray | None, NDArray | None]:
     """Backward of batch_norm_relu_forward. The ReLU passed a value where output > 0 (a NaN
     output counts as passed, as in torch's threshold_backward), so the gradient reaching the
     batch norm and the residual is
 
         g = 0 where output <= 0, else grad_output
 
-    and (grad_input, grad_weight, grad_bias) are batch_norm_backward's for g. Returns those and
-    grad_residual = g when residual_grad is true, else None.
+    Parameters
+    ----------
+    grad_output : array_like
+        Of the input's shape.
+    output : array_like
+        The forward's output, of the input's shape.
+    input, weight, running_mean, running_var, save_mean, save_invstd, training, eps, axis
+        As in ``batch_norm_backward``.
+    residual_grad : bool, default False
+        Also return g, the residual's gradient.
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias
+        batch_norm_backward's for g.
+    grad_residual : ndarray or None
+        g when residual_grad is true, else None.
     """
-    grad = np.where(_float64(output) <= 0, 0.0, _float64(grad_output))
+    shape = np.shape(input)
+    mask_off = _same_shape(output, "output", shape) <= 0
+    grad = np.where(mask_off, 0.0, _same_shape(grad_output, "grad_output", shape))
     grad_input, grad_weight, grad_bias = batch_norm_backward(
         grad, input, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
         axis=axis)
     return grad_input, grad_weight, grad_bias, (grad if residual_grad else None)
 
 
-def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps=1e-5):
+def fold_batch_norm(weight: ArrayLike, bias: ArrayLike | None, running_mean: ArrayLike,
+                    running_var: ArrayLike, bn_weight: ArrayLike | None,
+                    bn_bias: ArrayLike | None, eps: float = 1e-5) -> tuple[NDArray, NDArray]:
     """The layer (weight, bias), output channels along axis 0 of weight, followed by an
     evaluation-mode batch norm, as one layer: per output channel c,
 
@@ -1153,7 +1206,13 @@ def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias,
         folded_weight = weight[c] * scale_c
         folded_bias_c = (bias_c - running_mean_c) * scale_c + bn_bias_c
 
-    A missing bias or bn_bias is 0, a missing bn_weight 1. Returns (folded_weight, folded_bias).
+    A missing bias or bn_bias is 0, a missing bn_weight 1.
+
+    Returns
+    -------
+    folded_weight : ndarray
+        Of weight's shape.
+    folded_bias : ndarray of shape (C_out,)
     """
     w = _float64(weight)
     scale = 1.0 / np.sqrt(_float64(running_var) + eps)

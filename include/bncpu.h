@@ -170,6 +170,40 @@ typedef struct bncpu_api {
         int64_t s, const double *mean, const double *invstd, const double *weight,
         const double *sum_dy, const double *sum_dy_xmu, int64_t count);
 
+    /* ---- batch norm + (add +) ReLU, fused ---------------------------------------- */
+    /* Training and inference forward of y = relu(batch_norm(x) + residual), relu(v) = 0
+     * where v < 0, else v (NaN kept): the arguments and statistics of the batch-norm
+     * forwards above, and residual (n*c*s values, may be NULL: no add). After the
+     * statistics, one pass over x and the residual. y may be x or residual. */
+    int (*batch_norm_relu_forward_train_f32)(const float *x, const float *residual, float *y,
+        int64_t n, int64_t c, int64_t s, const float *weight, const float *bias,
+        float *running_mean, float *running_var, double momentum, double eps,
+        float *save_mean, float *save_invstd, int unbiased);
+    int (*batch_norm_relu_forward_train_f64)(const double *x, const double *residual, double *y,
+        int64_t n, int64_t c, int64_t s, const double *weight, const double *bias,
+        double *running_mean, double *running_var, double momentum, double eps,
+        double *save_mean, double *save_invstd, int unbiased);
+    int (*batch_norm_relu_forward_eval_f32)(const float *x, const float *residual, float *y,
+        int64_t n, int64_t c, int64_t s, const float *weight, const float *bias,
+        const float *running_mean, const float *running_var, double eps);
+    int (*batch_norm_relu_forward_eval_f64)(const double *x, const double *residual, double *y,
+        int64_t n, int64_t c, int64_t s, const double *weight, const double *bias,
+        const double *running_mean, const double *running_var, double eps);
+    /* Backward of those, y their output: g = dy where y passed the ReLU (!(y <= 0): a NaN
+     * output passes), else 0, applied as dy is read; dx, dweight, dbias are
+     * batch_norm_backward's for g (training or not, as there), and dresidual = g
+     * (may be NULL: not written). dx is required and may be dy, y or x; dresidual must
+     * not alias dx. */
+    int (*batch_norm_relu_backward_f32)(const float *dy, const float *y, const float *x, float *dx,
+        int64_t n, int64_t c, int64_t s, const float *weight, const float *running_mean,
+        const float *running_var, const float *save_mean, const float *save_invstd,
+        int training, double eps, float *dweight, float *dbias, float *dresidual);
+    int (*batch_norm_relu_backward_f64)(const double *dy, const double *y, const double *x,
+        double *dx, int64_t n, int64_t c, int64_t s, const double *weight,
+        const double *running_mean, const double *running_var, const double *save_mean,
+        const double *save_invstd, int training, double eps, double *dweight, double *dbias,
+        double *dresidual);
+
     /* ---- layer norm: rows of d values ------------------------------------------ */
     /* y = (x - mean_r)*rstd_r*weight[k] + bias[k], mean_r and rstd_r = 1/sqrt(var_r + eps)
      * over each row r; weight/bias (d values) may be NULL; save_mean/save_rstd (rows
@@ -467,6 +501,12 @@ static inline int bncpu_set_num_threads(int n)
 #define bncpu_batch_norm_backward_reduce_f64(...) BNCPU_CALL_(batch_norm_backward_reduce_f64, __VA_ARGS__)
 #define bncpu_batch_norm_backward_elemt_f32(...) BNCPU_CALL_(batch_norm_backward_elemt_f32, __VA_ARGS__)
 #define bncpu_batch_norm_backward_elemt_f64(...) BNCPU_CALL_(batch_norm_backward_elemt_f64, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_train_f32(...) BNCPU_CALL_(batch_norm_relu_forward_train_f32, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_train_f64(...) BNCPU_CALL_(batch_norm_relu_forward_train_f64, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_eval_f32(...) BNCPU_CALL_(batch_norm_relu_forward_eval_f32, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_eval_f64(...) BNCPU_CALL_(batch_norm_relu_forward_eval_f64, __VA_ARGS__)
+#define bncpu_batch_norm_relu_backward_f32(...) BNCPU_CALL_(batch_norm_relu_backward_f32, __VA_ARGS__)
+#define bncpu_batch_norm_relu_backward_f64(...) BNCPU_CALL_(batch_norm_relu_backward_f64, __VA_ARGS__)
 #define bncpu_layer_norm_forward_f32(...) BNCPU_CALL_(layer_norm_forward_f32, __VA_ARGS__)
 #define bncpu_layer_norm_forward_f64(...) BNCPU_CALL_(layer_norm_forward_f64, __VA_ARGS__)
 #define bncpu_layer_norm_backward_f32(...) BNCPU_CALL_(layer_norm_backward_f32, __VA_ARGS__)

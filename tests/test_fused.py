@@ -4,9 +4,14 @@ The fused functions are held to three oracles: the NumPy twin (bncpu.reference),
 composition (relu(batch_norm(x) + r) and its autograd), and bncpu's own composition
 (batch_norm_forward, add, relu; batch_norm_backward of the masked gradient) bit for bit.
 Both layouts (channels on axis 1 and channels last), both dtypes, with and without weights
-and residual, values of exactly 0 before the ReLU, NaN, out= and in place, bad input,
-thread counts.
+and residual, values of exactly 0 before the ReLU, NaN, out= and in place, bad input;
+every work mode of the kernels at several thread counts, every instruction-set build, and
+the C API entries.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -14,6 +19,7 @@ import bncpu
 from bncpu import reference
 from conftest import (AFFINE, DTYPES, assert_all_bitwise_equal, assert_bitwise_equal,
                       assert_close, channel_params, num_threads, random_input, running_stats)
+from test_c_api import compile_c, example_env, toolchain  # noqa: F401 (toolchain: a fixture)
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -369,8 +375,49 @@ def test_backward_in_place(dtype, training, into):
 
 
 # ----------------------------------------------------------------------------------
-# Threads
+# Every work mode of the kernels, threads, instruction sets
 # ----------------------------------------------------------------------------------
+# Inputs large enough for several threads, one per way the batch-norm kernels cut the
+# work (see bncpu/_kernels/batch_norm.pyx); channels last on a 4-D shape is column mode.
+WORK_MODES = {
+    "channel": (8, 16, 23, 29),
+    "channel-long-rows": (2, 8, 300, 300),     # rows of more than one piece
+    "channel-runs": (4, 16, 64, 64),           # adjacent channels per task
+    "split": (4, 1, 512, 512),                 # fewer channels than threads
+    "column": (70000, 3),
+    "column-tiles": (301, 1031),
+    "column-short-rows": (67, 130, 3, 5),
+    "column-aliased-rows": (301, 16, 8, 8),    # rows 4 KiB apart
+}
+
+
+def fused_results(case, training):
+    running = case.running()
+    output, save_mean, save_invstd = case.forward(bncpu, training, running)
+    grads = case.backward(bncpu, training, output, save_mean, save_invstd,
+                          residual_grad=case.residual is not None)
+    return (output, save_mean, save_invstd) + grads + running
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+@TRAINING
+@pytest.mark.parametrize("shape", WORK_MODES.values(), ids=WORK_MODES.keys())
+def test_every_work_mode_is_the_unfused_composition_for_any_thread_count(shape, training,
+                                                                         residual, dtype):
+    case = Case(shape, dtype, "weight+bias", residual)
+    with num_threads(1):
+        expected = fused_results(case, training)
+        running = case.running()
+        composed = bncpu_composition(case, training, running)
+    assert_all_bitwise_equal(expected[:7],
+                             composed if residual else composed[:6] + (None,))
+    assert_all_bitwise_equal(expected[7:], running)
+    for n_threads in (2, 3):
+        with num_threads(n_threads):
+            assert_all_bitwise_equal(fused_results(case, training), expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @AXES
 @TRAINING
@@ -379,13 +426,64 @@ def test_results_do_not_depend_on_the_number_of_threads(training, axis, dtype):
     results = []
     for n_threads in (1, 2, 3):
         with num_threads(n_threads):
-            running = case.running()
-            output, save_mean, save_invstd = case.forward(bncpu, training, running)
-            grads = case.backward(bncpu, training, output, save_mean, save_invstd,
-                                  residual_grad=True)
-            results.append((output, save_mean, save_invstd, *running, *grads))
+            results.append(fused_results(case, training))
     for other in results[1:]:
         assert_all_bitwise_equal(other, results[0])
+
+
+ISA_SCRIPT = r"""
+import sys
+import numpy as np
+import bncpu
+
+rng = np.random.default_rng(5)
+results = {"isa": np.array(bncpu.isa())}
+for dtype in (np.float32, np.float64):
+    for shape in [(8, 16, 32, 32), (4, 1, 300, 300), (301, 131), (67, 130, 3, 5),
+                  (43, 16, 8, 8)]:
+        x = (rng.standard_normal(shape) * 2 + 5).astype(dtype)
+        r = rng.standard_normal(shape).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        w = rng.standard_normal(shape[1]).astype(dtype)
+        b = rng.standard_normal(shape[1]).astype(dtype)
+        rm, rv = np.zeros(shape[1], dtype), np.ones(shape[1], dtype)
+        arrays = []
+        for training in (True, False):
+            y, mean, invstd = bncpu.batch_norm_relu_forward(x, w, b, rm, rv, training, 0.1,
+                                                            1e-5, residual=r)
+            arrays += [y, mean, invstd, rm, rv]
+            arrays += bncpu.batch_norm_relu_backward(dy, y, x, w, rm, rv, mean, invstd,
+                                                     training, 1e-5, residual_grad=True)
+        results[f"{np.dtype(dtype).name}{shape}"] = np.concatenate([np.ravel(a)
+                                                                    for a in arrays])
+np.savez(sys.argv[1], **results)
+"""
+
+
+def test_every_instruction_set_build_gives_the_same_bits(tmp_path):
+    isas = bncpu._capi.cpu_isas()
+    if len(isas) < 2:
+        pytest.skip(f"this CPU runs only the {isas[0]} build")
+    runs = {}
+    # The bncpu this process runs, installed or built in place.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bncpu.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    for isa in isas:
+        path = tmp_path / f"{isa}.npz"
+        result = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(path)], cwd=tmp_path,
+                                env={**env, "BNCPU_ISA": isa}, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        runs[isa] = np.load(path)
+        assert str(runs[isa]["isa"]) == isa
+    first = runs[isas[0]]
+    for isa in isas[1:]:
+        for key in first.files:
+            if key != "isa":
+                np.testing.assert_array_equal(runs[isa][key].view(np.uint8),
+                                              first[key].view(np.uint8),
+                                              err_msg=f"{key}: {isa} vs {isas[0]}")
 
 
 # ----------------------------------------------------------------------------------
@@ -532,7 +630,7 @@ def test_fold_formula_and_dtypes():
     (dict(running_mean=np.zeros(4)), ValueError, "running_mean should contain 3"),
     (dict(running_var=None), ValueError, "running_mean and running_var must be given"),
     (dict(bias=np.zeros(2)), ValueError, "bias should contain 3"),
-    (dict(bn_weight=np.ones((3, 1))), ValueError, "bn_weight should contain 3"),
+    (dict(bn_weight=np.ones((3, 1))), ValueError, "bn_weight has shape"),
     (dict(bn_bias=np.ones(2)), ValueError, "bn_bias should contain 3"),
     (dict(eps=float("nan")), ValueError, "eps"),
 ])
@@ -542,3 +640,116 @@ def test_fold_bad_input(bad, error, message):
     args.update(bad)
     with pytest.raises(error, match=message):
         bncpu.fold_batch_norm(**args)
+
+
+# ----------------------------------------------------------------------------------
+# The C API: the same kernels from C
+# ----------------------------------------------------------------------------------
+C_PROGRAM = r"""
+#include "bncpu.h"
+
+/* Reads n, c, s and the float32 arrays x, residual, dy, weight, bias, running_mean,
+ * running_var from argv[1]; writes every result of the fused kernels, in training and
+ * evaluation, to argv[2]; exits 1 if a check of the error statuses fails. */
+static float *read_floats(FILE *f, int64_t count)
+{
+    float *a = malloc(count * sizeof(float));
+    if (fread(a, sizeof(float), count, f) != (size_t)count)
+        exit(2);
+    return a;
+}
+
+int main(int argc, char **argv)
+{
+    int64_t dims[3], n, c, s, size, i;
+    FILE *in, *out;
+    float *x, *r, *dy, *w, *b, *rm, *rv, *y, *mean, *invstd, *dx, *dw, *db, *dr;
+    int status;
+    if (argc != 3 || bncpu_import() != BNCPU_OK)
+        return 3;
+    in = fopen(argv[1], "rb");
+    if (fread(dims, sizeof(int64_t), 3, in) != 3)
+        return 2;
+    n = dims[0], c = dims[1], s = dims[2], size = n * c * s;
+    x = read_floats(in, size), r = read_floats(in, size), dy = read_floats(in, size);
+    w = read_floats(in, c), b = read_floats(in, c), rm = read_floats(in, c);
+    rv = read_floats(in, c);
+    fclose(in);
+    y = malloc(size * sizeof(float)), dx = malloc(size * sizeof(float));
+    dr = malloc(size * sizeof(float));
+    mean = malloc(c * sizeof(float)), invstd = malloc(c * sizeof(float));
+    dw = malloc(c * sizeof(float)), db = malloc(c * sizeof(float));
+    out = fopen(argv[2], "wb");
+
+    status = bncpu_batch_norm_relu_forward_train_f32(x, r, y, n, c, s, w, b, rm, rv, 0.1, 1e-5,
+                                                     mean, invstd, 1);
+    status |= bncpu_batch_norm_relu_backward_f32(dy, y, x, dx, n, c, s, w, NULL, NULL, mean,
+                                                 invstd, 1, 1e-5, dw, db, dr);
+    fwrite(y, sizeof(float), size, out), fwrite(mean, sizeof(float), c, out);
+    fwrite(invstd, sizeof(float), c, out), fwrite(rm, sizeof(float), c, out);
+    fwrite(rv, sizeof(float), c, out), fwrite(dx, sizeof(float), size, out);
+    fwrite(dw, sizeof(float), c, out), fwrite(db, sizeof(float), c, out);
+    fwrite(dr, sizeof(float), size, out);
+
+    status |= bncpu_batch_norm_relu_forward_eval_f32(x, NULL, y, n, c, s, w, b, rm, rv, 1e-5);
+    status |= bncpu_batch_norm_relu_backward_f32(dy, y, x, dx, n, c, s, w, rm, rv, NULL, NULL,
+                                                 0, 1e-5, dw, db, NULL);
+    fwrite(y, sizeof(float), size, out), fwrite(dx, sizeof(float), size, out);
+    fwrite(dw, sizeof(float), c, out), fwrite(db, sizeof(float), c, out);
+    fclose(out);
+    if (status != BNCPU_OK)
+        return 4;
+
+    /* Bad arguments: the documented status, nothing written. */
+    for (i = 0; i < size; i++)
+        dx[i] = 7.0f;
+    if (bncpu_batch_norm_relu_backward_f32(dy, NULL, x, dx, n, c, s, w, NULL, NULL, mean,
+                                           invstd, 1, 1e-5, dw, db, NULL)
+            != BNCPU_ERR_NULL_POINTER
+        || bncpu_batch_norm_relu_forward_train_f32(x, r, dx, n, c, s, w, b, rm, rv, 2.0, 1e-5,
+                                                   mean, invstd, 1) != BNCPU_ERR_BAD_MOMENTUM
+        || bncpu_batch_norm_relu_forward_eval_f32(x, r, dx, n, c, s, w, b, rm, rv, -1.0)
+            != BNCPU_ERR_BAD_EPS)
+        return 1;
+    for (i = 0; i < size; i++)
+        if (dx[i] != 7.0f)
+            return 1;
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5), (8, 16, 23, 29)], ids=["column", "channel"])
+def test_c_api_gives_the_python_results(toolchain, shape, tmp_path):
+    """Skipped, as test_c_api's tests, without a C compiler or python3-config."""
+    compiler, include_flags, link_flags = toolchain
+    source, binary = tmp_path / "fused.c", tmp_path / "fused"
+    source.write_text(C_PROGRAM)
+    compile_c(compiler + ["-O2", "-Wall", "-Werror", str(source), "-o", str(binary)]
+                         + include_flags + link_flags)
+
+    case = Case(shape, np.float32)
+    n, c, s = shape[0], shape[1], int(np.prod(shape[2:]))
+    with open(tmp_path / "in.bin", "wb") as f:
+        f.write(np.array([n, c, s], np.int64).tobytes())
+        for array in (case.x, case.residual, case.dy, case.weight, case.bias,
+                      case.running_mean, case.running_var):
+            f.write(array.tobytes())
+    result = subprocess.run([str(binary), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")],
+                            env=example_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    running = case.running()
+    train = case.forward(bncpu, True, running)
+    train_grads = case.backward(bncpu, True, train[0], *train[1:], residual_grad=True)
+    evaluation = bncpu.batch_norm_relu(case.x, *running, case.weight, case.bias)
+    eval_grads = bncpu.batch_norm_relu_backward(case.dy, evaluation, case.x, case.weight,
+                                                *running, None, None, False, EPS)
+    expected = (train + running + train_grads + (evaluation,) + eval_grads[:3])
+    ours = np.fromfile(tmp_path / "out.bin", np.float32)
+    assert ours.size == sum(a.size for a in expected)
+    at = 0
+    for array in expected:
+        assert_bitwise_equal(ours[at:at + array.size].reshape(array.shape), array)
+        at += array.size

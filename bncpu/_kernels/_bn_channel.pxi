@@ -66,8 +66,8 @@ cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t 
         merge_stats(&count, mean, m2, <double>((r1 - r0) * s), block_mean, block_m2)
 
 
-cdef inline void row_grad_sums(const real* dy, const real* x, int64_t s, double mean,
-                               real center, double* dy_lanes, double* dy_xmu_lanes,
+cdef inline void row_grad_sums(const real* dy, const real* mask, const real* x, int64_t s,
+                               double mean, real center, double* dy_lanes, double* dy_xmu_lanes,
                                double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     """One channel row's share of Σdy and Σdy·(x - mean). Rows that split mode cuts
     (s >= SPLIT_MIN_S) are summed per piece, each piece added to sum_dy/sum_dy_xmu as
@@ -77,10 +77,10 @@ cdef inline void row_grad_sums(const real* dy, const real* x, int64_t s, double 
     if s >= SPLIT_MIN_S:
         for piece in range(pieces_per_row(s)):
             start = piece * BN_PIECE
-            sum_dy_xmu_span(dy + start, x + start, piece_length(s, piece), mean,
-                            sum_dy, sum_dy_xmu)
+            sum_dy_xmu_span(dy + start, mask + start if mask != NULL else NULL, x + start,
+                            piece_length(s, piece), mean, sum_dy, sum_dy_xmu)
     else:
-        add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, x, s, center)
+        add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, mask, x, s, center)
 
 
 cdef inline void finish_grad_sums(int64_t s, double mean, real center, const double* dy_lanes,
@@ -91,12 +91,13 @@ cdef inline void finish_grad_sums(int64_t s, double mean, real center, const dou
         sum_dy_xmu[0] = finish_dy_xmu(sum_dy[0], sum_lanes(dy_xmu_lanes), mean, center)
 
 
-cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
-                            int64_t j0, int64_t j1, const double* mean,
+cdef void channel_grad_sums(const real* dy, const real* mask, const real* x, int64_t n,
+                            int64_t c, int64_t s, int64_t j0, int64_t j1, const double* mean,
                             double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     """Σdy and Σdy·(x - mean) of the adjacent channels j0..j1 (at most CHANNEL_RUN),
     walked row by row: memory is read in runs of (j1 - j0)·S values. Each channel adds
-    its rows in row order, so the sums do not depend on the run."""
+    its rows in row order, so the sums do not depend on the run. dy masked by mask (may
+    be NULL: see Pass)."""
     cdef double dy_lanes[CHANNEL_RUN * LANES]
     cdef double dy_xmu_lanes[CHANNEL_RUN * LANES]
     cdef real center[CHANNEL_RUN]
@@ -110,7 +111,8 @@ cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c,
     for i in range(n):
         for j in range(j0, j1):
             offset = (i * c + j) * s
-            row_grad_sums(dy + offset, x + offset, s, mean[j], center[j - j0],
+            row_grad_sums(dy + offset, mask + offset if mask != NULL else NULL, x + offset, s,
+                          mean[j], center[j - j0],
                           dy_lanes + (j - j0) * LANES, dy_xmu_lanes + (j - j0) * LANES,
                           &sum_dy[j], &sum_dy_xmu[j])
     for j in range(j0, j1):
@@ -118,19 +120,23 @@ cdef void channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c,
                          dy_xmu_lanes + (j - j0) * LANES, &sum_dy[j], &sum_dy_xmu[j])
 
 
-cdef void train_channel(const real* x, real* y, int64_t n, int64_t c, int64_t s, int64_t j,
-                        const real* weight, const real* bias, double eps,
-                        double* mean, double* var, real* coefs, bint stream) noexcept nogil:
+cdef void train_channel(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                        int64_t c, int64_t s, int64_t j, const real* weight, const real* bias,
+                        double eps, double* mean, double* var, real* coefs,
+                        bint stream) noexcept nogil:
+    """Channel j: its statistics, then its pass `kind` (PASS_AFFINE, or PASS_AFFINE_RELU
+    with the residual, may be NULL)."""
     cdef double m2
-    cdef int64_t i, start, piece
+    cdef int64_t i, start, piece, offset
     channel_stats(x, n, c, s, j, &mean[j], &m2)
     var[j] = m2 / (n * s)
     set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
     for i in range(n):
         for piece in range(pieces_per_row(s)):
             start = piece * BN_PIECE
-            pass_span(PASS_AFFINE, x + (i * c + j) * s + start, NULL, y + (i * c + j) * s + start,
-                      piece_length(s, piece), coefs, c, j, stream)
+            offset = (i * c + j) * s + start
+            pass_span(kind, x + offset, residual + offset if residual != NULL else NULL, NULL,
+                      y + offset, NULL, piece_length(s, piece), coefs, c, j, stream)
 
 
 cdef void channel_run_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t j0,
@@ -150,10 +156,10 @@ cdef void channel_run_stats(const real* x, int64_t n, int64_t c, int64_t s, int6
             fold_row_pieces(x + (i * c + j) * s, s, &count[j - j0], &mean[j], &m2[j])
 
 
-cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_t s,
-                            int64_t j0, int64_t j1, const real* weight, const real* bias,
-                            double eps, double* mean, double* var, real* coefs,
-                            bint stream) noexcept nogil:
+cdef void train_channel_run(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                            int64_t c, int64_t s, int64_t j0, int64_t j1, const real* weight,
+                            const real* bias, double eps, double* mean, double* var,
+                            real* coefs, bint stream) noexcept nogil:
     """Channels j0..j1 (adjacent, long rows): train_channel's work, memory read in
     runs of (j1 - j0)·S values (see channel_run_stats)."""
     cdef int64_t i, j, start, piece, offset
@@ -166,18 +172,19 @@ cdef void train_channel_run(const real* x, real* y, int64_t n, int64_t c, int64_
             for piece in range(pieces_per_row(s)):
                 start = piece * BN_PIECE
                 offset = (i * c + j) * s + start
-                pass_span(PASS_AFFINE, x + offset, NULL, y + offset, piece_length(s, piece),
-                          coefs, c, j, stream)
+                pass_span(kind, x + offset, residual + offset if residual != NULL else NULL,
+                          NULL, y + offset, NULL, piece_length(s, piece), coefs, c, j, stream)
 
 
-cdef void backward_channels(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
-                            int64_t s, int64_t j0, int64_t j1, const double* mean,
-                            const double* invstd, const real* weight, bint training,
-                            double* sum_dy, double* sum_dy_xmu, real* coefs,
+cdef void backward_channels(const real* dy, const real* mask, const real* x, real* dx,
+                            real* g_out, int64_t n, int64_t c, int64_t s, int64_t j0, int64_t j1,
+                            const double* mean, const double* invstd, const real* weight,
+                            bint training, double* sum_dy, double* sum_dy_xmu, real* coefs,
                             bint stream) noexcept nogil:
-    """Adjacent channels j0..j1: their sums, then the elementwise pass, row by row."""
+    """Adjacent channels j0..j1: their sums, then the elementwise pass, row by row (dy
+    masked by mask, may be NULL, and g_out: see Pass)."""
     cdef int64_t i, j, start, piece, offset
-    channel_grad_sums(dy, x, n, c, s, j0, j1, mean, sum_dy, sum_dy_xmu)
+    channel_grad_sums(dy, mask, x, n, c, s, j0, j1, mean, sum_dy, sum_dy_xmu)
     if dx == NULL:
         return
     if training:
@@ -190,4 +197,6 @@ cdef void backward_channels(const real* dy, const real* x, real* dx, int64_t n, 
                 start = piece * BN_PIECE
                 offset = (i * c + j) * s + start
                 pass_span(PASS_BACKWARD if training else PASS_SCALE, dy + offset, x + offset,
-                          dx + offset, piece_length(s, piece), coefs, c, j, stream)
+                          mask + offset if mask != NULL else NULL, dx + offset,
+                          g_out + offset if g_out != NULL else NULL, piece_length(s, piece),
+                          coefs, c, j, stream)

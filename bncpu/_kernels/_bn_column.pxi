@@ -119,33 +119,37 @@ cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, in
                        add_columns(col_sq + jj * s, s), &mean[jj], &m2[jj])
 
 
-cdef void tile_grad_sums(const real* dy, const real* x, const Tiles* t, int64_t r0, int64_t rows,
-                         int64_t j0, int64_t width, const real* center,
-                         double* sum_dy, double* sum_dy_dev) noexcept nogil:
+cdef void tile_grad_sums(const real* dy, const real* mask, const real* x, const Tiles* t,
+                         int64_t r0, int64_t rows, int64_t j0, int64_t width,
+                         const real* center, double* sum_dy, double* sum_dy_dev) noexcept nogil:
     """Column mode: Σdy and Σdy·(x - center) of channel j0 + jj over matrix rows
     r0..r0+rows, center[k] (per column) its channel's mean rounded to the data's
-    precision (see add_dy_xmu_span)."""
+    precision (see add_dy_xmu_span); dy masked by mask (may be NULL: see Pass)."""
     cdef double col_dy[TILE_COLUMNS]
     cdef double col_dev[TILE_COLUMNS]
     cdef int64_t s = t.s, ld = t.c * t.s, cols = width * t.s
     cdef int64_t i, jj, k, offset = r0 * ld + j0 * s
     cdef const real* dy_row
+    cdef const real* mask_row = NULL
     cdef const real* x_row
     for k in range(cols):
         col_dy[k] = 0
         col_dev[k] = 0
     if real is float:
-        f32_add_column_grad_sums(col_dy, col_dev, dy + offset, x + offset, rows, ld, cols,
-                                 center)
+        f32_add_column_grad_sums(col_dy, col_dev, dy + offset,
+                                 mask + offset if mask != NULL else NULL, x + offset, rows, ld,
+                                 cols, center)
     else:
         for i in range(rows):
             dy_row = dy + offset + i * ld
+            if mask != NULL:
+                mask_row = mask + offset + i * ld
             x_row = x + offset + i * ld
             # One sum per loop: gcc vectorizes these, not a loop updating both arrays.
             for k in range(cols):
-                col_dy[k] += dy_row[k]
+                col_dy[k] += masked(dy_row, mask_row, k)
             for k in range(cols):
-                col_dev[k] += dy_row[k] * (x_row[k] - center[k])
+                col_dev[k] += masked(dy_row, mask_row, k) * (x_row[k] - center[k])
     for jj in range(width):
         sum_dy[jj] = col_dy[jj] if s == 1 else add_columns(col_dy + jj * s, s)
         sum_dy_dev[jj] = col_dev[jj] if s == 1 else add_columns(col_dev + jj * s, s)
@@ -159,18 +163,19 @@ cdef void stats_tile_task(const real* x, const Tiles* t, int64_t task,
                partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
 
 
-cdef void grad_sums_tile_task(const real* dy, const real* x, const Tiles* t, int64_t task,
-                              const real* center, double* partials, real* scaled,
-                              const real* column_coefs) noexcept nogil:
+cdef void grad_sums_tile_task(const real* dy, const real* mask, const real* x, const Tiles* t,
+                              int64_t task, const real* center, double* partials, real* scaled,
+                              real* g_out, const real* column_coefs) noexcept nogil:
     """Tile `task`'s Σdy and Σdy·(x - center) into row `block` of the two partials
     (center per column); and if `scaled` is given, its scaled = dy·scale (PASS_SCALE,
-    coefficients per column) while dy is in cache."""
+    coefficients per column, g_out as there) while dy is in cache. dy masked by mask
+    (may be NULL: see Pass)."""
     cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
     cdef int64_t width = tile_width(t, task), rows = tile_row_count(t, block)
-    tile_grad_sums(dy, x, t, block * t.rows, rows, j0, width, center + j0 * t.s,
+    tile_grad_sums(dy, mask, x, t, block * t.rows, rows, j0, width, center + j0 * t.s,
                    partials + block * t.c + j0, partials + (t.n_blocks + block) * t.c + j0)
     if scaled != NULL:
-        pass_columns(PASS_SCALE, dy, NULL, scaled, t.c * t.s, block * t.rows,
+        pass_columns(PASS_SCALE, dy, NULL, mask, scaled, g_out, t.c * t.s, block * t.rows,
                      block * t.rows + rows, j0 * t.s, (j0 + width) * t.s, column_coefs)
 
 
@@ -197,28 +202,45 @@ cdef void merge_tile_stats(const Tiles* t, const double* tile_mean, const double
         count = total
 
 
-cdef void pass_columns(Pass kind, const real* a, const real* b, real* out, int64_t c,
-                       int64_t r0, int64_t r1, int64_t j0, int64_t j1,
+cdef void pass_columns(Pass kind, const real* a, const real* b, const real* mask, real* out,
+                       real* g_out, int64_t c, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
                        const real* coefs) noexcept nogil:
     """Column mode: rows r0..r1, columns j0..j1 of an (N, c) matrix (c: C, or C·S with
-    coefficients repeated per column, see column_coefs), vectorized along the row."""
+    coefficients repeated per column, see column_coefs), vectorized along the row; the
+    pass `kind` of pass_span."""
     cdef const real* hi = coefs + COEF_HI * c
     cdef const real* lo = coefs + COEF_LO * c
     cdef const real* scale = coefs + COEF_SCALE * c
     cdef const real* offset = coefs + COEF_OFFSET * c
     cdef const real* k = coefs + COEF_K * c
+    cdef const real* mask_row = NULL
     cdef int64_t i, j, row
+    cdef real v
     for i in range(r0, r1):
         row = i * c
+        if mask != NULL:
+            mask_row = mask + row
         if kind == PASS_AFFINE:
             for j in range(j0, j1):
                 out[row + j] = ((a[row + j] - hi[j]) - lo[j]) * scale[j] + offset[j]
+        elif kind == PASS_AFFINE_RELU:
+            for j in range(j0, j1):
+                v = ((a[row + j] - hi[j]) - lo[j]) * scale[j] + offset[j]
+                if b != NULL:
+                    v = v + b[row + j]
+                out[row + j] = 0 if v < 0 else v
         elif kind == PASS_BACKWARD:
             for j in range(j0, j1):
-                out[row + j] = (a[row + j] - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
+                v = masked(a + row, mask_row, j)
+                if g_out != NULL:
+                    g_out[row + j] = v
+                out[row + j] = (v - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
         else:
             for j in range(j0, j1):
-                out[row + j] = a[row + j] * scale[j]
+                v = masked(a + row, mask_row, j)
+                if g_out != NULL:
+                    g_out[row + j] = v
+                out[row + j] = v * scale[j]
 
 
 cdef real* column_coefs(const real* coefs, int64_t c, int64_t s) noexcept nogil:

@@ -3,35 +3,44 @@
 # it compiles inside each ISA build.
 
 
-cdef void pass_span(Pass kind, const real* a, const real* b, real* out, int64_t length,
-                    const real* coefs, int64_t c, int64_t j, bint stream) noexcept nogil:
+cdef void pass_span(Pass kind, const real* a, const real* b, const real* mask, real* out,
+                    real* g_out, int64_t length, const real* coefs, int64_t c, int64_t j,
+                    bint stream) noexcept nogil:
+    """One span of a pass (see Pass): a is x or dy, b the residual (may be NULL) or x."""
     if kind == PASS_AFFINE:
         affine_span(a, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
                     coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j], stream)
+    elif kind == PASS_AFFINE_RELU:
+        affine_relu_span(a, b, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
+                         coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j], stream)
     elif kind == PASS_BACKWARD:
-        backward_span(a, b, out, length, coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
-                      coefs[COEF_K * c + j], coefs[COEF_OFFSET * c + j], coefs[COEF_SCALE * c + j],
-                      stream)
+        backward_span(a, mask, b, out, g_out, length, coefs[COEF_HI * c + j],
+                      coefs[COEF_LO * c + j], coefs[COEF_K * c + j], coefs[COEF_OFFSET * c + j],
+                      coefs[COEF_SCALE * c + j], stream)
     else:
-        scale_span(a, out, length, coefs[COEF_SCALE * c + j], stream)
+        scale_span(a, mask, out, g_out, length, coefs[COEF_SCALE * c + j], stream)
 
 
-cdef void pass_piece_task(Pass kind, const real* a, const real* b, real* out, int64_t task,
-                          int64_t c, int64_t s, int64_t per_row, const real* coefs,
-                          bint stream) noexcept nogil:
+cdef void pass_piece_task(Pass kind, const real* a, const real* b, const real* mask, real* out,
+                          real* g_out, int64_t task, int64_t c, int64_t s, int64_t per_row,
+                          const real* coefs, bint stream) noexcept nogil:
     """Piece p of segment t = i·C + j (memory order), task = t·per_row + p."""
     cdef int64_t segment = task // per_row if per_row > 1 else task
     cdef int64_t piece = task - segment * per_row
     cdef int64_t offset = segment * s + piece * BN_PIECE
-    pass_span(kind, a + offset, b + offset if b != NULL else NULL, out + offset,
-              piece_length(s, piece), coefs, c, segment % c, stream)
+    pass_span(kind, a + offset, b + offset if b != NULL else NULL,
+              mask + offset if mask != NULL else NULL, out + offset,
+              g_out + offset if g_out != NULL else NULL, piece_length(s, piece), coefs, c,
+              segment % c, stream)
 
 
-cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
-                   int64_t n, int64_t c, int64_t s, const real* coefs, int n_threads) noexcept nogil:
-    """out = pass(a, b) over the whole (N, C, S) buffer, in parallel."""
+cdef void run_pass(Pass kind, const real* a, const real* b, const real* mask, real* out,
+                   real* g_out, int64_t n, int64_t c, int64_t s, const real* coefs,
+                   int n_threads) noexcept nogil:
+    """out = pass(a, b) over the whole (N, C, S) buffer, in parallel (see Pass)."""
     cdef int64_t task, n_tasks, r0, per_row, rows, cols = c * s
-    cdef bint stream = use_streaming(out, a, b, n * c * s * sizeof(real))
+    cdef bint stream = (use_streaming(out, a, b, n * c * s * sizeof(real))
+                        and <const real*>out != mask)
     cdef real* by_column = NULL
     if use_column_pass(c, s):
         by_column = column_coefs(coefs, c, s)
@@ -42,9 +51,10 @@ cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
         if n_threads > 1:
             for task in prange(n_tasks, schedule='static', num_threads=n_threads):
                 r0 = task * rows
-                pass_columns(kind, a, b, out, cols, r0, min(r0 + rows, n), 0, cols, by_column)
+                pass_columns(kind, a, b, mask, out, g_out, cols, r0, min(r0 + rows, n), 0,
+                             cols, by_column)
         else:
-            pass_columns(kind, a, b, out, cols, 0, n, 0, cols, by_column)
+            pass_columns(kind, a, b, mask, out, g_out, cols, 0, n, 0, cols, by_column)
         if by_column != coefs:
             free(by_column)
         return
@@ -53,10 +63,10 @@ cdef void run_pass(Pass kind, const real* a, const real* b, real* out,
     n_tasks = c * n * per_row
     if n_threads > 1:
         for task in prange(n_tasks, schedule='static', num_threads=n_threads):
-            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs, stream)
+            pass_piece_task(kind, a, b, mask, out, g_out, task, c, s, per_row, coefs, stream)
     else:
         for task in range(n_tasks):
-            pass_piece_task(kind, a, b, out, task, c, s, per_row, coefs, stream)
+            pass_piece_task(kind, a, b, mask, out, g_out, task, c, s, per_row, coefs, stream)
 
 
 cdef inline void set_affine_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,

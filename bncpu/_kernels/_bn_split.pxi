@@ -32,11 +32,14 @@ cdef void piece_stats_task(const real* x, int64_t task, int64_t n, int64_t c, in
     span_stats(x + offset, length, &partials[3 * task], &partials[3 * task + 1], &partials[3 * task + 2])
 
 
-cdef void piece_grad_sums_task(const real* dy, const real* x, int64_t task, int64_t n, int64_t c,
-                               int64_t s, const double* mean, double* partials) noexcept nogil:
-    """Split mode: Σdy and Σdy·(x - mean) of one piece into partials[2·task:2·task+2]."""
+cdef void piece_grad_sums_task(const real* dy, const real* mask, const real* x, int64_t task,
+                               int64_t n, int64_t c, int64_t s, const double* mean,
+                               double* partials) noexcept nogil:
+    """Split mode: Σdy and Σdy·(x - mean) of one piece into partials[2·task:2·task+2]
+    (dy masked by mask, may be NULL: see Pass)."""
     cdef int64_t j, offset, length
     piece_bounds(task, n, c, s, &j, &offset, &length)
     partials[2 * task] = 0
     partials[2 * task + 1] = 0
-    sum_dy_xmu_span(dy + offset, x + offset, length, mean[j], &partials[2 * task], &partials[2 * task + 1])
+    sum_dy_xmu_span(dy + offset, mask + offset if mask != NULL else NULL, x + offset, length,
+                    mean[j], &partials[2 * task], &partials[2 * task + 1])

@@ -13,8 +13,11 @@
  * wrote is visible to other threads once the pass returns.
  *
  *   affine:   y  = ((x - hi) - lo)·scale + shift
- *   backward: dx = (dy - mean_dy - ((x - hi) - lo)·k)·scale
- *   scale:    dx = dy·scale
+ *             (affine_relu: then + r and relu, batch norm + add + ReLU fused)
+ *   backward: dx = (g - mean_dy - ((x - hi) - lo)·k)·scale
+ *   scale:    dx = g·scale
+ *             with g = dy, or for the fused ReLU's backward g = dy where the forward's
+ *             output passed the ReLU, else 0 (g itself also written when asked)
  *   affine_each: y = ((x - hi) - lo)·scale·weight[i] + bias[i]   (layer norm)
  */
 #ifndef BNCPU_ELEMENTWISE_H
@@ -41,6 +44,8 @@
 
 typedef float bncpu_ew_f32 __attribute__((vector_size(BNCPU_EW_BYTES)));
 typedef double bncpu_ew_f64 __attribute__((vector_size(BNCPU_EW_BYTES)));
+typedef int32_t bncpu_ew_i32 __attribute__((vector_size(BNCPU_EW_BYTES)));
+typedef int64_t bncpu_ew_i64 __attribute__((vector_size(BNCPU_EW_BYTES)));
 
 /* One vector stored to p (aligned to BNCPU_EW_BYTES) without reading its line. */
 static inline void bncpu_stream_bytes(void* p, bncpu_ew_f32 v)
@@ -82,71 +87,173 @@ static inline int64_t bncpu_stream_head(const void* out, int64_t length, int64_t
     return head < length ? head : length;
 }
 
-#define BNCPU_DEFINE_ELEMENTWISE(T, SUFFIX, VT)                                               \
+/* A second output (g_out) streams along with the first (out) when both are equally
+ * aligned: the first's head then aligns it too. */
+static inline int bncpu_stream_along(const void* g_out, const void* out, int stream)
+{
+    return stream && g_out != NULL
+           && ((uintptr_t)g_out - (uintptr_t)out) % BNCPU_EW_BYTES == 0;
+}
+
+/* relu(v) = 0 where v < 0, else v (NaN and -0.0 kept, as torch.relu); the mask of
+ * the fused backwards keeps g where the forward's output y passed the ReLU, that is
+ * where !(y <= 0) (a NaN output passes its gradient, as torch's threshold_backward).
+ * Both clear bits (v & ~mask), so a cleared value is +0, as a select would give. */
+#define BNCPU_DEFINE_ELEMENTWISE(T, SUFFIX, VT, IT)                                           \
+/* v at p (BNCPU_EW_BYTES-aligned when streaming): a streaming or an ordinary store. */     \
+static inline void bncpu_store_##SUFFIX(T* p, VT v, int stream)                               \
+{                                                                                             \
+    if (stream)                                                                               \
+        bncpu_stream_bytes(p, (bncpu_ew_f32)v);                                               \
+    else                                                                                      \
+        memcpy(p, &v, sizeof v);                                                              \
+}                                                                                             \
+                                                                                              \
+static inline T bncpu_relu1_##SUFFIX(T v)                                                     \
+{                                                                                             \
+    return v < 0 ? (T)0 : v;                                                                  \
+}                                                                                             \
+                                                                                              \
+static inline VT bncpu_reluv_##SUFFIX(VT v)                                                   \
+{                                                                                             \
+    const VT zero = {0};                                                                      \
+    return (VT)((IT)v & ~(IT)(v < zero));                                                     \
+}                                                                                             \
+                                                                                              \
+/* g where mask (may be NULL: no mask) passed, else 0. */                                     \
+static inline T bncpu_mask1_##SUFFIX(T g, const T* mask, int64_t i)                           \
+{                                                                                             \
+    return mask != NULL && mask[i] <= 0 ? (T)0 : g;                                           \
+}                                                                                             \
+                                                                                              \
+static inline VT bncpu_maskv_##SUFFIX(VT g, const T* mask, int64_t i)                         \
+{                                                                                             \
+    const VT zero = {0};                                                                      \
+    VT m;                                                                                     \
+    if (mask == NULL)                                                                         \
+        return g;                                                                             \
+    memcpy(&m, mask + i, sizeof m);                                                           \
+    return (VT)((IT)g & ~(IT)(m <= zero));                                                    \
+}                                                                                             \
+                                                                                              \
+static inline T bncpu_affine1_##SUFFIX(const T* x, const T* r, int64_t i, T hi, T lo,         \
+                                       T scale, T shift, int relu)                            \
+{                                                                                             \
+    T v = ((x[i] - hi) - lo) * scale + shift;                                                 \
+    if (r != NULL)                                                                            \
+        v = v + r[i];                                                                         \
+    return relu ? bncpu_relu1_##SUFFIX(v) : v;                                                \
+}                                                                                             \
+                                                                                              \
+static inline VT bncpu_affinev_##SUFFIX(const T* x, const T* r, int64_t i, T hi, T lo,        \
+                                        T scale, T shift, int relu)                           \
+{                                                                                             \
+    VT v, w;                                                                                  \
+    memcpy(&v, x + i, sizeof v);                                                              \
+    v = ((v - hi) - lo) * scale + shift;                                                      \
+    if (r != NULL) {                                                                          \
+        memcpy(&w, r + i, sizeof w);                                                          \
+        v = v + w;                                                                            \
+    }                                                                                         \
+    return relu ? bncpu_reluv_##SUFFIX(v) : v;                                                \
+}                                                                                             \
+                                                                                              \
+/* y = ((x - hi) - lo)·scale + shift, then + r[i] when r is given, then relu when asked:     \
+ * y may be x or r. */                                                                        \
+static inline void bncpu_affine_relu_##SUFFIX(const T* x, const T* r, T* y, int64_t length,   \
+                                              T hi, T lo, T scale, T shift, int relu,         \
+                                              int stream)                                     \
+{                                                                                             \
+    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
+    int64_t i = 0, head = 0;                                                                  \
+    if (stream)                                                                               \
+        head = bncpu_stream_head(y, length, sizeof(T));                                       \
+    for (; i < head; i++)                                                                     \
+        y[i] = bncpu_affine1_##SUFFIX(x, r, i, hi, lo, scale, shift, relu);                   \
+    for (; i + per <= length; i += per)                                                       \
+        bncpu_store_##SUFFIX(y + i, bncpu_affinev_##SUFFIX(x, r, i, hi, lo, scale, shift,     \
+                                                           relu), stream);                    \
+    if (stream && head < length)                                                              \
+        bncpu_store_fence();                                                                  \
+    for (; i < length; i++)                                                                   \
+        y[i] = bncpu_affine1_##SUFFIX(x, r, i, hi, lo, scale, shift, relu);                   \
+}                                                                                             \
+                                                                                              \
 static inline void bncpu_affine_##SUFFIX(const T* x, T* y, int64_t length, T hi, T lo,        \
                                          T scale, T shift, int stream)                        \
 {                                                                                             \
-    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
-    int64_t i = 0, head;                                                                      \
-    if (stream) {                                                                             \
-        head = bncpu_stream_head(y, length, sizeof(T));                                       \
-        for (; i < head; i++)                                                                 \
-            y[i] = ((x[i] - hi) - lo) * scale + shift;                                        \
-        for (; i + per <= length; i += per) {                                                 \
-            VT v;                                                                             \
-            memcpy(&v, x + i, sizeof v);                                                      \
-            v = ((v - hi) - lo) * scale + shift;                                              \
-            bncpu_stream_bytes(y + i, (bncpu_ew_f32)v);                                       \
-        }                                                                                     \
-        if (head < length)                                                                    \
-            bncpu_store_fence();                                                              \
-    }                                                                                         \
-    for (; i < length; i++)                                                                   \
-        y[i] = ((x[i] - hi) - lo) * scale + shift;                                            \
+    bncpu_affine_relu_##SUFFIX(x, NULL, y, length, hi, lo, scale, shift, 0, stream);          \
 }                                                                                             \
                                                                                               \
-static inline void bncpu_backward_##SUFFIX(const T* dy, const T* x, T* dx, int64_t length,    \
-                                           T hi, T lo, T k, T mean_dy, T scale, int stream)   \
+/* The backward pass of g = dy masked by `mask` (may be NULL: g = dy); g is also written    \
+ * to g_out when given. dx may be dy, x or mask; g_out must not be dx. */                     \
+static inline T bncpu_backward1_##SUFFIX(const T* dy, const T* mask, const T* x, T* g_out,    \
+                                         int64_t i, T hi, T lo, T k, T mean_dy, T scale)      \
 {                                                                                             \
-    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
-    int64_t i = 0, head;                                                                      \
-    if (stream) {                                                                             \
-        head = bncpu_stream_head(dx, length, sizeof(T));                                      \
-        for (; i < head; i++)                                                                 \
-            dx[i] = (dy[i] - mean_dy - ((x[i] - hi) - lo) * k) * scale;                       \
-        for (; i + per <= length; i += per) {                                                 \
-            VT g, v;                                                                          \
-            memcpy(&g, dy + i, sizeof g);                                                     \
-            memcpy(&v, x + i, sizeof v);                                                      \
-            v = (g - mean_dy - ((v - hi) - lo) * k) * scale;                                  \
-            bncpu_stream_bytes(dx + i, (bncpu_ew_f32)v);                                      \
-        }                                                                                     \
-        if (head < length)                                                                    \
-            bncpu_store_fence();                                                              \
-    }                                                                                         \
-    for (; i < length; i++)                                                                   \
-        dx[i] = (dy[i] - mean_dy - ((x[i] - hi) - lo) * k) * scale;                           \
+    T g = bncpu_mask1_##SUFFIX(dy[i], mask, i);                                               \
+    if (g_out != NULL)                                                                        \
+        g_out[i] = g;                                                                         \
+    return (g - mean_dy - ((x[i] - hi) - lo) * k) * scale;                                    \
 }                                                                                             \
                                                                                               \
-static inline void bncpu_scale_##SUFFIX(const T* dy, T* dx, int64_t length, T scale,          \
-                                        int stream)                                           \
+static inline void bncpu_backward_relu_##SUFFIX(const T* dy, const T* mask, const T* x,       \
+                                                T* dx, T* g_out, int64_t length, T hi, T lo,  \
+                                                T k, T mean_dy, T scale, int stream)          \
 {                                                                                             \
     const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
-    int64_t i = 0, head;                                                                      \
-    if (stream) {                                                                             \
+    const int stream_g = bncpu_stream_along(g_out, dx, stream);                               \
+    int64_t i = 0, head = 0;                                                                  \
+    VT g, v;                                                                                  \
+    if (stream)                                                                               \
         head = bncpu_stream_head(dx, length, sizeof(T));                                      \
-        for (; i < head; i++)                                                                 \
-            dx[i] = dy[i] * scale;                                                            \
-        for (; i + per <= length; i += per) {                                                 \
-            VT g;                                                                             \
-            memcpy(&g, dy + i, sizeof g);                                                     \
-            bncpu_stream_bytes(dx + i, (bncpu_ew_f32)(g * scale));                            \
-        }                                                                                     \
-        if (head < length)                                                                    \
-            bncpu_store_fence();                                                              \
+    for (; i < head; i++)                                                                     \
+        dx[i] = bncpu_backward1_##SUFFIX(dy, mask, x, g_out, i, hi, lo, k, mean_dy, scale);   \
+    for (; i + per <= length; i += per) {                                                     \
+        memcpy(&g, dy + i, sizeof g);                                                         \
+        memcpy(&v, x + i, sizeof v);                                                          \
+        g = bncpu_maskv_##SUFFIX(g, mask, i);                                                 \
+        if (g_out != NULL)                                                                    \
+            bncpu_store_##SUFFIX(g_out + i, g, stream_g);                                     \
+        bncpu_store_##SUFFIX(dx + i, (g - mean_dy - ((v - hi) - lo) * k) * scale, stream);    \
     }                                                                                         \
+    if (stream && head < length)                                                              \
+        bncpu_store_fence();                                                                  \
     for (; i < length; i++)                                                                   \
-        dx[i] = dy[i] * scale;                                                                \
+        dx[i] = bncpu_backward1_##SUFFIX(dy, mask, x, g_out, i, hi, lo, k, mean_dy, scale);   \
+}                                                                                             \
+                                                                                              \
+/* dx = g·scale, g = dy masked by `mask` (may be NULL), g also to g_out when given. */       \
+static inline T bncpu_scale1_##SUFFIX(const T* dy, const T* mask, T* g_out, int64_t i,        \
+                                      T scale)                                                \
+{                                                                                             \
+    T g = bncpu_mask1_##SUFFIX(dy[i], mask, i);                                               \
+    if (g_out != NULL)                                                                        \
+        g_out[i] = g;                                                                         \
+    return g * scale;                                                                         \
+}                                                                                             \
+                                                                                              \
+static inline void bncpu_scale_relu_##SUFFIX(const T* dy, const T* mask, T* dx, T* g_out,     \
+                                             int64_t length, T scale, int stream)             \
+{                                                                                             \
+    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
+    const int stream_g = bncpu_stream_along(g_out, dx, stream);                               \
+    int64_t i = 0, head = 0;                                                                  \
+    VT g;                                                                                     \
+    if (stream)                                                                               \
+        head = bncpu_stream_head(dx, length, sizeof(T));                                      \
+    for (; i < head; i++)                                                                     \
+        dx[i] = bncpu_scale1_##SUFFIX(dy, mask, g_out, i, scale);                             \
+    for (; i + per <= length; i += per) {                                                     \
+        memcpy(&g, dy + i, sizeof g);                                                         \
+        g = bncpu_maskv_##SUFFIX(g, mask, i);                                                 \
+        if (g_out != NULL)                                                                    \
+            bncpu_store_##SUFFIX(g_out + i, g, stream_g);                                     \
+        bncpu_store_##SUFFIX(dx + i, g * scale, stream);                                      \
+    }                                                                                         \
+    if (stream && head < length)                                                              \
+        bncpu_store_fence();                                                                  \
+    for (; i < length; i++)                                                                   \
+        dx[i] = bncpu_scale1_##SUFFIX(dy, mask, g_out, i, scale);                             \
 }
 
 /* Layer norm's pass, weight and bias per element (either may be NULL: 1 and 0). */
@@ -184,8 +291,8 @@ static inline void bncpu_affine_each_##SUFFIX(const T* x, T* y, int64_t length, 
         y[i] = ((x[i] - hi) - lo) * scale * weight[i] + bias[i];                              \
 }
 
-BNCPU_DEFINE_ELEMENTWISE(float, f32, bncpu_ew_f32)
-BNCPU_DEFINE_ELEMENTWISE(double, f64, bncpu_ew_f64)
+BNCPU_DEFINE_ELEMENTWISE(float, f32, bncpu_ew_f32, bncpu_ew_i32)
+BNCPU_DEFINE_ELEMENTWISE(double, f64, bncpu_ew_f64, bncpu_ew_i64)
 BNCPU_DEFINE_AFFINE_EACH(float, f32, bncpu_ew_f32)
 BNCPU_DEFINE_AFFINE_EACH(double, f64, bncpu_ew_f64)
 

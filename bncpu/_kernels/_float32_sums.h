@@ -38,6 +38,7 @@
 
 typedef float bncpu_vf __attribute__((vector_size(BNCPU_VW * 4)));
 typedef double bncpu_vd __attribute__((vector_size(BNCPU_VW * 4)));   /* W/2 doubles */
+typedef int32_t bncpu_vi __attribute__((vector_size(BNCPU_VW * 4)));
 
 static inline bncpu_vf bncpu_load(const float* p)
 {
@@ -99,19 +100,37 @@ static inline void bncpu_run_dev_sums(const float* p, bncpu_vf c, bncpu_vf* sum,
 #undef BNCPU_DD
 }
 
-/* g = dy·weight (dy when weight is NULL). */
-static inline bncpu_vf bncpu_load_g(const float* dy, const float* weight, int64_t at)
+/* dy where mask[at] passed a ReLU (!(mask <= 0), NaN passes), else +0; mask may be
+ * NULL (no mask). The fused batch norm + ReLU backward reads its gradient so. */
+static inline bncpu_vf bncpu_load_masked(const float* dy, const float* mask, int64_t at)
 {
-    return weight != NULL ? bncpu_load(dy + at) * bncpu_load(weight + at) : bncpu_load(dy + at);
+    const bncpu_vf zero = {0};
+    if (mask == NULL)
+        return bncpu_load(dy + at);
+    return (bncpu_vf)((bncpu_vi)bncpu_load(dy + at) & ~(bncpu_vi)(bncpu_load(mask + at) <= zero));
 }
 
-static inline void bncpu_run_grad_sums(const float* dy, const float* weight, const float* x,
-                                       bncpu_vf c, bncpu_vf* g_sum, bncpu_vf* dev_sum)
+static inline float bncpu_masked1(const float* dy, const float* mask, int64_t at)
+{
+    return mask != NULL && mask[at] <= 0 ? 0.0f : dy[at];
+}
+
+/* g = dy·weight (dy when weight is NULL), dy masked by mask (may be NULL). */
+static inline bncpu_vf bncpu_load_g(const float* dy, const float* weight, const float* mask,
+                                    int64_t at)
+{
+    bncpu_vf d = bncpu_load_masked(dy, mask, at);
+    return weight != NULL ? d * bncpu_load(weight + at) : d;
+}
+
+static inline void bncpu_run_grad_sums(const float* dy, const float* weight, const float* mask,
+                                       const float* x, bncpu_vf c, bncpu_vf* g_sum,
+                                       bncpu_vf* dev_sum)
 {
     bncpu_vf g[BNCPU_SUM_RUN];
     int r;
     for (r = 0; r < BNCPU_SUM_RUN; r++)
-        g[r] = bncpu_load_g(dy, weight, r * BNCPU_SUM_LANES);
+        g[r] = bncpu_load_g(dy, weight, mask, r * BNCPU_SUM_LANES);
 #define BNCPU_G(r) g[r]
 #define BNCPU_P(r) (g[r] * (bncpu_load(x + (r) * BNCPU_SUM_LANES) - c))
     *g_sum = BNCPU_TREE8(BNCPU_G);
@@ -195,13 +214,15 @@ static inline void bncpu_f32_add_dev_sums(double* sum_lanes, double* sq_lanes, c
     }
 }
 
-/* With g = dy·weight (dy when weight is NULL) and p = g·(x - center), both rounded to
- * float32: g_lanes += Σ g and g_dev_lanes += Σ p, lane by lane as above (the backward
- * pass's two sums; with a weight, layer norm's row sums). The NULL test is the same on
- * every iteration: gcc takes it out of the loops. */
+/* With g = dy·weight (dy when weight is NULL; dy masked by mask when mask is given,
+ * the fused ReLU backward) and p = g·(x - center), both rounded to float32:
+ * g_lanes += Σ g and g_dev_lanes += Σ p, lane by lane as above (the backward pass's two
+ * sums; with a weight, layer norm's row sums). The NULL tests are the same on every
+ * iteration: gcc takes them out of the loops. */
 static inline void bncpu_f32_add_grad_sums(double* g_lanes, double* g_dev_lanes,
                                            const float* dy, const float* weight,
-                                           const float* x, int64_t length, float center)
+                                           const float* mask, const float* x, int64_t length,
+                                           float center)
 {
     const int64_t chunk = BNCPU_SUM_LANES * BNCPU_SUM_RUN;
     const bncpu_vf c = bncpu_splat(center);
@@ -214,7 +235,8 @@ static inline void bncpu_f32_add_grad_sums(double* g_lanes, double* g_dev_lanes,
     for (; i + chunk <= length; i += chunk) {
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
             at = i + grp * BNCPU_VW;
-            bncpu_run_grad_sums(dy + at, weight != NULL ? weight + at : NULL, x + at, c,
+            bncpu_run_grad_sums(dy + at, weight != NULL ? weight + at : NULL,
+                                mask != NULL ? mask + at : NULL, x + at, c,
                                 g_part + grp, dev_part + grp);
         }
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
@@ -225,14 +247,15 @@ static inline void bncpu_f32_add_grad_sums(double* g_lanes, double* g_dev_lanes,
     for (; i + BNCPU_SUM_LANES <= length; i += BNCPU_SUM_LANES)
         for (grp = 0; grp < BNCPU_GROUP; grp++) {
             at = i + grp * BNCPU_VW;
-            g = bncpu_load_g(dy, weight, at);
+            g = bncpu_load_g(dy, weight, mask, at);
             bncpu_widen_add(g_acc + 2 * grp, g);
             bncpu_widen_add(dev_acc + 2 * grp, g * (bncpu_load(x + at) - c));
         }
     bncpu_store_lanes(g_lanes, g_acc);
     bncpu_store_lanes(g_dev_lanes, dev_acc);
     for (stop = i; i < length; i++) {
-        float gi = weight != NULL ? dy[i] * weight[i] : dy[i];
+        float gi = weight != NULL ? bncpu_masked1(dy, mask, i) * weight[i]
+                                  : bncpu_masked1(dy, mask, i);
         float dev = gi * (x[i] - center);
         g_lanes[i - stop] += gi;
         g_dev_lanes[i - stop] += dev;
@@ -344,9 +367,11 @@ static inline void bncpu_f32_add_column_dev_sums(double* sum, double* sq, const 
 }
 
 /* With p = dy·(x - center[j]) rounded to float32: dy_sum[j] += Σ dy and
- * dev_sum[j] += Σ p (as bncpu_f32_add_grad_sums, column by column). */
+ * dev_sum[j] += Σ p (as bncpu_f32_add_grad_sums, column by column; dy masked by mask,
+ * laid out as dy, when mask is given). */
 static inline void bncpu_f32_add_column_grad_sums(double* dy_sum, double* dev_sum,
-                                                  const float* dy, const float* x,
+                                                  const float* dy, const float* mask,
+                                                  const float* x,
                                                   int64_t rows, int64_t stride, int64_t width,
                                                   const float* center)
 {
@@ -357,10 +382,11 @@ static inline void bncpu_f32_add_column_grad_sums(double* dy_sum, double* dev_su
     int64_t i = 0, j, j0, n, at;
     for (; i + BNCPU_SUM_RUN <= rows; i += BNCPU_SUM_RUN) {
         const float* pd = dy + i * stride;
+        const float* pm = mask != NULL ? mask + i * stride : NULL;
         const float* px = x + i * stride;
         for (j0 = 0; j0 < vec_width && !pairs; j0 += BNCPU_VW) {
             const bncpu_vf c = bncpu_load(center + j0);
-#define BNCPU_DY(r) bncpu_load(pd + (r) * stride + j0)
+#define BNCPU_DY(r) bncpu_load_masked(pd, pm, (r) * stride + j0)
 #define BNCPU_P(r) (BNCPU_DY(r) * (bncpu_load(px + (r) * stride + j0) - c))
             bncpu_add_widened(dy_sum + j0, BNCPU_TREE8(BNCPU_DY));
             bncpu_add_widened(dev_sum + j0, BNCPU_TREE8(BNCPU_P));
@@ -369,9 +395,10 @@ static inline void bncpu_f32_add_column_grad_sums(double* dy_sum, double* dev_su
         }
         for (j0 = 0; j0 < vec_width && pairs; j0 += BNCPU_COLUMN_CHUNK) {
             const float* qd = pd + j0;
+            const float* qm = pm != NULL ? pm + j0 : NULL;
             const float* qx = px + j0;
             n = vec_width - j0 < BNCPU_COLUMN_CHUNK ? vec_width - j0 : BNCPU_COLUMN_CHUNK;
-#define BNCPU_DY(r) bncpu_load(qd + (r) * stride + at)
+#define BNCPU_DY(r) bncpu_load_masked(qd, qm, (r) * stride + at)
 #define BNCPU_P(r) (BNCPU_DY(r) * (bncpu_load(qx + (r) * stride + at) \
                                    - bncpu_load(center + j0 + at)))
             for (at = 0; at < n; at += BNCPU_VW) {
@@ -400,7 +427,7 @@ static inline void bncpu_f32_add_column_grad_sums(double* dy_sum, double* dev_su
 #undef BNCPU_P
         }
         for (j = vec_width; j < width; j++) {
-#define BNCPU_DY(r) pd[(r) * stride + j]
+#define BNCPU_DY(r) bncpu_masked1(pd, pm, (r) * stride + j)
 #define BNCPU_P(r) (BNCPU_DY(r) * (px[(r) * stride + j] - center[j]))
             dy_sum[j] += BNCPU_TREE8(BNCPU_DY);
             dev_sum[j] += BNCPU_TREE8(BNCPU_P);
@@ -410,8 +437,9 @@ static inline void bncpu_f32_add_column_grad_sums(double* dy_sum, double* dev_su
     }
     for (; i < rows; i++)
         for (j = 0; j < width; j++) {
-            float p = dy[i * stride + j] * (x[i * stride + j] - center[j]);
-            dy_sum[j] += dy[i * stride + j];
+            float d = bncpu_masked1(dy, mask, i * stride + j);
+            float p = d * (x[i * stride + j] - center[j]);
+            dy_sum[j] += d;
             dev_sum[j] += p;
         }
 }

@@ -25,12 +25,6 @@ cdef extern from "_elementwise.h":
     void affine_f64 "bncpu_affine_f64"(const double* x, double* y, int64_t length, double hi,
                                        double lo, double scale, double shift,
                                        int stream) noexcept nogil
-    void backward_f32 "bncpu_backward_f32"(const float* dy, const float* x, float* dx,
-                                           int64_t length, float hi, float lo, float k,
-                                           float mean_dy, float scale, int stream) noexcept nogil
-    void backward_f64 "bncpu_backward_f64"(const double* dy, const double* x, double* dx,
-                                           int64_t length, double hi, double lo, double k,
-                                           double mean_dy, double scale, int stream) noexcept nogil
     void affine_each_f32 "bncpu_affine_each_f32"(const float* x, float* y, int64_t length,
                                                  float hi, float lo, float scale,
                                                  const float* weight, const float* bias,
@@ -50,10 +44,29 @@ cdef extern from "_elementwise.h":
         const float* dy, const float* x, float* dx, int64_t stride, int n_rows, int64_t length,
         const float* hi, const float* lo, const float* scale, const float* mean_g,
         const float* k, const float* weight, double* dweight, double* dbias) noexcept nogil
-    void scale_f32 "bncpu_scale_f32"(const float* dy, float* dx, int64_t length, float scale,
-                                     int stream) noexcept nogil
-    void scale_f64 "bncpu_scale_f64"(const double* dy, double* dx, int64_t length,
-                                     double scale, int stream) noexcept nogil
+    # The fused batch norm + (add +) ReLU forms of affine, and the backward and scale
+    # passes (with the ReLU's mask, or NULL for none).
+    void affine_relu_f32 "bncpu_affine_relu_f32"(const float* x, const float* r, float* y,
+                                                 int64_t length, float hi, float lo, float scale,
+                                                 float shift, int relu, int stream) noexcept nogil
+    void affine_relu_f64 "bncpu_affine_relu_f64"(const double* x, const double* r, double* y,
+                                                 int64_t length, double hi, double lo,
+                                                 double scale, double shift, int relu,
+                                                 int stream) noexcept nogil
+    void backward_relu_f32 "bncpu_backward_relu_f32"(
+        const float* dy, const float* mask, const float* x, float* dx, float* g_out,
+        int64_t length, float hi, float lo, float k, float mean_dy, float scale,
+        int stream) noexcept nogil
+    void backward_relu_f64 "bncpu_backward_relu_f64"(
+        const double* dy, const double* mask, const double* x, double* dx, double* g_out,
+        int64_t length, double hi, double lo, double k, double mean_dy, double scale,
+        int stream) noexcept nogil
+    void scale_relu_f32 "bncpu_scale_relu_f32"(const float* dy, const float* mask, float* dx,
+                                               float* g_out, int64_t length, float scale,
+                                               int stream) noexcept nogil
+    void scale_relu_f64 "bncpu_scale_relu_f64"(const double* dy, const double* mask,
+                                               double* dx, double* g_out, int64_t length,
+                                               double scale, int stream) noexcept nogil
 
 cdef extern from "_float32_sums.h":
     # float32 spans: float32 runs of 8 per lane, widened into float64 lanes (see there).
@@ -64,8 +77,8 @@ cdef extern from "_float32_sums.h":
                                                    float center) noexcept nogil
     void f32_add_grad_sums "bncpu_f32_add_grad_sums"(double* g_lanes, double* g_dev_lanes,
                                                      const float* dy, const float* weight,
-                                                     const float* x, int64_t length,
-                                                     float center) noexcept nogil
+                                                     const float* mask, const float* x,
+                                                     int64_t length, float center) noexcept nogil
     # Columns of a (rows, width) block with rows `stride` apart (batch norm with S == 1).
     void f32_add_column_sums "bncpu_f32_add_column_sums"(
         double* sums, const float* x, int64_t rows, int64_t stride, int64_t width) noexcept nogil
@@ -73,8 +86,8 @@ cdef extern from "_float32_sums.h":
         double* sum, double* sq, const float* x, int64_t rows, int64_t stride, int64_t width,
         const float* center) noexcept nogil
     void f32_add_column_grad_sums "bncpu_f32_add_column_grad_sums"(
-        double* dy_sum, double* dev_sum, const float* dy, const float* x, int64_t rows,
-        int64_t stride, int64_t width, const float* center) noexcept nogil
+        double* dy_sum, double* dev_sum, const float* dy, const float* mask, const float* x,
+        int64_t rows, int64_t stride, int64_t width, const float* center) noexcept nogil
 
 ctypedef fused real:
     float
@@ -163,29 +176,39 @@ cdef inline void finish_dev(double count, double center, double sum_dev, double 
         m2[0] = 0
 
 
+cdef inline real masked(const real* dy, const real* mask, int64_t i) noexcept nogil:
+    """dy[i] where the fused ReLU passed it (mask[i] = the forward's output, !(mask[i] <= 0):
+    NaN passes, as in torch), else 0; mask NULL: dy[i]."""
+    if mask != NULL and mask[i] <= 0:
+        return 0
+    return dy[i]
+
+
 cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const real* dy,
-                                 const real* x, int64_t length, real center) noexcept nogil:
+                                 const real* mask, const real* x, int64_t length,
+                                 real center) noexcept nogil:
     """dy_lanes += dy; dy_xmu_lanes += dy·(x - center), center = <real>mean:
     then Σdy·(x - mean) = Σdy·(x - center) - (mean - center)·Σdy (see finish_dy_xmu).
+    dy masked by mask (may be NULL, see masked).
 
     float64: two loops, one sum each: gcc leaves a loop that updates two lane arrays at
     once mostly scalar (measured 2.4x slower with AVX2); the second loop reads from L1."""
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
     if real is float:
-        f32_add_grad_sums(dy_lanes, dy_xmu_lanes, dy, NULL, x, length, center)
+        f32_add_grad_sums(dy_lanes, dy_xmu_lanes, dy, NULL, mask, x, length, center)
     else:
         for i_block in range(stop // LANES):
             i = i_block * LANES
             for k in range(LANES):
-                dy_lanes[k] += dy[i + k]
+                dy_lanes[k] += masked(dy, mask, i + k)
         for i_block in range(stop // LANES):
             i = i_block * LANES
             for k in range(LANES):
-                dy_xmu_lanes[k] += dy[i + k] * (<double>x[i + k] - center)
+                dy_xmu_lanes[k] += masked(dy, mask, i + k) * (<double>x[i + k] - center)
         for i in range(stop, length):
-            dy_lanes[i - stop] += dy[i]
-            dy_xmu_lanes[i - stop] += dy[i] * (<double>x[i] - center)
+            dy_lanes[i - stop] += masked(dy, mask, i)
+            dy_xmu_lanes[i - stop] += masked(dy, mask, i) * (<double>x[i] - center)
 
 
 cdef inline double finish_dy_xmu(double sum_dy, double sum_dy_dev, double mean,
@@ -212,16 +235,18 @@ cdef inline double sum_sq_span(const real* x, int64_t length) noexcept nogil:
     return sum_lanes(sq_lanes)
 
 
-cdef inline void sum_dy_xmu_span(const real* dy, const real* x, int64_t length, double mean,
-                                 double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """Adds Σ dy and Σ dy·(x - mean) over the span to the two accumulators."""
+cdef inline void sum_dy_xmu_span(const real* dy, const real* mask, const real* x,
+                                 int64_t length, double mean, double* sum_dy,
+                                 double* sum_dy_xmu) noexcept nogil:
+    """Adds Σ dy and Σ dy·(x - mean) over the span to the two accumulators (dy masked by
+    mask, may be NULL)."""
     cdef double dy_lanes[LANES]
     cdef double dy_xmu_lanes[LANES]
     cdef real center = <real>mean
     cdef double span_dy
     zero_lanes(dy_lanes)
     zero_lanes(dy_xmu_lanes)
-    add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, x, length, center)
+    add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, mask, x, length, center)
     span_dy = sum_lanes(dy_lanes)
     sum_dy[0] += span_dy
     sum_dy_xmu[0] += finish_dy_xmu(span_dy, sum_lanes(dy_xmu_lanes), mean, center)
@@ -238,7 +263,7 @@ cdef inline void sum_g_xmu_span_f32(const float* dy, const float* weight, const 
     cdef double span_g
     zero_lanes(g_lanes)
     zero_lanes(dev_lanes)
-    f32_add_grad_sums(g_lanes, dev_lanes, dy, weight, x, length, center)
+    f32_add_grad_sums(g_lanes, dev_lanes, dy, weight, NULL, x, length, center)
     span_g = sum_lanes(g_lanes)
     sum_g[0] += span_g
     sum_g_xmu[0] += finish_dy_xmu(span_g, sum_lanes(dev_lanes), mean, center)
@@ -343,24 +368,37 @@ cdef inline void affine_each_span(const real* x, real* y, int64_t length, real h
         affine_each_f64(x, y, length, hi, lo, scale, weight, bias, stream)
 
 
-cdef inline void scale_span(const real* dy, real* dx, int64_t length, real scale,
-                            bint stream) noexcept nogil:
-    """dx = dy·scale; dx may be dy (then stream must be false)."""
+cdef inline void affine_relu_span(const real* x, const real* r, real* y, int64_t length,
+                                  real hi, real lo, real scale, real shift,
+                                  bint stream) noexcept nogil:
+    """y = relu(((x - hi) - lo)·scale + shift + r) (r may be NULL: no add); y may be x or
+    r (then stream must be false)."""
     if real is float:
-        scale_f32(dy, dx, length, scale, stream)
+        affine_relu_f32(x, r, y, length, hi, lo, scale, shift, 1, stream)
     else:
-        scale_f64(dy, dx, length, scale, stream)
+        affine_relu_f64(x, r, y, length, hi, lo, scale, shift, 1, stream)
 
 
-cdef inline void backward_span(const real* dy, const real* x, real* dx, int64_t length,
-                               real hi, real lo, real k, real mean_dy, real scale,
-                               bint stream) noexcept nogil:
-    """dx = (dy - mean_dy - ((x - hi) - lo)·k)·scale; dx may be dy or x (then stream
+cdef inline void scale_span(const real* dy, const real* mask, real* dx, real* g_out,
+                            int64_t length, real scale, bint stream) noexcept nogil:
+    """dx = g·scale, g = dy masked by mask (may be NULL, see masked), and g_out = g when
+    g_out is given; dx may be dy (then stream must be false)."""
+    if real is float:
+        scale_relu_f32(dy, mask, dx, g_out, length, scale, stream)
+    else:
+        scale_relu_f64(dy, mask, dx, g_out, length, scale, stream)
+
+
+cdef inline void backward_span(const real* dy, const real* mask, const real* x, real* dx,
+                               real* g_out, int64_t length, real hi, real lo, real k,
+                               real mean_dy, real scale, bint stream) noexcept nogil:
+    """dx = (g - mean_dy - ((x - hi) - lo)·k)·scale, g = dy masked by mask (may be NULL,
+    see masked), and g_out = g when g_out is given; dx may be dy, x or mask (then stream
     must be false)."""
     if real is float:
-        backward_f32(dy, x, dx, length, hi, lo, k, mean_dy, scale, stream)
+        backward_relu_f32(dy, mask, x, dx, g_out, length, hi, lo, k, mean_dy, scale, stream)
     else:
-        backward_f64(dy, x, dx, length, hi, lo, k, mean_dy, scale, stream)
+        backward_relu_f64(dy, mask, x, dx, g_out, length, hi, lo, k, mean_dy, scale, stream)
 
 
 cdef inline bint use_streaming(const void* output, const void* input_a, const void* input_b,

@@ -55,7 +55,7 @@ from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
     zero_lanes, sum_lanes, add_span, add_dev_span, finish_dev, add_dy_xmu_span,
     finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums, f32_add_column_grad_sums,
-    affine_span, scale_span, backward_span, use_streaming)
+    affine_span, affine_relu_span, scale_span, backward_span, masked, use_streaming)
 
 cdef enum:
     BN_PIECE = 65536       # values per piece of a row (a unit of parallel work)
@@ -81,8 +81,13 @@ cdef enum:
     COEF_K = 4
     CHANNEL_COEFS = 5
 
+# The passes: PASS_AFFINE and PASS_AFFINE_RELU (y = relu(affine(x) + residual), batch
+# norm + (add +) ReLU fused) forward; PASS_BACKWARD and PASS_SCALE backward, of g = dy
+# or, given the fused forward's output as `mask`, of g = dy where it passed the ReLU,
+# else 0 (then g is also written to g_out when given: grad_residual).
 cdef enum Pass:
     PASS_AFFINE
+    PASS_AFFINE_RELU
     PASS_BACKWARD
     PASS_SCALE
 
@@ -154,14 +159,17 @@ cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n
     return BNCPU_OK
 
 
-cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
-                               const double* mean, int n_threads,
+cdef int all_channel_grad_sums(const real* dy, const real* mask, const real* x, int64_t n,
+                               int64_t c, int64_t s, const double* mean, int n_threads,
                                double* sum_dy, double* sum_dy_xmu,
-                               real* scaled=NULL, const real* coefs=NULL) noexcept nogil:
-    """Per-channel Σdy and Σdy·(x - mean) in any mode; returns a status.
+                               real* scaled=NULL, real* g_out=NULL,
+                               const real* coefs=NULL) noexcept nogil:
+    """Per-channel Σdy and Σdy·(x - mean) in any mode, dy masked by mask (may be NULL,
+    see Pass); returns a status.
 
     Column mode only: if `scaled` is given, also scaled = dy·scale (the evaluation
-    backward's dx, PASS_SCALE with `coefs`), tile by tile while dy is in cache."""
+    backward's dx, PASS_SCALE with `coefs` and g_out), tile by tile while dy is in
+    cache."""
     cdef int64_t j, task, n_tasks, chunk, t, run
     cdef Tiles tiles
     cdef double* partials
@@ -185,7 +193,8 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
                 center[j * s + k] = <real>mean[j]
         for task in prange(tiles.n_blocks * tiles.n_chunks, schedule='static',
                            num_threads=n_threads):
-            grad_sums_tile_task(dy, x, &tiles, task, center, partials, scaled, by_column)
+            grad_sums_tile_task(dy, mask, x, &tiles, task, center, partials, scaled, g_out,
+                                by_column)
         for j in range(c):
             sum_dy[j] = 0
             sum_dy_xmu[j] = 0
@@ -205,7 +214,7 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
         if partials == NULL:
             return BNCPU_ERR_NO_MEMORY
         for task in prange(n_tasks, schedule='static', num_threads=n_threads):
-            piece_grad_sums_task(dy, x, task, n, c, s, mean, partials)
+            piece_grad_sums_task(dy, mask, x, task, n, c, s, mean, partials)
         n_tasks = n * pieces_per_row(s)
         for j in range(c):
             sum_dy[j] = 0
@@ -217,23 +226,23 @@ cdef int all_channel_grad_sums(const real* dy, const real* x, int64_t n, int64_t
     else:
         run = channel_run(c, s, sizeof(real), n_threads)
         for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
-            channel_grad_sums(dy, x, n, c, s, chunk * run, min(chunk * run + run, c), mean,
-                              sum_dy, sum_dy_xmu)
+            channel_grad_sums(dy, mask, x, n, c, s, chunk * run, min(chunk * run + run, c),
+                              mean, sum_dy, sum_dy_xmu)
     return BNCPU_OK
 
 
 # --------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------
-cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t s,
-                          const real* weight, const real* bias,
-                          real* running_mean, real* running_var,
-                          double momentum, double eps,
-                          real* save_mean, real* save_invstd, int unbiased) noexcept nogil:
+cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                       int64_t c, int64_t s, const real* weight, const real* bias,
+                       real* running_mean, real* running_var, double momentum, double eps,
+                       real* save_mean, real* save_invstd, int unbiased) noexcept nogil:
+    """The training forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
     cdef int status = check_sizes(n, c, s)
     cdef int n_threads
     cdef int64_t j, chunk, n_chunks, run, count = n * s
-    cdef bint stream = use_streaming(y, x, NULL, n * c * s * sizeof(real))
+    cdef bint stream = use_streaming(y, x, residual, n * c * s * sizeof(real))
     cdef double* mean
     cdef double* var
     cdef real* coefs
@@ -274,15 +283,17 @@ cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t 
                 for j in range(c):
                     var[j] = var[j] / count
                     set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
-                run_pass(PASS_AFFINE, x, NULL, y, n, c, s, coefs, n_threads)
+                run_pass(kind, x, residual, NULL, y, NULL, n, c, s, coefs, n_threads)
         elif s >= STATS_BLOCK:
             run = channel_run(c, s, sizeof(real), n_threads)
             for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
-                train_channel_run(x, y, n, c, s, chunk * run, min(chunk * run + run, c),
-                                  weight, bias, eps, mean, var, coefs, stream)
+                train_channel_run(kind, x, residual, y, n, c, s, chunk * run,
+                                  min(chunk * run + run, c), weight, bias, eps, mean, var,
+                                  coefs, stream)
         else:
             for j in prange(c, schedule='static', num_threads=n_threads):
-                train_channel(x, y, n, c, s, j, weight, bias, eps, mean, var, coefs, stream)
+                train_channel(kind, x, residual, y, n, c, s, j, weight, bias, eps, mean, var,
+                              coefs, stream)
         threads_end(n_threads)
     if status == BNCPU_OK:
         for j in range(c):
@@ -297,10 +308,32 @@ cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t 
     return status
 
 
-cdef int bn_forward_eval(const real* x, real* y, int64_t n, int64_t c, int64_t s,
-                         const real* weight, const real* bias,
-                         const real* running_mean, const real* running_var,
-                         double eps) noexcept nogil:
+cdef int bn_forward_train(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                          const real* weight, const real* bias,
+                          real* running_mean, real* running_var,
+                          double momentum, double eps,
+                          real* save_mean, real* save_invstd, int unbiased) noexcept nogil:
+    return forward_train(PASS_AFFINE, x, NULL, y, n, c, s, weight, bias, running_mean,
+                         running_var, momentum, eps, save_mean, save_invstd, unbiased)
+
+
+cdef int bn_relu_forward_train(const real* x, const real* residual, real* y, int64_t n,
+                               int64_t c, int64_t s, const real* weight, const real* bias,
+                               real* running_mean, real* running_var, double momentum,
+                               double eps, real* save_mean, real* save_invstd,
+                               int unbiased) noexcept nogil:
+    """relu(batch_norm(x) + residual) (residual may be NULL), training: after the
+    statistics, one pass over x and the residual, as the batch-norm pass alone."""
+    return forward_train(PASS_AFFINE_RELU, x, residual, y, n, c, s, weight, bias,
+                         running_mean, running_var, momentum, eps, save_mean, save_invstd,
+                         unbiased)
+
+
+cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                      int64_t c, int64_t s, const real* weight, const real* bias,
+                      const real* running_mean, const real* running_var,
+                      double eps) noexcept nogil:
+    """The evaluation forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
     cdef int status = check_sizes(n, c, s)
     cdef int n_threads
     cdef int64_t j
@@ -321,19 +354,39 @@ cdef int bn_forward_eval(const real* x, real* y, int64_t n, int64_t c, int64_t s
     for j in range(c):
         set_affine_coefs(coefs, c, j, running_mean[j], invstd_of(running_var[j], eps), weight, bias)
     n_threads = threads_begin(n * c * s)
-    run_pass(PASS_AFFINE, x, NULL, y, n, c, s, coefs, n_threads)
+    run_pass(kind, x, residual, NULL, y, NULL, n, c, s, coefs, n_threads)
     threads_end(n_threads)
     free(coefs)
     return BNCPU_OK
 
 
+cdef int bn_forward_eval(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                         const real* weight, const real* bias,
+                         const real* running_mean, const real* running_var,
+                         double eps) noexcept nogil:
+    return forward_eval(PASS_AFFINE, x, NULL, y, n, c, s, weight, bias, running_mean,
+                        running_var, eps)
+
+
+cdef int bn_relu_forward_eval(const real* x, const real* residual, real* y, int64_t n,
+                              int64_t c, int64_t s, const real* weight, const real* bias,
+                              const real* running_mean, const real* running_var,
+                              double eps) noexcept nogil:
+    """relu(batch_norm(x) + residual) (residual may be NULL), evaluation: one pass."""
+    return forward_eval(PASS_AFFINE_RELU, x, residual, y, n, c, s, weight, bias,
+                        running_mean, running_var, eps)
+
+
 # --------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------
-cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
-                     const real* weight, const real* running_mean, const real* running_var,
-                     const real* save_mean, const real* save_invstd, int training, double eps,
-                     real* dweight, real* dbias) noexcept nogil:
+cdef int backward(const real* dy, const real* mask, const real* x, real* dx, real* g_out,
+                  int64_t n, int64_t c, int64_t s, const real* weight,
+                  const real* running_mean, const real* running_var, const real* save_mean,
+                  const real* save_invstd, int training, double eps, real* dweight,
+                  real* dbias) noexcept nogil:
+    """The backward of g = dy, or of g = dy masked by the fused forward's output `mask`
+    (g also to g_out when given; see Pass)."""
     cdef int status = check_sizes(n, c, s)
     cdef int n_threads
     cdef int64_t j, chunk, run, count = n * s
@@ -383,20 +436,24 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
             # (use_column_pass implies column mode, whose sums honor `scaled`.)
             fused_scale = use_column_pass(c, s) and need_sums and not training and dx != NULL
             if need_sums:
-                status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu,
-                                               dx if fused_scale else NULL, coefs)
+                status = all_channel_grad_sums(dy, mask, x, n, c, s, mean, n_threads, sum_dy,
+                                               sum_dy_xmu, dx if fused_scale else NULL, g_out,
+                                               coefs)
             if status == BNCPU_OK and dx != NULL and not fused_scale:
                 if training:
                     for j in range(c):
                         set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
                                            sum_dy_xmu[j], <double>count)
-                run_pass(PASS_BACKWARD if training else PASS_SCALE, dy, x, dx, n, c, s, coefs, n_threads)
+                run_pass(PASS_BACKWARD if training else PASS_SCALE, dy, x, mask, dx, g_out, n, c,
+                         s, coefs, n_threads)
         else:
             run = channel_run(c, s, sizeof(real), n_threads)
             for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
-                backward_channels(dy, x, dx, n, c, s, chunk * run, min(chunk * run + run, c),
-                                  mean, invstd, weight, training, sum_dy, sum_dy_xmu, coefs,
-                                  use_streaming(dx, dy, x, n * c * s * sizeof(real)))
+                backward_channels(dy, mask, x, dx, g_out, n, c, s, chunk * run,
+                                  min(chunk * run + run, c), mean, invstd, weight, training,
+                                  sum_dy, sum_dy_xmu, coefs,
+                                  use_streaming(dx, dy, x, n * c * s * sizeof(real))
+                                  and <const real*>dx != mask)
     threads_end(n_threads)
     if status == BNCPU_OK:
         for j in range(c):
@@ -407,6 +464,29 @@ cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t
     free(mean)
     free(coefs)
     return status
+
+
+cdef int bn_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
+                     const real* weight, const real* running_mean, const real* running_var,
+                     const real* save_mean, const real* save_invstd, int training, double eps,
+                     real* dweight, real* dbias) noexcept nogil:
+    return backward(dy, NULL, x, dx, NULL, n, c, s, weight, running_mean, running_var,
+                    save_mean, save_invstd, training, eps, dweight, dbias)
+
+
+cdef int bn_relu_backward(const real* dy, const real* y, const real* x, real* dx,
+                          int64_t n, int64_t c, int64_t s, const real* weight,
+                          const real* running_mean, const real* running_var,
+                          const real* save_mean, const real* save_invstd, int training,
+                          double eps, real* dweight, real* dbias,
+                          real* dresidual) noexcept nogil:
+    """Backward of bn_relu_forward_*: g = dy where y (the forward's output) passed the
+    ReLU, else 0, applied as dy is read in the sums and in the pass; the rest is the
+    batch-norm backward of g, and dresidual = g when given (may be NULL)."""
+    if n * c * s > 0 and (y == NULL or dx == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    return backward(dy, y, x, dx, dresidual, n, c, s, weight, running_mean, running_var,
+                    save_mean, save_invstd, training, eps, dweight, dbias)
 
 
 # --------------------------------------------------------------------------------
@@ -492,7 +572,7 @@ cdef int bn_elemt(const real* x, real* y, int64_t n, int64_t c, int64_t s,
     for j in range(c):
         set_affine_coefs(coefs, c, j, mean[j], invstd[j], weight, bias)
     n_threads = threads_begin(n * c * s)
-    run_pass(PASS_AFFINE, x, NULL, y, n, c, s, coefs, n_threads)
+    run_pass(PASS_AFFINE, x, NULL, NULL, y, NULL, n, c, s, coefs, n_threads)
     threads_end(n_threads)
     free(coefs)
     return BNCPU_OK
@@ -514,7 +594,7 @@ cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c,
             sum_dy_xmu[j] = 0
         return BNCPU_OK
     n_threads = threads_begin(n * c * s)
-    status = all_channel_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
+    status = all_channel_grad_sums(dy, NULL, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
     threads_end(n_threads)
     return status
 
@@ -542,7 +622,7 @@ cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, i
     for j in range(c):
         set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j], sum_dy_xmu[j], <double>count)
     n_threads = threads_begin(n * c * s)
-    run_pass(PASS_BACKWARD, dy, x, dx, n, c, s, coefs, n_threads)
+    run_pass(PASS_BACKWARD, dy, x, NULL, dx, NULL, n, c, s, coefs, n_threads)
     threads_end(n_threads)
     free(coefs)
     return BNCPU_OK

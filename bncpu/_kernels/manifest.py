@@ -70,6 +70,19 @@ ENTRIES = (
           "const T* dy, const T* x, T* dx, int64_t n, int64_t c, int64_t s, const double* mean, "
           "const double* invstd, const T* weight, const double* sum_dy, "
           "const double* sum_dy_xmu, int64_t count"),
+    Entry("batch_norm_relu_forward_train", "batch_norm", "bn_relu_forward_train",
+          "const T* x, const T* residual, T* y, int64_t n, int64_t c, int64_t s, "
+          "const T* weight, const T* bias, T* running_mean, T* running_var, double momentum, "
+          "double eps, T* save_mean, T* save_invstd, int unbiased"),
+    Entry("batch_norm_relu_forward_eval", "batch_norm", "bn_relu_forward_eval",
+          "const T* x, const T* residual, T* y, int64_t n, int64_t c, int64_t s, "
+          "const T* weight, const T* bias, const T* running_mean, const T* running_var, "
+          "double eps"),
+    Entry("batch_norm_relu_backward", "batch_norm", "bn_relu_backward",
+          "const T* dy, const T* y, const T* x, T* dx, int64_t n, int64_t c, int64_t s, "
+          "const T* weight, const T* running_mean, const T* running_var, "
+          "const T* save_mean, const T* save_invstd, int training, double eps, T* dweight, "
+          "T* dbias, T* dresidual"),
     Entry("layer_norm_forward", "row_norm", "layer_norm_forward",
           "const T* x, T* y, int64_t rows, int64_t d, const T* weight, const T* bias, double eps, "
           "T* save_mean, T* save_rstd"),

@@ -240,7 +240,7 @@ cdef void piece_grad_sums(const real* dy, const real* x, const Layout* lay, int6
         span_stop = min(stop, (channel + 1) * lay.seg)
         sum_dy = 0
         sum_dy_xmu = 0
-        sum_dy_xmu_span(dy + pos, x + pos, span_stop - pos, mean, &sum_dy, &sum_dy_xmu)
+        sum_dy_xmu_span(dy + pos, NULL, x + pos, span_stop - pos, mean, &sum_dy, &sum_dy_xmu)
         w = weight[channel] if weight != NULL else 1.0
         sums[0] += w * sum_dy
         sums[1] += w * sum_dy_xmu
@@ -504,7 +504,7 @@ cdef inline void columns_grad_sums(const real* dy, const real* x, int64_t length
         if weight != NULL:
             sum_g_xmu_span_f32(dy, weight, x, length, mean, &sums[0], &sums[1])
         else:
-            sum_dy_xmu_span(dy, x, length, mean, &sums[0], &sums[1])
+            sum_dy_xmu_span(dy, NULL, x, length, mean, &sums[0], &sums[1])
     else:
         sums[0] = sum_dy_weight(dy, weight, length)
         sums[1] = sum_dy_weight_xmu(dy, weight, x, length, mean)
