@@ -311,6 +311,93 @@ def test_eager_path_equals_the_operator():
         assert torch.equal(ours, theirs)
 
 
+def _batch_norm_operator(training):
+    def call(x, w, b, rm, rv):
+        y, _, _, new_mean, new_var = torch.ops.bncpu.batch_norm_forward.default(
+            x, w, b, rm, rv, training, 0.1, 1e-5)
+        if training:
+            rm.copy_(new_mean)
+            rv.copy_(new_var)
+        return y
+    return call
+
+
+DIRECT = {   # name: (bncpu.torch's function, the same through torch.ops.bncpu, input shape)
+    "batch_norm train": (lambda x, w, b, rm, rv: bt.batch_norm(x, rm, rv, w, b, True),
+                         _batch_norm_operator(True), (4, 3, 5)),
+    "batch_norm eval": (lambda x, w, b, rm, rv: bt.batch_norm(x, rm, rv, w, b, False),
+                        _batch_norm_operator(False), (4, 3, 5)),
+    "batch_norm channels_last": (
+        lambda x, w, b, rm, rv: bt.batch_norm(channels_last(x), rm, rv, w, b, True),
+        lambda x, *args: _batch_norm_operator(True)(channels_last(x), *args), (2, 3, 4, 5)),
+    "instance_norm running": (
+        lambda x, w, b, rm, rv: bt.instance_norm(x, rm, rv, w, b, use_input_stats=False),
+        _batch_norm_operator(False), (4, 3, 5)),
+    "layer_norm": (lambda x, w, b, rm, rv: bt.layer_norm(x, (3,), w, b),
+                   lambda x, w, b, rm, rv: torch.ops.bncpu.layer_norm_forward.default(
+                       x, [3], w, b, 1e-5)[0], (4, 5, 3)),
+    "rms_norm": (lambda x, w, b, rm, rv: bt.rms_norm(x, (3,), w),
+                 lambda x, w, b, rm, rv: torch.ops.bncpu.rms_norm_forward.default(
+                     x, [3], w, None)[0], (4, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", DIRECT)
+def test_direct_kernel_path_equals_the_operator(name, dtype):
+    """Plain eager calls on contiguous or channels-last tensors run the kernels straight:
+    the same bits as the operators, forward, backward and running statistics (updated
+    in place, their version counters bumped), with and without autograd."""
+    ours, operator, shape = DIRECT[name]
+    x = tensors(shape, dtype)[0]
+    weight, bias = params(3, dtype, (True, True))
+    grad_output = torch.linspace(-1, 1, x.numel(), dtype=dtype).reshape(x.shape)
+    for requires_grad in (True, False):
+        results = []
+        for function in (ours, operator):
+            inputs = [t.detach().clone().requires_grad_(requires_grad) for t in (x, weight, bias)]
+            rm, rv = torch.arange(3, dtype=dtype), torch.full((3,), 2.0, dtype=dtype)
+            versions = rm._version, rv._version
+            y = function(*inputs, rm, rv)
+            if requires_grad:
+                y.backward(grad_output)
+            updated = (rm._version, rv._version) != versions
+            results.append([y, rm, rv, updated, *(t.grad for t in inputs if requires_grad)])
+        for a, b in zip(*results):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_direct_path_in_no_grad_with_parameters_that_require_grad():
+    x = tensors((4, 3, 5), torch.float32)[0]
+    weight, bias = params(3, torch.float32, (True, True))
+    with torch.no_grad():
+        y = bt.batch_norm(x, None, None, weight, bias, True)
+        z = bt.layer_norm(x, (5,), *params(5, torch.float32, (True, True)))
+    assert not y.requires_grad and not z.requires_grad
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, weight, bias, True).detach())
+
+
+def test_direct_path_leaves_other_cases_to_the_operators():
+    """Running statistics that are one tensor, parameters of another size or strided, an
+    eps out of range: bncpu's checks and errors, nothing written."""
+    x = tensors((4, 3, 5), torch.float32)[0]
+    stats = torch.zeros(3)
+    y = bt.batch_norm(x, stats[:], stats[:], training=True)   # the operators' copies
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True))
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="weight"):
+        bt.batch_norm(x, rm, rv, torch.ones(4), None, True)
+    with pytest.raises(ValueError, match="eps"):
+        bt.batch_norm(x, rm, rv, training=True, eps=-1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        bt.batch_norm(x, rm, rv, training=True, momentum=2.0)
+    assert rm.tolist() == [0.0] * 3 and rv.tolist() == [1.0] * 3
+    strided = torch.ones(6)[::2]
+    torch.testing.assert_close(bt.layer_norm(x, (5,)), F.layer_norm(x, (5,)))
+    torch.testing.assert_close(bt.batch_norm(x, rm, rv, strided, None, False),
+                               F.batch_norm(x, rm, rv, strided, None, False))
+
+
 # ----------------------------------------------------------------------------------
 # torch.compile, profiler
 # ----------------------------------------------------------------------------------

@@ -33,5 +33,6 @@ __all__ = [
     "batch_norm", "batch_norm_relu", "group_norm", "instance_norm", "layer_norm", "rms_norm",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d",
     "BatchNormReLU3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "RMSNorm", "convert", "fold", "fallback_counts", "reset_fallback_counts",
+    "LayerNorm", "RMSNorm", "SyncBatchNorm", "convert", "convert_sync_batchnorm", "fold",
+    "fallback_counts", "reset_fallback_counts",
 ]

@@ -101,6 +101,10 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         return F.instance_norm(input, running_mean, running_var, weight, bias,
                                use_input_stats, momentum, eps)
     if not use_input_stats:
+        output = batch_norm_direct(input, weight, bias, running_mean, running_var, False,
+                                   momentum, eps)
+        if output is not None:
+            return output
         return forward("batch_norm_forward", input, weight, bias, running_mean, running_var,
                        False, momentum, eps)[0]
     output, _, _, new_mean, new_var = forward(
