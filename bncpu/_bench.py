@@ -427,7 +427,8 @@ def _takes_axis(name):
 
 
 # Functions of the registry (bncpu/_registry.py) the report does not time, and why.
-NOT_TIMED = {"batch_norm_gather_stats": "merges C per-channel values: nothing to time"}
+NOT_TIMED = {"batch_norm_gather_stats": "merges C per-channel values: nothing to time",
+             "fold_batch_norm": "folds C per-channel values into a layer's weights, once"}
 
 
 def untimed_functions():
@@ -899,12 +900,15 @@ class Timing:
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """How long to time one case: at least ``min_rounds`` round-robin rounds, then more
-    until ``seconds`` have passed (at most ``max_rounds``). A sample loops the call
+    until ``seconds`` have passed (at most ``max_rounds``); but never more than
+    ``max_seconds`` once 3 rounds are in (a busy machine can make every call 10x
+    slower than its calibration, and the report must still end). A sample loops the call
     until it lasts ``sample_seconds``. Implementations timed apart (the reference) then
     get up to ``apart_samples`` samples, at most ``apart_seconds`` in all, and when a
     single call takes longer than ``once_seconds`` its calibration call is its only
     sample."""
     seconds: float
+    max_seconds: float
     sample_seconds: float
     min_rounds: int
     max_rounds: int
@@ -916,10 +920,10 @@ class Budget:
 # min_rounds: with 7 samples (and the reference's calls between them) the report's
 # (32, 64, 56, 56) backward once read 0.93x torch where a two-way round-robin read 2.8x;
 # 11 rounds without the reference agree with benchmarks/two_way.py (README).
-FULL = Budget(seconds=0.5, sample_seconds=0.004, min_rounds=11, max_rounds=101,
-              apart_samples=7, apart_seconds=0.5, once_seconds=0.5)
-QUICK = Budget(seconds=0.3, sample_seconds=0.003, min_rounds=9, max_rounds=61,
-               apart_samples=5, apart_seconds=0.3, once_seconds=0.3)
+FULL = Budget(seconds=0.5, max_seconds=6.0, sample_seconds=0.004, min_rounds=11,
+              max_rounds=101, apart_samples=7, apart_seconds=0.5, once_seconds=0.5)
+QUICK = Budget(seconds=0.3, max_seconds=3.0, sample_seconds=0.003, min_rounds=9,
+               max_rounds=61, apart_samples=5, apart_seconds=0.3, once_seconds=0.3)
 
 
 def describe(error):
@@ -1008,7 +1012,10 @@ def measure(calls, budget):
         for rounds in range(1, budget.max_rounds + 1):
             for name in rotation:
                 _sample(timings[name], runnable[name])
-            if rounds >= budget.min_rounds and time.perf_counter() - start >= budget.seconds:
+            elapsed = time.perf_counter() - start
+            if rounds >= budget.min_rounds and elapsed >= budget.seconds:
+                break
+            if rounds >= 3 and elapsed >= budget.max_seconds:
                 break
         for name in runnable:
             if name not in TIMED_APART:

@@ -121,8 +121,8 @@ def test_measure_times_the_reference_apart():
 
     calls = {name: recorder(name) for name in ("bncpu", "torch", "reference")}
     calls["floor"] = _bench.Unavailable("not here")
-    budget = _bench.Budget(seconds=0.0, sample_seconds=0.0, min_rounds=4, max_rounds=4,
-                           apart_samples=3, apart_seconds=10.0, once_seconds=1.0)
+    budget = _bench.Budget(seconds=0.0, max_seconds=10.0, sample_seconds=0.0, min_rounds=4,
+                           max_rounds=4, apart_samples=3, apart_seconds=10.0, once_seconds=1.0)
     timings = _bench.measure(calls, budget)
     timed = order[12:]   # after four calibration calls each
     assert timed == ["bncpu", "torch"] * 4 + ["reference"] * 3
@@ -157,3 +157,13 @@ def test_every_registry_function_is_timed_or_says_why_not():
     assert _bench.untimed_functions() == []
     for case in _bench.cases():
         assert hasattr(bncpu, case.operation.function)
+
+
+def test_measure_stops_at_max_seconds_after_three_rounds():
+    import time
+
+    calls = {"bncpu": lambda: time.sleep(0.01), "torch": lambda: time.sleep(0.01)}
+    budget = _bench.Budget(seconds=0.0, max_seconds=0.0, sample_seconds=0.0, min_rounds=50,
+                           max_rounds=50, apart_samples=1, apart_seconds=1.0, once_seconds=1.0)
+    timings = _bench.measure(calls, budget)
+    assert [len(timings[name].samples) for name in calls] == [3, 3]
