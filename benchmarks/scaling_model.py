@@ -32,7 +32,7 @@ def model(t1, t2, bytes_moved, core_bw, socket_bw):
         compute = serial + parallel / p
         memory = bytes_moved / min(p * per_core, socket_bw)
         predicted[p] = max(compute, memory)
-        limits[p] = "bandwidth" if memory >= compute else (
+        limits[p] = "bandwidth" if memory > compute * 1.000001 else (
             "serial part" if serial > parallel / p else "compute")
     return predicted, limits[THREADS[-1]]
 
