@@ -206,9 +206,9 @@ def test_channels_last_runs_without_a_copy(monkeypatch):
         seen.append((input.ctypes.data, input.flags.c_contiguous, out.ctypes.data, axis))
         return original(input, *args, axis=axis, out=out, **kwargs)
 
-    def kernel_spy(x, y, n, c, s, *args):
+    def kernel_spy(x, y, n, c, s, *args, **kwargs):
         seen.append((x.ctypes.data, y.ctypes.data, (n, c, s)))
-        return original_kernel(x, y, n, c, s, *args)
+        return original_kernel(x, y, n, c, s, *args, **kwargs)
 
     monkeypatch.setattr(bncpu, "batch_norm_forward", spy)
     monkeypatch.setattr(kernels, "forward_train", kernel_spy)

@@ -781,10 +781,11 @@ def batch_norm_direct(input, weight, bias, running_mean, running_var, training, 
     n, c, s = layout
     if not (_vector(weight, c) and _vector(bias, c) and _vector(running_mean, c)
             and _vector(running_var, c) and _eps_in_range(eps)
+            and type(momentum) is float and 0.0 <= momentum <= 1.0
             and (running_mean is None) == (running_var is None)):
         return None
     if training:
-        if n * s < 2 or not (type(momentum) is float and 0.0 <= momentum <= 1.0):
+        if n * s < 2:
             return None
         if running_mean is not None and running_mean.data_ptr() == running_var.data_ptr():
             return None
