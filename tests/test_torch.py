@@ -377,6 +377,23 @@ def test_direct_path_in_no_grad_with_parameters_that_require_grad():
     torch.testing.assert_close(y, F.batch_norm(x, None, None, weight, bias, True).detach())
 
 
+def test_direct_path_sees_in_place_changes_before_backward():
+    """The backward reuses the forward's NumPy views only after autograd's version check:
+    an input or (evaluation) running statistic changed in place in between is an error,
+    as with torch's own batch norm."""
+    base = tensors((4, 3, 5), torch.float32)[0].requires_grad_(True)
+    x = base * 1.0
+    y = bt.batch_norm(x, None, None, training=True)
+    x.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = bt.batch_norm(base, rm, rv, training=False)
+    bt.batch_norm(base.detach(), rm, rv, training=True)   # updates rm, rv in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_direct_path_leaves_other_cases_to_the_operators():
     """Running statistics that are one tensor, parameters of another size or strided, an
     eps out of range: bncpu's checks and errors, nothing written."""

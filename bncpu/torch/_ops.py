@@ -707,15 +707,17 @@ class _DirectBatchNorm(torch.autograd.Function):
     """Batch norm on tensors the kernels take as they are, with autograd."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, layout, training,
-                momentum, eps):
-        output, save_mean, save_invstd = _batch_norm_kernel(
+    def forward(ctx, input, weight, bias, arguments):
+        # (the arguments autograd need not see in one tuple: apply costs per argument)
+        running_mean, running_var, layout, training, momentum, eps = arguments
+        output, save_mean, save_invstd, views = _batch_norm_kernel(
             input, weight, bias, running_mean, running_var, layout, training, momentum, eps,
             True)
+        x, w, rm, rv = views
         running = (None, None) if training else (running_mean, running_var)
         ctx.save_for_backward(input, weight, bias, *running)
         ctx.layout, ctx.training, ctx.eps = layout, training, eps
-        ctx.stats = save_mean, save_invstd
+        ctx.arrays = (save_mean, save_invstd, x, w) + ((None, None) if training else (rm, rv))
         return output
 
     @staticmethod
@@ -727,46 +729,46 @@ class _DirectBatchNorm(torch.autograd.Function):
                 lambda x, w, b: F.batch_norm(x, running_mean, running_var, w, b,
                                              ctx.training, 0.0, ctx.eps),
                 (input, weight, bias), grad_output)
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None)
         n, c, s = ctx.layout
         needs = ctx.needs_input_grad
         grad_input = torch.empty_like(input) if needs[0] else None
         dtype = _NUMPY_DTYPES[input.dtype]
         grad_weight = np.empty(c, dtype) if needs[1] else None
         grad_bias = np.empty(c, dtype) if needs[2] else None
-        save_mean, save_invstd = ctx.stats
+        # (the forward's NumPy views: ctx.saved_tensors above checked that none of those
+        # tensors was modified in place since)
+        save_mean, save_invstd, x, w, running_mean, running_var = ctx.arrays
         _raise_for_status(_bn.backward(
-            _view(_like(input, grad_output)), _view(input), _view(grad_input), n, c, s,
-            _view(weight), _view(running_mean), _view(running_var), save_mean, save_invstd,
-            ctx.training, ctx.eps, grad_weight, grad_bias))
+            _view(_like(input, grad_output)), x, _view(grad_input), n, c, s, w,
+            running_mean, running_var, save_mean, save_invstd, ctx.training, ctx.eps,
+            grad_weight, grad_bias))
         return (grad_input, None if grad_weight is None else torch.from_numpy(grad_weight),
-                None if grad_bias is None else torch.from_numpy(grad_bias),
-                None, None, None, None, None, None)
+                None if grad_bias is None else torch.from_numpy(grad_bias), None)
 
 
 def _batch_norm_kernel(input, weight, bias, running_mean, running_var, layout, training,
                        momentum, eps, save):
-    """(output, save_mean, save_invstd): the forward kernel on the tensors' memory, the
-    running statistics updated in place in training; the statistics (NumPy) when ``save``
-    and training, else None."""
+    """(output, save_mean, save_invstd, (x, weight, running_mean, running_var) as NumPy
+    views): the forward kernel on the tensors' memory, the running statistics updated in
+    place in training; the statistics (NumPy) when ``save`` and training, else None."""
     n, c, s = layout
     output = torch.empty_like(input)
+    x, w, rm, rv = _view(input), _view(weight), _view(running_mean), _view(running_var)
     save_mean = save_invstd = None
     if training:
         if save:
-            dtype = _NUMPY_DTYPES[input.dtype]
+            dtype = x.dtype
             save_mean, save_invstd = np.empty(c, dtype), np.empty(c, dtype)
-        _raise_for_status(_bn.forward_train(
-            _view(input), _view(output), n, c, s, _view(weight), _view(bias),
-            _view(running_mean), _view(running_var), momentum, eps, save_mean, save_invstd))
+        _raise_for_status(_bn.forward_train(x, _view(output), n, c, s, w, _view(bias), rm, rv,
+                                            momentum, eps, save_mean, save_invstd))
         if running_mean is not None:
             increment_version(running_mean)
             increment_version(running_var)
     else:
-        _raise_for_status(_bn.forward_eval(
-            _view(input), _view(output), n, c, s, _view(weight), _view(bias),
-            _view(running_mean), _view(running_var), eps))
-    return output, save_mean, save_invstd
+        _raise_for_status(_bn.forward_eval(x, _view(output), n, c, s, w, _view(bias), rm, rv,
+                                           eps))
+    return output, save_mean, save_invstd, (x, w, rm, rv)
 
 
 def batch_norm_direct(input, weight, bias, running_mean, running_var, training, momentum,
@@ -792,8 +794,8 @@ def batch_norm_direct(input, weight, bias, running_mean, running_var, training, 
     elif running_mean is None:
         return None
     if _wants_grad(input, weight, bias):
-        return _DirectBatchNorm.apply(input, weight, bias, running_mean, running_var, layout,
-                                      training, momentum, eps)
+        return _DirectBatchNorm.apply(input, weight, bias, (running_mean, running_var, layout,
+                                                            training, momentum, eps))
     return _batch_norm_kernel(input, weight, bias, running_mean, running_var, layout,
                               training, momentum, eps, False)[0]
 
