@@ -11,6 +11,21 @@ from bncpu import _bench, _onednn
 from bncpu import __main__ as report
 
 
+@pytest.fixture(autouse=True)
+def _default_threads():
+    """The report sets bncpu's (and torch's) thread count: restore the default after each
+    test, so that later tests (e.g. the C API's, which compare thread counts) see it."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    yield
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)   # torch's setting is OpenMP's default too
+    bncpu.set_num_threads(0)
+
+
 def _require_onednn():
     reason = _onednn.unavailable_reason()
     if reason is not None:
