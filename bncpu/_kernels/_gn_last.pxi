@@ -53,6 +53,7 @@ cdef enum:
     LAST_SHIFT = 3             # forward: bias; backward: mean_g
     LAST_WEIGHT = 4            # backward
     LAST_K = 5                 # backward
+    LAST_HINT_ROWS = 8         # float32 pieces: rows whose group means center a one-pass try
 
 
 cdef LastLayout make_last_layout(int64_t n, int64_t c, int64_t s,
@@ -135,41 +136,48 @@ cdef void last_column_sums(const real* x, int64_t rows, int64_t c,
                 sums[k] += row[k]
 
 
-cdef void last_piece_stats(const real* x, const LastLayout* lay, int64_t i, int64_t q,
-                           LastScratch* sc, double* partial) noexcept nogil:
-    """partial[3g:3g+3] = (count, mean, M2) of group g over piece q of sample i, two-pass:
-    column sums, a center per group (its mean rounded to the data's precision), then
-    the columns' deviations from it, added per group in channel order (see add_dev_span
-    and finish_dev)."""
-    cdef int64_t rows = last_piece_rows(lay, q), c = lay.c, cpg = lay.cpg
-    cdef const real* block = x + last_offset(lay, i, q)
+cdef void last_group_centers(const LastLayout* lay, const double* col_sum, double count,
+                             real* center) noexcept nogil:
+    """center[k] = the mean of k's group from the column sums (count values per group),
+    rounded to the data's precision."""
+    cdef int64_t g, k
+    cdef double total
+    cdef real group_center
+    for g in range(lay.groups):
+        total = 0
+        for k in range(g * lay.cpg, g * lay.cpg + lay.cpg):
+            total += col_sum[k]
+        group_center = <real>(total / count)
+        for k in range(g * lay.cpg, g * lay.cpg + lay.cpg):
+            center[k] = group_center
+
+
+cdef bint last_dev_stats(const real* block, const LastLayout* lay, int64_t rows,
+                         LastScratch* sc, double* partial) noexcept nogil:
+    """partial[3g:3g+3] = (count, mean, M2) of group g over `rows` rows of c values
+    from the columns' deviations from sc.center (see add_dev_span and finish_dev), the
+    columns of a group added in channel order. True when every group's center was
+    within a standard deviation of its mean (Σd² <= 2·M2, false for NaN)."""
+    cdef int64_t g, k, r, c = lay.c, cpg = lay.cpg
     cdef const real* row
     cdef real* center = <real*>sc.center
     cdef double* col_sum = sc.col_a
     cdef double* col_sq = sc.col_b
     cdef double count = <double>(rows * cpg)
-    cdef double total, sum_dev, sum_sq, d
-    cdef real group_center
-    cdef int64_t g, k, r
-    last_column_sums(block, rows, c, col_sum)
-    for g in range(lay.groups):
-        total = 0
-        for k in range(g * cpg, g * cpg + cpg):
-            total += col_sum[k]
-        group_center = <real>(total / count)
-        for k in range(g * cpg, g * cpg + cpg):
-            center[k] = group_center
+    cdef double sum_dev, sum_sq, d
+    cdef bint close = True
     zero_doubles(col_sum, c)
     zero_doubles(col_sq, c)
     if real is float:
         f32_add_column_dev_sums(col_sum, col_sq, block, rows, c, c, center)
     else:
-        # float64: the center is the exact mean, whose deviations sum to ~0 (as
-        # add_dev_span): only the squares are kept.
+        # float64: the deviations' sum too (a group's center, rounded from a sum of
+        # columns, may be an ulp off its mean; finish_dev corrects it).
         for r in range(rows):
             row = block + r * c
             for k in range(c):
                 d = row[k] - center[k]
+                col_sum[k] += d
                 col_sq[k] += d * d
     for g in range(lay.groups):
         sum_dev = 0
@@ -180,6 +188,37 @@ cdef void last_piece_stats(const real* x, const LastLayout* lay, int64_t i, int6
         partial[3 * g] = count
         finish_dev(count, center[g * cpg], sum_dev, sum_sq, &partial[3 * g + 1],
                    &partial[3 * g + 2])
+        if not (sum_sq <= 2 * partial[3 * g + 2]):
+            close = False
+    return close
+
+
+cdef void last_piece_stats(const real* x, const LastLayout* lay, int64_t i, int64_t q,
+                           LastScratch* sc, double* partial) noexcept nogil:
+    """partial[3g:3g+3] = (count, mean, M2) of group g over piece q of sample i.
+
+    float32 pieces of at least 2·LAST_HINT_ROWS rows first try one pass, around the
+    group means of their first LAST_HINT_ROWS rows, kept when each is within a
+    standard deviation of its group's mean (as block_stats); otherwise, and for float64
+    data, two passes: the group means, then the deviations from them."""
+    cdef int64_t g, k, rows = last_piece_rows(lay, q)
+    cdef const real* block = x + last_offset(lay, i, q)
+    cdef real* center = <real*>sc.center
+    if real is float:
+        if rows >= 2 * LAST_HINT_ROWS:
+            last_column_sums(block, LAST_HINT_ROWS, lay.c, sc.col_a)
+            last_group_centers(lay, sc.col_a, <double>(LAST_HINT_ROWS * lay.cpg), center)
+            if last_dev_stats(block, lay, rows, sc, partial):
+                return
+            # Again around the means just found (a second pass, as block_stats').
+            for g in range(lay.groups):
+                for k in range(g * lay.cpg, g * lay.cpg + lay.cpg):
+                    center[k] = <real>partial[3 * g + 1]
+            last_dev_stats(block, lay, rows, sc, partial)
+            return
+    last_column_sums(block, rows, lay.c, sc.col_a)
+    last_group_centers(lay, sc.col_a, <double>(rows * lay.cpg), center)
+    last_dev_stats(block, lay, rows, sc, partial)
 
 
 cdef void last_piece_grad_sums(const real* dy, const real* x, const LastLayout* lay,
