@@ -5,9 +5,12 @@ Against the channels-first kernel on the same values (to rounding: the sums run 
 another order; bit for bit where the two layouts are one buffer, s <= 1), against torch
 on the permuted data, odd shapes, in place, gradients only, errors, thread bit-identity
 (sample mode and piece mode), and the entry called from C."""
+import os
 import struct
 import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +242,45 @@ def test_threads_give_the_same_bits(shape, groups, dtype):
         assert_all_bitwise_equal(other, results[0])
     expected = kernel_forward(first(x), groups, weight, bias, False)
     assert_close(results[0][0], last(expected[0]), dtype)
+
+
+ISA_SCRIPT = r"""
+import hashlib
+import numpy as np
+import bncpu
+digest = hashlib.sha256()
+for dtype in (np.float32, np.float64):
+    for shape, groups in [((3, 13, 17, 16), 4), ((2, 40, 40, 48), 6), ((2, 23, 6), 2)]:
+        rng = np.random.default_rng(5)
+        x = (rng.standard_normal(shape) * 2 + 50).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        w = rng.standard_normal(shape[-1]).astype(dtype)
+        b = rng.standard_normal(shape[-1]).astype(dtype)
+        y, mean, rstd = bncpu.group_norm_forward(x, groups, w, b, 1e-5, axis=-1)
+        for a in (y, mean, rstd) + bncpu.group_norm_backward(dy, x, groups, mean, rstd, w,
+                                                             axis=-1):
+            digest.update(np.ascontiguousarray(a).tobytes())
+print(bncpu.isa(), digest.hexdigest())
+"""
+
+
+def test_every_instruction_set_build_gives_the_same_bits(tmp_path):
+    isas = bncpu._capi.cpu_isas()
+    if len(isas) < 2:
+        pytest.skip(f"this CPU runs only the {isas[0]} build")
+    package_parent = str(Path(bncpu.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+    digests = set()
+    for isa in isas:
+        result = subprocess.run([sys.executable, "-c", ISA_SCRIPT], cwd=tmp_path,
+                                env=dict(env, BNCPU_ISA=isa), capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        name, digest = result.stdout.split()
+        assert name == isa
+        digests.add(digest)
+    assert len(digests) == 1, digests
 
 
 # ----------------------------------------------------------------------------------
