@@ -239,7 +239,8 @@ cdef void last_piece_grad_sums(const real* dy, const real* x, const LastLayout* 
     zero_doubles(col_dy, c)
     zero_doubles(col_dev, c)
     if real is float:
-        f32_add_column_grad_sums(col_dy, col_dev, dy + offset, x + offset, rows, c, c, center)
+        f32_add_column_grad_sums(col_dy, col_dev, dy + offset, NULL, x + offset, rows, c, c,
+                                 center)
     else:
         for r in range(rows):
             dy_row = dy + offset + r * c
