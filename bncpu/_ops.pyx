@@ -364,7 +364,8 @@ cdef int _check_rms(int64_t s, int64_t groups, bias, mean) except -1:
 
 
 cdef int _rows_forward(real* kind, x, y, int64_t n, int64_t c, int64_t s, int64_t groups,
-                       weight, bias, double eps, bint centered, save_mean, save_rstd):
+                       weight, bias, double eps, bint centered, save_mean, save_rstd,
+                       bint channels_last):
     cdef int (*group)(const real*, real*, int64_t, int64_t, int64_t, int64_t, const real*,
                       const real*, double, real*, real*) noexcept nogil
     cdef int (*rms)(const real*, real*, int64_t, int64_t, const real*, double,
@@ -372,9 +373,11 @@ cdef int _rows_forward(real* kind, x, y, int64_t n, int64_t c, int64_t s, int64_
     cdef void* a[6]
     cdef int status
     if real is float:
-        group = API.group_norm_forward_f32
+        group = (API.group_norm_channels_last_forward_f32 if channels_last
+                 else API.group_norm_forward_f32)
     else:
-        group = API.group_norm_forward_f64
+        group = (API.group_norm_channels_last_forward_f64 if channels_last
+                 else API.group_norm_forward_f64)
     if real is float:
         rms = API.rms_norm_forward_f32
     else:
@@ -393,16 +396,19 @@ cdef int _rows_forward(real* kind, x, y, int64_t n, int64_t c, int64_t s, int64_
 
 
 def rows_forward(x, y, int64_t n, int64_t c, int64_t s, int64_t groups, weight, bias, double eps,
-                 bint centered, save_mean, save_rstd):
+                 bint centered, save_mean, save_rstd, bint channels_last=False):
+    """channels_last: x and y are (n, s, c) (group norm's channels-last entry)."""
+    if channels_last and not centered:
+        raise ValueError("channels last is group norm's (centered) entry")
     if is_float32(x):
         return _rows_forward(<float*>NULL, x, y, n, c, s, groups, weight, bias, eps, centered,
-                             save_mean, save_rstd)
+                             save_mean, save_rstd, channels_last)
     return _rows_forward(<double*>NULL, x, y, n, c, s, groups, weight, bias, eps, centered,
-                         save_mean, save_rstd)
+                         save_mean, save_rstd, channels_last)
 
 
 cdef int _rows_backward(real* kind, dy, x, dx, int64_t n, int64_t c, int64_t s, int64_t groups,
-                        mean, rstd, weight, bint centered, dweight, dbias):
+                        mean, rstd, weight, bint centered, dweight, dbias, bint channels_last):
     cdef int (*group)(const real*, const real*, real*, int64_t, int64_t, int64_t, int64_t,
                       const real*, const real*, const real*, real*, real*) noexcept nogil
     cdef int (*rms)(const real*, const real*, real*, int64_t, int64_t, const real*,
@@ -410,9 +416,11 @@ cdef int _rows_backward(real* kind, dy, x, dx, int64_t n, int64_t c, int64_t s, 
     cdef void* a[8]
     cdef int status
     if real is float:
-        group = API.group_norm_backward_f32
+        group = (API.group_norm_channels_last_backward_f32 if channels_last
+                 else API.group_norm_backward_f32)
     else:
-        group = API.group_norm_backward_f64
+        group = (API.group_norm_channels_last_backward_f64 if channels_last
+                 else API.group_norm_backward_f64)
     if real is float:
         rms = API.rms_norm_backward_f32
     else:
@@ -433,12 +441,15 @@ cdef int _rows_backward(real* kind, dy, x, dx, int64_t n, int64_t c, int64_t s, 
 
 
 def rows_backward(dy, x, dx, int64_t n, int64_t c, int64_t s, int64_t groups, mean, rstd, weight,
-                  bint centered, dweight, dbias):
+                  bint centered, dweight, dbias, bint channels_last=False):
+    """channels_last: dy, x and dx are (n, s, c) (group norm's channels-last entry)."""
+    if channels_last and not centered:
+        raise ValueError("channels last is group norm's (centered) entry")
     if is_float32(x):
         return _rows_backward(<float*>NULL, dy, x, dx, n, c, s, groups, mean, rstd, weight,
-                              centered, dweight, dbias)
+                              centered, dweight, dbias, channels_last)
     return _rows_backward(<double*>NULL, dy, x, dx, n, c, s, groups, mean, rstd, weight,
-                          centered, dweight, dbias)
+                          centered, dweight, dbias, channels_last)
 
 
 batch_norm = SimpleNamespace(

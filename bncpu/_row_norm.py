@@ -212,10 +212,10 @@ def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
 # * for instance norm, through the batch-norm kernels on each sample's own
 #   (outer, C, inner) buffer, whose per-channel statistics are that sample's
 #   per-instance ones: no copy;
-# * for group norm, through a channels-first copy of the input (and of grad_output),
-#   the result written back in the input's layout. A channels-last group-norm kernel
-#   can replace that copy without changing the arguments or the shapes and layouts of
-#   the results.
+# * for group norm with channels last (axis = ndim - 1), through the row kernels'
+#   channels-last entries (sums column by column, no copy); other axes through a
+#   channels-first copy of the input (and of grad_output), the result written back in
+#   the input's layout.
 def _sample_layout(shape, axis):
     """(N, C, S) of an input of ``shape``: samples along axis 0, channels along ``axis``,
     S values per sample and channel."""
@@ -239,12 +239,14 @@ def _grouped_forward(x, groups, axis, w, b, eps, out, other_inputs=()):
     rstd = np.empty((n, groups), x.dtype)
     if groups == 0:   # instance norm of no channels has no groups
         pass
-    elif axis == 1 or groups < c:
-        first = x if axis == 1 else _channels_first(x, axis)
-        y = result.target if axis == 1 else np.empty_like(first)
+    elif axis == 1 or axis == x.ndim - 1 and groups < c:
+        v.raise_for_status(_rows.forward(x, result.target, n, c, s, groups, w, b, eps, True,
+                                         mean, rstd, axis != 1))
+    elif groups < c:
+        first = _channels_first(x, axis)
+        y = np.empty_like(first)
         v.raise_for_status(_rows.forward(first, y, n, c, s, groups, w, b, eps, True, mean, rstd))
-        if y is not result.target:
-            result.target[...] = np.moveaxis(y, 1, axis)
+        result.target[...] = np.moveaxis(y, 1, axis)
     else:
         outer, inner = _per_sample(x, axis)
         for i in range(n):
@@ -272,16 +274,15 @@ def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out, ax
     grad_bias = np.empty(c, dtype) if w is not None else None
     if groups == 0:
         pass
-    elif axis == 1 or groups < c:
-        if axis == 1:
-            dy_first, x_first, dx = dy, x, result.target
-        else:
-            dy_first, x_first = _channels_first(dy, axis), _channels_first(x, axis)
-            dx = np.empty_like(x_first)
+    elif axis == 1 or axis == x.ndim - 1 and groups < c:
+        v.raise_for_status(_rows.backward(dy, x, result.target, n, c, s, groups, mean, rstd, w,
+                                          True, grad_weight, grad_bias, axis != 1))
+    elif groups < c:
+        dy_first, x_first = _channels_first(dy, axis), _channels_first(x, axis)
+        dx = np.empty_like(x_first)
         v.raise_for_status(_rows.backward(dy_first, x_first, dx, n, c, s, groups, mean, rstd, w,
                                           True, grad_weight, grad_bias))
-        if dx is not result.target:
-            result.target[...] = np.moveaxis(dx, 1, axis)
+        result.target[...] = np.moveaxis(dx, 1, axis)
     else:
         outer, inner = _per_sample(x, axis)
         sample_grads = np.zeros((2, n, c), dtype) if w is not None else None

@@ -39,6 +39,18 @@
  * as (n, c, s): n samples, c channels, s = product of the trailing dimensions
  * (s = 1 for 2-D input), element (i, j, k) at x[(i*c + j)*s + k]. Layer and RMS norm
  * see it as (rows, d): each row of d contiguous values is normalized on its own.
+ * Channels-last data (NHWC, NLC, NDHWC: n samples, s positions, c channels last,
+ * element (i, k, j) at x[(i*s + k)*c + j]):
+ *  - batch norm: such a buffer IS the (n*s, c, 1) input of the batch-norm entries, the
+ *    statistics of channel j being those over all n*s positions either way. Every
+ *    batch-norm entry (training and inference forward, backward, and the split-phase
+ *    stats, elemt, backward_reduce, backward_elemt) takes channels-last data when
+ *    called with n = n*s (samples times positions), c = c, s = 1; the per-channel
+ *    arguments and results are unchanged. This runs the kernels' column mode, with
+ *    no copy. E.g. NHWC (N, H, W, C): bncpu_batch_norm_forward_train_f32(x, y, N*H*W,
+ *    C, 1, ...).
+ *  - group and instance norm: the group_norm_channels_last_* entries below, with
+ *    the same arguments as group_norm_* (instance norm: groups = c).
  * `T` below is float (suffix _f32) or double (suffix _f64). Per-channel statistics of
  * the split-phase functions are double for both. Pointers marked "may be NULL" are
  * optional; every other pointer must be valid for the sizes given, else
@@ -232,6 +244,26 @@ typedef struct bncpu_api {
     int (*group_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t n, int64_t c,
         int64_t s, int64_t groups, const double *mean, const double *rstd, const double *weight,
         double *dweight, double *dbias);
+    /* Channels last: the same arguments and results as group_norm_forward/_backward
+     * (n, c, s, groups; save_mean/save_rstd and mean/rstd n*groups values, weight, bias,
+     * dweight, dbias c values), with x, y, dy, dx laid out (n, s, c): value (i, k, j) of
+     * sample i, position k, channel j at [(i*s + k)*c + j]. No copy is made; y may be x,
+     * dx may be dy or x. The results equal those of group_norm_* on the same values
+     * laid out channels first to rounding (the sums run in another order; bit for bit
+     * when s <= 1, where the two layouts are one), and are bitwise identical for any
+     * number of threads. groups == c is instance norm. */
+    int (*group_norm_channels_last_forward_f32)(const float *x, float *y, int64_t n, int64_t c,
+        int64_t s, int64_t groups, const float *weight, const float *bias, double eps,
+        float *save_mean, float *save_rstd);
+    int (*group_norm_channels_last_forward_f64)(const double *x, double *y, int64_t n, int64_t c,
+        int64_t s, int64_t groups, const double *weight, const double *bias, double eps,
+        double *save_mean, double *save_rstd);
+    int (*group_norm_channels_last_backward_f32)(const float *dy, const float *x, float *dx,
+        int64_t n, int64_t c, int64_t s, int64_t groups, const float *mean, const float *rstd,
+        const float *weight, float *dweight, float *dbias);
+    int (*group_norm_channels_last_backward_f64)(const double *dy, const double *x, double *dx,
+        int64_t n, int64_t c, int64_t s, int64_t groups, const double *mean, const double *rstd,
+        const double *weight, double *dweight, double *dbias);
 
     /* ---- RMS norm: rows of d values ---------------------------------------------- */
     /* y = x*rstd_r*weight[k], rstd_r = 1/sqrt(mean_k(x²) + eps); weight and save_rstd
@@ -515,6 +547,10 @@ static inline int bncpu_set_num_threads(int n)
 #define bncpu_group_norm_forward_f64(...) BNCPU_CALL_(group_norm_forward_f64, __VA_ARGS__)
 #define bncpu_group_norm_backward_f32(...) BNCPU_CALL_(group_norm_backward_f32, __VA_ARGS__)
 #define bncpu_group_norm_backward_f64(...) BNCPU_CALL_(group_norm_backward_f64, __VA_ARGS__)
+#define bncpu_group_norm_channels_last_forward_f32(...) BNCPU_CALL_(group_norm_channels_last_forward_f32, __VA_ARGS__)
+#define bncpu_group_norm_channels_last_forward_f64(...) BNCPU_CALL_(group_norm_channels_last_forward_f64, __VA_ARGS__)
+#define bncpu_group_norm_channels_last_backward_f32(...) BNCPU_CALL_(group_norm_channels_last_backward_f32, __VA_ARGS__)
+#define bncpu_group_norm_channels_last_backward_f64(...) BNCPU_CALL_(group_norm_channels_last_backward_f64, __VA_ARGS__)
 #define bncpu_rms_norm_forward_f32(...) BNCPU_CALL_(rms_norm_forward_f32, __VA_ARGS__)
 #define bncpu_rms_norm_forward_f64(...) BNCPU_CALL_(rms_norm_forward_f64, __VA_ARGS__)
 #define bncpu_rms_norm_backward_f32(...) BNCPU_CALL_(rms_norm_backward_f32, __VA_ARGS__)

@@ -175,7 +175,9 @@ def test_axis_minus_one_of_2d_input_is_axis_one(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups", [1, 4, 8])
 def test_channels_last_group_norm_is_the_channels_first_one(groups, dtype):
-    """Group norm on another axis computes on the channels-first data: the same bits."""
+    """Group norm channels last (its own kernel, sums in another order; bit for bit in
+    tests/test_group_norm_channels_last.py where the arithmetic is the same) gives the
+    channels-first results to rounding."""
     x = random_input((3, 5, 7, 8), dtype)
     dy = random_input(x.shape, dtype, seed=4)
     weight, bias = channel_params(8, dtype)
@@ -183,11 +185,11 @@ def test_channels_last_group_norm_is_the_channels_first_one(groups, dtype):
     if groups == 8:   # one channel per group: the instance-norm path, checked in tolerance
         return
     ref = bncpu.group_norm_forward(first(x, -1), groups, weight, bias, 1e-5)
-    assert_all_bitwise_equal([first(last[0], -1)] + list(last[1:]), ref)
+    close_all([first(last[0], -1)] + list(last[1:]), ref, dtype)
     grads = bncpu.group_norm_backward(dy, x, groups, last[1], last[2], weight, axis=-1)
-    ref_grads = bncpu.group_norm_backward(first(dy, -1), first(x, -1), groups, ref[1], ref[2],
+    ref_grads = bncpu.group_norm_backward(first(dy, -1), first(x, -1), groups, last[1], last[2],
                                           weight)
-    assert_all_bitwise_equal([first(grads[0], -1)] + list(grads[1:]), ref_grads)
+    close_all([first(grads[0], -1)] + list(grads[1:]), ref_grads, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -95,6 +95,12 @@ ENTRIES = (
     Entry("group_norm_backward", "row_norm", "group_norm_backward",
           "const T* dy, const T* x, T* dx, int64_t n, int64_t c, int64_t s, int64_t groups, "
           "const T* mean, const T* rstd, const T* weight, T* dweight, T* dbias"),
+    Entry("group_norm_channels_last_forward", "row_norm", "group_norm_channels_last_forward",
+          "const T* x, T* y, int64_t n, int64_t c, int64_t s, int64_t groups, const T* weight, "
+          "const T* bias, double eps, T* save_mean, T* save_rstd"),
+    Entry("group_norm_channels_last_backward", "row_norm", "group_norm_channels_last_backward",
+          "const T* dy, const T* x, T* dx, int64_t n, int64_t c, int64_t s, int64_t groups, "
+          "const T* mean, const T* rstd, const T* weight, T* dweight, T* dbias"),
     Entry("rms_norm_forward", "row_norm", "rms_norm_forward",
           "const T* x, T* y, int64_t rows, int64_t d, const T* weight, double eps, "
           "T* save_rstd"),

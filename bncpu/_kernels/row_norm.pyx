@@ -864,5 +864,8 @@ cdef int rms_norm_backward(const real* dy, const real* x, real* dx, int64_t rows
     return rows_backward(dy, x, dx, rows, d, 1, 1, NULL, rstd, weight, False, dweight, NULL)
 
 
+# Group norm on channels-last (n, s, c) data.
+include "_gn_last.pxi"
+
 # The C API: this module's entries of the bncpu_api table (generated from the manifest).
 include "_fill_row_norm.pxi"
