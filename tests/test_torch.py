@@ -322,7 +322,24 @@ def _batch_norm_operator(training):
     return call
 
 
+def _batch_norm_relu_operator(training):
+    def call(x, w, b, rm, rv):
+        y, _, _, new_mean, new_var = torch.ops.bncpu.batch_norm_relu_forward.default(
+            x, w, b, rm, rv, training, 0.1, 1e-5, x * 0.5)
+        if training:
+            rm.copy_(new_mean)
+            rv.copy_(new_var)
+        return y
+    return call
+
+
 DIRECT = {   # name: (bncpu.torch's function, the same through torch.ops.bncpu, input shape)
+    "batch_norm_relu train": (
+        lambda x, w, b, rm, rv: bt.batch_norm_relu(x, rm, rv, w, b, True, residual=x * 0.5),
+        _batch_norm_relu_operator(True), (4, 3, 5)),
+    "batch_norm_relu eval": (
+        lambda x, w, b, rm, rv: bt.batch_norm_relu(x, rm, rv, w, b, False, residual=x * 0.5),
+        _batch_norm_relu_operator(False), (4, 3, 5)),
     "batch_norm train": (lambda x, w, b, rm, rv: bt.batch_norm(x, rm, rv, w, b, True),
                          _batch_norm_operator(True), (4, 3, 5)),
     "batch_norm eval": (lambda x, w, b, rm, rv: bt.batch_norm(x, rm, rv, w, b, False),

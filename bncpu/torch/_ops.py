@@ -24,7 +24,9 @@ as new tensors (the kernel updates a clone of the C values, like aten's
 ``_native_batch_norm_legit_functional``) and ``bncpu.torch.functional`` copies them
 back with ``Tensor.copy_``, a mutation PyTorch records (and ``torch.compile``
 functionalizes) as it does for its own batch norm. Nothing is written when the kernel
-raises.
+raises. Plain eager calls on tensors the kernels take as they are skip the operators
+altogether (see "Plain eager calls" at the end): there the kernel updates the running
+statistics in place, as aten's batch norm does in eager mode.
 """
 import math
 from typing import Optional
@@ -704,77 +706,103 @@ def _raise_for_status(status):
 
 
 class _DirectBatchNorm(torch.autograd.Function):
-    """Batch norm on tensors the kernels take as they are, with autograd."""
+    """Batch norm, or relu(batch_norm(x) + residual) (``relu``), on tensors the kernels
+    take as they are, with autograd."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, arguments):
+    def forward(ctx, input, weight, bias, residual, arguments):
         # (the arguments autograd need not see in one tuple: apply costs per argument)
-        running_mean, running_var, layout, training, momentum, eps = arguments
+        running_mean, running_var, layout, training, momentum, eps, relu = arguments
         output, save_mean, save_invstd, views = _batch_norm_kernel(
-            input, weight, bias, running_mean, running_var, layout, training, momentum, eps,
-            True)
-        x, w, rm, rv = views
+            input, weight, bias, residual, running_mean, running_var, layout, training,
+            momentum, eps, True, relu)
+        x, w, rm, rv, y = views
         running = (None, None) if training else (running_mean, running_var)
-        ctx.save_for_backward(input, weight, bias, *running)
-        ctx.layout, ctx.training, ctx.eps = layout, training, eps
-        ctx.arrays = (save_mean, save_invstd, x, w) + ((None, None) if training else (rm, rv))
+        ctx.save_for_backward(input, weight, bias, residual, output if relu else None,
+                              *running)
+        ctx.layout, ctx.training, ctx.eps, ctx.relu = layout, training, eps, relu
+        ctx.arrays = (save_mean, save_invstd, x, w, y) + ((None, None) if training
+                                                          else (rm, rv))
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, bias, running_mean, running_var = ctx.saved_tensors
+        input, weight, bias, residual, _, running_mean, running_var = ctx.saved_tensors
         if torch.is_grad_enabled():
+            def torch_forward(x, w, b, r):
+                y = F.batch_norm(x, running_mean, running_var, w, b, ctx.training, 0.0,
+                                 ctx.eps)
+                return torch.relu(y if r is None else y + r) if ctx.relu else y
             grads = _fallback.double_backward(
-                "batch_norm",
-                lambda x, w, b: F.batch_norm(x, running_mean, running_var, w, b,
-                                             ctx.training, 0.0, ctx.eps),
-                (input, weight, bias), grad_output)
+                "batch_norm_relu" if ctx.relu else "batch_norm", torch_forward,
+                (input, weight, bias, residual), grad_output)
             return (*grads, None)
         n, c, s = ctx.layout
         needs = ctx.needs_input_grad
-        grad_input = torch.empty_like(input) if needs[0] else None
+        grad_input = torch.empty_like(input) if needs[0] or ctx.relu else None
         dtype = _NUMPY_DTYPES[input.dtype]
         grad_weight = np.empty(c, dtype) if needs[1] else None
         grad_bias = np.empty(c, dtype) if needs[2] else None
         # (the forward's NumPy views: ctx.saved_tensors above checked that none of those
         # tensors was modified in place since)
-        save_mean, save_invstd, x, w, running_mean, running_var = ctx.arrays
-        _raise_for_status(_bn.backward(
-            _view(_like(input, grad_output)), x, _view(grad_input), n, c, s, w,
-            running_mean, running_var, save_mean, save_invstd, ctx.training, ctx.eps,
-            grad_weight, grad_bias))
-        return (grad_input, None if grad_weight is None else torch.from_numpy(grad_weight),
-                None if grad_bias is None else torch.from_numpy(grad_bias), None)
+        save_mean, save_invstd, x, w, y, running_mean, running_var = ctx.arrays
+        dy = _view(_like(input, grad_output))
+        if ctx.relu:
+            grad_residual = torch.empty_like(input) if needs[3] else None
+            status = _bn.relu_backward(
+                dy, y, x, _view(grad_input), n, c, s, w, running_mean, running_var,
+                save_mean, save_invstd, ctx.training, ctx.eps, grad_weight, grad_bias,
+                _view(grad_residual))
+        else:
+            grad_residual = None
+            status = _bn.backward(
+                dy, x, _view(grad_input), n, c, s, w, running_mean, running_var, save_mean,
+                save_invstd, ctx.training, ctx.eps, grad_weight, grad_bias)
+        _raise_for_status(status)
+        return (grad_input if needs[0] else None,
+                None if grad_weight is None else torch.from_numpy(grad_weight),
+                None if grad_bias is None else torch.from_numpy(grad_bias), grad_residual,
+                None)
 
 
-def _batch_norm_kernel(input, weight, bias, running_mean, running_var, layout, training,
-                       momentum, eps, save):
-    """(output, save_mean, save_invstd, (x, weight, running_mean, running_var) as NumPy
-    views): the forward kernel on the tensors' memory, the running statistics updated in
-    place in training; the statistics (NumPy) when ``save`` and training, else None."""
+def _batch_norm_kernel(input, weight, bias, residual, running_mean, running_var, layout,
+                       training, momentum, eps, save, relu):
+    """(output, save_mean, save_invstd, (x, weight, running_mean, running_var, output) as
+    NumPy views): the forward kernel (``relu``: the fused one) on the tensors' memory, the
+    running statistics updated in place in training; the statistics (NumPy) when
+    ``save`` and training, else None."""
     n, c, s = layout
     output = torch.empty_like(input)
-    x, w, rm, rv = _view(input), _view(weight), _view(running_mean), _view(running_var)
+    x, w, b, rm, rv = (_view(input), _view(weight), _view(bias), _view(running_mean),
+                       _view(running_var))
+    y = _view(output)
     save_mean = save_invstd = None
     if training:
         if save:
-            dtype = x.dtype
-            save_mean, save_invstd = np.empty(c, dtype), np.empty(c, dtype)
-        _raise_for_status(_bn.forward_train(x, _view(output), n, c, s, w, _view(bias), rm, rv,
-                                            momentum, eps, save_mean, save_invstd))
+            save_mean, save_invstd = np.empty(c, x.dtype), np.empty(c, x.dtype)
+        if relu:
+            status = _bn.relu_forward_train(x, _view(residual), y, n, c, s, w, b, rm, rv,
+                                            momentum, eps, save_mean, save_invstd)
+        else:
+            status = _bn.forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps, save_mean,
+                                       save_invstd)
+        _raise_for_status(status)
         if running_mean is not None:
             increment_version(running_mean)
             increment_version(running_var)
+    elif relu:
+        _raise_for_status(_bn.relu_forward_eval(x, _view(residual), y, n, c, s, w, b, rm, rv,
+                                                eps))
     else:
-        _raise_for_status(_bn.forward_eval(x, _view(output), n, c, s, w, _view(bias), rm, rv,
-                                           eps))
-    return output, save_mean, save_invstd, (x, w, rm, rv)
+        _raise_for_status(_bn.forward_eval(x, y, n, c, s, w, b, rm, rv, eps))
+    return output, save_mean, save_invstd, (x, w, rm, rv, y)
 
 
 def batch_norm_direct(input, weight, bias, running_mean, running_var, training, momentum,
-                      eps):
-    """``F.batch_norm``'s result computed straight by the kernel (running statistics
-    updated in place), or None when the call needs the operators' path."""
+                      eps, relu=False, residual=None):
+    """``F.batch_norm``'s result (``relu``: ``relu(F.batch_norm(...) + residual)``)
+    computed straight by the kernel, running statistics updated in place, or None when
+    the call needs the operators' path."""
     if _through_dispatcher(input):
         return None
     layout = _channel_layout(input)
@@ -786,6 +814,9 @@ def batch_norm_direct(input, weight, bias, running_mean, running_var, training, 
             and type(momentum) is float and 0.0 <= momentum <= 1.0
             and (running_mean is None) == (running_var is None)):
         return None
+    if residual is not None and (residual.shape != input.shape
+                                 or residual.stride() != input.stride()):
+        return None
     if training:
         if n * s < 2:
             return None
@@ -793,11 +824,11 @@ def batch_norm_direct(input, weight, bias, running_mean, running_var, training, 
             return None
     elif running_mean is None:
         return None
-    if _wants_grad(input, weight, bias):
-        return _DirectBatchNorm.apply(input, weight, bias, (running_mean, running_var, layout,
-                                                            training, momentum, eps))
-    return _batch_norm_kernel(input, weight, bias, running_mean, running_var, layout,
-                              training, momentum, eps, False)[0]
+    if _wants_grad(input, weight, bias, residual):
+        return _DirectBatchNorm.apply(input, weight, bias, residual, (
+            running_mean, running_var, layout, training, momentum, eps, relu))
+    return _batch_norm_kernel(input, weight, bias, residual, running_mean, running_var, layout,
+                              training, momentum, eps, False, relu)[0]
 
 
 class _DirectRowNorm(torch.autograd.Function):

@@ -59,6 +59,10 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
         output = F.batch_norm(input, running_mean, running_var, weight, bias, training,
                               momentum, eps)
         return torch.relu(output if residual is None else output + residual)
+    output = batch_norm_direct(input, weight, bias, running_mean, running_var, training,
+                               momentum, eps, relu=True, residual=residual)
+    if output is not None:
+        return output
     output, _, _, new_mean, new_var = forward(
         "batch_norm_relu_forward", input, weight, bias, running_mean, running_var, training,
         momentum, eps, residual)
