@@ -59,7 +59,10 @@
  *
  * Threads: kernels use bncpu_get_num_threads() OpenMP threads for large inputs and
  * the calling thread alone for small ones; results are bitwise identical whatever
- * the number of threads. Calls from several threads at once are safe.
+ * the number of threads. Calls from several threads at once are safe. A kernel never
+ * calls Python and needs no GIL: call it with the GIL released (Py_BEGIN_ALLOW_THREADS
+ * in an extension module) so that other Python threads run meanwhile. Subinterpreters
+ * in the process are no obstacle.
  */
 #ifndef BNCPU_H
 #define BNCPU_H

@@ -16,6 +16,11 @@ cdef extern from "bncpu.h":
         BNCPU_ERR_BAD_GROUPS
         BNCPU_ERR_NO_MEMORY
 
+# Parallel loops never release the GIL (Python 3.11's check is wrong once a
+# subinterpreter exists): see _parallel_gil.h.
+cdef extern from "_parallel_gil.h":
+    pass
+
 
 cdef inline int check_sizes(int64_t a, int64_t b, int64_t c) noexcept nogil:
     """Sizes must be >= 0 and their product must fit in int64."""
