@@ -19,6 +19,7 @@ cdef extern from *:
     static char bncpu_isa_name[32];
     """
     int BNCPU_API_VERSION
+    int BNCPU_ERR_NO_MEMORY
     const char* BNCPU_VERSION_STRING
     bncpu_api bncpu_table
     char bncpu_isa_name[32]
@@ -52,6 +53,10 @@ def _publish():
     """The capsule bncpu_import() reads: call once the table is complete."""
     global _C_API
     _C_API = PyCapsule_New(&bncpu_table, "bncpu._capi._C_API", NULL)
+
+
+# The status that bncpu._validate.raise_for_status turns into MemoryError.
+ERR_NO_MEMORY = BNCPU_ERR_NO_MEMORY
 
 
 def strerror(int status):

@@ -483,8 +483,9 @@ def instance_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: Arra
 
     The arguments are those of ``instance_norm``. With ``use_input_stats`` one spatial
     value per instance is an error, as in PyTorch, and an empty batch leaves the running
-    statistics unchanged. The running variance is recovered from the saved statistics as
-    ``1/rstd² - eps`` (in float64; for float32 within a few units in the last place).
+    statistics unchanged. The running statistics follow each instance's float64 mean and
+    variance (one more read of the input; not the saved rstd, from which ``1/rstd² - eps``
+    loses the variance when it is far below eps).
 
     Returns
     -------
@@ -518,12 +519,28 @@ def instance_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: Arra
         raise ValueError(f"Expected more than 1 spatial element when training, "
                          f"got input size {x.shape}")
     v.check_out_apart(out, running_mean=rm, running_var=rv)
+    update = rm is not None and n * s > 0
+    if update:   # before anything is written: it may fail (MemoryError)
+        instance_mean, instance_var = _instance_stats(x, axis)
     output, mean, rstd = _grouped_forward(x, c, axis, w, b, eps, out, (rm, rv))
-    if rm is not None and n * s > 0:
-        var = np.maximum(1.0 / np.square(rstd.astype(np.float64)) - eps, 0.0)
-        rm[...] = (1 - momentum) * rm + momentum * mean.astype(np.float64).mean(axis=0)
-        rv[...] = (1 - momentum) * rv + momentum * (var * (s / (s - 1))).mean(axis=0)
+    if update:
+        rm[...] = (1 - momentum) * rm + momentum * instance_mean.mean(axis=0)
+        rv[...] = (1 - momentum) * rv + momentum * (instance_var * (s / (s - 1))).mean(axis=0)
     return output, mean, rstd
+
+
+def _instance_stats(x, axis):
+    """float64 (mean, biased variance) of every instance of a validated input, (N, C) each."""
+    n, c, s = _sample_layout(x.shape, axis)
+    mean = np.empty((n, c))
+    m2 = np.empty((n, c))
+    if axis == 1:   # the instances are the rows of an (N·C, S) matrix: one channel each
+        v.raise_for_status(_bn.stats(x, 1, n * c, s, mean, m2))
+    else:
+        outer, inner = _per_sample(x, axis)
+        for i in range(n):
+            v.raise_for_status(_bn.stats(x[i], outer, c, inner, mean[i], m2[i]))
+    return mean, m2 / s
 
 
 def instance_norm_backward(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,

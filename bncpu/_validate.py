@@ -323,7 +323,7 @@ def raise_for_status(status):
     if status == 0:
         return
     message = _capi.strerror(status)
-    if status == 8:
+    if status == _capi.ERR_NO_MEMORY:
         raise MemoryError(message)
     raise ValueError(message)
 

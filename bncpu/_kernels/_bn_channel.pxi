@@ -39,7 +39,7 @@ cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t 
     two-pass with its lanes running across the rows, merged in row order.
     """
     cdef int64_t i, rows_per_block, block, r0, r1
-    cdef double count = 0, block_mean, block_m2
+    cdef double count = 0, block_mean, block_m2, sum_dev, sum_sq
     cdef double lanes[LANES]
     cdef double sq_lanes[LANES]
     cdef real center
@@ -61,8 +61,16 @@ cdef void channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int64_t 
         zero_lanes(sq_lanes)
         for i in range(r0, r1):
             add_dev_span(lanes, sq_lanes, x + (i * c + j) * s, s, center)
-        finish_dev(<double>((r1 - r0) * s), center, sum_lanes(lanes), sum_lanes(sq_lanes),
-                   &block_mean, &block_m2)
+        sum_dev = sum_lanes(lanes)
+        sum_sq = sum_lanes(sq_lanes)
+        if real is float:
+            if not (isfinite(sum_sq) and isfinite(sum_dev)) and isfinite(center):
+                # float32 squares overflow (spread beyond ~1e19): float64 sums instead
+                sum_dev = 0
+                sum_sq = 0
+                for i in range(r0, r1):
+                    add_dev_span_f64(x + (i * c + j) * s, s, center, &sum_dev, &sum_sq)
+        finish_dev(<double>((r1 - r0) * s), center, sum_dev, sum_sq, &block_mean, &block_m2)
         merge_stats(&count, mean, m2, <double>((r1 - r0) * s), block_mean, block_m2)
 
 

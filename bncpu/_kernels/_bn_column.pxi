@@ -104,6 +104,15 @@ cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, in
                 col_sum[k] = 0
     if real is float:
         f32_add_column_dev_sums(col_sum, col_sq, tile, rows, ld, cols, center)
+        for k in range(cols):
+            if not (isfinite(col_sq[k]) and isfinite(col_sum[k])) and isfinite(center[k]):
+                # float32 squares overflow (spread beyond ~1e19): float64 sums instead
+                col_sum[k] = 0
+                col_sq[k] = 0
+                for i in range(rows):
+                    d = tile[i * ld + k] - <double>center[k]
+                    col_sum[k] += d
+                    col_sq[k] += d * d
     else:
         for i in range(rows):
             row = tile + i * ld
@@ -197,7 +206,10 @@ cdef void merge_tile_stats(const Tiles* t, const double* tile_mean, const double
         m2_weight = count * block_count / total
         for j in range(c):
             delta = tile_mean[block * c + j] - mean[j]
-            mean[j] += delta * mean_weight
+            if isfinite(delta):
+                mean[j] += delta * mean_weight
+            else:   # infinite means: the weighted mean, as IEEE evaluates it (see merge_stats)
+                mean[j] = mean[j] * (1 - mean_weight) + tile_mean[block * c + j] * mean_weight
             m2[j] += tile_m2[block * c + j] + delta * delta * m2_weight
         count = total
 

@@ -73,9 +73,12 @@ cdef inline void set_affine_coefs(real* coefs, int64_t c, int64_t j, double mean
                                   const real* weight, const real* bias) noexcept nogil:
     """y = (x - mean)·invstd·w + b as ((x - hi) - lo)·scale + offset."""
     cdef double w = weight[j] if weight != NULL else 1.0
-    split_center(mean, &coefs[COEF_HI * c + j], &coefs[COEF_LO * c + j])
+    cdef double b = bias[j] if bias != NULL else 0.0
     coefs[COEF_SCALE * c + j] = <real>(invstd * w)
-    coefs[COEF_OFFSET * c + j] = bias[j] if bias != NULL else 0
+    if split_mean(coefs, c, j, mean):
+        coefs[COEF_OFFSET * c + j] = <real>b
+    else:
+        coefs[COEF_OFFSET * c + j] = <real>(b - mean * (invstd * w))
 
 
 cdef inline void set_backward_coefs(real* coefs, int64_t c, int64_t j, double mean, double invstd,
@@ -83,10 +86,27 @@ cdef inline void set_backward_coefs(real* coefs, int64_t c, int64_t j, double me
                                     double count) noexcept nogil:
     """dx = w·invstd·(dy - Σdy/M - (x - mean)·invstd²·Σdy(x - mean)/M)."""
     cdef double w = weight[j] if weight != NULL else 1.0
-    split_center(mean, &coefs[COEF_HI * c + j], &coefs[COEF_LO * c + j])
+    cdef double k = sum_dy_xmu / count * invstd * invstd
     coefs[COEF_SCALE * c + j] = <real>(w * invstd)
-    coefs[COEF_OFFSET * c + j] = <real>(sum_dy / count)
-    coefs[COEF_K * c + j] = <real>(sum_dy_xmu / count * invstd * invstd)
+    coefs[COEF_K * c + j] = <real>k
+    if split_mean(coefs, c, j, mean):
+        coefs[COEF_OFFSET * c + j] = <real>(sum_dy / count)
+    else:
+        coefs[COEF_OFFSET * c + j] = <real>(sum_dy / count - mean * k)
+
+
+cdef inline bint split_mean(real* coefs, int64_t c, int64_t j, double mean) noexcept nogil:
+    """Channel j's mean as hi + lo (see split_center); false, with hi = lo = 0, when that
+    split is not finite (a mean that is infinite, NaN or beyond the data's range, e.g.
+    1e39 for float32): the caller then folds the mean into the offset in float64, the
+    plain formula x·scale + (offset - mean·scale), whose IEEE result is right there
+    (-inf for an infinite mean, about -1 for x ~ 1, mean 1e39, invstd 1e-39)."""
+    split_center(mean, &coefs[COEF_HI * c + j], &coefs[COEF_LO * c + j])
+    if isfinite(coefs[COEF_HI * c + j]) and isfinite(coefs[COEF_LO * c + j]):
+        return True
+    coefs[COEF_HI * c + j] = 0
+    coefs[COEF_LO * c + j] = 0
+    return False
 
 
 cdef inline double invstd_of(double var, double eps) noexcept nogil:

@@ -16,6 +16,7 @@
 # keeps in vector registers: several dependency chains, so the adds pipeline), then
 # add them in a fixed tree. Lane k always sums the same elements, whatever the vector
 # width, so every build gives the same result for any number of threads.
+from libc.math cimport isfinite, NAN
 from libc.stdint cimport int64_t
 
 cdef extern from "_elementwise.h":
@@ -166,10 +167,33 @@ cdef inline void add_dev_span(double* sum_lanes, double* sq_lanes, const real* x
             sq_lanes[i - stop] += d * d
 
 
+cdef inline void add_dev_span_f64(const float* x, int64_t length, double center,
+                                  double* sum_dev, double* sum_sq) noexcept nogil:
+    """sum_dev += Σ(x - center), sum_sq += Σ(x - center)², in float64: the fallback of
+    the float32 sums when their squares overflow (a spread beyond about 1e19, whose
+    variance float64 holds); one lane, in order, so still deterministic."""
+    cdef int64_t i
+    cdef double d
+    for i in range(length):
+        d = x[i] - center
+        sum_dev[0] += d
+        sum_sq[0] += d * d
+
+
 cdef inline void finish_dev(double count, double center, double sum_dev, double sum_sq,
                             double* mean, double* m2) noexcept nogil:
-    """Mean and M2 of count values from Σ(x - center) and Σ(x - center)²."""
-    cdef double shift = sum_dev / count
+    """Mean and M2 of count values from Σ(x - center) and Σ(x - center)².
+
+    Every caller's center is the plain mean rounded to the data's precision, or a try
+    that is summed again when off: when it is infinite or NaN (data holding inf or NaN),
+    the deviations are all NaN, and the plain mean is the center itself (inf for data
+    holding +inf, as PyTorch gives), M2 NaN."""
+    cdef double shift
+    if not isfinite(center):
+        mean[0] = center
+        m2[0] = NAN
+        return
+    shift = sum_dev / count
     mean[0] = center + shift
     m2[0] = sum_sq - sum_dev * shift
     if m2[0] < 0:   # rounding; a NaN stays NaN
@@ -229,10 +253,16 @@ cdef inline double sum_sq_span(const real* x, int64_t length) noexcept nogil:
     """Σ x², in float64 (RMS norm; float32: squares rounded to float32, see add_dev_span)."""
     cdef double sum_lanes_[LANES]
     cdef double sq_lanes[LANES]
+    cdef double sum_sq, sum_dev = 0
     zero_lanes(sum_lanes_)
     zero_lanes(sq_lanes)
     add_dev_span(sum_lanes_, sq_lanes, x, length, 0)
-    return sum_lanes(sq_lanes)
+    sum_sq = sum_lanes(sq_lanes)
+    if real is float:
+        if not isfinite(sum_sq):   # float32 squares overflow beyond about 1e19
+            sum_sq = 0
+            add_dev_span_f64(x, length, 0.0, &sum_dev, &sum_sq)
+    return sum_sq
 
 
 cdef inline void sum_dy_xmu_span(const real* dy, const real* mask, const real* x,
@@ -282,7 +312,10 @@ cdef inline void merge_stats(double* count, double* mean, double* m2,
         return
     total = count_a + count_b
     delta = mean_b - mean[0]
-    mean[0] += delta * (count_b / total)
+    if isfinite(delta):
+        mean[0] += delta * (count_b / total)
+    else:   # an infinite (or NaN) mean: the weighted mean, as IEEE evaluates it (inf + inf = inf)
+        mean[0] = mean[0] * (count_a / total) + mean_b * (count_b / total)
     m2[0] += m2_b + delta * delta * (count_a * count_b / total)
     count[0] = total
 
@@ -293,16 +326,23 @@ cdef inline double centered_stats(const real* x, int64_t length, int64_t head,
     first `head` values rounded to the data's precision; returns Σ(x - center)²."""
     cdef double sum_lanes_[LANES]
     cdef double sq_lanes[LANES]
-    cdef double sum_sq
+    cdef double sum_sq, head_mean, sum_dev
     cdef real center
     zero_lanes(sum_lanes_)
     add_span(sum_lanes_, x, head)
-    center = <real>(sum_lanes(sum_lanes_) / head)
+    head_mean = sum_lanes(sum_lanes_) / head
+    center = <real>head_mean
     zero_lanes(sum_lanes_)
     zero_lanes(sq_lanes)
     add_dev_span(sum_lanes_, sq_lanes, x, length, center)
     sum_sq = sum_lanes(sq_lanes)
-    finish_dev(<double>length, center, sum_lanes(sum_lanes_), sum_sq, mean, m2)
+    sum_dev = sum_lanes(sum_lanes_)
+    if real is float:
+        if not (isfinite(sum_sq) and isfinite(sum_dev)) and isfinite(center):
+            sum_dev = 0
+            sum_sq = 0
+            add_dev_span_f64(x, length, center, &sum_dev, &sum_sq)
+    finish_dev(<double>length, center, sum_dev, sum_sq, mean, m2)
     return sum_sq
 
 

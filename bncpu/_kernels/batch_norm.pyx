@@ -42,7 +42,7 @@ Cython allows only inline functions in a .pxd, and each ISA build must compile a
 them with its own flags.
 """
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -53,9 +53,10 @@ from bncpu._kernels._common cimport (
     check_sizes, check_eps, check_momentum)
 from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
-    zero_lanes, sum_lanes, add_span, add_dev_span, finish_dev, add_dy_xmu_span,
-    finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums, f32_add_column_grad_sums,
-    affine_span, affine_relu_span, scale_span, backward_span, masked, use_streaming)
+    zero_lanes, sum_lanes, add_span, add_dev_span, add_dev_span_f64, finish_dev,
+    add_dy_xmu_span, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
+    f32_add_column_grad_sums, affine_span, affine_relu_span, scale_span, backward_span, masked,
+    use_streaming)
 
 cdef enum:
     BN_PIECE = 65536       # values per piece of a row (a unit of parallel work)
@@ -525,8 +526,10 @@ cdef int bn_gather_stats(int64_t p, int64_t c, const double* mean, const double*
         status = check_momentum(momentum)
     if status != BNCPU_OK:
         return status
+    if p > 0 and counts == NULL:   # p counts are read even when there are no channels
+        return BNCPU_ERR_NULL_POINTER
     if c > 0 and (mean_out == NULL or invstd_out == NULL
-                  or (p > 0 and (mean == NULL or m2 == NULL or counts == NULL))):
+                  or (p > 0 and (mean == NULL or m2 == NULL))):
         return BNCPU_ERR_NULL_POINTER
     if (running_mean == NULL) != (running_var == NULL):
         return BNCPU_ERR_NULL_POINTER

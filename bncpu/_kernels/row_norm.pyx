@@ -406,6 +406,9 @@ cdef int rows_forward(const real* x, real* y, int64_t n, int64_t c, int64_t s, i
         return BNCPU_ERR_BAD_GROUPS
     if n * c * s > 0 and (x == NULL or y == NULL):
         return BNCPU_ERR_NULL_POINTER
+    if n * c * s == 0 and save_mean == NULL and save_rstd == NULL:
+        # No values and no statistics asked for: nothing to do, however many empty rows.
+        return BNCPU_OK
     lay = make_layout(n, c, s, groups)
     lay.stream = use_streaming(y, x, NULL, n * c * s * sizeof(real))
     n_threads = threads_begin(n * c * s)
@@ -460,18 +463,16 @@ cdef void grad_sums_task(const real* dy, const real* x, Layout lay, int64_t firs
                     NULL, NULL)
 
 
-cdef int pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_row,
-                      int64_t last_row, const real* mean, const real* rstd, const real* weight,
-                      bint centered, double* row_coefs, double* span_sums,
-                      int n_threads) noexcept nogil:
+cdef void pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_row,
+                       int64_t last_row, const real* mean, const real* rstd, const real* weight,
+                       bint centered, double* row_coefs, double* span_sums, double* sums,
+                       int n_threads) noexcept nogil:
     """Piece mode's reduction of rows first_row..last_row-1: their (row, piece) tasks
     spread over the threads, the (Σg, Σg·xmu) folded per row in piece order into
-    row_coefs = (mean_g, k) per row."""
+    row_coefs = (mean_g, k) per row. `sums` holds 2·pieces values per row, allocated by
+    the caller before it writes anything (an allocation failure then leaves dx as it was)."""
     cdef int64_t task, r, q, t, n_tasks = (last_row - first_row) * lay.pieces
     cdef double sum_g, sum_g_xmu
-    cdef double* sums = <double*>malloc(2 * n_tasks * sizeof(double))
-    if sums == NULL:
-        return BNCPU_ERR_NO_MEMORY
     for task in prange(n_tasks, schedule='static', num_threads=n_threads):
         grad_sums_task(dy, x, lay, first_row, task, mean, rstd, weight, sums, span_sums)
     for r in range(first_row, last_row):
@@ -483,8 +484,6 @@ cdef int pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_r
             sum_g_xmu += sums[2 * t + 1]
         backward_coefs(sum_g, sum_g_xmu, rstd[r], lay.length, centered,
                        &row_coefs[2 * r], &row_coefs[2 * r + 1])
-    free(sums)
-    return BNCPU_OK
 
 
 # Channels of one value (s == 1; layer and RMS norm): dweight and dbias have a value per
@@ -624,14 +623,20 @@ cdef int backward_column_params(const real* dy, const real* x, real* dx, Layout 
     passed over by tasks of columns, which write dx and add the dweight/dbias shares."""
     cdef int64_t task, tile, tiles, first, last, rows_per_group
     cdef int64_t width = lay.length
-    cdef int status = BNCPU_OK
     cdef float* accs = NULL
+    cdef double* sums = NULL
     if real is float:
         if lay.pieces == 1 and lay.groups == 1 and (dweight != NULL or dbias != NULL):
             # float32 accumulators, one pair per thread, zero between tasks.
             accs = <float*>calloc(2 * (width + ACC_GAP) * n_threads, sizeof(float))
             if accs == NULL:
                 return BNCPU_ERR_NO_MEMORY
+    rows_per_group = max(<int64_t>1, REREAD_BYTES // (lay.length * <int64_t>sizeof(real)))
+    if lay.pieces > 1:
+        sums = <double*>malloc(2 * min(rows_per_group, lay.rows) * lay.pieces * sizeof(double))
+        if sums == NULL:
+            free(accs)
+            return BNCPU_ERR_NO_MEMORY
     if lay.pieces == 1:
         for task in prange(n_blocks, schedule='static', num_threads=n_threads):
             rows_task(dy, x, dx, lay, task * rows_per_block,
@@ -645,20 +650,18 @@ cdef int backward_column_params(const real* dy, const real* x, real* dx, Layout 
         # column's sums do not depend on the tile it is in).
         tile = min(<int64_t>TILE, max(<int64_t>256, lay.length // (64 * n_threads) * 16))
         tiles = (lay.length + tile - 1) // tile
-        rows_per_group = max(<int64_t>1, REREAD_BYTES // (lay.length * <int64_t>sizeof(real)))
         first = 0
-        while first < lay.rows and status == BNCPU_OK:
+        while first < lay.rows:
             last = min(lay.rows, first + rows_per_group)
-            status = pieces_coefs(dy, x, lay, first, last, mean, rstd, weight, centered,
-                                  row_coefs, NULL, n_threads)
-            if status == BNCPU_OK:
-                for task in prange(tiles, schedule='static', num_threads=n_threads):
-                    tile_task(dy, x, dx, lay, task * tile,
-                              min(tile, lay.length - task * tile), first, last, mean, rstd,
-                              weight, row_coefs, dweight, dbias)
+            pieces_coefs(dy, x, lay, first, last, mean, rstd, weight, centered, row_coefs,
+                         NULL, sums, n_threads)
+            for task in prange(tiles, schedule='static', num_threads=n_threads):
+                tile_task(dy, x, dx, lay, task * tile, min(tile, lay.length - task * tile),
+                          first, last, mean, rstd, weight, row_coefs, dweight, dbias)
             first = last
     free(accs)
-    return status
+    free(sums)
+    return BNCPU_OK
 
 
 # Channels of several values (s > 1; group and instance norm): a channel span's shares of
@@ -719,15 +722,17 @@ cdef int backward_pieces(const real* dy, const real* x, real* dx, Layout lay,
     cdef int64_t task, r, span
     cdef int64_t n_spans = spans_per_row(&lay)
     cdef bint keep_spans = dweight != NULL or dbias != NULL
-    cdef int status
     cdef double* span_sums = NULL
+    cdef double* sums = <double*>malloc(2 * lay.rows * lay.pieces * sizeof(double))
     if keep_spans:
         span_sums = <double*>malloc(2 * lay.rows * n_spans * sizeof(double))
-        if span_sums == NULL:
-            return BNCPU_ERR_NO_MEMORY
-    status = pieces_coefs(dy, x, lay, 0, lay.rows, mean, rstd, weight, centered, row_coefs,
-                          span_sums, n_threads)
-    if status == BNCPU_OK and keep_spans:
+    if sums == NULL or (keep_spans and span_sums == NULL):
+        free(sums)
+        free(span_sums)
+        return BNCPU_ERR_NO_MEMORY
+    pieces_coefs(dy, x, lay, 0, lay.rows, mean, rstd, weight, centered, row_coefs, span_sums,
+                 sums, n_threads)
+    if keep_spans:
         # The spans' shares of dweight/dbias, in the order row mode adds them.
         for r in range(lay.rows):
             for span in range(n_spans):
@@ -736,11 +741,12 @@ cdef int backward_pieces(const real* dy, const real* x, real* dx, Layout lay,
                                   span_channel(&lay, span),
                                   span_sums[2 * (r * n_spans + span)],
                                   span_sums[2 * (r * n_spans + span) + 1], rstd[r])
-    if status == BNCPU_OK and dx != NULL:
+    if dx != NULL:
         for task in prange(lay.rows * lay.pieces, schedule='static', num_threads=n_threads):
             backward_piece_task(dy, x, dx, lay, task, mean, rstd, row_coefs, weight)
+    free(sums)
     free(span_sums)
-    return status
+    return BNCPU_OK
 
 
 cdef void merge_blocks(double* partials, int64_t n_blocks, int64_t params,
