@@ -34,6 +34,20 @@ def bn_backward_reduce(dy: _Real, x: _Real, n: int, c: int, s: int, mean: _Stats
 def bn_backward_elemt(dy: _Real, x: _Real, dx: _Real, n: int, c: int, s: int, mean: _Stats,
                       invstd: _Stats, weight: _Real | None, sum_dy: _Stats,
                       sum_dy_xmu: _Stats, count: int) -> int: ...
+def bn_relu_forward_train(x: _Real, residual: _Real | None, y: _Real, n: int, c: int, s: int,
+                          weight: _Real | None, bias: _Real | None,
+                          running_mean: _Real | None, running_var: _Real | None,
+                          momentum: float, eps: float, save_mean: _Real | None,
+                          save_invstd: _Real | None, unbiased: bool = True) -> int: ...
+def bn_relu_forward_eval(x: _Real, residual: _Real | None, y: _Real, n: int, c: int, s: int,
+                         weight: _Real | None, bias: _Real | None, running_mean: _Real,
+                         running_var: _Real, eps: float) -> int: ...
+def bn_relu_backward(dy: _Real, y: _Real, x: _Real | None, dx: _Real | None, n: int, c: int,
+                     s: int, weight: _Real | None, running_mean: _Real | None,
+                     running_var: _Real | None, save_mean: _Real | None,
+                     save_invstd: _Real | None, training: bool, eps: float,
+                     dweight: _Real | None, dbias: _Real | None,
+                     dresidual: _Real | None) -> int: ...
 def rows_forward(x: _Real, y: _Real, n: int, c: int, s: int, groups: int,
                  weight: _Real | None, bias: _Real | None, eps: float, centered: bool,
                  save_mean: _Real | None, save_rstd: _Real | None) -> int: ...
@@ -42,7 +56,8 @@ def rows_backward(dy: _Real, x: _Real, dx: _Real | None, n: int, c: int, s: int,
                   dweight: _Real | None, dbias: _Real | None) -> int: ...
 
 # forward_train, forward_eval, backward, stats, gather_stats, elemt, backward_reduce,
-# backward_elemt: the bn_* functions above.
+# backward_elemt, relu_forward_train, relu_forward_eval, relu_backward: the bn_* functions
+# above.
 batch_norm: SimpleNamespace
 # forward, backward: rows_forward, rows_backward.
 row_norm: SimpleNamespace
