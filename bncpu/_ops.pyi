@@ -50,14 +50,17 @@ def bn_relu_backward(dy: _Real, y: _Real, x: _Real | None, dx: _Real | None, n: 
                      dresidual: _Real | None) -> int: ...
 def rows_forward(x: _Real, y: _Real, n: int, c: int, s: int, groups: int,
                  weight: _Real | None, bias: _Real | None, eps: float, centered: bool,
-                 save_mean: _Real | None, save_rstd: _Real | None) -> int: ...
+                 save_mean: _Real | None, save_rstd: _Real | None,
+                 channels_last: bool = False) -> int: ...
 def rows_backward(dy: _Real, x: _Real, dx: _Real | None, n: int, c: int, s: int, groups: int,
                   mean: _Real | None, rstd: _Real, weight: _Real | None, centered: bool,
-                  dweight: _Real | None, dbias: _Real | None) -> int: ...
+                  dweight: _Real | None, dbias: _Real | None,
+                  channels_last: bool = False) -> int: ...
 
 # forward_train, forward_eval, backward, stats, gather_stats, elemt, backward_reduce,
 # backward_elemt, relu_forward_train, relu_forward_eval, relu_backward: the bn_* functions
 # above.
 batch_norm: SimpleNamespace
-# forward, backward: rows_forward, rows_backward.
+# forward, backward: rows_forward, rows_backward (channels_last: (n, s, c) data, group
+# norm's channels-last kernel).
 row_norm: SimpleNamespace

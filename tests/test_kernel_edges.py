@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import bncpu
-from bncpu import _capi, _validate
+from bncpu import _capi, _validate, reference
 from bncpu._registry import BATCH_SHAPES, FUNCTIONS
 
 HEADER = Path(bncpu.get_include()) / "bncpu.h"
@@ -46,11 +46,13 @@ def test_degenerate_sizes_return_at_once():
                                    True))
         # group norm: no channels, 2^40 groups; layer and RMS norm: 2^40 rows of no values
         print(_ops.rows_forward(empty, empty, 1, 0, 1, 2**40, None, None, 1e-5, True, None, None))
+        print(_ops.rows_forward(empty, empty, 1, 0, 9, 2**40, None, None, 1e-5, True, None, None,
+                                True))   # channels last
         print(_ops.rows_forward(empty, empty, 2**40, 0, 1, 1, None, None, 1e-5, True, None, None))
         print(_ops.rows_forward(empty, empty, 2**40, 0, 1, 1, None, None, 1e-5, False, None,
                                 None))
     """, timeout=60)
-    assert out.split() == [str(status_code("BNCPU_ERR_NULL_POINTER")), "0", "0", "0"]
+    assert out.split() == [str(status_code("BNCPU_ERR_NULL_POINTER")), "0", "0", "0", "0"]
 
 
 # ----------------------------------------------------------------------------------
@@ -119,6 +121,22 @@ def test_float32_spread_beyond_1e19_normalizes_like_float64(name):
             scale = float(np.max(np.abs(want))) if want.size else 0.0
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale,
                                        err_msg=f"{name} {shape}")
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 9, 8), (2, 64, 64, 16), (3, 700, 4)])
+def test_float32_spread_beyond_1e19_channels_last_group_norm(shape):
+    """The same for group norm with the channels last (its own column-wise kernel)."""
+    rng = np.random.default_rng(5)
+    c = shape[-1]
+    x = (rng.normal(size=shape) * 1e20).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    b = rng.normal(size=c).astype(np.float32)
+    results = bncpu.group_norm_forward(x, 2, w, b, 1e-5, axis=-1)
+    expected = reference.group_norm_forward(x.astype(np.float64), 2, w.astype(np.float64),
+                                            b.astype(np.float64), 1e-5, axis=-1)
+    for got, want in zip(results, expected):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
 
 
 # ----------------------------------------------------------------------------------

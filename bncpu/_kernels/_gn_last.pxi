@@ -170,6 +170,15 @@ cdef bint last_dev_stats(const real* block, const LastLayout* lay, int64_t rows,
     zero_doubles(col_sq, c)
     if real is float:
         f32_add_column_dev_sums(col_sum, col_sq, block, rows, c, c, center)
+        for k in range(c):
+            if not (isfinite(col_sq[k]) and isfinite(col_sum[k])) and isfinite(center[k]):
+                # float32 squares overflow (spread beyond ~1e19): float64 sums instead
+                col_sum[k] = 0
+                col_sq[k] = 0
+                for r in range(rows):
+                    d = block[r * c + k] - <double>center[k]
+                    col_sum[k] += d
+                    col_sq[k] += d * d
     else:
         # float64: the deviations' sum too (a group's center, rounded from a sum of
         # columns, may be an ulp off its mean; finish_dev corrects it).

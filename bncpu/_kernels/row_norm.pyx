@@ -51,7 +51,7 @@ Every kernel checks its arguments first and returns a bncpu_status; nothing is
 written unless the arguments are valid.
 """
 from cython.parallel cimport prange, threadid
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, free, malloc
 
