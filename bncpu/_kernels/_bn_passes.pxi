@@ -52,9 +52,9 @@ cdef void run_pass(Pass kind, const real* a, const real* b, const real* mask, re
             for task in prange(n_tasks, schedule='static', num_threads=n_threads):
                 r0 = task * rows
                 pass_columns(kind, a, b, mask, out, g_out, cols, r0, min(r0 + rows, n), 0,
-                             cols, by_column)
+                             cols, by_column, stream)
         else:
-            pass_columns(kind, a, b, mask, out, g_out, cols, 0, n, 0, cols, by_column)
+            pass_columns(kind, a, b, mask, out, g_out, cols, 0, n, 0, cols, by_column, stream)
         if by_column != coefs:
             free(by_column)
         return

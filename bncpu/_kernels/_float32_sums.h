@@ -288,12 +288,19 @@ static inline int bncpu_rows_alias(int64_t stride)
     return (stride * (int64_t)sizeof(float)) % 4096 == 0;
 }
 
+/* acc[0..W) += widen(part), the two float64 halves loaded and stored as whole vectors
+ * (as bncpu_widen_add). Copying them through an array of two vectors made gcc 12 store
+ * 16-byte halves and reload 32-byte vectors (a failed store forwarding each time) and
+ * left the column sums 3-4x slower, compute-bound even on data in L1. */
 static inline void bncpu_add_widened(double* acc, bncpu_vf part)
 {
-    bncpu_vd lanes[2];
-    memcpy(lanes, acc, sizeof lanes);
-    bncpu_widen_add(lanes, part);
-    memcpy(acc, lanes, sizeof lanes);
+    bncpu_vd lo, hi;
+    memcpy(&lo, acc, sizeof lo);
+    memcpy(&hi, acc + BNCPU_VW / 2, sizeof hi);
+    lo += __builtin_convertvector(BNCPU_LO(part), bncpu_vd);
+    hi += __builtin_convertvector(BNCPU_HI(part), bncpu_vd);
+    memcpy(acc, &lo, sizeof lo);
+    memcpy(acc + BNCPU_VW / 2, &hi, sizeof hi);
 }
 
 /* sums[j] += Σ_i x[i·stride + j] */
