@@ -4,6 +4,23 @@
 # of whole channels (tiles_of), read along contiguous memory; each tile is summarized
 # column by column, the tiles of a channel merged in row order.
 
+cdef extern from "_column_passes.h":
+    # Whole rows of the elementwise passes with streaming stores (see there).
+    enum:
+        COLUMNS_AFFINE "BNCPU_COLUMNS_AFFINE"
+        COLUMNS_BACKWARD "BNCPU_COLUMNS_BACKWARD"
+        COLUMNS_SCALE "BNCPU_COLUMNS_SCALE"
+    bint columns_stream_ok "bncpu_columns_stream_ok"(const void* out, int64_t cols,
+                                                     int64_t itemsize) noexcept nogil
+    void columns_stream_f32 "bncpu_columns_stream_f32"(
+        int kind, const float* a, const float* b, float* out, int64_t rows, int64_t cols,
+        const float* hi, const float* lo, const float* scale, const float* offset,
+        const float* k) noexcept nogil
+    void columns_stream_f64 "bncpu_columns_stream_f64"(
+        int kind, const double* a, const double* b, double* out, int64_t rows, int64_t cols,
+        const double* hi, const double* lo, const double* scale, const double* offset,
+        const double* k) noexcept nogil
+
 
 cdef inline bint use_column_mode(int64_t s) noexcept nogil:
     return s <= SHORT_ROW
@@ -66,26 +83,32 @@ cdef inline double add_columns(const double* sums, int64_t s) noexcept nogil:
     return total
 
 
-cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, int64_t j0,
-                     int64_t width, double* mean, double* m2) noexcept nogil:
-    """Column mode: mean[jj] and M2[jj] of channel j0 + jj over matrix rows r0..r0+rows,
-    two-pass (the second pass reads the tile from cache): column sums, a center per
-    channel, then the columns' deviations from it, added per channel."""
+cdef bint tile_stats_around(const real* x, const Tiles* t, int64_t r0, int64_t rows,
+                            int64_t head, int64_t j0, int64_t width, double* mean,
+                            double* m2) noexcept nogil:
+    """Column mode: mean[jj] and M2[jj] of channel j0 + jj over matrix rows r0..r0+rows
+    from the columns' deviations from a center per channel, the mean of its values in
+    the first `head` rows (head = rows: the two-pass, its second pass reading the tile
+    from cache). Returns whether every channel's center was within a standard deviation
+    of its mean (Σd² <= 2·M2, false for NaN), as block_stats asks of a one-pass try.
+    float64 only with head = rows: its center is then the tile's mean, and the
+    deviations' sum is taken as 0."""
     cdef double col_sum[TILE_COLUMNS]
     cdef double col_sq[TILE_COLUMNS]
     cdef real center[TILE_COLUMNS]
     cdef int64_t s = t.s, ld = t.c * t.s, cols = width * t.s
     cdef const real* tile = x + r0 * ld + j0 * s
     cdef const real* row
-    cdef double d, count = <double>(rows * s)
+    cdef double d, sq, count = <double>(rows * s), head_count = <double>(head * s)
     cdef int64_t i, jj, k
+    cdef bint centered = True
     for k in range(cols):
         col_sum[k] = 0
         col_sq[k] = 0
     if real is float:
-        f32_add_column_sums(col_sum, tile, rows, ld, cols)
+        f32_add_column_sums(col_sum, tile, head, ld, cols)
     else:
-        for i in range(rows):
+        for i in range(head):
             row = tile + i * ld
             for k in range(cols):
                 col_sum[k] += row[k]
@@ -93,11 +116,11 @@ cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, in
     # (S == 1 apart: a loop over the channels that vectorizes, divisions included.)
     if s == 1:
         for jj in range(width):
-            center[jj] = <real>(col_sum[jj] / count)
+            center[jj] = <real>(col_sum[jj] / head_count)
             col_sum[jj] = 0
     else:
         for jj in range(width):
-            center[jj * s] = <real>(add_columns(col_sum + jj * s, s) / count)
+            center[jj * s] = <real>(add_columns(col_sum + jj * s, s) / head_count)
             for k in range(jj * s + 1, jj * s + s):
                 center[k] = center[jj * s]
             for k in range(jj * s, jj * s + s):
@@ -119,13 +142,33 @@ cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, in
             for k in range(cols):
                 d = row[k] - center[k]
                 col_sq[k] += d * d
-    if s == 1:
-        for jj in range(width):
-            finish_dev(count, center[jj], col_sum[jj], col_sq[jj], &mean[jj], &m2[jj])
-    else:
-        for jj in range(width):
-            finish_dev(count, center[jj * s], add_columns(col_sum + jj * s, s),
-                       add_columns(col_sq + jj * s, s), &mean[jj], &m2[jj])
+    for jj in range(width):
+        if s == 1:
+            sq = col_sq[jj]
+            finish_dev(count, center[jj], col_sum[jj], sq, &mean[jj], &m2[jj])
+        else:
+            sq = add_columns(col_sq + jj * s, s)
+            finish_dev(count, center[jj * s], add_columns(col_sum + jj * s, s), sq,
+                       &mean[jj], &m2[jj])
+        centered = centered and sq <= 2 * m2[jj]
+    return centered
+
+
+cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, int64_t j0,
+                     int64_t width, double* mean, double* m2) noexcept nogil:
+    """Column mode: mean[jj] and M2[jj] of channel j0 + jj over matrix rows r0..r0+rows.
+
+    float32 tiles of at least 2·TILE_HEAD_ROWS rows first try one pass from memory,
+    around the mean of their first TILE_HEAD_ROWS rows, and keep it when every
+    channel's center passes block_stats' test (then the float32 deviations carry at
+    most twice the rounding of the two-pass's); otherwise (sorted data, a tile whose
+    first rows are not typical) the tile is summed again, two-pass, from cache. float64
+    tiles are two-pass (their column sums are not the bottleneck)."""
+    if real is float:
+        if rows >= 2 * TILE_HEAD_ROWS:
+            if tile_stats_around(x, t, r0, rows, TILE_HEAD_ROWS, j0, width, mean, m2):
+                return
+    tile_stats_around(x, t, r0, rows, rows, j0, width, mean, m2)
 
 
 cdef void tile_grad_sums(const real* dy, const real* mask, const real* x, const Tiles* t,
@@ -216,10 +259,12 @@ cdef void merge_tile_stats(const Tiles* t, const double* tile_mean, const double
 
 cdef void pass_columns(Pass kind, const real* a, const real* b, const real* mask, real* out,
                        real* g_out, int64_t c, int64_t r0, int64_t r1, int64_t j0, int64_t j1,
-                       const real* coefs) noexcept nogil:
+                       const real* coefs, bint stream=False) noexcept nogil:
     """Column mode: rows r0..r1, columns j0..j1 of an (N, c) matrix (c: C, or C·S with
     coefficients repeated per column, see column_coefs), vectorized along the row; the
-    pass `kind` of pass_span."""
+    pass `kind` of pass_span. With `stream`, whole rows (j0 = 0, j1 = c) of the plain
+    passes (affine, backward, scale; no mask, no g_out) are written with streaming
+    stores where the row length and the output's alignment allow (the same values)."""
     cdef const real* hi = coefs + COEF_HI * c
     cdef const real* lo = coefs + COEF_LO * c
     cdef const real* scale = coefs + COEF_SCALE * c
@@ -228,6 +273,19 @@ cdef void pass_columns(Pass kind, const real* a, const real* b, const real* mask
     cdef const real* mask_row = NULL
     cdef int64_t i, j, row
     cdef real v
+    cdef int stream_kind = (COLUMNS_AFFINE if kind == PASS_AFFINE else
+                            COLUMNS_BACKWARD if kind == PASS_BACKWARD else
+                            COLUMNS_SCALE if kind == PASS_SCALE else -1)
+    if (stream and stream_kind >= 0 and mask == NULL and g_out == NULL and j0 == 0
+            and j1 == c and r1 > r0 and columns_stream_ok(out, c, sizeof(real))):
+        row = r0 * c
+        if real is float:
+            columns_stream_f32(stream_kind, a + row, b + row if b != NULL else NULL,
+                               out + row, r1 - r0, c, hi, lo, scale, offset, k)
+        else:
+            columns_stream_f64(stream_kind, a + row, b + row if b != NULL else NULL,
+                               out + row, r1 - r0, c, hi, lo, scale, offset, k)
+        return
     for i in range(r0, r1):
         row = i * c
         if mask != NULL:

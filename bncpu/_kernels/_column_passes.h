@@ -23,6 +23,11 @@
 #include <string.h>
 #include "_elementwise.h"
 
+/* The passes' kinds. */
+#define BNCPU_COLUMNS_AFFINE 0
+#define BNCPU_COLUMNS_BACKWARD 1
+#define BNCPU_COLUMNS_SCALE 2
+
 /* Whether rows of `cols` values of `itemsize` bytes, written at out, can be streamed. */
 static inline int bncpu_columns_stream_ok(const void* out, int64_t cols, int64_t itemsize)
 {
@@ -38,9 +43,8 @@ static inline VT bncpu_col_load_##SUFFIX(const T* p)                            
     return v;                                                                                 \
 }                                                                                             \
                                                                                               \
-/* Rows 0..rows of (rows, cols) matrices a (and b) into out, streamed; the caller has    \
- * checked bncpu_columns_stream_ok. kind: 0 affine, 1 backward, 2 scale (pass_columns'   \
- * Pass). */                                                                                 \
+/* Rows 0..rows of (rows, cols) matrices a (and b) into out, streamed; the caller has         \
+ * checked bncpu_columns_stream_ok. kind: BNCPU_COLUMNS_AFFINE, _BACKWARD or _SCALE. */       \
 static inline void bncpu_columns_stream_##SUFFIX(int kind, const T* a, const T* b, T* out,    \
                                                  int64_t rows, int64_t cols, const T* hi,     \
                                                  const T* lo, const T* scale,                 \
@@ -52,11 +56,11 @@ static inline void bncpu_columns_stream_##SUFFIX(int kind, const T* a, const T* 
         for (j = 0; j < cols; j += per) {                                                     \
             VT v;                                                                             \
             at = i * cols + j;                                                                \
-            if (kind == 0)                                                                    \
+            if (kind == BNCPU_COLUMNS_AFFINE)                                                 \
                 v = ((bncpu_col_load_##SUFFIX(a + at) - bncpu_col_load_##SUFFIX(hi + j))      \
                      - bncpu_col_load_##SUFFIX(lo + j)) * bncpu_col_load_##SUFFIX(scale + j)  \
                     + bncpu_col_load_##SUFFIX(offset + j);                                    \
-            else if (kind == 1)                                                               \
+            else if (kind == BNCPU_COLUMNS_BACKWARD)                                          \
                 v = ((bncpu_col_load_##SUFFIX(a + at) - bncpu_col_load_##SUFFIX(offset + j))  \
                      - ((bncpu_col_load_##SUFFIX(b + at) - bncpu_col_load_##SUFFIX(hi + j))   \
                         - bncpu_col_load_##SUFFIX(lo + j)) * bncpu_col_load_##SUFFIX(k + j))  \

@@ -67,6 +67,7 @@ cdef enum:
                               # per column, then stay in L2 cache)
     TILE_COLUMNS = 512     # column mode: matrix columns per tile, at most
     TILE_VALUES = 32768    # column mode: values per tile, about
+    TILE_HEAD_ROWS = 8     # column mode, float32: rows whose mean centers a one-pass try
     PASS_VALUES = 65536    # column mode: values per task of the elementwise passes, about
     CHANNEL_RUN = 16       # channel mode, long rows: adjacent channels per task, at most
     RUN_BYTES = 65536      # ... enough of them to read runs of this many bytes
