@@ -6,11 +6,15 @@
  * (see _elementwise.h), with streaming stores two. On (32, 56, 56, 64) float32 the
  * normalization went from 1.3x a NumPy copy to below it.
  *
- * Streaming needs whole aligned vectors: rows of a whole number of vectors (cols a
- * multiple of the vector width) and an aligned output (bncpu_columns_stream_ok). The
- * vector at column j then takes coefficients j..j+W-1 of each row, and every element
- * gets the same operations in the same order as pass_columns' scalar loops, so the
- * results are bitwise those of the ordinary stores (build with -ffp-contract=off).
+ * Streaming stores write aligned vectors: rows must be a whole number of vectors (cols a
+ * multiple of the vector width W) and the output aligned to an element
+ * (bncpu_columns_stream_ok). A span whose output starts `head` elements before a vector
+ * boundary (NumPy's large arrays start 16 bytes past one) writes those elements
+ * normally, then vectors that each cover W consecutive columns, wrapping from the end
+ * of a row to the start of the next: they take their coefficients from copies rotated
+ * by `head` columns. Every element gets the same operations in the same order as
+ * pass_columns' scalar loops, so the results are bitwise those of the ordinary stores
+ * (build with -ffp-contract=off).
  *
  *   affine:   y  = ((x - hi) - lo)·scale + offset
  *   backward: dx = ((dy - offset) - ((x - hi) - lo)·k)·scale
@@ -28,12 +32,25 @@
 #define BNCPU_COLUMNS_BACKWARD 1
 #define BNCPU_COLUMNS_SCALE 2
 
+/* Misaligned outputs: rows up to this many columns (rotated coefficients on the stack). */
+#define BNCPU_COLUMNS_MAX_ROTATED 512
+
 /* Whether rows of `cols` values of `itemsize` bytes, written at out, can be streamed. */
 static inline int bncpu_columns_stream_ok(const void* out, int64_t cols, int64_t itemsize)
 {
-    return BNCPU_HAVE_STREAMING_STORES && (uintptr_t)out % BNCPU_EW_BYTES == 0
-           && (cols * itemsize) % BNCPU_EW_BYTES == 0;
+    const uintptr_t misalign = (uintptr_t)out % BNCPU_EW_BYTES;
+    return BNCPU_HAVE_STREAMING_STORES && misalign % itemsize == 0
+           && (cols * itemsize) % BNCPU_EW_BYTES == 0
+           && (misalign == 0 || cols <= BNCPU_COLUMNS_MAX_ROTATED);
 }
+
+/* One element of a pass (the vector code does the same operations on W elements). */
+#define BNCPU_COLUMNS_ONE(kind, a, b, f, j, hi, lo, scale, offset, k)                         \
+    ((kind) == BNCPU_COLUMNS_AFFINE                                                           \
+         ? ((a[f] - hi[j]) - lo[j]) * scale[j] + offset[j]                                    \
+     : (kind) == BNCPU_COLUMNS_BACKWARD                                                       \
+         ? ((a[f] - offset[j]) - ((b[f] - hi[j]) - lo[j]) * k[j]) * scale[j]                  \
+         : a[f] * scale[j])
 
 #define BNCPU_DEFINE_COLUMN_PASSES(T, SUFFIX, VT)                                             \
 static inline VT bncpu_col_load_##SUFFIX(const T* p)                                          \
@@ -50,25 +67,53 @@ static inline void bncpu_columns_stream_##SUFFIX(int kind, const T* a, const T* 
                                                  const T* lo, const T* scale,                 \
                                                  const T* offset, const T* k)                 \
 {                                                                                             \
-    const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
-    int64_t i, j, at;                                                                         \
-    for (i = 0; i < rows; i++)                                                                \
-        for (j = 0; j < cols; j += per) {                                                     \
-            VT v;                                                                             \
-            at = i * cols + j;                                                                \
-            if (kind == BNCPU_COLUMNS_AFFINE)                                                 \
-                v = ((bncpu_col_load_##SUFFIX(a + at) - bncpu_col_load_##SUFFIX(hi + j))      \
-                     - bncpu_col_load_##SUFFIX(lo + j)) * bncpu_col_load_##SUFFIX(scale + j)  \
-                    + bncpu_col_load_##SUFFIX(offset + j);                                    \
-            else if (kind == BNCPU_COLUMNS_BACKWARD)                                          \
-                v = ((bncpu_col_load_##SUFFIX(a + at) - bncpu_col_load_##SUFFIX(offset + j))  \
-                     - ((bncpu_col_load_##SUFFIX(b + at) - bncpu_col_load_##SUFFIX(hi + j))   \
-                        - bncpu_col_load_##SUFFIX(lo + j)) * bncpu_col_load_##SUFFIX(k + j))  \
-                    * bncpu_col_load_##SUFFIX(scale + j);                                     \
-            else                                                                              \
-                v = bncpu_col_load_##SUFFIX(a + at) * bncpu_col_load_##SUFFIX(scale + j);     \
-            bncpu_stream_bytes(out + at, (bncpu_ew_f32)v);                                    \
+    const int64_t per = BNCPU_EW_BYTES / sizeof(T), length = rows * cols;                     \
+    const int64_t head =                                                                      \
+        (per - (int64_t)((uintptr_t)out % BNCPU_EW_BYTES / sizeof(T))) % per;                 \
+    T rotated[5][BNCPU_COLUMNS_MAX_ROTATED];                                                  \
+    const T *rhi = hi, *rlo = lo, *rscale = scale, *roffset = offset, *rk = k;                \
+    int64_t f, j, t;                                                                          \
+    if (head > 0) {                                                                           \
+        /* rotated[.][t]: the coefficient of column (head + t) % cols. */                     \
+        for (t = 0; t < cols; t++) {                                                          \
+            j = (head + t) % cols;                                                            \
+            rotated[2][t] = scale[j];                                                         \
+            if (kind != BNCPU_COLUMNS_SCALE) {                                                \
+                rotated[0][t] = hi[j];                                                        \
+                rotated[1][t] = lo[j];                                                        \
+                rotated[3][t] = offset[j];                                                    \
+            }                                                                                 \
+            if (kind == BNCPU_COLUMNS_BACKWARD)                                               \
+                rotated[4][t] = k[j];                                                         \
         }                                                                                     \
+        rhi = rotated[0];                                                                     \
+        rlo = rotated[1];                                                                     \
+        rscale = rotated[2];                                                                  \
+        roffset = rotated[3];                                                                 \
+        rk = rotated[4];                                                                      \
+    }                                                                                         \
+    for (f = 0; f < head && f < length; f++)                                                  \
+        out[f] = BNCPU_COLUMNS_ONE(kind, a, b, f, f % cols, hi, lo, scale, offset, k);        \
+    for (t = 0; f + per <= length; f += per) {                                                \
+        VT v;                                                                                 \
+        if (kind == BNCPU_COLUMNS_AFFINE)                                                     \
+            v = ((bncpu_col_load_##SUFFIX(a + f) - bncpu_col_load_##SUFFIX(rhi + t))          \
+                 - bncpu_col_load_##SUFFIX(rlo + t)) * bncpu_col_load_##SUFFIX(rscale + t)    \
+                + bncpu_col_load_##SUFFIX(roffset + t);                                       \
+        else if (kind == BNCPU_COLUMNS_BACKWARD)                                              \
+            v = ((bncpu_col_load_##SUFFIX(a + f) - bncpu_col_load_##SUFFIX(roffset + t))      \
+                 - ((bncpu_col_load_##SUFFIX(b + f) - bncpu_col_load_##SUFFIX(rhi + t))       \
+                    - bncpu_col_load_##SUFFIX(rlo + t)) * bncpu_col_load_##SUFFIX(rk + t))    \
+                * bncpu_col_load_##SUFFIX(rscale + t);                                        \
+        else                                                                                  \
+            v = bncpu_col_load_##SUFFIX(a + f) * bncpu_col_load_##SUFFIX(rscale + t);         \
+        bncpu_stream_bytes(out + f, (bncpu_ew_f32)v);                                         \
+        t += per;                                                                             \
+        if (t == cols)                                                                        \
+            t = 0;                                                                            \
+    }                                                                                         \
+    for (; f < length; f++)                                                                   \
+        out[f] = BNCPU_COLUMNS_ONE(kind, a, b, f, f % cols, hi, lo, scale, offset, k);        \
     bncpu_store_fence();                                                                      \
 }
 
@@ -76,5 +121,6 @@ BNCPU_DEFINE_COLUMN_PASSES(float, f32, bncpu_ew_f32)
 BNCPU_DEFINE_COLUMN_PASSES(double, f64, bncpu_ew_f64)
 
 #undef BNCPU_DEFINE_COLUMN_PASSES
+#undef BNCPU_COLUMNS_ONE
 
 #endif
