@@ -85,12 +85,14 @@ cdef inline double add_columns(const double* sums, int64_t s) noexcept nogil:
 
 cdef bint tile_stats_around(const real* x, const Tiles* t, int64_t r0, int64_t rows,
                             int64_t head, int64_t j0, int64_t width, double* mean,
-                            double* m2) noexcept nogil:
+                            double* m2, bint* centered) noexcept nogil:
     """Column mode: mean[jj] and M2[jj] of channel j0 + jj over matrix rows r0..r0+rows
     from the columns' deviations from a center per channel, the mean of its values in
     the first `head` rows (head = rows: the two-pass, its second pass reading the tile
-    from cache). Returns whether every channel's center was within a standard deviation
-    of its mean (Σd² <= 2·M2, false for NaN), as block_stats asks of a one-pass try.
+    from cache). centered[jj] (if not NULL): whether channel jj's center was within a
+    standard deviation of its mean (Σd² <= 2·M2, false for NaN), as block_stats asks of
+    a one-pass try; returns whether all were. (A channel's results depend on its own
+    columns only: summed alone, width 1, it gets the same bits.)
     float64 only with head = rows: its center is then the tile's mean, and the
     deviations' sum is taken as 0."""
     cdef double col_sum[TILE_COLUMNS]
@@ -101,7 +103,7 @@ cdef bint tile_stats_around(const real* x, const Tiles* t, int64_t r0, int64_t r
     cdef const real* row
     cdef double d, sq, count = <double>(rows * s), head_count = <double>(head * s)
     cdef int64_t i, jj, k
-    cdef bint centered = True
+    cdef bint all_centered = True
     for k in range(cols):
         col_sum[k] = 0
         col_sq[k] = 0
@@ -150,8 +152,10 @@ cdef bint tile_stats_around(const real* x, const Tiles* t, int64_t r0, int64_t r
             sq = add_columns(col_sq + jj * s, s)
             finish_dev(count, center[jj * s], add_columns(col_sum + jj * s, s), sq,
                        &mean[jj], &m2[jj])
-        centered = centered and sq <= 2 * m2[jj]
-    return centered
+        if centered != NULL:
+            centered[jj] = sq <= 2 * m2[jj]
+            all_centered = all_centered and centered[jj]
+    return all_centered
 
 
 cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, int64_t j0,
@@ -162,13 +166,21 @@ cdef void tile_stats(const real* x, const Tiles* t, int64_t r0, int64_t rows, in
     around the mean of their first TILE_HEAD_ROWS rows, and keep it when every
     channel's center passes block_stats' test (then the float32 deviations carry at
     most twice the rounding of the two-pass's); otherwise (sorted data, a tile whose
-    first rows are not typical) the tile is summed again, two-pass, from cache. float64
-    tiles are two-pass (their column sums are not the bottleneck)."""
+    first rows are not typical, a channel holding inf or NaN) the channels that fail are
+    summed again, two-pass, from cache, each alone (so the others' bits do not depend on
+    them). float64 tiles are two-pass (their column sums are not the bottleneck)."""
+    cdef bint centered[TILE_COLUMNS]
+    cdef int64_t jj
     if real is float:
         if rows >= 2 * TILE_HEAD_ROWS:
-            if tile_stats_around(x, t, r0, rows, TILE_HEAD_ROWS, j0, width, mean, m2):
-                return
-    tile_stats_around(x, t, r0, rows, rows, j0, width, mean, m2)
+            if not tile_stats_around(x, t, r0, rows, TILE_HEAD_ROWS, j0, width, mean, m2,
+                                     centered):
+                for jj in range(width):
+                    if not centered[jj]:
+                        tile_stats_around(x, t, r0, rows, rows, j0 + jj, 1, &mean[jj],
+                                          &m2[jj], NULL)
+            return
+    tile_stats_around(x, t, r0, rows, rows, j0, width, mean, m2, NULL)
 
 
 cdef void tile_grad_sums(const real* dy, const real* mask, const real* x, const Tiles* t,
