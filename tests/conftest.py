@@ -5,12 +5,26 @@ Hypothesis runs under the profile "ci" (fixed seed, bounded examples) unless pyt
 given another one, e.g. a long fuzzing run:
     pytest tests --hypothesis-profile=long
 """
+import atexit
 import contextlib
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
 
 import bncpu
+
+# Child Pythons that tests start with `python -c` must import the bncpu under test: from the
+# repository root, `-c` would put the working directory, and with it the unbuilt source tree,
+# first on sys.path. Tests start them in CHILD_CWD, and PYTHONPATH leads to the package this
+# process imported (the installed one, or an in-place build).
+CHILD_CWD = tempfile.mkdtemp(prefix="bncpu-tests-")
+atexit.register(shutil.rmtree, CHILD_CWD, ignore_errors=True)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(bncpu.__file__))),
+                  os.environ.get("PYTHONPATH")]))
 
 try:
     from hypothesis import HealthCheck, settings

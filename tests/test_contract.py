@@ -24,7 +24,7 @@ import bncpu
 from bncpu import _capi
 from bncpu._kernels import manifest
 from bncpu._registry import FUNCTIONS
-from conftest import DTYPES, assert_all_bitwise_equal, assert_close, num_threads
+from conftest import CHILD_CWD, DTYPES, assert_all_bitwise_equal, assert_close, num_threads
 
 CASES = [(name, shape) for name, spec in FUNCTIONS.items() for shape in spec.shapes]
 IDS = [f"{name}-{'x'.join(map(str, shape))}" for name, shape in CASES]
@@ -124,7 +124,7 @@ def test_every_isa_build_gives_the_same_bits(isa):
               "print(json.dumps(test_contract._all_results()))")
     result = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)],
                             env={**os.environ, "BNCPU_ISA": isa}, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, cwd=CHILD_CWD)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout) == _all_results()
 

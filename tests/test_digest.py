@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import bncpu
+from conftest import CHILD_CWD
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(TESTS, "data", "digest.json")
@@ -209,7 +210,7 @@ def test_digest_unchanged_in_every_isa_build(isa):
               "print(json.dumps(test_digest.compute(threads=(2,))))")
     result = subprocess.run([sys.executable, "-c", script, TESTS],
                             env={**os.environ, "BNCPU_ISA": isa}, capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, cwd=CHILD_CWD)
     assert result.returncode == 0, result.stderr[-2000:]
     _compare(json.loads(result.stdout), _recorded())
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import bncpu
+from conftest import CHILD_CWD
 from bncpu import reference
 from bncpu.distributed import (
     Communicator, LocalCommunicator, as_communicator, sync_batch_norm_backward,
@@ -370,7 +371,7 @@ def test_import_needs_neither_mpi4py_nor_torch():
     code = ("import sys, bncpu.distributed; "
             "print(sorted(m for m in ('mpi4py', 'torch') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, cwd=CHILD_CWD)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

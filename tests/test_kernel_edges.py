@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import bncpu
+from conftest import CHILD_CWD
 from bncpu import _capi, _validate, reference
 from bncpu._registry import BATCH_SHAPES, FUNCTIONS
 
@@ -27,7 +28,7 @@ def status_code(name):
 
 def run_python(script, timeout=120):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=timeout, cwd=CHILD_CWD)
     assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -243,7 +244,8 @@ def test_row_norm_backward_allocates_before_writing(tmp_path):
     """
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
                             text=True, timeout=300, env={**__import__("os").environ,
-                                                         "LD_PRELOAD": str(shim)})
+                                                         "LD_PRELOAD": str(shim)},
+                            cwd=CHILD_CWD)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.endswith("ok\n")
 

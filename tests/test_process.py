@@ -18,7 +18,7 @@ import pytest
 
 import bncpu
 from bncpu import _threads
-from conftest import num_threads
+from conftest import CHILD_CWD, num_threads
 
 PACKAGE_DIR = Path(bncpu.__file__).resolve().parent
 TIMEOUT = 120
@@ -50,7 +50,7 @@ def run_python(code, env=None, timeout=TIMEOUT):
         filter(None, [str(PACKAGE_DIR.parent), environment.get("PYTHONPATH")]))
     try:
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                env=environment, timeout=timeout)
+                                env=environment, timeout=timeout, cwd=CHILD_CWD)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the child Python did not finish within {timeout} s (hung):\n"
                     f"{exc.stdout}\n{exc.stderr}")

@@ -18,6 +18,7 @@ import textwrap
 
 import pytest
 
+from conftest import CHILD_CWD
 from test_c_api import EXAMPLES, compile_c, example_env, toolchain  # noqa: F401 (fixture)
 
 subinterpreters = pytest.importorskip(
@@ -29,7 +30,7 @@ CREATE = "import _xxsubinterpreters\ninterpreter = _xxsubinterpreters.create()\n
 
 def run_python(script, env=None, cwd=None):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, cwd=cwd, timeout=600)
+                            env=env, cwd=cwd or CHILD_CWD, timeout=600)
     assert result.returncode == 0, f"exit status {result.returncode}:\n{result.stderr[-3000:]}"
     assert result.stdout.endswith("ok\n"), result.stdout
     return result.stdout
