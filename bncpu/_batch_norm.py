@@ -95,22 +95,10 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    x = v.as_input(input)
-    dtype = x.dtype
-    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
-    eps = v.check_eps(eps)
-    momentum = v.check_momentum(momentum)
-    training = v.check_flag(training, "training")
+    x, (n, c, s), w, b, rm, rv, training, momentum, eps = forward_args(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)
     unbiased_running_var = v.check_flag(unbiased_running_var, "unbiased_running_var")
-    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
-                            updated=training)
-    w = v.per_channel(weight, "weight", c, dtype)
-    b = v.per_channel(bias, "bias", c, dtype)
-    if training and n * s == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, "
-                         f"got input size {x.shape}")
-    if training:
-        v.check_out_apart(out, running_mean=rm, running_var=rv)
+    dtype = x.dtype
     result = v.Output(out, x.shape, dtype, (x, w, b, rm, rv))
     if training:
         save_mean = np.empty(c, dtype)
@@ -183,18 +171,8 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
     training = v.check_flag(training, "training")
     eps = v.check_eps(eps)
     w = v.per_channel(weight, "weight", c, dtype)
-    if training:
-        mean = v.per_channel(save_mean, "save_mean", c, dtype)
-        invstd = v.per_channel(save_invstd, "save_invstd", c, dtype)
-        if mean is None or invstd is None:
-            raise ValueError("save_mean and save_invstd must be given when training=True")
-        rm = rv = None
-    else:
-        rm = v.per_channel(running_mean, "running_mean", c, dtype)
-        rv = v.per_channel(running_var, "running_var", c, dtype)
-        if rm is None or rv is None:
-            raise ValueError("running_mean and running_var must be given when training=False")
-        mean = invstd = None
+    rm, rv, mean, invstd = backward_stats(c, dtype, training, running_mean, running_var,
+                                          save_mean, save_invstd)
     result = v.Output(out, x.shape, dtype, (dy, x, w))
     grad_weight = np.empty(c, dtype) if w is not None else None
     grad_bias = np.empty(c, dtype) if w is not None else None
@@ -202,6 +180,46 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
                           grad_weight, grad_bias)
     v.raise_for_status(status)
     return result.finish(), grad_weight, grad_bias
+
+
+def forward_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                 axis, out):
+    """The checked arguments of a batch-norm forward, plain or fused:
+    (x, (n, c, s), weight, bias, running_mean, running_var, training, momentum, eps).
+    In training ``out`` must lie apart from the running statistics it would overwrite."""
+    x = v.as_input(input)
+    dtype = x.dtype
+    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    eps = v.check_eps(eps)
+    momentum = v.check_momentum(momentum)
+    training = v.check_flag(training, "training")
+    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
+                            updated=training)
+    w = v.per_channel(weight, "weight", c, dtype)
+    b = v.per_channel(bias, "bias", c, dtype)
+    if training and n * s == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, "
+                         f"got input size {x.shape}")
+    if training:
+        v.check_out_apart(out, running_mean=rm, running_var=rv)
+    return x, (n, c, s), w, b, rm, rv, training, momentum, eps
+
+
+def backward_stats(c, dtype, training, running_mean, running_var, save_mean, save_invstd):
+    """(running_mean, running_var, save_mean, save_invstd) of a batch-norm backward, plain or
+    fused: the forward's saved statistics in training, the running ones in evaluation (the
+    other pair None)."""
+    if training:
+        mean = v.per_channel(save_mean, "save_mean", c, dtype)
+        invstd = v.per_channel(save_invstd, "save_invstd", c, dtype)
+        if mean is None or invstd is None:
+            raise ValueError("save_mean and save_invstd must be given when training=True")
+        return None, None, mean, invstd
+    rm = v.per_channel(running_mean, "running_mean", c, dtype)
+    rv = v.per_channel(running_var, "running_var", c, dtype)
+    if rm is None or rv is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    return rm, rv, None, None
 
 
 # ----------------------------------------------------------------------------------

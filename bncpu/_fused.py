@@ -21,6 +21,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bncpu import _validate as v
+from bncpu._batch_norm import backward_stats, forward_args
 from bncpu._ops import batch_norm as _bn
 
 def batch_norm_relu(input: ArrayLike, running_mean: NDArray | None,
@@ -86,22 +87,10 @@ def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None,
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    x = v.as_input(input)
+    x, (n, c, s), w, b, rm, rv, training, momentum, eps = forward_args(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)
     dtype = x.dtype
-    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
-    eps = v.check_eps(eps)
-    momentum = v.check_momentum(momentum)
-    training = v.check_flag(training, "training")
-    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
-                            updated=training)
-    w = v.per_channel(weight, "weight", c, dtype)
-    b = v.per_channel(bias, "bias", c, dtype)
-    if training and n * s == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, "
-                         f"got input size {x.shape}")
     residual = _same_shape_input(residual, "residual", x)
-    if training:
-        v.check_out_apart(out, running_mean=rm, running_var=rv)
     result = v.Output(out, x.shape, dtype, (x, residual, w, b, rm, rv))
     if training:
         save_mean = np.empty(c, dtype)
@@ -169,18 +158,8 @@ def batch_norm_relu_backward(grad_output: ArrayLike, output: ArrayLike, input: A
     residual_grad = v.check_flag(residual_grad, "residual_grad")
     eps = v.check_eps(eps)
     w = v.per_channel(weight, "weight", c, dtype)
-    if training:
-        mean = v.per_channel(save_mean, "save_mean", c, dtype)
-        invstd = v.per_channel(save_invstd, "save_invstd", c, dtype)
-        if mean is None or invstd is None:
-            raise ValueError("save_mean and save_invstd must be given when training=True")
-        rm = rv = None
-    else:
-        rm = v.per_channel(running_mean, "running_mean", c, dtype)
-        rv = v.per_channel(running_var, "running_var", c, dtype)
-        if rm is None or rv is None:
-            raise ValueError("running_mean and running_var must be given when training=False")
-        mean = invstd = None
+    rm, rv, mean, invstd = backward_stats(c, dtype, training, running_mean, running_var,
+                                          save_mean, save_invstd)
     result = v.Output(out, x.shape, dtype, (dy, y, x, w))
     grad_weight = np.empty(c, dtype) if w is not None else None
     grad_bias = np.empty(c, dtype) if w is not None else None
