@@ -5,8 +5,10 @@ NumPy gives 16-byte-aligned data, so an input and an ``out=`` can sit at any of 
 bncpu writing into ``out=`` and, beside it, the streaming floor (one pass, y = a*x + b,
 into the same output), round-robin over all 16 pairs and both; it prints, per operation,
 a 4 x 4 grid of median times relative to the aligned pair (0, 0), first bncpu's, then the
-floor's. A penalty that the floor shares is the memory system's; one that only bncpu pays
-is its kernel's.
+floor's, and per output offset the median over the input offsets. A penalty that the
+floor shares is the memory system's; one that only bncpu pays is its kernel's. (The
+kernels stream only whole cache lines, so the output's offset should cost nothing: see
+BNCPU_LINE_BYTES in bncpu/_kernels/_elementwise.h.)
 
     python benchmarks/alignment.py                       # 2 threads, default shapes
     python benchmarks/alignment.py --threads 1 --rounds 15 --cpu-clock --json alignment.json
@@ -24,7 +26,7 @@ from bncpu import _bench
 
 OFFSETS = (0, 16, 32, 48)
 LINE = 64
-SHAPES = ((32, 64, 56, 56), (32, 128, 56, 56))
+SHAPES = ((32, 64, 56, 56), (32, 128, 56, 56), (32, 2048, 7, 7))
 OPERATIONS = ("fwd_eval", "fwd_train", "bwd_train")
 
 
@@ -116,6 +118,9 @@ def main(argv=None):
                 print("        " + "".join(f"{o:>7d}" for o in OFFSETS))
                 for i, values in zip(OFFSETS, grid):
                     print(f"    {i:3d} " + "".join(f"{v / aligned:7.2f}" for v in values))
+                by_output = np.median(grid, axis=0)
+                print("    by output offset (median over the input offsets): "
+                      + " ".join(f"{v / by_output[0]:.2f}" for v in by_output))
                 row[name] = {"aligned_s": aligned, "median_s": grid.tolist()}
             results.append(row)
     if args.json:

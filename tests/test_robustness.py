@@ -421,7 +421,9 @@ def test_no_channels(training):
 # Outputs over 8 MB are written with streaming stores (bncpu/_kernels/_elementwise.h):
 # whatever the output's alignment, or when it is an input, the values are the same.
 # ----------------------------------------------------------------------------------
-STREAMED_SHAPE = (4, 16, 192, 192)   # 9.4 MB of float32, 4-byte-aligned views below
+# 9.4 MB of float32, 4-byte-aligned views below; and 8.8 MB of short (7x7) rows, whose
+# passes stream whole rows through a buffer (pass_segments in _bn_passes.pxi).
+STREAMED_SHAPES = ((4, 16, 192, 192), (64, 700, 7, 7))
 
 
 def misaligned_empty(shape, dtype, shift):
@@ -441,23 +443,25 @@ STREAMED_CALLS = {
         dy, x, w, w, np.abs(w) + 1, None, None, False, 1e-5, out=out)[0],
     "group_norm": lambda x, dy, w, out: bncpu.group_norm(x, 4, w, w, out=out),
     "layer_norm": lambda x, dy, w, out: bncpu.layer_norm(
-        x.reshape(-1, 192), (192,), np.linspace(0.5, 1.5, 192, dtype=x.dtype),
-        np.linspace(-1, 1, 192, dtype=x.dtype),
-        out=None if out is None else out.reshape(-1, 192)).reshape(x.shape),
+        x, x.shape[-1:], np.linspace(0.5, 1.5, x.shape[-1], dtype=x.dtype),
+        np.linspace(-1, 1, x.shape[-1], dtype=x.dtype), out=out),
 }
 
 
 @pytest.mark.parametrize("call", sorted(STREAMED_CALLS))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_streamed_outputs_do_not_depend_on_alignment_or_aliasing(call, dtype):
+@pytest.mark.parametrize("shape", STREAMED_SHAPES, ids=str)
+def test_streamed_outputs_do_not_depend_on_alignment_or_aliasing(call, dtype, shape):
     rng = np.random.default_rng(7)
-    x = (rng.standard_normal(STREAMED_SHAPE) * 2 + 0.5).astype(dtype)
-    dy = rng.standard_normal(STREAMED_SHAPE).astype(dtype)
-    w = np.linspace(0.5, 1.5, STREAMED_SHAPE[1], dtype=dtype)
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w = np.linspace(0.5, 1.5, shape[1], dtype=dtype)
     function = STREAMED_CALLS[call]
     expected = function(x, dy, w, None)
-    for shift in (0, 1, 3):
-        out = misaligned_empty(STREAMED_SHAPE, dtype, shift)
+    # Every offset within a cache line the dtype allows (the buffer itself starts at 16
+    # bytes or more): the streamed part of a span is its whole lines.
+    for shift in range(64 // x.itemsize):
+        out = misaligned_empty(shape, dtype, shift)
         result = function(x, dy, w, out)
         assert result is out or np.shares_memory(result, out)
         assert_bitwise_equal(out, expected)

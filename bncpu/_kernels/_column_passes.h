@@ -8,11 +8,12 @@
  *
  * Streaming stores write aligned vectors: rows must be a whole number of vectors (cols a
  * multiple of the vector width W) and the output aligned to an element
- * (bncpu_columns_stream_ok). A span whose output starts `head` elements before a vector
- * boundary (NumPy's large arrays start 16 bytes past one) writes those elements
- * normally, then vectors that each cover W consecutive columns, wrapping from the end
- * of a row to the start of the next: they take their coefficients from copies rotated
- * by `head` columns. Every element gets the same operations in the same order as
+ * (bncpu_columns_stream_ok). A span whose output starts `head` elements before a cache
+ * line (NumPy's large arrays start 16 bytes past one) writes those elements normally,
+ * then vectors that each cover W consecutive columns, wrapping from the end of a row to
+ * the start of the next: they take their coefficients from copies rotated by `head`
+ * columns. Only whole lines are streamed (see BNCPU_LINE_BYTES); the span's last partial
+ * line is written with ordinary vector stores. Every element gets the same operations in the same order as
  * pass_columns' scalar loops, so the results are bitwise those of the ordinary stores
  * (build with -ffp-contract=off).
  *
@@ -38,7 +39,7 @@
 /* Whether rows of `cols` values of `itemsize` bytes, written at out, can be streamed. */
 static inline int bncpu_columns_stream_ok(const void* out, int64_t cols, int64_t itemsize)
 {
-    const uintptr_t misalign = (uintptr_t)out % BNCPU_EW_BYTES;
+    const uintptr_t misalign = (uintptr_t)out % BNCPU_LINE_BYTES;
     return BNCPU_HAVE_STREAMING_STORES && misalign % itemsize == 0
            && (cols * itemsize) % BNCPU_EW_BYTES == 0
            && (misalign == 0 || cols <= BNCPU_COLUMNS_MAX_ROTATED);
@@ -68,8 +69,11 @@ static inline void bncpu_columns_stream_##SUFFIX(int kind, const T* a, const T* 
                                                  const T* offset, const T* k)                 \
 {                                                                                             \
     const int64_t per = BNCPU_EW_BYTES / sizeof(T), length = rows * cols;                     \
-    const int64_t head =                                                                      \
-        (per - (int64_t)((uintptr_t)out % BNCPU_EW_BYTES / sizeof(T))) % per;                 \
+    const int64_t per_line = BNCPU_LINE_BYTES / sizeof(T);                                    \
+    const int64_t head = (per_line                                                            \
+                          - (int64_t)((uintptr_t)out % BNCPU_LINE_BYTES / sizeof(T)))         \
+                         % per_line;                                                          \
+    const int64_t end = head < length ? head + (length - head) / per_line * per_line : 0;     \
     T rotated[5][BNCPU_COLUMNS_MAX_ROTATED];                                                  \
     const T *rhi = hi, *rlo = lo, *rscale = scale, *roffset = offset, *rk = k;                \
     int64_t f, j, t;                                                                          \
@@ -107,7 +111,10 @@ static inline void bncpu_columns_stream_##SUFFIX(int kind, const T* a, const T* 
                 * bncpu_col_load_##SUFFIX(rscale + t);                                        \
         else                                                                                  \
             v = bncpu_col_load_##SUFFIX(a + f) * bncpu_col_load_##SUFFIX(rscale + t);         \
-        bncpu_stream_bytes(out + f, (bncpu_ew_f32)v);                                         \
+        if (f < end)                                                                          \
+            bncpu_stream_bytes(out + f, (bncpu_ew_f32)v);                                     \
+        else                                                                                  \
+            memcpy(out + f, &v, sizeof v);                                                    \
         t += per;                                                                             \
         if (t == cols)                                                                        \
             t = 0;                                                                            \

@@ -75,24 +75,65 @@ static inline void bncpu_store_fence(void)
  * span, cost more than they save on short rows (e.g. 7x7 images: 8x slower). */
 #define BNCPU_STREAM_MIN_SPAN_BYTES 4096
 
-/* Element counts: head (normal stores until out is aligned), body (whole vectors,
- * streamed), and what is left (normal stores). */
-static inline int64_t bncpu_stream_head(const void* out, int64_t length, int64_t itemsize)
+/* Streaming stores are issued for whole cache lines only. A line written partly by a
+ * streaming store and partly by an ordinary one (a span's first and last lines, when
+ * the output does not start on a line: NumPy's data sit 16 bytes past one) makes the
+ * write-combining buffer flush a partial line, and a line shared by two spans is
+ * written both ways: peeling only to the vector width made the passes up to 1.4x
+ * slower at some output offsets (benchmarks/alignment.py). */
+#define BNCPU_LINE_BYTES 64
+
+/* The streamed part [head, *end) of a span of `length` elements at out: its whole
+ * 64-byte lines. Elements before head and from *end on are stored normally (vectors,
+ * then single elements). head = *end = 0 when the span is not streamed (too short, or
+ * out not aligned to an element). */
+static inline int64_t bncpu_stream_range(const void* out, int64_t length, int64_t itemsize,
+                                         int64_t* end)
 {
-    uintptr_t misalign = (uintptr_t)out % BNCPU_EW_BYTES;
+    const uintptr_t misalign = (uintptr_t)out % BNCPU_LINE_BYTES;
+    const int64_t per_line = BNCPU_LINE_BYTES / itemsize;
     int64_t head;
+    *end = 0;
     if (misalign % itemsize != 0 || length * itemsize < BNCPU_STREAM_MIN_SPAN_BYTES)
-        return length;   /* never aligned, or too short: no streaming */
-    head = misalign ? (int64_t)((BNCPU_EW_BYTES - misalign) / itemsize) : 0;
-    return head < length ? head : length;
+        return 0;
+    head = misalign ? (int64_t)((BNCPU_LINE_BYTES - misalign) / itemsize) : 0;
+    if (head >= length)
+        return 0;
+    *end = head + (length - head) / per_line * per_line;
+    return head;
 }
 
-/* A second output (g_out) streams along with the first (out) when both are equally
- * aligned: the first's head then aligns it too. */
+/* A second output (g_out) streams along with the first (out) when both sit at the same
+ * offset within a line: the first's streamed range then covers whole lines of both. */
 static inline int bncpu_stream_along(const void* g_out, const void* out, int stream)
 {
     return stream && g_out != NULL
-           && ((uintptr_t)g_out - (uintptr_t)out) % BNCPU_EW_BYTES == 0;
+           && ((uintptr_t)g_out - (uintptr_t)out) % BNCPU_LINE_BYTES == 0;
+}
+
+/* Copies `bytes` bytes from src to out, which sit at the same offset within a cache
+ * line: the whole lines of out with streaming stores, its partial first and last lines
+ * with ordinary ones, then a store fence. (Short-row passes compute into a buffer in L1
+ * cache, then stream it out: see pass_segments in _bn_passes.pxi.) */
+static inline void bncpu_stream_copy(void* out, const void* src, int64_t bytes)
+{
+    char* o = (char*)out;
+    const char* i = (const char*)src;
+    int64_t head = (int64_t)((BNCPU_LINE_BYTES - (uintptr_t)o % BNCPU_LINE_BYTES)
+                             % BNCPU_LINE_BYTES);
+    int64_t at, end;
+    bncpu_ew_f32 v;
+    if (head > bytes)
+        head = bytes;
+    memcpy(o, i, (size_t)head);
+    end = head + (bytes - head) / BNCPU_LINE_BYTES * BNCPU_LINE_BYTES;
+    for (at = head; at < end; at += BNCPU_EW_BYTES) {
+        memcpy(&v, i + at, sizeof v);
+        bncpu_stream_bytes(o + at, v);
+    }
+    memcpy(o + end, i + end, (size_t)(bytes - end));
+    if (end > head)
+        bncpu_store_fence();
 }
 
 /* relu(v) = 0 where v < 0, else v (NaN and -0.0 kept, as torch.relu); the mask of
@@ -165,16 +206,19 @@ static inline void bncpu_affine_relu_##SUFFIX(const T* x, const T* r, T* y, int6
                                               int stream)                                     \
 {                                                                                             \
     const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
-    int64_t i = 0, head = 0;                                                                  \
+    int64_t i = 0, head = 0, end = 0;                                                         \
     if (stream)                                                                               \
-        head = bncpu_stream_head(y, length, sizeof(T));                                       \
+        head = bncpu_stream_range(y, length, sizeof(T), &end);                                \
     for (; i < head; i++)                                                                     \
         y[i] = bncpu_affine1_##SUFFIX(x, r, i, hi, lo, scale, shift, relu);                   \
+    for (; i < end; i += per)                                                                 \
+        bncpu_stream_bytes(y + i, (bncpu_ew_f32)bncpu_affinev_##SUFFIX(x, r, i, hi, lo,       \
+                                                                     scale, shift, relu));    \
+    if (end > head)                                                                           \
+        bncpu_store_fence();                                                                  \
     for (; i + per <= length; i += per)                                                       \
         bncpu_store_##SUFFIX(y + i, bncpu_affinev_##SUFFIX(x, r, i, hi, lo, scale, shift,     \
-                                                           relu), stream);                    \
-    if (stream && head < length)                                                              \
-        bncpu_store_fence();                                                                  \
+                                                           relu), 0);                         \
     for (; i < length; i++)                                                                   \
         y[i] = bncpu_affine1_##SUFFIX(x, r, i, hi, lo, scale, shift, relu);                   \
 }                                                                                             \
@@ -202,10 +246,10 @@ static inline void bncpu_backward_relu_##SUFFIX(const T* dy, const T* mask, cons
 {                                                                                             \
     const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
     const int stream_g = bncpu_stream_along(g_out, dx, stream);                               \
-    int64_t i = 0, head = 0;                                                                  \
+    int64_t i = 0, head = 0, end = 0;                                                         \
     VT g, v;                                                                                  \
     if (stream)                                                                               \
-        head = bncpu_stream_head(dx, length, sizeof(T));                                      \
+        head = bncpu_stream_range(dx, length, sizeof(T), &end);                               \
     for (; i < head; i++)                                                                     \
         dx[i] = bncpu_backward1_##SUFFIX(dy, mask, x, g_out, i, hi, lo, k, mean_dy, scale);   \
     for (; i + per <= length; i += per) {                                                     \
@@ -213,10 +257,10 @@ static inline void bncpu_backward_relu_##SUFFIX(const T* dy, const T* mask, cons
         memcpy(&v, x + i, sizeof v);                                                          \
         g = bncpu_maskv_##SUFFIX(g, mask, i);                                                 \
         if (g_out != NULL)                                                                    \
-            bncpu_store_##SUFFIX(g_out + i, g, stream_g);                                     \
-        bncpu_store_##SUFFIX(dx + i, (g - mean_dy - ((v - hi) - lo) * k) * scale, stream);    \
+            bncpu_store_##SUFFIX(g_out + i, g, stream_g && i < end);                          \
+        bncpu_store_##SUFFIX(dx + i, (g - mean_dy - ((v - hi) - lo) * k) * scale, i < end);   \
     }                                                                                         \
-    if (stream && head < length)                                                              \
+    if (end > head)                                                                           \
         bncpu_store_fence();                                                                  \
     for (; i < length; i++)                                                                   \
         dx[i] = bncpu_backward1_##SUFFIX(dy, mask, x, g_out, i, hi, lo, k, mean_dy, scale);   \
@@ -237,20 +281,20 @@ static inline void bncpu_scale_relu_##SUFFIX(const T* dy, const T* mask, T* dx, 
 {                                                                                             \
     const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
     const int stream_g = bncpu_stream_along(g_out, dx, stream);                               \
-    int64_t i = 0, head = 0;                                                                  \
+    int64_t i = 0, head = 0, end = 0;                                                         \
     VT g;                                                                                     \
     if (stream)                                                                               \
-        head = bncpu_stream_head(dx, length, sizeof(T));                                      \
+        head = bncpu_stream_range(dx, length, sizeof(T), &end);                               \
     for (; i < head; i++)                                                                     \
         dx[i] = bncpu_scale1_##SUFFIX(dy, mask, g_out, i, scale);                             \
     for (; i + per <= length; i += per) {                                                     \
         memcpy(&g, dy + i, sizeof g);                                                         \
         g = bncpu_maskv_##SUFFIX(g, mask, i);                                                 \
         if (g_out != NULL)                                                                    \
-            bncpu_store_##SUFFIX(g_out + i, g, stream_g);                                     \
-        bncpu_store_##SUFFIX(dx + i, g * scale, stream);                                      \
+            bncpu_store_##SUFFIX(g_out + i, g, stream_g && i < end);                          \
+        bncpu_store_##SUFFIX(dx + i, g * scale, i < end);                                     \
     }                                                                                         \
-    if (stream && head < length)                                                              \
+    if (end > head)                                                                           \
         bncpu_store_fence();                                                                  \
     for (; i < length; i++)                                                                   \
         dx[i] = bncpu_scale1_##SUFFIX(dy, mask, g_out, i, scale);                             \
@@ -263,7 +307,7 @@ static inline void bncpu_affine_each_##SUFFIX(const T* x, T* y, int64_t length, 
                                               int stream)                                     \
 {                                                                                             \
     const int64_t per = BNCPU_EW_BYTES / sizeof(T);                                           \
-    int64_t i = 0, head = 0;                                                                  \
+    int64_t i = 0, head = 0, end = 0;                                                         \
     if (weight == NULL || bias == NULL) {                                                     \
         /* Rare (layer norm without affine parameters): scalar, streaming or not. */          \
         for (; i < length; i++)                                                               \
@@ -272,21 +316,19 @@ static inline void bncpu_affine_each_##SUFFIX(const T* x, T* y, int64_t length, 
         return;                                                                               \
     }                                                                                         \
     if (stream)                                                                               \
-        head = bncpu_stream_head(y, length, sizeof(T));                                       \
+        head = bncpu_stream_range(y, length, sizeof(T), &end);                                \
     for (; i < head; i++)                                                                     \
         y[i] = ((x[i] - hi) - lo) * scale * weight[i] + bias[i];                              \
-    if (stream) {                                                                             \
-        for (; i + per <= length; i += per) {                                                 \
-            VT v, w, b;                                                                       \
-            memcpy(&v, x + i, sizeof v);                                                      \
-            memcpy(&w, weight + i, sizeof w);                                                 \
-            memcpy(&b, bias + i, sizeof b);                                                   \
-            v = ((v - hi) - lo) * scale * w + b;                                              \
-            bncpu_stream_bytes(y + i, (bncpu_ew_f32)v);                                       \
-        }                                                                                     \
-        if (head < length)                                                                    \
-            bncpu_store_fence();                                                              \
+    for (; i + per <= length; i += per) {                                                     \
+        VT v, w, b;                                                                           \
+        memcpy(&v, x + i, sizeof v);                                                          \
+        memcpy(&w, weight + i, sizeof w);                                                     \
+        memcpy(&b, bias + i, sizeof b);                                                       \
+        v = ((v - hi) - lo) * scale * w + b;                                                  \
+        bncpu_store_##SUFFIX(y + i, v, i < end);                                              \
     }                                                                                         \
+    if (end > head)                                                                           \
+        bncpu_store_fence();                                                                  \
     for (; i < length; i++)                                                                   \
         y[i] = ((x[i] - hi) - lo) * scale * weight[i] + bias[i];                              \
 }
