@@ -421,8 +421,8 @@ def test_no_channels(training):
 # Outputs over 8 MB are written with streaming stores (bncpu/_kernels/_elementwise.h):
 # whatever the output's alignment, or when it is an input, the values are the same.
 # ----------------------------------------------------------------------------------
-# 9.4 MB of float32, 4-byte-aligned views below; and 8.8 MB of short (7x7) rows, whose
-# passes stream whole rows through a buffer (pass_segments in _bn_passes.pxi).
+# 9.4 MB of float32, 4-byte-aligned views below; and 8.8 MB of short (7x7) rows, too
+# short to stream (their passes run row after row: pass_segments in _bn_passes.pxi).
 STREAMED_SHAPES = ((4, 16, 192, 192), (64, 700, 7, 7))
 
 

@@ -35,44 +35,32 @@ cdef void pass_piece_task(Pass kind, const real* a, const real* b, const real* m
 
 
 cdef inline bint use_segment_pass(int64_t s, size_t itemsize) noexcept nogil:
-    """Rows too short to stream on their own (see pass_segments)."""
+    """Rows too short to stream (under BNCPU_STREAM_MIN_SPAN_BYTES): their passes run
+    row after row (pass_segments)."""
     return s * <int64_t>itemsize < STREAM_MIN_SPAN_BYTES
 
 
 cdef void pass_segments(Pass kind, const real* a, const real* b, const real* mask, real* out,
                         real* g_out, int64_t t0, int64_t t1, int64_t c, int64_t s,
-                        const real* coefs, bint stream) noexcept nogil:
+                        const real* coefs) noexcept nogil:
     """Segments t0..t1 of a pass (segment t = i·C + j: row i of channel j, S values; the
     segments lie one after another in memory) with short rows (use_segment_pass), the
-    channel counted along instead of divided out per row.
+    channel counted along instead of divided out per row, stored normally.
 
-    Streamed (not with g_out): a row is too short to stream on its own (its first and
-    last cache lines are shared with its neighbours), so whole rows are computed into a
-    buffer in L1 cache at the output's offset within a line, SEGMENT_BUFFER bytes at a
-    time, which then goes out with streaming stores (stream_copy). Every value gets the
-    same operations as in pass_span: only its way to memory differs."""
-    cdef char raw[SEGMENT_BUFFER + 2 * LINE_BYTES]
-    cdef real* base = <real*>(raw + (LINE_BYTES - <uintptr_t>raw % LINE_BYTES) % LINE_BYTES)
-    cdef real* buf
-    cdef int64_t t, k, chunk, offset, j = t0 % c
-    cdef int64_t per_chunk = max(<int64_t>1, <int64_t>(SEGMENT_BUFFER // sizeof(real)) // s)
-    stream = stream and g_out == NULL
-    t = t0
-    while t < t1:
-        chunk = min(per_chunk, t1 - t) if stream else t1 - t
-        buf = base + (<uintptr_t>(out + t * s) % LINE_BYTES) // sizeof(real)
-        for k in range(chunk):
-            offset = (t + k) * s
-            pass_span(kind, a + offset, b + offset if b != NULL else NULL,
-                      mask + offset if mask != NULL else NULL,
-                      buf + k * s if stream else out + offset,
-                      g_out + offset if g_out != NULL else NULL, s, coefs, c, j, False)
-            j += 1
-            if j == c:
-                j = 0
-        if stream:
-            stream_copy(out + t * s, buf, chunk * s * <int64_t>sizeof(real))
-        t += chunk
+    (Streaming them was measured: rows this short share their first and last cache
+    lines with their neighbours, so whole rows were computed into a 16 KB buffer in L1
+    at the output's line offset and streamed from there. On (32, 2048, 7, 7) and
+    (128, 2048, 7, 7) inference that was 3-8% slower than ordinary stores at 1 and 2
+    threads.)"""
+    cdef int64_t t, offset, j = t0 % c
+    for t in range(t0, t1):
+        offset = t * s
+        pass_span(kind, a + offset, b + offset if b != NULL else NULL,
+                  mask + offset if mask != NULL else NULL, out + offset,
+                  g_out + offset if g_out != NULL else NULL, s, coefs, c, j, False)
+        j += 1
+        if j == c:
+            j = 0
 
 
 cdef void run_pass(Pass kind, const real* a, const real* b, const real* mask, real* out,
@@ -108,9 +96,9 @@ cdef void run_pass(Pass kind, const real* a, const real* b, const real* mask, re
             for task in prange(n_tasks, schedule='static', num_threads=n_threads):
                 r0 = task * rows
                 pass_segments(kind, a, b, mask, out, g_out, r0, min(r0 + rows, n * c), c, s,
-                              coefs, stream)
+                              coefs)
         else:
-            pass_segments(kind, a, b, mask, out, g_out, 0, n * c, c, s, coefs, stream)
+            pass_segments(kind, a, b, mask, out, g_out, 0, n * c, c, s, coefs)
         return
     # Channel rows, piece by piece.
     per_row = pieces_per_row(s)

@@ -111,31 +111,6 @@ static inline int bncpu_stream_along(const void* g_out, const void* out, int str
            && ((uintptr_t)g_out - (uintptr_t)out) % BNCPU_LINE_BYTES == 0;
 }
 
-/* Copies `bytes` bytes from src to out, which sit at the same offset within a cache
- * line: the whole lines of out with streaming stores, its partial first and last lines
- * with ordinary ones, then a store fence. (Short-row passes compute into a buffer in L1
- * cache, then stream it out: see pass_segments in _bn_passes.pxi.) */
-static inline void bncpu_stream_copy(void* out, const void* src, int64_t bytes)
-{
-    char* o = (char*)out;
-    const char* i = (const char*)src;
-    int64_t head = (int64_t)((BNCPU_LINE_BYTES - (uintptr_t)o % BNCPU_LINE_BYTES)
-                             % BNCPU_LINE_BYTES);
-    int64_t at, end;
-    bncpu_ew_f32 v;
-    if (head > bytes)
-        head = bytes;
-    memcpy(o, i, (size_t)head);
-    end = head + (bytes - head) / BNCPU_LINE_BYTES * BNCPU_LINE_BYTES;
-    for (at = head; at < end; at += BNCPU_EW_BYTES) {
-        memcpy(&v, i + at, sizeof v);
-        bncpu_stream_bytes(o + at, v);
-    }
-    memcpy(o + end, i + end, (size_t)(bytes - end));
-    if (end > head)
-        bncpu_store_fence();
-}
-
 /* relu(v) = 0 where v < 0, else v (NaN and -0.0 kept, as torch.relu); the mask of
  * the fused backwards keeps g where the forward's output y passed the ReLU, that is
  * where !(y <= 0) (a NaN output passes its gradient, as torch's threshold_backward).

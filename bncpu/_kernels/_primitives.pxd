@@ -38,11 +38,8 @@ cdef extern from "_elementwise.h":
         const float* dy, const float* x, float* dx, int64_t length, float hi, float lo,
         float scale, float mean_g, float k, const float* weight, float* acc_w,
         float* acc_b) noexcept nogil
-    void stream_copy "bncpu_stream_copy"(void* out, const void* src,
-                                         int64_t n_bytes) noexcept nogil
     enum:
         STREAM_MIN_SPAN_BYTES "BNCPU_STREAM_MIN_SPAN_BYTES"   # shorter spans: no streaming
-        LINE_BYTES "BNCPU_LINE_BYTES"                         # a cache line
     void prefetch "bncpu_prefetch"(const void* p, int64_t n_bytes) noexcept nogil
     void prefetch_write "bncpu_prefetch_write"(void* p, int64_t n_bytes) noexcept nogil
     void widen_f32 "bncpu_widen_f32"(float* acc, double* partial, int64_t length) noexcept nogil

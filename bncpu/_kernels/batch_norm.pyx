@@ -43,7 +43,7 @@ them with its own flags.
 """
 from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
 from bncpu._threads cimport threads_begin, threads_end
@@ -56,7 +56,7 @@ from bncpu._kernels._primitives cimport (
     zero_lanes, sum_lanes, add_span, add_dev_span, add_dev_span_f64, finish_dev,
     add_dy_xmu_span, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
     f32_add_column_grad_sums, affine_span, affine_relu_span, scale_span, backward_span, masked,
-    use_streaming, stream_copy, STREAM_MIN_SPAN_BYTES, LINE_BYTES)
+    use_streaming, STREAM_MIN_SPAN_BYTES)
 
 cdef enum:
     BN_PIECE = 65536       # values per piece of a row (a unit of parallel work)
@@ -70,7 +70,6 @@ cdef enum:
     TILE_HEAD_ROWS = 8     # column mode, float32: rows whose mean centers a one-pass try
     PASS_VALUES = 65536    # column mode: values per task of the elementwise passes, about
     SEGMENT_VALUES = 32768 # short rows: values per task of the elementwise passes, about
-    SEGMENT_BUFFER = 16384 # ... streamed through a buffer of this many bytes (L1 cache)
     CHANNEL_RUN = 16       # channel mode, long rows: adjacent channels per task, at most
     RUN_BYTES = 65536      # ... enough of them to read runs of this many bytes
 
