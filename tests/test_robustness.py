@@ -445,6 +445,10 @@ STREAMED_CALLS = {
     "layer_norm": lambda x, dy, w, out: bncpu.layer_norm(
         x, x.shape[-1:], np.linspace(0.5, 1.5, x.shape[-1], dtype=x.dtype),
         np.linspace(-1, 1, x.shape[-1], dtype=x.dtype), out=out),
+    "layer_norm_backward": lambda x, dy, w, out: bncpu.layer_norm_backward(
+        dy, x, x.shape[-1:], *bncpu.layer_norm_forward(
+            x, x.shape[-1:], np.linspace(0.5, 1.5, x.shape[-1], dtype=x.dtype), None,
+            1e-5)[1:], np.linspace(0.5, 1.5, x.shape[-1], dtype=x.dtype), out=out)[0],
 }
 
 

@@ -340,15 +340,34 @@ static inline void bncpu_prefetch_write(void* p, int64_t bytes)
  *   acc_b += dy
  * The float32 accumulators hold a column's sums over a few rows; the caller widens
  * them into float64 partials (bncpu_widen_f32), as the runs of _float32_sums.h do.
- * dx (may be dy or x), weight, acc_w and acc_b may be NULL. */
+ * dx (may be dy or x), weight, acc_w and acc_b may be NULL. With `stream` (dx neither
+ * dy nor x), dx's whole cache lines are written with streaming stores. */
+static inline void bncpu_row_backward1_f32(const float* dy, const float* x, float* dx,
+                                           int64_t i, float hi, float lo, float scale,
+                                           float mean_g, float k, const float* weight,
+                                           float* acc_w, float* acc_b)
+{
+    float d = dy[i], xh = (x[i] - hi) - lo;
+    if (acc_w != NULL)
+        acc_w[i] += d * (xh * scale);
+    if (acc_b != NULL)
+        acc_b[i] += d;
+    if (dx != NULL)
+        dx[i] = (d * (weight != NULL ? weight[i] : 1.0f) - mean_g - xh * k) * scale;
+}
+
 static inline void bncpu_row_backward_f32(const float* dy, const float* x, float* dx,
                                           int64_t length, float hi, float lo, float scale,
                                           float mean_g, float k, const float* weight,
-                                          float* acc_w, float* acc_b)
+                                          float* acc_w, float* acc_b, int stream)
 {
     const int64_t per = BNCPU_EW_BYTES / sizeof(float);
     const bncpu_ew_f32 ones = (bncpu_ew_f32){0} + 1.0f;
-    int64_t i = 0;
+    int64_t i = 0, head = 0, end = 0;
+    if (stream && dx != NULL)
+        head = bncpu_stream_range(dx, length, sizeof(float), &end);
+    for (; i < head; i++)
+        bncpu_row_backward1_f32(dy, x, dx, i, hi, lo, scale, mean_g, k, weight, acc_w, acc_b);
     /* One loop body; gcc unswitches it on the NULL tests. dy and x are read before dx,
      * which may be either of them, is written. */
     for (; i + per <= length; i += per) {
@@ -372,18 +391,13 @@ static inline void bncpu_row_backward_f32(const float* dy, const float* x, float
             else
                 w = ones;
             v = (d * w - mean_g - xh * k) * scale;
-            memcpy(dx + i, &v, sizeof v);
+            bncpu_store_f32(dx + i, v, i < end);
         }
     }
-    for (; i < length; i++) {
-        float d = dy[i], xh = (x[i] - hi) - lo;
-        if (acc_w != NULL)
-            acc_w[i] += d * (xh * scale);
-        if (acc_b != NULL)
-            acc_b[i] += d;
-        if (dx != NULL)
-            dx[i] = (d * (weight != NULL ? weight[i] : 1.0f) - mean_g - xh * k) * scale;
-    }
+    if (end > head)
+        bncpu_store_fence();
+    for (; i < length; i++)
+        bncpu_row_backward1_f32(dy, x, dx, i, hi, lo, scale, mean_g, k, weight, acc_w, acc_b);
 }
 
 /* partial += acc (widened to float64), then acc = 0. */

@@ -37,7 +37,7 @@ cdef extern from "_elementwise.h":
     void row_backward_f32 "bncpu_row_backward_f32"(
         const float* dy, const float* x, float* dx, int64_t length, float hi, float lo,
         float scale, float mean_g, float k, const float* weight, float* acc_w,
-        float* acc_b) noexcept nogil
+        float* acc_b, int stream) noexcept nogil
     enum:
         STREAM_MIN_SPAN_BYTES "BNCPU_STREAM_MIN_SPAN_BYTES"   # shorter spans: no streaming
     void prefetch "bncpu_prefetch"(const void* p, int64_t n_bytes) noexcept nogil

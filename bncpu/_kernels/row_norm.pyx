@@ -89,7 +89,8 @@ cdef struct Layout:
     int64_t piece              # values per piece when seg <= ROW_NORM_PIECE (whole channels)
     int64_t pieces_per_seg     # pieces per channel when seg > ROW_NORM_PIECE, else 0
     int64_t pieces             # pieces per row
-    bint stream                # forward: write y with streaming stores (use_streaming)
+    bint stream                # write y (forward) or dx (backward, one-piece rows of layer and
+                               # RMS norm) with streaming stores (use_streaming)
 
 
 cdef Layout make_layout(int64_t n, int64_t c, int64_t s, int64_t groups) noexcept nogil:
@@ -512,21 +513,22 @@ cdef inline void columns_grad_sums(const real* dy, const real* x, int64_t length
 cdef inline void columns_pass(const real* dy, const real* x, real* dx, int64_t length,
                               double mean, double rstd, double mean_g, double k_coef,
                               const real* weight, double* dweight, double* dbias, float* acc,
-                              bint widen) noexcept nogil:
+                              bint widen, bint stream) noexcept nogil:
     """dx over `length` columns of one row (if dx is not NULL), and the row's shares of
     dweight/dbias added to these columns of the partials (if not NULL).
 
     float32 rows with accumulators (acc not NULL) add the shares in float32 to
     acc[:length] (dweight's) and acc[length + ACC_GAP:] (dbias's), which are widened
     into the partials and zeroed when `widen` is set: every WIDEN_ROWS rows of a block,
-    and at its end. Other rows add them in float64 straight to the partials."""
+    and at its end; dx's whole cache lines are then streamed when `stream` is set. Other
+    rows add them in float64 straight to the partials."""
     cdef real hi, lo
     if real is float:
         if acc != NULL or (dweight == NULL and dbias == NULL):
             split_center(mean, &hi, &lo)
             row_backward_f32(dy, x, dx, length, hi, lo, <float>rstd, <float>mean_g,
                              <float>k_coef, weight, acc if dweight != NULL else NULL,
-                             acc + length + ACC_GAP if dbias != NULL else NULL)
+                             acc + length + ACC_GAP if dbias != NULL else NULL, stream)
             if widen and dweight != NULL:
                 widen_f32(acc, dweight, length)
             if widen and dbias != NULL:
@@ -552,7 +554,7 @@ cdef void rows_task(const real* dy, const real* x, real* dx, Layout lay, int64_t
         offset = r * lay.length
         p0 = first_param(&lay, r)
         m = row_mean(mean, r)
-        if dx != NULL:
+        if dx != NULL and not lay.stream:
             prefetch_write(dx + offset, lay.length * sizeof(real))
         columns_grad_sums(dy + offset, x + offset, lay.length, m,
                           weight + p0 if weight != NULL else NULL, sums)
@@ -567,7 +569,7 @@ cdef void rows_task(const real* dy, const real* x, real* dx, Layout lay, int64_t
                      weight + p0 if weight != NULL else NULL,
                      dweight + p0 if dweight != NULL else NULL,
                      dbias + p0 if dbias != NULL else NULL, acc,
-                     widen_after(r, first_row, last_row))
+                     widen_after(r, first_row, last_row), lay.stream)
 
 
 cdef void tile_task(const real* dy, const real* x, real* dx, Layout lay, int64_t start,
@@ -789,6 +791,8 @@ cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64
                 dbias[p] = 0
         return BNCPU_OK
     lay = make_layout(n, c, s, groups)
+    # dx's streaming stores: the one-piece rows of layer and RMS norm (rows_task).
+    lay.stream = dx != NULL and use_streaming(dx, dy, x, n * c * s * sizeof(real))
     n_blocks = row_blocks(&lay, &rows_per_block)
     row_coefs = <double*>malloc(2 * lay.rows * sizeof(double))
     if dweight != NULL:
