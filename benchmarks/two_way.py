@@ -1,10 +1,12 @@
 """A plain two-way round-robin, to check the speed report against.
 
-For each chosen case: bncpu, torch, bncpu, torch, ... one call per sample, both allocating
+For each chosen case: bncpu, torch, bncpu, torch, ... a sample each, both allocating
 their results as in the report, nothing else running in between; the speed-up is the
-median torch time over the median bncpu time. This harness is deliberately naive: it
-shares only the case registry (inputs and calls) with ``python -m bncpu``, not its timing
-code, so that agreement between the two says the report's timing is sound.
+median torch time over the median bncpu time. This harness is deliberately plain: it
+shares with ``python -m bncpu`` the case registry (inputs and calls) and the sampling rule
+(samples of about 4 ms, a short call warmed by an untimed call), not its timing code, its
+rotation over seven implementations or its statistics, so that agreement between the two
+says the report's timing is sound.
 
     python benchmarks/two_way.py --threads 2                          # every report row
     python benchmarks/two_way.py --threads 2 --cases 'bn_bwd_train-32x64'
@@ -37,8 +39,10 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="thread count for bncpu and torch (default: bncpu's)")
     parser.add_argument("--samples", type=int, default=21, help="samples per side (default 21)")
-    parser.add_argument("--min-sample", type=float, default=0.002, metavar="SECONDS",
-                        help="calls are looped until a sample lasts this long (default 0.002)")
+    parser.add_argument("--min-sample", type=float, default=_bench.FULL.sample_seconds,
+                        metavar="SECONDS",
+                        help="calls are looped until a sample lasts this long (default: the "
+                             f"report's, {_bench.FULL.sample_seconds})")
     parser.add_argument("--cases", default=None, metavar="REGEX",
                         help="only cases whose id matches, e.g. 'bn_bwd_train-32x64x56x56'")
     parser.add_argument("--quick", action="store_true", help="only the report's --quick cases")
@@ -54,20 +58,31 @@ def parse_args(argv):
 
 
 def two_way(bncpu_call, torch_call, samples, min_sample):
-    """Median seconds per call of each side, alternating samples."""
+    """Median seconds per call of each side, alternating samples.
+
+    Each side loops its own number of calls per sample (its fastest of three calls,
+    against ``min_sample``) and, when that is more than one, is called once untimed
+    before each sample: the report's sampling rule. (With one loop count for both sides
+    and the warm-up tied to it, a 1.2 ms bncpu call paired with a 6 ms torch call ran
+    cold right after torch's, 1.66-1.92 ms instead of 1.14-1.41 ms back to back, on
+    (8, 32, 112, 112) training forward: the harnesses then disagreed by 30-45% on the
+    medium training-forward rows, by the cache state they measured, not by their
+    timing.)"""
     for call in (bncpu_call, torch_call, bncpu_call, torch_call):
         call()
-    per_call = min(_time_once(bncpu_call), _time_once(torch_call))
-    loops = max(1, int(min_sample / max(per_call, 1e-7)))
+    loops = {}
+    for name, call in (("bncpu", bncpu_call), ("torch", torch_call)):
+        per_call = min(_time_once(call) for _ in range(3))
+        loops[name] = max(1, int(min_sample / max(per_call, 1e-7)))
     times = {"bncpu": [], "torch": []}
     for _ in range(samples):
         for name, call in (("bncpu", bncpu_call), ("torch", torch_call)):
-            if loops > 1:   # as the report: a short call starts from its own cache state
+            if loops[name] > 1:   # as the report: a short call starts from its own cache state
                 call()
             start = _bench.clock()
-            for _ in range(loops):
+            for _ in range(loops[name]):
                 call()
-            times[name].append((_bench.clock() - start) / loops)
+            times[name].append((_bench.clock() - start) / loops[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
