@@ -56,8 +56,21 @@ def as_array(value, name):
         raise TypeError(f"{name} cannot be converted to an array: {exc}") from None
 
 
+def _plain(value, dtype):
+    """Whether ``value`` is a plain (not a subclass) C-contiguous ndarray of ``dtype``, one
+    of the native compute dtypes: what the common call passes, and what every check below
+    would let through unchanged. The fast paths test this first: the full checks cost
+    about as much as the kernel on inputs of a few hundred KB ((256, 120) inference)."""
+    return (type(value) is np.ndarray and (value.dtype is dtype or value.dtype == dtype)
+            and value.flags.c_contiguous)
+
+
 def as_input(value, name="input", min_ndim=2, dtype=None):
     """Array, C-contiguous, native, of its compute dtype (or of ``dtype`` when given)."""
+    if type(value) is np.ndarray and value.ndim >= min_ndim and value.flags.c_contiguous:
+        if (value.dtype == dtype if dtype is not None
+                else value.dtype == _FLOAT32 or value.dtype == _FLOAT64):
+            return value   # the fast path (see _plain): kept as it is
     array = as_array(value, name)
     if dtype is None:
         dtype = compute_dtype(array.dtype, name)
@@ -127,6 +140,8 @@ def per_channel(value, name, c, dtype):
     """Optional per-channel parameter (weight, bias): None or a contiguous 1-D copy."""
     if value is None:
         return None
+    if _plain(value, dtype) and value.shape == (c,):
+        return value
     array = as_array(value, name)
     compute_dtype(array.dtype, name)
     check_channel_shape(array, name, c)
@@ -138,6 +153,8 @@ def running_stat(value, name, c, dtype, updated=True):
     place; in evaluation it is only read, so any layout will do."""
     if value is None:
         return None
+    if _plain(value, dtype) and value.shape == (c,) and (value.flags.writeable or not updated):
+        return value
     if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(value).__name__}")
