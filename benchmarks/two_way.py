@@ -65,9 +65,9 @@ def two_way(bncpu_call, torch_call, samples, min_sample):
     before each sample: the report's sampling rule. (With one loop count for both sides
     and the warm-up tied to it, a 1.2 ms bncpu call paired with a 6 ms torch call ran
     cold right after torch's, 1.66-1.92 ms instead of 1.14-1.41 ms back to back, on
-    (8, 32, 112, 112) training forward: the harnesses then disagreed by 30-45% on the
-    medium training-forward rows, by the cache state they measured, not by their
-    timing.)"""
+    (8, 32, 112, 112) training forward. Alternated in one process, the harnesses then
+    disagreed by 15-44% on the medium training-forward rows, and by 5-30% after this
+    change.)"""
     for call in (bncpu_call, torch_call, bncpu_call, torch_call):
         call()
     loops = {}
