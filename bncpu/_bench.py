@@ -515,7 +515,7 @@ class Inputs:
         self.bias = self._normal("bias", param_shape, 0.1, 0.0)
         self.running_mean = np.zeros(self.channels, dtype)
         self.running_var = np.ones(self.channels, dtype)
-        self.onednn_primitives = {}   # by layout: see onednn_call
+        self.onednn_primitives = {}   # by (layout, threads): see onednn_call
 
     def _normal(self, name, shape, scale, loc):
         """loc + scale * standard normal values, from a generator of their own (so that
@@ -698,11 +698,15 @@ _ONEDNN_BATCH_NORM = {"bn_fwd_train": "forward_training", "bn_fwd_eval": "forwar
 _ONE_LAYOUT = "one layout: as the oneDNN column"
 
 
-def _cached_primitive(inputs, layout, make):
-    """The primitive of ``inputs`` in ``layout``, made once for both oneDNN columns."""
-    if layout not in inputs.onednn_primitives:
-        inputs.onednn_primitives[layout] = make()
-    return inputs.onednn_primitives[layout]
+def _cached_primitive(inputs, layout, n_threads, make):
+    """The primitive of ``inputs`` in ``layout`` for ``n_threads``, made once for both
+    oneDNN columns. A oneDNN primitive keeps the thread count it was created with: one
+    made at 1 thread and reused at 2 (the report's ``--threads 1,2`` makes a case's inputs
+    once) ran single-threaded, and the 2-thread oneDNN columns read up to 2.9x too slow."""
+    key = (layout, n_threads)
+    if key not in inputs.onednn_primitives:
+        inputs.onednn_primitives[key] = make()
+    return inputs.onednn_primitives[key]
 
 
 def _onednn_layer_norm(inputs):
@@ -745,15 +749,16 @@ def onednn_call(inputs, best, n_threads):
         if best and x.ndim != 4:
             raise Unavailable(_ONE_LAYOUT)
         if not best:
-            return _cached_primitive(inputs, own_layout, functools.partial(
+            return _cached_primitive(inputs, own_layout, n_threads, functools.partial(
                 _onednn.batch_norm, kind, x, inputs.weight, inputs.bias, mean, variance, dy,
                 layout=own_layout, eps=EPS))
         primitives = []
         for layout in _onednn.LAYOUTS:
             try:
-                primitives.append(_cached_primitive(inputs, layout, functools.partial(
-                    _onednn.batch_norm, kind, x, inputs.weight, inputs.bias, mean, variance,
-                    dy, layout=layout, eps=EPS, optimized_only=True)))
+                primitives.append(_cached_primitive(
+                    inputs, layout, n_threads, functools.partial(
+                        _onednn.batch_norm, kind, x, inputs.weight, inputs.bias, mean,
+                        variance, dy, layout=layout, eps=EPS, optimized_only=True)))
             except Unavailable:   # oneDNN's reference code for this layout
                 continue
         if not primitives:
@@ -762,7 +767,8 @@ def onednn_call(inputs, best, n_threads):
     if case.op in ("ln_fwd", "ln_bwd"):
         if best:
             raise Unavailable(_ONE_LAYOUT)
-        return _cached_primitive(inputs, "plain", functools.partial(_onednn_layer_norm, inputs))
+        return _cached_primitive(inputs, "plain", n_threads,
+                                 functools.partial(_onednn_layer_norm, inputs))
     if case.op in FUSED_OPS:
         raise Unavailable("oneDNN's batch norm + ReLU fusion is not in this harness")
     raise Unavailable(f"oneDNN 3.2 has no {case.operation.label.split()[0]} primitive")

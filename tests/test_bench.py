@@ -182,3 +182,19 @@ def test_measure_stops_at_max_seconds_after_three_rounds():
                            max_rounds=50, apart_samples=1, apart_seconds=1.0, once_seconds=1.0)
     timings = _bench.measure(calls, budget)
     assert [len(timings[name].samples) for name in calls] == [3, 3]
+
+
+def test_onednn_primitives_are_made_per_thread_count():
+    # A oneDNN primitive keeps the thread count it was made with; the report makes a case's
+    # inputs once for all its thread counts, so each count needs its own primitive.
+    inputs = _bench.Inputs(_bench.cases(quick=True)[0])
+    made = []
+
+    def make():
+        made.append(object())
+        return made[-1]
+
+    one = _bench._cached_primitive(inputs, "plain", 1, make)
+    two = _bench._cached_primitive(inputs, "plain", 2, make)
+    assert one is not two and len(made) == 2
+    assert _bench._cached_primitive(inputs, "plain", 2, make) is two and len(made) == 2
