@@ -11,12 +11,10 @@ miss, with the value of each report beside the median.
 """
 import argparse
 import json
-import re
 import statistics
 import sys
 
-# A target as the report writes it: "<implementation or column><op><number>".
-TARGET = re.compile(r"^(?P<what>[a-z_]+)(?P<op><=|>=)(?P<bound>[0-9.]+)$")
+from bncpu import _bench
 
 
 def load(paths):
@@ -32,11 +30,11 @@ def rows_by_key(report):
 
 
 def judge(target, value):
-    match = TARGET.match(target)
-    if match is None or value is None:
+    """Whether ``value`` meets ``target`` (its text in a report), as the report judges."""
+    if value is None:
         return None
-    bound = float(match["bound"])
-    return value >= bound if match["op"] == ">=" else value <= bound
+    parsed = _bench.Target.parse(target)
+    return parsed.met({parsed.metric: value})
 
 
 def median_or_none(values):

@@ -1064,6 +1064,12 @@ class Target:
     def __str__(self):
         return f"{self.metric}{'<=' if self.metric in AT_MOST else '>='}{self.bound:.3g}"
 
+    @classmethod
+    def parse(cls, text):
+        """The target whose ``str`` is ``text`` (as a report's JSON records it)."""
+        metric, _, bound = text.partition("<=" if "<=" in text else ">=")
+        return cls(metric, float(bound))
+
 
 PEERS = ("torch", "onednn", "onednn_best", "reference")
 

@@ -12,8 +12,8 @@
  * line (NumPy's large arrays start 16 bytes past one) writes those elements normally,
  * then vectors that each cover W consecutive columns, wrapping from the end of a row to
  * the start of the next: they take their coefficients from copies rotated by `head`
- * columns. Only whole lines are streamed (see BNCPU_LINE_BYTES); the span's last partial
- * line is written with ordinary vector stores. Every element gets the same operations in the same order as
+ * columns. Only whole lines are streamed (bncpu_stream_range in _elementwise.h); the
+ * span's last partial line is written with ordinary vector stores. Every element gets the same operations in the same order as
  * pass_columns' scalar loops, so the results are bitwise those of the ordinary stores
  * (build with -ffp-contract=off).
  *
@@ -69,11 +69,8 @@ static inline void bncpu_columns_stream_##SUFFIX(int kind, const T* a, const T* 
                                                  const T* offset, const T* k)                 \
 {                                                                                             \
     const int64_t per = BNCPU_EW_BYTES / sizeof(T), length = rows * cols;                     \
-    const int64_t per_line = BNCPU_LINE_BYTES / sizeof(T);                                    \
-    const int64_t head = (per_line                                                            \
-                          - (int64_t)((uintptr_t)out % BNCPU_LINE_BYTES / sizeof(T)))         \
-                         % per_line;                                                          \
-    const int64_t end = head < length ? head + (length - head) / per_line * per_line : 0;     \
+    int64_t end;                                                                              \
+    const int64_t head = bncpu_stream_range(out, length, sizeof(T), &end);                    \
     T rotated[5][BNCPU_COLUMNS_MAX_ROTATED];                                                  \
     const T *rhi = hi, *rlo = lo, *rscale = scale, *roffset = offset, *rk = k;                \
     int64_t f, j, t;                                                                          \

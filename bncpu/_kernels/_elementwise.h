@@ -186,14 +186,11 @@ static inline void bncpu_affine_relu_##SUFFIX(const T* x, const T* r, T* y, int6
         head = bncpu_stream_range(y, length, sizeof(T), &end);                                \
     for (; i < head; i++)                                                                     \
         y[i] = bncpu_affine1_##SUFFIX(x, r, i, hi, lo, scale, shift, relu);                   \
-    for (; i < end; i += per)                                                                 \
-        bncpu_stream_bytes(y + i, (bncpu_ew_f32)bncpu_affinev_##SUFFIX(x, r, i, hi, lo,       \
-                                                                     scale, shift, relu));    \
-    if (end > head)                                                                           \
-        bncpu_store_fence();                                                                  \
     for (; i + per <= length; i += per)                                                       \
         bncpu_store_##SUFFIX(y + i, bncpu_affinev_##SUFFIX(x, r, i, hi, lo, scale, shift,     \
-                                                           relu), 0);                         \
+                                                           relu), i < end);                   \
+    if (end > head)                                                                           \
+        bncpu_store_fence();                                                                  \
     for (; i < length; i++)                                                                   \
         y[i] = bncpu_affine1_##SUFFIX(x, r, i, hi, lo, scale, shift, relu);                   \
 }                                                                                             \
