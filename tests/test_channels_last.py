@@ -182,8 +182,6 @@ def test_channels_last_group_norm_is_the_channels_first_one(groups, dtype):
     dy = random_input(x.shape, dtype, seed=4)
     weight, bias = channel_params(8, dtype)
     last = bncpu.group_norm_forward(x, groups, weight, bias, 1e-5, axis=-1)
-    if groups == 8:   # one channel per group: the instance-norm path, checked in tolerance
-        return
     ref = bncpu.group_norm_forward(first(x, -1), groups, weight, bias, 1e-5)
     close_all([first(last[0], -1)] + list(last[1:]), ref, dtype)
     grads = bncpu.group_norm_backward(dy, x, groups, last[1], last[2], weight, axis=-1)
