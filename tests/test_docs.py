@@ -212,3 +212,13 @@ def test_readme_is_a_short_page():
     """The README is a newcomer's page; the long material lives in docs/."""
     words = len((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert words <= README_WORDS, f"README.md has {words} words (at most {README_WORDS})"
+
+
+def test_readme_runs_the_tests_as_ci_does():
+    """The README's test command is the one .ci/run runs on a fresh clone (CI adds -q)."""
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    command = ci[ci.index("# The README's test command:") + 1].replace(" -q", "")
+    readme_commands = [line for b in BLOCKS if b.page.name == "README.md"
+                       and b.language in ("bash", "sh") for line in b.source.splitlines()]
+    assert any(line.endswith(command) for line in readme_commands), (
+        f"no README command ends with .ci/run's {command!r}")
