@@ -18,6 +18,7 @@ from bncpu import _validate as v
 from bncpu._batch_norm import batch_norm_forward
 from bncpu._ops import batch_norm as _bn
 from bncpu._ops import row_norm as _rows
+from bncpu._status import raise_for_status
 
 
 def _normalized_shape(normalized_shape, input_shape):
@@ -144,7 +145,7 @@ def layer_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
     result = v.Output(out, x.shape, dtype, (x, w, b))
     mean = np.empty(leading, dtype)
     rstd = np.empty(leading, dtype)
-    v.raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, b, eps, True, mean, rstd))
+    raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, b, eps, True, mean, rstd))
     return result.finish(), mean, rstd
 
 
@@ -199,7 +200,7 @@ def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
     result = v.Output(out, x.shape, dtype, (dy, x, w, mean, rstd))
     grad_weight = np.empty(normalized_shape, dtype) if w is not None else None
     grad_bias = np.empty(normalized_shape, dtype) if w is not None else None
-    v.raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, mean, rstd, w, True,
+    raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, mean, rstd, w, True,
                                       grad_weight, grad_bias))
     return result.finish(), grad_weight, grad_bias
 
@@ -240,17 +241,17 @@ def _grouped_forward(x, groups, axis, w, b, eps, out, other_inputs=()):
     if groups == 0:   # instance norm of no channels has no groups
         pass
     elif axis == 1 or axis == x.ndim - 1 and groups < c:
-        v.raise_for_status(_rows.forward(x, result.target, n, c, s, groups, w, b, eps, True,
+        raise_for_status(_rows.forward(x, result.target, n, c, s, groups, w, b, eps, True,
                                          mean, rstd, axis != 1))
     elif groups < c:
         first = _channels_first(x, axis)
         y = np.empty_like(first)
-        v.raise_for_status(_rows.forward(first, y, n, c, s, groups, w, b, eps, True, mean, rstd))
+        raise_for_status(_rows.forward(first, y, n, c, s, groups, w, b, eps, True, mean, rstd))
         result.target[...] = np.moveaxis(y, 1, axis)
     else:
         outer, inner = _per_sample(x, axis)
         for i in range(n):
-            v.raise_for_status(_bn.forward_train(x[i], result.target[i], outer, c, inner, w, b,
+            raise_for_status(_bn.forward_train(x[i], result.target[i], outer, c, inner, w, b,
                                                  None, None, 0.0, eps, mean[i], rstd[i]))
         if s == 0:   # empty instances: rstd NaN, as the row kernels and PyTorch give it
             rstd.fill(np.nan)
@@ -275,12 +276,12 @@ def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out, ax
     if groups == 0:
         pass
     elif axis == 1 or axis == x.ndim - 1 and groups < c:
-        v.raise_for_status(_rows.backward(dy, x, result.target, n, c, s, groups, mean, rstd, w,
+        raise_for_status(_rows.backward(dy, x, result.target, n, c, s, groups, mean, rstd, w,
                                           True, grad_weight, grad_bias, axis != 1))
     elif groups < c:
         dy_first, x_first = _channels_first(dy, axis), _channels_first(x, axis)
         dx = np.empty_like(x_first)
-        v.raise_for_status(_rows.backward(dy_first, x_first, dx, n, c, s, groups, mean, rstd, w,
+        raise_for_status(_rows.backward(dy_first, x_first, dx, n, c, s, groups, mean, rstd, w,
                                           True, grad_weight, grad_bias))
         result.target[...] = np.moveaxis(dx, 1, axis)
     else:
@@ -288,7 +289,7 @@ def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out, ax
         sample_grads = np.zeros((2, n, c), dtype) if w is not None else None
         for i in range(n):
             grad_weight_i, grad_bias_i = (None, None) if w is None else sample_grads[:, i]
-            v.raise_for_status(_bn.backward(dy[i], x[i], result.target[i], outer, c, inner, w,
+            raise_for_status(_bn.backward(dy[i], x[i], result.target[i], outer, c, inner, w,
                                             None, None, mean[i], rstd[i], True, 0.0,
                                             grad_weight_i, grad_bias_i))
         if w is not None:
@@ -535,11 +536,11 @@ def _instance_stats(x, axis):
     mean = np.empty((n, c))
     m2 = np.empty((n, c))
     if axis == 1:   # the instances are the rows of an (N·C, S) matrix: one channel each
-        v.raise_for_status(_bn.stats(x, 1, n * c, s, mean, m2))
+        raise_for_status(_bn.stats(x, 1, n * c, s, mean, m2))
     else:
         outer, inner = _per_sample(x, axis)
         for i in range(n):
-            v.raise_for_status(_bn.stats(x[i], outer, c, inner, mean[i], m2[i]))
+            raise_for_status(_bn.stats(x[i], outer, c, inner, mean[i], m2[i]))
     return mean, m2 / s
 
 
@@ -659,7 +660,7 @@ def rms_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
     leading, rows, d = _rows_of(x.shape, normalized_shape)
     result = v.Output(out, x.shape, dtype, (x, w))
     rstd = np.empty(leading, dtype)
-    v.raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, None, eps, False, None,
+    raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, None, eps, False, None,
                                      rstd))
     return result.finish(), rstd
 
@@ -712,6 +713,6 @@ def rms_norm_backward(grad_output: ArrayLike, input: ArrayLike,
     w = v.shaped_param(weight, "weight", normalized_shape, dtype)
     result = v.Output(out, x.shape, dtype, (dy, x, w, rstd))
     grad_weight = np.empty(normalized_shape, dtype) if w is not None else None
-    v.raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, None, rstd, w, False,
+    raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, None, rstd, w, False,
                                       grad_weight, None))
     return result.finish(), grad_weight

@@ -450,13 +450,13 @@ def test_training_statistics_go_through_the_hooks():
     calls = []
 
     class Recording(nn.BatchNorm2d):
-        def _train_forward(self, x, running_mean, running_var, momentum):
+        def _train_forward(self, x, layout, running_mean, running_var, momentum):
             calls.append(("forward", int(self.num_batches_tracked), momentum))
-            return super()._train_forward(x, running_mean, running_var, momentum)
+            return super()._train_forward(x, layout, running_mean, running_var, momentum)
 
-        def _train_backward(self, grad_output, x, save_mean, save_invstd):
+        def _train_backward(self, grad_output, x, layout, save_mean, save_invstd):
             calls.append(("backward",))
-            return super()._train_backward(grad_output, x, save_mean, save_invstd)
+            return super()._train_backward(grad_output, x, layout, save_mean, save_invstd)
 
     layer = Recording(3, momentum=None, dtype=np.float64)
     x = random_input((2, 3, 4, 4), np.float64)

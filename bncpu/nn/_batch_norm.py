@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 
 from bncpu import _validate as v
-from bncpu._batch_norm import batch_norm_backward, batch_norm_forward
+from bncpu._batch_norm import batch_norm_backward, channel_args, run_backward, run_forward
 from bncpu._row_norm import instance_norm_backward, instance_norm_forward
 from bncpu.nn._module import Module, layer_axis
 
@@ -98,13 +98,16 @@ class _BatchNorm(_NormBase):
     Subclassing (synchronized batch norm): the training statistics go through two hooks,
     and only those need overriding to compute them across processes:
 
-    * ``_train_forward(x, running_mean, running_var, momentum)`` gets the validated input
-      (C-contiguous, the layer's dtype, channels along ``self.axis``), normalizes it with
-      the statistics of the batch, updates ``running_mean``/``running_var`` in place with
-      ``momentum`` when they are not None (``self.unbiased_running_var`` says which
-      variance), and returns ``(output, save_mean, save_invstd)``.
-    * ``_train_backward(grad_output, x, save_mean, save_invstd)`` gets what that forward
-      returned and returns ``(grad_input, grad_weight, grad_bias)`` (the last two None
+    * ``_train_forward(x, layout, running_mean, running_var, momentum)`` gets the
+      validated input (C-contiguous, the layer's dtype) and its (outer, C, inner)
+      ``layout`` (channels along ``self.axis``), checks the layer's per-channel arrays
+      against it, normalizes it with the statistics of the batch, updates
+      ``running_mean``/``running_var`` in place with ``momentum`` when they are not None
+      (``self.unbiased_running_var`` says which variance), and returns ``(output,
+      save_mean, save_invstd)``.
+    * ``_train_backward(grad_output, x, layout, save_mean, save_invstd)`` gets the
+      validated grad_output (of the input's shape and dtype) and what that forward
+      returned, and returns ``(grad_input, grad_weight, grad_bias)`` (the last two None
       without ``affine``), the parameter gradients summed over the whole batch.
 
     The layer keeps everything else: the input check (``_check_input_dim``), momentum and
@@ -121,16 +124,35 @@ class _BatchNorm(_NormBase):
                          axis)
         self.unbiased_running_var = bool(unbiased_running_var)
 
-    def _train_forward(self, x, running_mean, running_var, momentum):
-        return batch_norm_forward(x, self.weight, self.bias, running_mean, running_var, True,
-                                  momentum, self.eps, axis=self.axis,
-                                  unbiased_running_var=self.unbiased_running_var)
+    # The layer checks its input (Module._as_input) and its own arrays against it, then
+    # calls the kernels unchecked: eps and momentum were checked when set, and the kernels'
+    # C entries check them again.
+    def _local_forward(self, x, layout, running_mean, running_var, training, momentum):
+        w, b, rm, rv = channel_args(x, layout, self.weight, self.bias, running_mean,
+                                    running_var, training)
+        output = np.empty_like(x)
+        save_mean, save_invstd = run_forward(x, output, layout, w, b, rm, rv, training, momentum,
+                                             self.eps, self.unbiased_running_var)
+        return output, save_mean, save_invstd
 
-    def _train_backward(self, grad_output, x, save_mean, save_invstd):
-        return batch_norm_backward(grad_output, x, self.weight, None, None, save_mean,
-                                   save_invstd, True, self.eps, axis=self.axis)
+    def _local_backward(self, dy, x, layout, running_mean, running_var, save_mean, save_invstd,
+                        training):
+        w = v.per_channel(self.weight, "weight", layout[1], x.dtype)
+        grad_input = np.empty_like(x)
+        grad_weight, grad_bias = run_backward(dy, x, grad_input, layout, w, running_mean,
+                                              running_var, save_mean, save_invstd, training,
+                                              self.eps)
+        return grad_input, grad_weight, grad_bias
+
+    def _train_forward(self, x, layout, running_mean, running_var, momentum):
+        return self._local_forward(x, layout, running_mean, running_var, True, momentum)
+
+    def _train_backward(self, grad_output, x, layout, save_mean, save_invstd):
+        return self._local_backward(grad_output, x, layout, None, None, save_mean, save_invstd,
+                                    True)
 
     def _forward(self, x):
+        layout = v.channel_layout(x.shape, v.channel_axis(self.axis, x.ndim))
         if self.training:
             tracked = self.track_running_stats
             if not tracked:
@@ -140,29 +162,28 @@ class _BatchNorm(_NormBase):
             else:
                 momentum = self.momentum
             output, save_mean, save_invstd = self._train_forward(
-                x, self.running_mean if tracked else None, self.running_var if tracked else None,
-                momentum)
+                x, layout, self.running_mean if tracked else None,
+                self.running_var if tracked else None, momentum)
             if tracked:
                 self.num_batches_tracked += 1
-            return output, ("train", x, save_mean, save_invstd)
+            return output, ("train", x, layout, save_mean, save_invstd)
         if self.running_mean is None:
-            output, save_mean, save_invstd = batch_norm_forward(
-                x, self.weight, self.bias, None, None, True, 0.0, self.eps, axis=self.axis)
-            return output, ("batch", x, save_mean, save_invstd)
-        output = batch_norm_forward(x, self.weight, self.bias, self.running_mean,
-                                    self.running_var, False, 0.0, self.eps, axis=self.axis)[0]
-        return output, ("eval", x) + self._saved_running_stats()
+            output, save_mean, save_invstd = self._local_forward(x, layout, None, None, True, 0.0)
+            return output, ("batch", x, layout, save_mean, save_invstd)
+        output = self._local_forward(x, layout, self.running_mean, self.running_var, False,
+                                     0.0)[0]
+        return output, ("eval", x, layout) + self._saved_running_stats()
 
     def _backward(self, grad_output, saved):
-        mode, x, first, second = saved
+        mode, x, layout, first, second = saved
+        dy = v.as_input(grad_output, "grad_output", dtype=x.dtype)
+        v.same_shape(dy, "grad_output", x.shape)
         if mode == "train":
-            grads = self._train_backward(grad_output, x, first, second)
+            grads = self._train_backward(dy, x, layout, first, second)
         elif mode == "batch":
-            grads = batch_norm_backward(grad_output, x, self.weight, None, None, first, second,
-                                        True, self.eps, axis=self.axis)
+            grads = self._local_backward(dy, x, layout, None, None, first, second, True)
         else:
-            grads = batch_norm_backward(grad_output, x, self.weight, first, second, None, None,
-                                        False, self.eps, axis=self.axis)
+            grads = self._local_backward(dy, x, layout, first, second, None, None, False)
         grad_input, grad_weight, grad_bias = grads
         return grad_input, {"weight": grad_weight, "bias": grad_bias}
 
