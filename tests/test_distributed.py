@@ -359,7 +359,7 @@ def test_out_and_no_weight():
 
 def test_out_overlapping_running_stats_rejected():
     """An out= sharing memory with the running statistics would overwrite their update:
-    rejected before the collective, nothing written (issue 18 item 9)."""
+    rejected before the collective, nothing written."""
     from bncpu.distributed._comm import LocalCommunicator
     x = np.random.default_rng(0).random((6, 3), dtype=np.float64)
     storage = np.zeros(18 + 6)
