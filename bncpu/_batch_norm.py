@@ -181,8 +181,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
     """
     x = v.as_input(input)
     dtype = x.dtype
-    dy = v.as_input(grad_output, "grad_output", dtype=dtype)
-    v.same_shape(dy, "grad_output", x.shape)
+    dy = v.grad_output(grad_output, x)
     layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     training = v.check_flag(training, "training")
     eps = v.check_eps(eps)
@@ -438,8 +437,7 @@ def _split_backward_args(grad_output, input, mean, invstd, weight, axis):
     """The checked arrays of the split-phase backward functions, and the (outer, C, inner)
     layout of the input."""
     x = v.as_input(input)
-    dy = v.as_input(grad_output, "grad_output", dtype=x.dtype)
-    v.same_shape(dy, "grad_output", x.shape)
+    dy = v.grad_output(grad_output, x)
     layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     c = layout[1]
     return (dy, x, v.stats_array(mean, "mean", c), v.stats_array(invstd, "invstd", c),

@@ -283,6 +283,13 @@ def same_shape(array, name, shape):
         raise ValueError(f"{name} has shape {array.shape} but input has shape {shape}")
 
 
+def grad_output(value, x, min_ndim=2):
+    """A backward's grad_output: of the checked input ``x``'s shape, converted to its dtype."""
+    dy = as_input(value, "grad_output", min_ndim, dtype=x.dtype)
+    same_shape(dy, "grad_output", x.shape)
+    return dy
+
+
 class Output:
     """Where a kernel writes a result of ``shape`` and ``dtype``, honouring ``out``.
 

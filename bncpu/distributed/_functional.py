@@ -198,8 +198,7 @@ def sync_batch_norm_backward(grad_output, input, weight, mean, invstd, count, co
             raise ValueError(f"input has {x.shape[axis]} channels but mean has {c}")
         dtype = x.dtype
         layout = v.channel_layout(x.shape, axis)
-        dy = v.as_input(grad_output, "grad_output", dtype=dtype)
-        v.same_shape(dy, "grad_output", x.shape)
+        dy = v.grad_output(grad_output, x)
         w = v.per_channel(weight, "weight", c, dtype)
         count = check_backward_count(v.check_count(count), x)
         mean = v.stats_array(mean, "mean", c)
