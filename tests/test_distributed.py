@@ -576,3 +576,22 @@ def test_layer_backward_error_on_one_process_raises_everywhere():
         assert grad_weight is None
     for message, _ in results[0::2]:
         assert "1 of 3 processes failed their checks (see the error raised on process 1)" in message
+
+
+def test_layer_eps_changed_on_one_process_raises_everywhere():
+    """An eps set to a bad value after construction, on one process: caught before the
+    collective, so every process raises and none is left in the next step."""
+    from bncpu.distributed import SyncBatchNorm
+
+    def step(comm):
+        layer = SyncBatchNorm(CHANNELS, comm=comm, dtype=np.float64)
+        if comm.rank == 2:
+            layer.eps = -1.0
+        with pytest.raises(ValueError) as error:
+            layer(shard(comm.rank, comm.size, np.float64)[0])
+        return str(error.value), int(layer.num_batches_tracked)
+
+    results = run_threads(3, step)
+    assert results[2][0].startswith("eps must be finite and >= 0")
+    for message, tracked in results:
+        assert tracked == 0 and "eps must be finite" in message

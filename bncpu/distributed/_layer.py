@@ -82,12 +82,16 @@ class SyncBatchNorm(_BatchNorm):
             raise
 
     def _train_forward(self, x, layout, running_mean, running_var, momentum):
+        # eps and momentum are checked again here, not left to the kernels: a value changed
+        # since construction would fail after the collective on this process alone.
+        eps = v.check_eps(self.eps)
+        momentum = v.check_momentum(momentum)
         w, b, rm, rv = forward_channel_args(x, layout, self.weight, self.bias, running_mean,
                                             running_var)
         self._joined = True
         output = np.empty_like(x)
         mean, invstd, count = synchronized_forward(self.comm, x, output, layout, w, b, rm, rv,
-                                                   momentum, self.eps, self.unbiased_running_var)
+                                                   momentum, eps, self.unbiased_running_var)
         return output, _GlobalStatistics(mean, invstd, count), None
 
     def _train_backward(self, grad_output, x, layout, statistics, _):
