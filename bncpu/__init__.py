@@ -8,20 +8,20 @@ identical for any number of threads.
 The plain-NumPy twin of every function is in ``bncpu.reference``; ``python -m bncpu``
 prints the speed report; ``bncpu.get_include()`` locates ``bncpu.h`` for C callers.
 """
-import os
+import os as _os
 
 
 def _not_built_message(error: ImportError) -> str:
     """Why the compiled modules did not load: usually a source tree that was never built."""
     from importlib.machinery import EXTENSION_SUFFIXES
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = _os.path.dirname(_os.path.abspath(__file__))
     if any(name.startswith("_capi") and name.endswith(tuple(EXTENSION_SUFFIXES))
-           for name in os.listdir(here)):
+           for name in _os.listdir(here)):
         return f"bncpu's compiled extension modules in {here} cannot be loaded: {error}"
     return (f"bncpu is imported from {here}, which holds its source but not its compiled "
             f"extension modules (this looks like an unbuilt source tree). Build them in place "
             f"with `pip install -e .` or `python setup.py build_ext --inplace` in "
-            f"{os.path.dirname(here)}, or install bncpu (`pip install .`) and run Python from "
+            f"{_os.path.dirname(here)}, or install bncpu (`pip install .`) and run Python from "
             f"another directory so that the installed package is imported.")
 
 
@@ -82,4 +82,4 @@ def get_include() -> str:
     str
         An absolute path, to pass to the C compiler as ``-I``.
     """
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+    return _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "include")

@@ -1,5 +1,12 @@
 """Batch norm: the public Python functions (validation in bncpu._validate, kernels in
-bncpu/_kernels/batch_norm.pyx, reached through bncpu._ops)."""
+bncpu/_kernels/batch_norm.pyx, reached through bncpu._ops).
+
+Each public function checks its arguments once and then calls a ``run_*`` function,
+which only calls the kernel and turns its status into an exception. The layers
+(bncpu.nn) and synchronized batch norm (bncpu.distributed) check what they receive and
+call the ``run_*`` functions too, so no argument is checked twice in Python; the C
+entries keep their own checks, as the public C API must.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +14,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from bncpu import _validate as v
 from bncpu._ops import batch_norm as _bn
+from bncpu._status import raise_for_status
 
 
 # ----------------------------------------------------------------------------------
@@ -95,21 +103,29 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    x, (n, c, s), w, b, rm, rv, training, momentum, eps = forward_args(
+    x, layout, w, b, rm, rv, training, momentum, eps = forward_args(
         input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)
     unbiased_running_var = v.check_flag(unbiased_running_var, "unbiased_running_var")
-    dtype = x.dtype
-    result = v.Output(out, x.shape, dtype, (x, w, b, rm, rv))
-    if training:
-        save_mean = np.empty(c, dtype)
-        save_invstd = np.empty(c, dtype)
-        status = _bn.forward_train(x, result.target, n, c, s, w, b, rm, rv, momentum, eps,
-                                   save_mean, save_invstd, unbiased=unbiased_running_var)
-    else:
-        save_mean = save_invstd = np.empty(0, dtype)
-        status = _bn.forward_eval(x, result.target, n, c, s, w, b, rm, rv, eps)
-    v.raise_for_status(status)
+    result = v.Output(out, x.shape, x.dtype, (x, w, b, rm, rv))
+    save_mean, save_invstd = run_forward(x, result.target, layout, w, b, rm, rv, training,
+                                         momentum, eps, unbiased_running_var)
     return result.finish(), save_mean, save_invstd
+
+
+def run_forward(x, y, layout, w, b, rm, rv, training, momentum, eps, unbiased_running_var):
+    """The forward kernel on checked arguments (``forward_args``'s): writes ``y``, returns
+    (save_mean, save_invstd)."""
+    n, c, s = layout
+    if training:
+        save_mean = np.empty(c, x.dtype)
+        save_invstd = np.empty(c, x.dtype)
+        raise_for_status(_bn.forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps,
+                                           save_mean, save_invstd,
+                                           unbiased=unbiased_running_var))
+    else:
+        save_mean = save_invstd = np.empty(0, x.dtype)
+        raise_for_status(_bn.forward_eval(x, y, n, c, s, w, b, rm, rv, eps))
+    return save_mean, save_invstd
 
 
 def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike | None,
@@ -165,21 +181,28 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
     """
     x = v.as_input(input)
     dtype = x.dtype
-    dy = v.as_input(grad_output, "grad_output", dtype=dtype)
-    v.same_shape(dy, "grad_output", x.shape)
-    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    dy = v.grad_output(grad_output, x)
+    layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     training = v.check_flag(training, "training")
     eps = v.check_eps(eps)
-    w = v.per_channel(weight, "weight", c, dtype)
-    rm, rv, mean, invstd = backward_stats(c, dtype, training, running_mean, running_var,
+    w = v.per_channel(weight, "weight", layout[1], dtype)
+    rm, rv, mean, invstd = backward_stats(layout[1], dtype, training, running_mean, running_var,
                                           save_mean, save_invstd)
     result = v.Output(out, x.shape, dtype, (dy, x, w))
-    grad_weight = np.empty(c, dtype) if w is not None else None
-    grad_bias = np.empty(c, dtype) if w is not None else None
-    status = _bn.backward(dy, x, result.target, n, c, s, w, rm, rv, mean, invstd, training, eps,
-                          grad_weight, grad_bias)
-    v.raise_for_status(status)
+    grad_weight, grad_bias = run_backward(dy, x, result.target, layout, w, rm, rv, mean, invstd,
+                                          training, eps)
     return result.finish(), grad_weight, grad_bias
+
+
+def run_backward(dy, x, dx, layout, w, rm, rv, mean, invstd, training, eps):
+    """The backward kernel on checked arguments: writes ``dx``, returns (grad_weight,
+    grad_bias), None without ``w``."""
+    n, c, s = layout
+    grad_weight = np.empty(c, x.dtype) if w is not None else None
+    grad_bias = np.empty(c, x.dtype) if w is not None else None
+    raise_for_status(_bn.backward(dy, x, dx, n, c, s, w, rm, rv, mean, invstd, training, eps,
+                                  grad_weight, grad_bias))
+    return grad_weight, grad_bias
 
 
 def forward_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -188,21 +211,29 @@ def forward_args(input, weight, bias, running_mean, running_var, training, momen
     (x, (n, c, s), weight, bias, running_mean, running_var, training, momentum, eps).
     In training ``out`` must lie apart from the running statistics it would overwrite."""
     x = v.as_input(input)
-    dtype = x.dtype
-    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
     training = v.check_flag(training, "training")
-    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
+    w, b, rm, rv = channel_args(x, layout, weight, bias, running_mean, running_var, training)
+    if training:
+        v.check_out_apart(out, running_mean=rm, running_var=rv)
+    return x, layout, w, b, rm, rv, training, momentum, eps
+
+
+def channel_args(x, layout, weight, bias, running_mean, running_var, training):
+    """The checked (weight, bias, running_mean, running_var) of a forward of the checked
+    input ``x`` of (outer, C, inner) ``layout``: the running statistics are required in
+    evaluation and updated in training; training needs more than one value per channel."""
+    n, c, s = layout
+    rm, rv = v.running_pair(running_mean, running_var, c, x.dtype, required=not training,
                             updated=training)
-    w = v.per_channel(weight, "weight", c, dtype)
-    b = v.per_channel(bias, "bias", c, dtype)
+    w = v.per_channel(weight, "weight", c, x.dtype)
+    b = v.per_channel(bias, "bias", c, x.dtype)
     if training and n * s == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, "
                          f"got input size {x.shape}")
-    if training:
-        v.check_out_apart(out, running_mean=rm, running_var=rv)
-    return x, (n, c, s), w, b, rm, rv, training, momentum, eps
+    return w, b, rm, rv
 
 
 def backward_stats(c, dtype, training, running_mean, running_var, save_mean, save_invstd):
@@ -258,10 +289,15 @@ def batch_norm_stats(input: ArrayLike, *, axis: int = 1) -> tuple[NDArray, NDArr
         As ``batch_norm``.
     """
     x = v.as_input(input)
-    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    return run_stats(x, v.channel_layout(x.shape, v.channel_axis(axis, x.ndim)))
+
+
+def run_stats(x, layout):
+    """(mean, m2, count) of the checked input ``x`` of (outer, C, inner) ``layout``."""
+    n, c, s = layout
     mean = np.empty(c, np.float64)
     m2 = np.empty(c, np.float64)
-    v.raise_for_status(_bn.stats(x, n, c, s, mean, m2))
+    raise_for_status(_bn.stats(x, n, c, s, mean, m2))
     return mean, m2, n * s
 
 
@@ -319,16 +355,28 @@ def batch_norm_gather_stats(mean: ArrayLike, m2: ArrayLike, count: ArrayLike,
     dtype = (v.compute_dtype(running_mean.dtype, "running_mean")
              if isinstance(running_mean, np.ndarray) else np.dtype(np.float64))
     rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
+    check_total_count(total)
+    return run_gather_stats(np.ascontiguousarray(mean, np.float64),
+                            np.ascontiguousarray(m2, np.float64), counts, rm, rv, momentum,
+                            eps, unbiased_running_var, dtype == np.float32)
+
+
+def check_total_count(total):
+    """ValueError for a batch of one value per channel, which has no variance to train with."""
     if total == 1:
         raise ValueError("Expected more than 1 value per channel when training, got a total count of 1")
-    mean_out = np.empty(c, np.float64)
-    invstd_out = np.empty(c, np.float64)
-    status = _bn.gather_stats(p, c, np.ascontiguousarray(mean, np.float64),
-                              np.ascontiguousarray(m2, np.float64), counts, rm, rv, momentum,
-                              eps, mean_out, invstd_out, dtype == np.float32,
-                              unbiased=unbiased_running_var)
-    v.raise_for_status(status)
-    return mean_out, invstd_out
+
+
+def run_gather_stats(means, m2s, counts, rm, rv, momentum, eps, unbiased_running_var,
+                     float32_stats):
+    """The global (mean, invstd) of checked (P, C) float64 partials and P int64 counts;
+    ``float32_stats``: the running statistics' dtype (they may be None)."""
+    p, c = means.shape
+    mean = np.empty(c, np.float64)
+    invstd = np.empty(c, np.float64)
+    raise_for_status(_bn.gather_stats(p, c, means, m2s, counts, rm, rv, momentum, eps, mean,
+                                      invstd, float32_stats, unbiased=unbiased_running_var))
+    return mean, invstd
 
 
 def batch_norm_elemt(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
@@ -368,22 +416,28 @@ def batch_norm_elemt(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike
     """
     x = v.as_input(input)
     dtype = x.dtype
-    n, c, s = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
+    c = layout[1]
     w = v.per_channel(weight, "weight", c, dtype)
     b = v.per_channel(bias, "bias", c, dtype)
     mean = v.stats_array(mean, "mean", c)
     invstd = v.stats_array(invstd, "invstd", c)
     result = v.Output(out, x.shape, dtype, (x, w, b))
-    v.raise_for_status(_bn.elemt(x, result.target, n, c, s, mean, invstd, w, b))
+    run_elemt(x, result.target, layout, mean, invstd, w, b)
     return result.finish()
+
+
+def run_elemt(x, y, layout, mean, invstd, w, b):
+    """``y = (x - mean)·invstd·w + b`` on checked arguments."""
+    n, c, s = layout
+    raise_for_status(_bn.elemt(x, y, n, c, s, mean, invstd, w, b))
 
 
 def _split_backward_args(grad_output, input, mean, invstd, weight, axis):
     """The checked arrays of the split-phase backward functions, and the (outer, C, inner)
     layout of the input."""
     x = v.as_input(input)
-    dy = v.as_input(grad_output, "grad_output", dtype=x.dtype)
-    v.same_shape(dy, "grad_output", x.shape)
+    dy = v.grad_output(grad_output, x)
     layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     c = layout[1]
     return (dy, x, v.stats_array(mean, "mean", c), v.stats_array(invstd, "invstd", c),
@@ -426,15 +480,20 @@ def batch_norm_backward_reduce(grad_output: ArrayLike, input: ArrayLike, mean: A
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    dy, x, mean, invstd, w, (n, c, s) = _split_backward_args(grad_output, input, mean, invstd,
-                                                             weight, axis)
-    dtype = x.dtype
+    dy, x, mean, invstd, w, layout = _split_backward_args(grad_output, input, mean, invstd,
+                                                          weight, axis)
+    return run_backward_reduce(dy, x, layout, mean, invstd, w)
+
+
+def run_backward_reduce(dy, x, layout, mean, invstd, w):
+    """``batch_norm_backward_reduce`` on checked arguments."""
+    n, c, s = layout
     sum_dy = np.empty(c, np.float64)
     sum_dy_xmu = np.empty(c, np.float64)
-    v.raise_for_status(_bn.backward_reduce(dy, x, n, c, s, mean, sum_dy, sum_dy_xmu))
+    raise_for_status(_bn.backward_reduce(dy, x, n, c, s, mean, sum_dy, sum_dy_xmu))
     if w is None:
         return sum_dy, sum_dy_xmu, None, None
-    return sum_dy, sum_dy_xmu, (sum_dy_xmu * invstd).astype(dtype), sum_dy.astype(dtype)
+    return sum_dy, sum_dy_xmu, (sum_dy_xmu * invstd).astype(x.dtype), sum_dy.astype(x.dtype)
 
 
 def batch_norm_backward_elemt(grad_output: ArrayLike, input: ArrayLike, mean: ArrayLike,
@@ -479,16 +538,27 @@ def batch_norm_backward_elemt(grad_output: ArrayLike, input: ArrayLike, mean: Ar
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    dy, x, mean, invstd, w, (n, c, s) = _split_backward_args(grad_output, input, mean, invstd,
-                                                             weight, axis)
-    dtype = x.dtype
+    dy, x, mean, invstd, w, layout = _split_backward_args(grad_output, input, mean, invstd,
+                                                          weight, axis)
+    c = layout[1]
     sum_dy = v.stats_array(sum_dy, "sum_dy", c)
     sum_dy_xmu = v.stats_array(sum_dy_xmu, "sum_dy_xmu", c)
-    count = v.total_count(count)
+    count = check_backward_count(v.total_count(count), x)
+    result = v.Output(out, x.shape, x.dtype, (dy, x, w))
+    run_backward_elemt(dy, x, result.target, layout, mean, invstd, w, sum_dy, sum_dy_xmu, count)
+    return result.finish()
+
+
+def check_backward_count(count, x):
+    """The batch's total count, checked against this part ``x`` of it."""
     if count == 0 and x.size > 0:
         raise ValueError("count must be > 0 for a non-empty input")
-    result = v.Output(out, x.shape, dtype, (dy, x, w))
+    return count
+
+
+def run_backward_elemt(dy, x, dx, layout, mean, invstd, w, sum_dy, sum_dy_xmu, count):
+    """``batch_norm_backward_elemt`` on checked arguments (``count`` the checked total)."""
+    n, c, s = layout
     if x.size > 0:
-        v.raise_for_status(_bn.backward_elemt(dy, x, result.target, n, c, s, mean, invstd, w,
-                                              sum_dy, sum_dy_xmu, count))
-    return result.finish()
+        raise_for_status(_bn.backward_elemt(dy, x, dx, n, c, s, mean, invstd, w, sum_dy,
+                                            sum_dy_xmu, count))

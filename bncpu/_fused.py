@@ -23,19 +23,24 @@ from numpy.typing import ArrayLike, NDArray
 from bncpu import _validate as v
 from bncpu._batch_norm import backward_stats, forward_args
 from bncpu._ops import batch_norm as _bn
+from bncpu._status import raise_for_status
+
 
 def batch_norm_relu(input: ArrayLike, running_mean: NDArray | None,
                     running_var: NDArray | None, weight: ArrayLike | None = None,
                     bias: ArrayLike | None = None, training: bool = False,
                     momentum: float = 0.1, eps: float = 1e-5, *,
                     residual: ArrayLike | None = None, axis: int = 1,
-                    out: NDArray | None = None) -> NDArray:
+                    out: NDArray | None = None, unbiased_running_var: bool = True) -> NDArray:
     """``relu(batch_norm(input) + residual)`` in one kernel.
 
     Parameters
     ----------
     input, running_mean, running_var, weight, bias, training, momentum, eps, axis
         As in ``bncpu.batch_norm``.
+    unbiased_running_var : bool, default True
+        As in ``bncpu.batch_norm``: which batch variance the running variance follows in
+        training.
     residual : array_like, optional
         Added to the normalized input before the ReLU (a residual network's shortcut), of
         the input's shape; converted to the input's compute dtype.
@@ -57,14 +62,15 @@ def batch_norm_relu(input: ArrayLike, running_mean: NDArray | None,
         Shapes or values that disagree; nothing has been written then.
     """
     return batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, residual=residual, axis=axis, out=out)[0]
+                                   momentum, eps, residual=residual, axis=axis, out=out,
+                                   unbiased_running_var=unbiased_running_var)[0]
 
 
 def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None,
                             bias: ArrayLike | None, running_mean: NDArray | None,
                             running_var: NDArray | None, training: bool, momentum: float,
                             eps: float, *, residual: ArrayLike | None = None, axis: int = 1,
-                            out: NDArray | None = None
+                            out: NDArray | None = None, unbiased_running_var: bool = True
                             ) -> tuple[NDArray, NDArray, NDArray]:
     """``relu(batch_norm(input) + residual)`` with the statistics the backward needs.
 
@@ -89,6 +95,7 @@ def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None,
     """
     x, (n, c, s), w, b, rm, rv, training, momentum, eps = forward_args(
         input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)
+    unbiased_running_var = v.check_flag(unbiased_running_var, "unbiased_running_var")
     dtype = x.dtype
     residual = _same_shape_input(residual, "residual", x)
     result = v.Output(out, x.shape, dtype, (x, residual, w, b, rm, rv))
@@ -96,11 +103,12 @@ def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None,
         save_mean = np.empty(c, dtype)
         save_invstd = np.empty(c, dtype)
         status = _bn.relu_forward_train(x, residual, result.target, n, c, s, w, b, rm, rv,
-                                        momentum, eps, save_mean, save_invstd)
+                                        momentum, eps, save_mean, save_invstd,
+                                        unbiased=unbiased_running_var)
     else:
         save_mean = save_invstd = np.empty(0, dtype)
         status = _bn.relu_forward_eval(x, residual, result.target, n, c, s, w, b, rm, rv, eps)
-    v.raise_for_status(status)
+    raise_for_status(status)
     return result.finish(), save_mean, save_invstd
 
 
@@ -166,7 +174,7 @@ def batch_norm_relu_backward(grad_output: ArrayLike, output: ArrayLike, input: A
     grad_residual = np.empty(x.shape, dtype) if residual_grad else None
     status = _bn.relu_backward(dy, y, x, result.target, n, c, s, w, rm, rv, mean, invstd,
                                training, eps, grad_weight, grad_bias, grad_residual)
-    v.raise_for_status(status)
+    raise_for_status(status)
     return result.finish(), grad_weight, grad_bias, grad_residual
 
 

@@ -18,6 +18,7 @@ from bncpu import _validate as v
 from bncpu._batch_norm import batch_norm_forward
 from bncpu._ops import batch_norm as _bn
 from bncpu._ops import row_norm as _rows
+from bncpu._status import raise_for_status
 
 
 def _normalized_shape(normalized_shape, input_shape):
@@ -40,19 +41,42 @@ def _normalized_shape(normalized_shape, input_shape):
     return shape
 
 
-def _rows_of(input_shape, normalized_shape):
-    """(leading shape, rows, d): the input as rows of d = prod(normalized_shape) values."""
-    leading = tuple(input_shape[:len(input_shape) - len(normalized_shape)])
-    return leading, math.prod(leading), math.prod(normalized_shape)
+def _leading(input_shape, normalized_shape):
+    """The dims of the input before its normalized ones: one row of values for each index."""
+    return tuple(input_shape[:len(input_shape) - len(normalized_shape)])
 
 
 def _rows_backward_args(grad_output, input, normalized_shape):
-    """Checked (dy, x, normalized_shape, leading shape, rows, d) of a layer/RMS backward."""
+    """Checked (dy, x, normalized_shape, leading shape) of a layer/RMS backward."""
     x = v.as_input(input, min_ndim=0)
-    dy = v.as_input(grad_output, "grad_output", min_ndim=0, dtype=x.dtype)
-    v.same_shape(dy, "grad_output", x.shape)
+    dy = v.grad_output(grad_output, x, min_ndim=0)
     normalized_shape = _normalized_shape(normalized_shape, x.shape)
-    return (dy, x, normalized_shape) + _rows_of(x.shape, normalized_shape)
+    return dy, x, normalized_shape, _leading(x.shape, normalized_shape)
+
+
+# The run_* functions take checked arguments and only call the kernels: the public
+# functions and the bncpu.nn layers check once, then call them.
+def run_rows_forward(x, y, leading, w, b, eps, centered):
+    """Layer norm (``centered``) or RMS norm of the checked input ``x`` as rows of the
+    values of its trailing dims (``leading``: the other dims): writes ``y``, returns
+    (mean, rstd) of shape ``leading`` (mean None for RMS norm)."""
+    rows, d = math.prod(leading), math.prod(x.shape[len(leading):])
+    mean = np.empty(leading, x.dtype) if centered else None
+    rstd = np.empty(leading, x.dtype)
+    raise_for_status(_rows.forward(x, y, rows, d, 1, 1, w, b, eps, centered, mean, rstd))
+    return mean, rstd
+
+
+def run_rows_backward(dy, x, dx, leading, mean, rstd, w, centered):
+    """The backward of ``run_rows_forward``: writes ``dx``, returns (grad_weight,
+    grad_bias), None without ``w`` (grad_bias None for RMS norm)."""
+    shape = x.shape[len(leading):]
+    rows, d = math.prod(leading), math.prod(shape)
+    grad_weight = np.empty(shape, x.dtype) if w is not None else None
+    grad_bias = np.empty(shape, x.dtype) if w is not None and centered else None
+    raise_for_status(_rows.backward(dy, x, dx, rows, d, 1, 1, mean, rstd, w, centered,
+                                    grad_weight, grad_bias))
+    return grad_weight, grad_bias
 
 
 def _num_groups(num_groups, input_shape, axis=1):
@@ -140,11 +164,9 @@ def layer_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
     eps = v.check_eps(eps)
     w = v.shaped_param(weight, "weight", normalized_shape, dtype)
     b = v.shaped_param(bias, "bias", normalized_shape, dtype)
-    leading, rows, d = _rows_of(x.shape, normalized_shape)
+    leading = _leading(x.shape, normalized_shape)
     result = v.Output(out, x.shape, dtype, (x, w, b))
-    mean = np.empty(leading, dtype)
-    rstd = np.empty(leading, dtype)
-    v.raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, b, eps, True, mean, rstd))
+    mean, rstd = run_rows_forward(x, result.target, leading, w, b, eps, True)
     return result.finish(), mean, rstd
 
 
@@ -190,17 +212,13 @@ def layer_norm_backward(grad_output: ArrayLike, input: ArrayLike,
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    dy, x, normalized_shape, leading, rows, d = _rows_backward_args(grad_output, input,
-                                                                    normalized_shape)
+    dy, x, normalized_shape, leading = _rows_backward_args(grad_output, input, normalized_shape)
     dtype = x.dtype
     mean = v.saved_stats(mean, "mean", leading, dtype, len(normalized_shape))
     rstd = v.saved_stats(rstd, "rstd", leading, dtype, len(normalized_shape))
     w = v.shaped_param(weight, "weight", normalized_shape, dtype)
     result = v.Output(out, x.shape, dtype, (dy, x, w, mean, rstd))
-    grad_weight = np.empty(normalized_shape, dtype) if w is not None else None
-    grad_bias = np.empty(normalized_shape, dtype) if w is not None else None
-    v.raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, mean, rstd, w, True,
-                                      grad_weight, grad_bias))
+    grad_weight, grad_bias = run_rows_backward(dy, x, result.target, leading, mean, rstd, w, True)
     return result.finish(), grad_weight, grad_bias
 
 
@@ -231,8 +249,8 @@ def _per_sample(x, axis):
     return math.prod(x.shape[1:axis]), math.prod(x.shape[axis + 1:])
 
 
-def _grouped_forward(x, groups, axis, w, b, eps, out, other_inputs=()):
-    """(output, mean, rstd) of group norm on a validated input; mean, rstd (N, groups)."""
+def run_grouped_forward(x, groups, axis, w, b, eps, out, other_inputs=()):
+    """(output, mean, rstd) of group norm on checked arguments; mean, rstd (N, groups)."""
     n, c, s = _sample_layout(x.shape, axis)
     result = v.Output(out, x.shape, x.dtype, (x, w, b) + other_inputs)
     mean = np.empty((n, groups), x.dtype)
@@ -240,17 +258,17 @@ def _grouped_forward(x, groups, axis, w, b, eps, out, other_inputs=()):
     if groups == 0:   # instance norm of no channels has no groups
         pass
     elif axis == 1 or axis == x.ndim - 1 and groups < c:
-        v.raise_for_status(_rows.forward(x, result.target, n, c, s, groups, w, b, eps, True,
+        raise_for_status(_rows.forward(x, result.target, n, c, s, groups, w, b, eps, True,
                                          mean, rstd, axis != 1))
     elif groups < c:
         first = _channels_first(x, axis)
         y = np.empty_like(first)
-        v.raise_for_status(_rows.forward(first, y, n, c, s, groups, w, b, eps, True, mean, rstd))
+        raise_for_status(_rows.forward(first, y, n, c, s, groups, w, b, eps, True, mean, rstd))
         result.target[...] = np.moveaxis(y, 1, axis)
     else:
         outer, inner = _per_sample(x, axis)
         for i in range(n):
-            v.raise_for_status(_bn.forward_train(x[i], result.target[i], outer, c, inner, w, b,
+            raise_for_status(_bn.forward_train(x[i], result.target[i], outer, c, inner, w, b,
                                                  None, None, 0.0, eps, mean[i], rstd[i]))
         if s == 0:   # empty instances: rstd NaN, as the row kernels and PyTorch give it
             rstd.fill(np.nan)
@@ -261,26 +279,32 @@ def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out, ax
     """Group-norm backward; ``groups_of(channels)`` gives the validated number of groups."""
     x = v.as_input(input)
     dtype = x.dtype
-    dy = v.as_input(grad_output, "grad_output", dtype=dtype)
-    v.same_shape(dy, "grad_output", x.shape)
+    dy = v.grad_output(grad_output, x)
     axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
     n, c, s = _sample_layout(x.shape, axis)
     groups = groups_of(x.shape, axis)
     mean = v.saved_stats(mean, "mean", (n, groups), dtype)
     rstd = v.saved_stats(rstd, "rstd", (n, groups), dtype)
     w = v.per_channel(weight, "weight", c, dtype)
+    return run_grouped_backward(dy, x, groups, axis, mean, rstd, w, out)
+
+
+def run_grouped_backward(dy, x, groups, axis, mean, rstd, w, out):
+    """(grad_input, grad_weight, grad_bias) of group norm on checked arguments."""
+    dtype = x.dtype
+    n, c, s = _sample_layout(x.shape, axis)
     result = v.Output(out, x.shape, dtype, (dy, x, w, mean, rstd))
     grad_weight = np.empty(c, dtype) if w is not None else None
     grad_bias = np.empty(c, dtype) if w is not None else None
     if groups == 0:
         pass
     elif axis == 1 or axis == x.ndim - 1 and groups < c:
-        v.raise_for_status(_rows.backward(dy, x, result.target, n, c, s, groups, mean, rstd, w,
+        raise_for_status(_rows.backward(dy, x, result.target, n, c, s, groups, mean, rstd, w,
                                           True, grad_weight, grad_bias, axis != 1))
     elif groups < c:
         dy_first, x_first = _channels_first(dy, axis), _channels_first(x, axis)
         dx = np.empty_like(x_first)
-        v.raise_for_status(_rows.backward(dy_first, x_first, dx, n, c, s, groups, mean, rstd, w,
+        raise_for_status(_rows.backward(dy_first, x_first, dx, n, c, s, groups, mean, rstd, w,
                                           True, grad_weight, grad_bias))
         result.target[...] = np.moveaxis(dx, 1, axis)
     else:
@@ -288,7 +312,7 @@ def _grouped_backward(grad_output, input, groups_of, mean, rstd, weight, out, ax
         sample_grads = np.zeros((2, n, c), dtype) if w is not None else None
         for i in range(n):
             grad_weight_i, grad_bias_i = (None, None) if w is None else sample_grads[:, i]
-            v.raise_for_status(_bn.backward(dy[i], x[i], result.target[i], outer, c, inner, w,
+            raise_for_status(_bn.backward(dy[i], x[i], result.target[i], outer, c, inner, w,
                                             None, None, mean[i], rstd[i], True, 0.0,
                                             grad_weight_i, grad_bias_i))
         if w is not None:
@@ -367,9 +391,15 @@ def group_norm_forward(input: ArrayLike, num_groups: int, weight: ArrayLike | No
     axis = v.channel_axis(axis, x.ndim, batch_axis_allowed=False)
     groups = _num_groups(num_groups, x.shape, axis)
     eps = v.check_eps(eps)
-    w = v.per_channel(weight, "weight", x.shape[axis], x.dtype)
-    b = v.per_channel(bias, "bias", x.shape[axis], x.dtype)
-    return _grouped_forward(x, groups, axis, w, b, eps, out)
+    w, b = group_params(x, axis, weight, bias)
+    return run_grouped_forward(x, groups, axis, w, b, eps, out)
+
+
+def group_params(x, axis, weight, bias):
+    """The checked per-channel (weight, bias) of a group or instance norm of the checked
+    input ``x``, channels along ``axis``."""
+    return (v.per_channel(weight, "weight", x.shape[axis], x.dtype),
+            v.per_channel(bias, "bias", x.shape[axis], x.dtype))
 
 
 def group_norm_backward(grad_output: ArrayLike, input: ArrayLike, num_groups: int,
@@ -508,21 +538,33 @@ def instance_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: Arra
     if not v.check_flag(use_input_stats, "use_input_stats"):
         return batch_norm_forward(x, weight, bias, running_mean, running_var, False, momentum,
                                   eps, out=out, axis=axis)
-    dtype = x.dtype
-    n, c, s = _sample_layout(x.shape, axis)
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
-    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=False)
-    w = v.per_channel(weight, "weight", c, dtype)
-    b = v.per_channel(bias, "bias", c, dtype)
+    w, b, rm, rv = instance_args(x, axis, weight, bias, running_mean, running_var)
+    v.check_out_apart(out, running_mean=rm, running_var=rv)
+    return run_instance_forward(x, axis, w, b, rm, rv, momentum, eps, out)
+
+
+def instance_args(x, axis, weight, bias, running_mean, running_var):
+    """The checked (weight, bias, running_mean, running_var) of an instance norm with the
+    input's statistics, of the checked input ``x``; more than one value per instance."""
+    n, c, s = _sample_layout(x.shape, axis)
+    rm, rv = v.running_pair(running_mean, running_var, c, x.dtype, required=False)
+    w, b = group_params(x, axis, weight, bias)
     if s == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, "
                          f"got input size {x.shape}")
-    v.check_out_apart(out, running_mean=rm, running_var=rv)
+    return w, b, rm, rv
+
+
+def run_instance_forward(x, axis, w, b, rm, rv, momentum, eps, out):
+    """(output, mean, rstd) of instance norm with the input's statistics, on checked
+    arguments; the running statistics, when given, are updated."""
+    n, c, s = _sample_layout(x.shape, axis)
     update = rm is not None and n * s > 0
     if update:   # before anything is written: it may fail (MemoryError)
         instance_mean, instance_var = _instance_stats(x, axis)
-    output, mean, rstd = _grouped_forward(x, c, axis, w, b, eps, out, (rm, rv))
+    output, mean, rstd = run_grouped_forward(x, c, axis, w, b, eps, out, (rm, rv))
     if update:
         rm[...] = (1 - momentum) * rm + momentum * instance_mean.mean(axis=0)
         rv[...] = (1 - momentum) * rv + momentum * (instance_var * (s / (s - 1))).mean(axis=0)
@@ -535,11 +577,11 @@ def _instance_stats(x, axis):
     mean = np.empty((n, c))
     m2 = np.empty((n, c))
     if axis == 1:   # the instances are the rows of an (N·C, S) matrix: one channel each
-        v.raise_for_status(_bn.stats(x, 1, n * c, s, mean, m2))
+        raise_for_status(_bn.stats(x, 1, n * c, s, mean, m2))
     else:
         outer, inner = _per_sample(x, axis)
         for i in range(n):
-            v.raise_for_status(_bn.stats(x[i], outer, c, inner, mean[i], m2[i]))
+            raise_for_status(_bn.stats(x[i], outer, c, inner, mean[i], m2[i]))
     return mean, m2 / s
 
 
@@ -656,11 +698,9 @@ def rms_norm_forward(input: ArrayLike, normalized_shape: int | Sequence[int],
     normalized_shape = _normalized_shape(normalized_shape, x.shape)
     eps = float(np.finfo(dtype).eps) if eps is None else v.check_eps(eps)
     w = v.shaped_param(weight, "weight", normalized_shape, dtype)
-    leading, rows, d = _rows_of(x.shape, normalized_shape)
+    leading = _leading(x.shape, normalized_shape)
     result = v.Output(out, x.shape, dtype, (x, w))
-    rstd = np.empty(leading, dtype)
-    v.raise_for_status(_rows.forward(x, result.target, rows, d, 1, 1, w, None, eps, False, None,
-                                     rstd))
+    rstd = run_rows_forward(x, result.target, leading, w, None, eps, False)[1]
     return result.finish(), rstd
 
 
@@ -705,13 +745,10 @@ def rms_norm_backward(grad_output: ArrayLike, input: ArrayLike,
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    dy, x, normalized_shape, leading, rows, d = _rows_backward_args(grad_output, input,
-                                                                    normalized_shape)
+    dy, x, normalized_shape, leading = _rows_backward_args(grad_output, input, normalized_shape)
     dtype = x.dtype
     rstd = v.saved_stats(rstd, "rstd", leading, dtype, len(normalized_shape))
     w = v.shaped_param(weight, "weight", normalized_shape, dtype)
     result = v.Output(out, x.shape, dtype, (dy, x, w, rstd))
-    grad_weight = np.empty(normalized_shape, dtype) if w is not None else None
-    v.raise_for_status(_rows.backward(dy, x, result.target, rows, d, 1, 1, None, rstd, w, False,
-                                      grad_weight, None))
+    grad_weight = run_rows_backward(dy, x, result.target, leading, None, rstd, w, False)[0]
     return result.finish(), grad_weight

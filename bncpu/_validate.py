@@ -28,8 +28,6 @@ import operator
 
 import numpy as np
 
-from bncpu import _capi
-
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
 
@@ -82,12 +80,6 @@ def as_input(value, name="input", min_ndim=2, dtype=None):
     if not (array.dtype == dtype and array.flags.c_contiguous and array.dtype.isnative):
         array = np.ascontiguousarray(array, dtype=dtype)
     return array
-
-
-def channel_view(shape):
-    """(N, C, S) of a shape (N, C, *spatial)."""
-    n, c = shape[0], shape[1]
-    return n, c, math.prod(shape[2:])
 
 
 # Layout: where the channels lie. The kernels see a C-contiguous buffer as (outer, C, inner):
@@ -291,6 +283,13 @@ def same_shape(array, name, shape):
         raise ValueError(f"{name} has shape {array.shape} but input has shape {shape}")
 
 
+def grad_output(value, x, min_ndim=2):
+    """A backward's grad_output: of the checked input ``x``'s shape, converted to its dtype."""
+    dy = as_input(value, "grad_output", min_ndim, dtype=x.dtype)
+    same_shape(dy, "grad_output", x.shape)
+    return dy
+
+
 class Output:
     """Where a kernel writes a result of ``shape`` and ``dtype``, honouring ``out``.
 
@@ -334,15 +333,6 @@ def _overlaps_partially(out, array):
             and out.strides == array.strides and out.shape == array.shape
             and out.itemsize == array.itemsize)
     return not same
-
-
-def raise_for_status(status):
-    if status == 0:
-        return
-    message = _capi.strerror(status)
-    if status == _capi.ERR_NO_MEMORY:
-        raise MemoryError(message)
-    raise ValueError(message)
 
 
 def shaped_param(value, name, shape, dtype, shape_name="normalized_shape"):

@@ -99,7 +99,25 @@ def assert_near(actual, expected, dtype):
 # One process's part of a scenario (threads, MPI ranks and gloo processes run it)
 # ----------------------------------------------------------------------------------
 SCENARIOS = ("unequal", "all_empty", "mismatch_channels", "mismatch_dtype", "bad_running_mean",
-             "bad_grad_output")
+             "bad_grad_output", "backward_channels", "backward_dtype", "backward_count")
+# Scenarios whose forward agrees but whose process 1 passes the backward one channel
+# less, the other dtype or another count: every process must raise the same error.
+BACKWARD_MISMATCHES = {"backward_channels": "disagree on the number of channels",
+                       "backward_dtype": "disagree on the dtype",
+                       "backward_count": "disagree on the count"}
+UNWRITTEN = 7.0   # what the backward's out= holds before the call
+
+
+def mismatched_backward(scenario, axis, x, dy, weight, mean, invstd, count):
+    """The backward's arguments as process 1 of a BACKWARD_MISMATCHES scenario passes them."""
+    if scenario == "backward_channels":
+        fewer = np.arange(x.shape[axis] - 1)
+        return (np.take(x, fewer, axis=axis), np.take(dy, fewer, axis=axis), weight[:-1],
+                mean[:-1], invstd[:-1], count)
+    if scenario == "backward_dtype":
+        other = np.float32 if x.dtype == np.float64 else np.float64
+        return x.astype(other), dy.astype(other), weight.astype(other), mean, invstd, count
+    return x, dy, weight, mean, invstd, count + 1
 
 
 def run_scenario(comm, scenario, dtype, axis=1):
@@ -123,8 +141,14 @@ def run_scenario(comm, scenario, dtype, axis=1):
         y, mean, invstd, count = sync_batch_norm_forward(
             x, weight, bias, passed_mean, running_var, MOMENTUM, EPS, comm, axis=axis)
         out.update(y=np.moveaxis(y, axis, 1), mean=mean, invstd=invstd, count=count)
+        arguments = (x, dy, weight, mean, invstd, count)
+        if scenario in BACKWARD_MISMATCHES and rank == 1:   # a process with values
+            arguments = mismatched_backward(scenario, axis, *arguments)
+        x, dy, weight, mean, invstd, count = arguments
+        grad_input = np.full_like(x, UNWRITTEN)
+        out["grad_input"] = grad_input
         dx, grad_weight, grad_bias = sync_batch_norm_backward(
-            dy, x, weight, mean, invstd, count, comm, axis=axis)
+            dy, x, weight, mean, invstd, count, comm, axis=axis, out=grad_input)
         out.update(dx=np.moveaxis(dx, axis, 1), grad_weight=grad_weight, grad_bias=grad_bias)
     except (TypeError, ValueError) as error:
         out["error"] = f"{type(error).__name__}: {error}"
@@ -148,6 +172,14 @@ def check_scenario(results, scenario, dtype, check_sums_bitwise=True):
             # nothing written on any process
             np.testing.assert_array_equal(result["running_mean"], initial_mean)
             np.testing.assert_array_equal(result["running_var"], initial_var)
+        return
+    if scenario in BACKWARD_MISMATCHES:
+        errors = {result["error"] for result in results if "error" in result}
+        assert len(errors) == 1 and all("error" in result for result in results), errors
+        assert BACKWARD_MISMATCHES[scenario] in errors.pop()
+        for result in results:   # the forward ran; the backward wrote nothing
+            assert "y" in result and "dx" not in result, result["rank"]
+            np.testing.assert_array_equal(result["grad_input"], UNWRITTEN)
         return
     if scenario == "bad_grad_output":
         for result in results:
@@ -327,7 +359,7 @@ def test_out_and_no_weight():
 
 def test_out_overlapping_running_stats_rejected():
     """An out= sharing memory with the running statistics would overwrite their update:
-    rejected before the collective, nothing written (issue 18 item 9)."""
+    rejected before the collective, nothing written."""
     from bncpu.distributed._comm import LocalCommunicator
     x = np.random.default_rng(0).random((6, 3), dtype=np.float64)
     storage = np.zeros(18 + 6)
@@ -521,3 +553,45 @@ def test_every_argument_is_checked_before_the_collective():
         return True
 
     assert run_threads(3, step) == [True] * 3
+
+
+def test_layer_backward_error_on_one_process_raises_everywhere():
+    """A grad_output that the layer's own checks reject on one process: that process still
+    joins the backward's collective, so every process raises and none waits."""
+    from bncpu.distributed import SyncBatchNorm
+
+    def step(comm):
+        layer = SyncBatchNorm(CHANNELS, comm=comm, dtype=np.float64)
+        x, dy = shard(comm.rank, comm.size, np.float64)
+        layer(x)
+        if comm.rank == 1:
+            dy = dy[:, :, :1]
+        with pytest.raises(ValueError) as error:
+            layer.backward(dy)
+        return str(error.value), layer.grad_weight
+
+    results = run_threads(3, step)
+    assert "grad_output has shape" in results[1][0]
+    for message, grad_weight in results:
+        assert grad_weight is None
+    for message, _ in results[0::2]:
+        assert "1 of 3 processes failed their checks (see the error raised on process 1)" in message
+
+
+def test_layer_eps_changed_on_one_process_raises_everywhere():
+    """An eps set to a bad value after construction, on one process: caught before the
+    collective, so every process raises and none is left in the next step."""
+    from bncpu.distributed import SyncBatchNorm
+
+    def step(comm):
+        layer = SyncBatchNorm(CHANNELS, comm=comm, dtype=np.float64)
+        if comm.rank == 2:
+            layer.eps = -1.0
+        with pytest.raises(ValueError) as error:
+            layer(shard(comm.rank, comm.size, np.float64)[0])
+        return str(error.value), int(layer.num_batches_tracked)
+
+    results = run_threads(3, step)
+    assert results[2][0].startswith("eps must be finite and >= 0")
+    for message, tracked in results:
+        assert tracked == 0 and "eps must be finite" in message

@@ -23,6 +23,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 LAUNCH_TIMEOUT = 180
+DEATH_EXIT_CODE = 3     # the exit status of the rank that dies in the "rank_dies" scenario
 
 if __name__ != "__main__":
     import pytest
@@ -55,7 +56,7 @@ def run_spec(outdir, spec, scenario, dtype, axis):
         result.update({f"state.{k}": value for k, value in result.pop("state").items()})
     elif scenario == "rank_dies":      # rank 1 dies before the collective the others enter
         if rank == 1:
-            os._exit(3)
+            os._exit(DEATH_EXIT_CODE)
         from test_distributed import run_scenario
         result = run_scenario(MPI.COMM_WORLD, "unequal", np.dtype(dtype), int(axis))
     elif scenario == "torch_module":   # bncpu.torch.SyncBatchNorm over an mpi4py communicator
@@ -107,9 +108,9 @@ def package_env(**extra):
     return env
 
 
-def launch(command, timeout=LAUNCH_TIMEOUT, expect_success=True, **extra_env):
+def launch(command, timeout=LAUNCH_TIMEOUT, returncode=0, **extra_env):
     """Run ``command`` in its own process group; kill the whole group past ``timeout``.
-    Returns its stdout (and asserts it succeeded, unless ``expect_success`` is False)."""
+    Asserts that it exited with ``returncode``; returns its stdout."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=package_env(**extra_env), start_new_session=True)
     try:
@@ -118,11 +119,9 @@ def launch(command, timeout=LAUNCH_TIMEOUT, expect_success=True, **extra_env):
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         pytest.fail(f"{' '.join(command)} did not finish within {timeout} s (hung collective?)")
-    if expect_success:
-        assert process.returncode == 0, (f"{' '.join(command)} failed:\n"
-                                         f"{stdout[-3000:]}{stderr[-3000:]}")
-    else:
-        assert process.returncode != 0, f"{' '.join(command)} succeeded"
+    assert process.returncode == returncode, (
+        f"{' '.join(command)} exited with {process.returncode}, expected {returncode}:\n"
+        f"{stdout[-3000:]}{stderr[-3000:]}")
     return stdout
 
 
@@ -194,9 +193,11 @@ def test_layer(three_ranks):
 
 def test_a_dying_rank_ends_the_job(mpiexec, tmp_path):
     """A rank that dies before a collective: the launcher ends the others (they do not
-    wait forever), well within the launch timeout."""
+    wait forever), well within the launch timeout, and reports the dead rank's exit
+    status; no rank completed the step."""
     launch([*mpiexec, "-n", "3", sys.executable, __file__, str(tmp_path), spec("rank_dies")],
-           timeout=120, expect_success=False)
+           timeout=120, returncode=DEATH_EXIT_CODE)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torch_module_over_mpi4py(mpiexec, tmp_path):

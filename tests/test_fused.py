@@ -208,6 +208,38 @@ def test_batch_norm_relu_is_the_output_of_the_forward(dtype, training):
                                                            EPS, residual=case.residual)[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@AXES
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_unbiased_running_var_as_in_batch_norm(unbiased, axis, dtype):
+    """The running variance follows the unbiased or the biased batch variance, as
+    bncpu.batch_norm_forward's flag of the same name says: same bits, same output."""
+    case = Case((4, 3, 5), dtype, axis=axis)
+    expected_running = case.running()
+    expected, _, _ = bncpu.batch_norm_forward(
+        to_layout(case.x, axis), case.weight, case.bias, *expected_running, True, MOMENTUM, EPS,
+        axis=axis, unbiased_running_var=unbiased)
+    expected = np.maximum(expected + to_layout(case.residual, axis), 0)
+    running = case.running()
+    output = case.forward(bncpu, True, running, unbiased_running_var=unbiased)[0]
+    assert_bitwise_equal(output, expected)
+    assert_all_bitwise_equal(running, expected_running)
+    wrapped_running = case.running()
+    assert_bitwise_equal(bncpu.batch_norm_relu(to_layout(case.x, axis), *wrapped_running,
+                                               case.weight, case.bias, True, MOMENTUM, EPS,
+                                               residual=to_layout(case.residual, axis),
+                                               axis=axis, unbiased_running_var=unbiased),
+                         expected)
+    assert_all_bitwise_equal(wrapped_running, expected_running)
+    default_running = case.running()
+    case.forward(bncpu, True, default_running)   # PyTorch's: the unbiased variance
+    assert_bitwise_equal(running[0], default_running[0])
+    if unbiased:
+        assert_bitwise_equal(running[1], default_running[1])
+    else:
+        assert (running[1] < default_running[1]).all()
+
+
 def test_defaults_are_evaluation_without_residual():
     case = Case((4, 3, 5), np.float64)
     expected = np.maximum(bncpu.batch_norm(case.x, case.running_mean, case.running_var), 0)
@@ -507,6 +539,8 @@ def bad_forward_cases():
         "weight size": (dict(weight=np.ones(4)), ValueError, "weight should contain 3"),
         "eps": (dict(eps=-1.0), ValueError, "eps"),
         "one value per channel": (dict(input=np.ones((1, 3))), ValueError, "more than 1 value"),
+        "running-variance flag": (dict(unbiased_running_var="no"), TypeError,
+                                  "unbiased_running_var must be a bool"),
     }
 
 

@@ -216,6 +216,32 @@ def test_failed_forward_changes_nothing():
     assert int(layer.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+def test_bad_channels_or_gradient_change_nothing(training):
+    """The layer checks its input and its own arrays once, then runs the kernels unchecked:
+    a channel count that disagrees with its arrays, an array replaced by one of another
+    size, or a grad_output of another shape raise and leave the layer as it was."""
+    layer = nn.BatchNorm2d(3, dtype=np.float64).train(training)
+    state = layer.state_dict()
+    with pytest.raises(ValueError, match="running_mean should contain 4 elements not 3"):
+        layer(random_input((2, 4, 3, 3), np.float64))
+    layer.bias = np.zeros(2)
+    with pytest.raises(ValueError, match="bias should contain 3 elements not 2"):
+        layer(random_input((2, 3, 3, 3), np.float64))
+    layer.bias = np.zeros(3, np.float32)   # another dtype is converted, as for the functions
+    x = random_input((2, 3, 3, 3), np.float64)
+    y = layer(x)
+    after_forward = layer.state_dict()
+    with pytest.raises(ValueError, match="grad_output has shape"):
+        layer.backward(np.ones((2, 3, 3, 2)))
+    assert layer.grad_weight is None and layer.grad_bias is None
+    for key, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, after_forward[key])
+        if not training:
+            np.testing.assert_array_equal(value, state[key])
+    assert layer.backward(np.ones_like(y)).shape == x.shape   # the forward is still saved
+
+
 def test_train_eval_parameters_and_dtype():
     layer = nn.BatchNorm2d(4, dtype=np.float64)
     assert layer.training and layer.eval() is layer and not layer.training
@@ -450,13 +476,13 @@ def test_training_statistics_go_through_the_hooks():
     calls = []
 
     class Recording(nn.BatchNorm2d):
-        def _train_forward(self, x, running_mean, running_var, momentum):
+        def _train_forward(self, x, layout, running_mean, running_var, momentum):
             calls.append(("forward", int(self.num_batches_tracked), momentum))
-            return super()._train_forward(x, running_mean, running_var, momentum)
+            return super()._train_forward(x, layout, running_mean, running_var, momentum)
 
-        def _train_backward(self, grad_output, x, save_mean, save_invstd):
+        def _train_backward(self, grad_output, x, layout, save_mean, save_invstd):
             calls.append(("backward",))
-            return super()._train_backward(grad_output, x, save_mean, save_invstd)
+            return super()._train_backward(grad_output, x, layout, save_mean, save_invstd)
 
     layer = Recording(3, momentum=None, dtype=np.float64)
     x = random_input((2, 3, 4, 4), np.float64)

@@ -26,7 +26,8 @@ DDP_SHARDS = (3, 2, 5)      # DistributedDataParallel: every rank has samples
 CHANNELS, SPATIAL = 4, (3, 3)
 STEPS = 3
 LAUNCH_TIMEOUT = 240
-FUNCTIONAL_SCENARIOS = ("unequal", "mismatch_dtype", "bad_running_mean")
+FUNCTIONAL_SCENARIOS = ("unequal", "mismatch_dtype", "bad_running_mean", "backward_channels",
+                        "backward_dtype", "backward_count")
 TOLERANCE = {"float32": 3e-6, "float64": 1e-10}
 
 if __name__ != "__main__":
@@ -325,30 +326,24 @@ def test_convert_sync_batchnorm():
 
 
 def test_other_communicator_needs_no_torch_distributed():
-    """process_group may be any bncpu.distributed communicator (here one process)."""
+    """process_group may be any bncpu.distributed communicator: here two threads of this
+    process, each with part of the batch, get the whole batch's output and gradient."""
     import bncpu.torch as bt
-    from bncpu.distributed import LocalCommunicator
-
-    class Counting(LocalCommunicator):
-        size = 2   # claims a peer, so the synchronized path runs
-        calls = 0
-
-        def allgather(self, row):
-            Counting.calls += 1
-            return super().allgather(row) * 2
-
-        def allreduce_sum(self, values):
-            Counting.calls += 1
-            return 2 * super().allreduce_sum(values)
-
-    module = bt.SyncBatchNorm(CHANNELS, process_group=Counting()).double()
-    reference = torch.nn.BatchNorm2d(CHANNELS).double()
+    from test_distributed import run_threads
     x = torch.tensor(batch((5,), "float64", 1)[0])
-    xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    outputs = [m(xi) for m, xi in zip((module, reference), xs)]
-    for output in outputs:
-        (output * torch.arange(output.numel()).reshape(output.shape)).sum().backward()
-    assert Counting.calls == 2
-    # Two identical shards: the statistics of the batch itself (count doubled).
-    assert_near(outputs[0].detach().numpy(), outputs[1].detach().numpy(), "float64")
-    assert_near(xs[0].grad.numpy(), xs[1].grad.numpy(), "float64")
+    weights = torch.arange(x.numel(), dtype=torch.float64).reshape(x.shape)
+    parts = (slice(0, 2), slice(2, 5))
+
+    def step(comm):
+        module = bt.SyncBatchNorm(CHANNELS, process_group=comm).double()
+        shard = x[parts[comm.rank]].clone().requires_grad_(True)
+        output = module(shard)
+        (output * weights[parts[comm.rank]]).sum().backward()
+        return output.detach().numpy(), shard.grad.numpy()
+
+    results = run_threads(2, step)
+    whole = x.clone().requires_grad_(True)
+    output = torch.nn.BatchNorm2d(CHANNELS).double()(whole)
+    (output * weights).sum().backward()
+    assert_near(np.concatenate([r[0] for r in results]), output.detach().numpy(), "float64")
+    assert_near(np.concatenate([r[1] for r in results]), whole.grad.numpy(), "float64")

@@ -351,7 +351,7 @@ CASES = {
     "backward_elemt shapes disagree": (
         lambda s: backward_elemt(s, input=np.ones((4, C, 6))),
         ValueError, "grad_output has shape"),
-    # Issue 18, item 12: one channel and a scalar weight (sizes equal, shape wrong)
+    # One channel and a scalar weight (sizes equal, shape wrong)
     "one channel, scalar weight": (
         lambda s: forward(s, input=np.ones((4, 1, 5)), weight=np.float64(2.0), running_mean=None,
                           running_var=None, out=None),
@@ -361,7 +361,7 @@ CASES = {
         lambda s: forward(s, input=np.ones((4, 1, 5)), bias=np.ones((1, 1)), weight=None,
                           running_mean=None, running_var=None, out=None),
         ValueError, r"^bias has shape \(1, 1\) but must have shape \(1,\)"),
-    # Issue 18, item 11: huge numbers name their argument; flags must be bools
+    # Huge numbers name their argument; flags must be bools
     "eps 10**400": (
         lambda s: forward(s, eps=10**400),
         ValueError, r"^eps must be finite and >= 0, got 100000\.\.\. \(an integer of 401 digits\)$"),
@@ -420,7 +420,7 @@ CASES = {
         lambda s: bncpu.instance_norm(s.x, s.running_mean, s.running_var,
                                       use_input_stats="no", out=s.out),
         TypeError, "use_input_stats must be a bool"),
-    # Issue 18, item 9: out sharing memory with the running statistics it would update
+    # out sharing memory with the running statistics it would update
     "out overlapping running_mean": (
         lambda s: forward(s, input=s.x[:1, :, :2], running_mean=s.stats_out.reshape(-1)[:C],
                           out=s.stats_out),
@@ -459,3 +459,32 @@ def test_bad_input_raises_and_writes_nothing(case):
     for name in before:
         assert_bitwise_equal(after[name], before[name])
     assert (state.out == SENTINEL).all()
+
+
+def test_public_names_are_the_api():
+    """dir() of the package and of its NumPy submodules shows their API and subpackages,
+    nothing imported for internal use (such as os)."""
+    import types
+
+    import bncpu.distributed
+    import bncpu.nn
+    for module in (bncpu, bncpu.nn, bncpu.distributed):
+        stray = [name for name in dir(module)
+                 if not name.startswith("_") and name not in module.__all__
+                 and not (isinstance(getattr(module, name), types.ModuleType)
+                          and getattr(module, name).__name__ == f"{module.__name__}.{name}")]
+        assert stray == [], (module.__name__, stray)
+
+
+def test_validation_needs_no_runtime():
+    """bncpu._validate is checks only: it imports the standard library and NumPy, not the
+    compiled modules (statuses become exceptions in bncpu._status)."""
+    import ast
+    import inspect
+
+    from bncpu import _validate
+    tree = ast.parse(inspect.getsource(_validate))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"math", "numbers", "operator", "numpy"}, imported

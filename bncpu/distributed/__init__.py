@@ -2,7 +2,8 @@
 
 Each process normalizes its shard of the batch with the statistics of the whole batch:
 one all-gather of every process's (mean, m2, count) per channel, in float64, and in the
-backward one all-reduce of (sum_dy, sum_dy_xmu). Results equal single-process batch norm
+backward one all-reduce of a fixed-size table in which the processes agree on the
+channels, dtype and count, then one of (sum_dy, sum_dy_xmu). Results equal single-process batch norm
 on the concatenated batch, every process gets the same statistics bit for bit (the
 partials are merged in rank order), and a bad argument on any process raises on all of
 them instead of leaving the others blocked.

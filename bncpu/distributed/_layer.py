@@ -10,8 +10,10 @@ import collections
 import numpy as np
 
 from bncpu.distributed._comm import as_communicator
+from bncpu import _validate as v
 from bncpu.distributed._functional import (
-    join_failed_forward, sync_batch_norm_backward, sync_batch_norm_forward,
+    forward_channel_args, join_failed_backward, join_failed_forward, synchronized_backward,
+    synchronized_forward,
 )
 from bncpu.nn._batch_norm import _BatchNorm
 
@@ -67,17 +69,39 @@ class SyncBatchNorm(_BatchNorm):
                 join_failed_forward(error, self.comm)
             raise
 
-    def _train_forward(self, x, running_mean, running_var, momentum):
+    def backward(self, grad_output):
+        """grad_input; in training a collective step that every process joins, even one
+        whose grad_output the layer's checks reject (it then raises everywhere)."""
+        synchronized = self._saved is not None and self._saved[0] == "train"
+        self._joined = False
+        try:
+            return super().backward(grad_output)
+        except Exception as error:
+            if synchronized and not self._joined:
+                join_failed_backward(error, self.comm)
+            raise
+
+    def _train_forward(self, x, layout, running_mean, running_var, momentum):
+        # eps and momentum are checked again here, not left to the kernels: a value changed
+        # since construction would fail after the collective on this process alone.
+        eps = v.check_eps(self.eps)
+        momentum = v.check_momentum(momentum)
+        w, b, rm, rv = forward_channel_args(x, layout, self.weight, self.bias, running_mean,
+                                            running_var)
         self._joined = True
-        output, mean, invstd, count = sync_batch_norm_forward(
-            x, self.weight, self.bias, running_mean, running_var, momentum, self.eps, self.comm,
-            axis=self.axis, unbiased_running_var=self.unbiased_running_var)
+        output = np.empty_like(x)
+        mean, invstd, count = synchronized_forward(self.comm, x, output, layout, w, b, rm, rv,
+                                                   momentum, eps, self.unbiased_running_var)
         return output, _GlobalStatistics(mean, invstd, count), None
 
-    def _train_backward(self, grad_output, x, statistics, _):
-        return sync_batch_norm_backward(grad_output, x, self.weight, statistics.mean,
-                                        statistics.invstd, statistics.count, self.comm,
-                                        axis=self.axis)
+    def _train_backward(self, grad_output, x, layout, statistics, _):
+        w = v.per_channel(self.weight, "weight", layout[1], x.dtype)
+        self._joined = True
+        grad_input = np.empty_like(x)
+        grad_weight, grad_bias = synchronized_backward(
+            self.comm, grad_output, x, grad_input, layout, w, statistics.mean, statistics.invstd,
+            statistics.count)
+        return grad_input, grad_weight, grad_bias
 
     def extra_repr(self):
         return f"{super().extra_repr()}, comm={self._comm!r}"

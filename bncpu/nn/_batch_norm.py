@@ -9,8 +9,9 @@ import warnings
 import numpy as np
 
 from bncpu import _validate as v
-from bncpu._batch_norm import batch_norm_backward, batch_norm_forward
-from bncpu._row_norm import instance_norm_backward, instance_norm_forward
+from bncpu._batch_norm import channel_args, run_backward, run_forward
+from bncpu._row_norm import (
+    group_params, instance_args, run_grouped_backward, run_instance_forward)
 from bncpu.nn._module import Module, layer_axis
 
 
@@ -31,6 +32,7 @@ class _NormBase(Module):
     _parameter_names = ("weight", "bias")
     _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
     _input_ndims = ()      # the input ranks the class accepts
+    unbiased_running_var = True   # PyTorch's running variance (batch norm may choose another)
 
     def __init__(self, num_features, eps, momentum, affine, track_running_stats, bias, dtype,
                  axis):
@@ -78,6 +80,26 @@ class _NormBase(Module):
         self._eval_stats[1] = self.running_var
         return self._eval_stats[0], self._eval_stats[1]
 
+    # The layers check their input (Module._as_input) and their own arrays against it,
+    # then call the kernels unchecked: eps and momentum were checked when set, and the
+    # kernels' C entries check them again.
+    def _local_forward(self, x, layout, running_mean, running_var, training, momentum):
+        w, b, rm, rv = channel_args(x, layout, self.weight, self.bias, running_mean,
+                                    running_var, training)
+        output = np.empty_like(x)
+        save_mean, save_invstd = run_forward(x, output, layout, w, b, rm, rv, training, momentum,
+                                             self.eps, self.unbiased_running_var)
+        return output, save_mean, save_invstd
+
+    def _local_backward(self, dy, x, layout, running_mean, running_var, save_mean, save_invstd,
+                        training):
+        w = v.per_channel(self.weight, "weight", layout[1], x.dtype)
+        grad_input = np.empty_like(x)
+        grad_weight, grad_bias = run_backward(dy, x, grad_input, layout, w, running_mean,
+                                              running_var, save_mean, save_invstd, training,
+                                              self.eps)
+        return grad_input, grad_weight, grad_bias
+
     def extra_repr(self):
         text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, bias={self.bias is not None}, "
@@ -98,13 +120,16 @@ class _BatchNorm(_NormBase):
     Subclassing (synchronized batch norm): the training statistics go through two hooks,
     and only those need overriding to compute them across processes:
 
-    * ``_train_forward(x, running_mean, running_var, momentum)`` gets the validated input
-      (C-contiguous, the layer's dtype, channels along ``self.axis``), normalizes it with
-      the statistics of the batch, updates ``running_mean``/``running_var`` in place with
-      ``momentum`` when they are not None (``self.unbiased_running_var`` says which
-      variance), and returns ``(output, save_mean, save_invstd)``.
-    * ``_train_backward(grad_output, x, save_mean, save_invstd)`` gets what that forward
-      returned and returns ``(grad_input, grad_weight, grad_bias)`` (the last two None
+    * ``_train_forward(x, layout, running_mean, running_var, momentum)`` gets the
+      validated input (C-contiguous, the layer's dtype) and its (outer, C, inner)
+      ``layout`` (channels along ``self.axis``), checks the layer's per-channel arrays
+      against it, normalizes it with the statistics of the batch, updates
+      ``running_mean``/``running_var`` in place with ``momentum`` when they are not None
+      (``self.unbiased_running_var`` says which variance), and returns ``(output,
+      save_mean, save_invstd)``.
+    * ``_train_backward(grad_output, x, layout, save_mean, save_invstd)`` gets the
+      validated grad_output (of the input's shape and dtype) and what that forward
+      returned, and returns ``(grad_input, grad_weight, grad_bias)`` (the last two None
       without ``affine``), the parameter gradients summed over the whole batch.
 
     The layer keeps everything else: the input check (``_check_input_dim``), momentum and
@@ -121,16 +146,15 @@ class _BatchNorm(_NormBase):
                          axis)
         self.unbiased_running_var = bool(unbiased_running_var)
 
-    def _train_forward(self, x, running_mean, running_var, momentum):
-        return batch_norm_forward(x, self.weight, self.bias, running_mean, running_var, True,
-                                  momentum, self.eps, axis=self.axis,
-                                  unbiased_running_var=self.unbiased_running_var)
+    def _train_forward(self, x, layout, running_mean, running_var, momentum):
+        return self._local_forward(x, layout, running_mean, running_var, True, momentum)
 
-    def _train_backward(self, grad_output, x, save_mean, save_invstd):
-        return batch_norm_backward(grad_output, x, self.weight, None, None, save_mean,
-                                   save_invstd, True, self.eps, axis=self.axis)
+    def _train_backward(self, grad_output, x, layout, save_mean, save_invstd):
+        return self._local_backward(grad_output, x, layout, None, None, save_mean, save_invstd,
+                                    True)
 
     def _forward(self, x):
+        layout = v.channel_layout(x.shape, v.channel_axis(self.axis, x.ndim))
         if self.training:
             tracked = self.track_running_stats
             if not tracked:
@@ -140,29 +164,27 @@ class _BatchNorm(_NormBase):
             else:
                 momentum = self.momentum
             output, save_mean, save_invstd = self._train_forward(
-                x, self.running_mean if tracked else None, self.running_var if tracked else None,
-                momentum)
+                x, layout, self.running_mean if tracked else None,
+                self.running_var if tracked else None, momentum)
             if tracked:
                 self.num_batches_tracked += 1
-            return output, ("train", x, save_mean, save_invstd)
+            return output, ("train", x, layout, save_mean, save_invstd)
         if self.running_mean is None:
-            output, save_mean, save_invstd = batch_norm_forward(
-                x, self.weight, self.bias, None, None, True, 0.0, self.eps, axis=self.axis)
-            return output, ("batch", x, save_mean, save_invstd)
-        output = batch_norm_forward(x, self.weight, self.bias, self.running_mean,
-                                    self.running_var, False, 0.0, self.eps, axis=self.axis)[0]
-        return output, ("eval", x) + self._saved_running_stats()
+            output, save_mean, save_invstd = self._local_forward(x, layout, None, None, True, 0.0)
+            return output, ("batch", x, layout, save_mean, save_invstd)
+        output = self._local_forward(x, layout, self.running_mean, self.running_var, False,
+                                     0.0)[0]
+        return output, ("eval", x, layout) + self._saved_running_stats()
 
     def _backward(self, grad_output, saved):
-        mode, x, first, second = saved
+        mode, x, layout, first, second = saved
+        dy = v.grad_output(grad_output, x)
         if mode == "train":
-            grads = self._train_backward(grad_output, x, first, second)
+            grads = self._train_backward(dy, x, layout, first, second)
         elif mode == "batch":
-            grads = batch_norm_backward(grad_output, x, self.weight, None, None, first, second,
-                                        True, self.eps, axis=self.axis)
+            grads = self._local_backward(dy, x, layout, None, None, first, second, True)
         else:
-            grads = batch_norm_backward(grad_output, x, self.weight, first, second, None, None,
-                                        False, self.eps, axis=self.axis)
+            grads = self._local_backward(dy, x, layout, first, second, None, None, False)
         grad_input, grad_weight, grad_bias = grads
         return grad_input, {"weight": grad_weight, "bias": grad_bias}
 
@@ -214,28 +236,30 @@ class _InstanceNorm(_NormBase):
             warnings.warn(f"input's size at dim={dim} does not match num_features. You can "
                           f"silence this warning by not passing in num_features, which is not "
                           f"used because affine=False", stacklevel=3)
-        use_input_stats = self.training or not self.track_running_stats
-        output, mean, rstd = instance_norm_forward(
-            batched, self.weight, self.bias, self.running_mean, self.running_var,
-            use_input_stats, 0.0 if self.momentum is None else self.momentum, self.eps,
-            axis=axis)
-        if use_input_stats:
+        if self.training or not self.track_running_stats:   # the input's statistics
+            weight, bias, running_mean, running_var = instance_args(
+                batched, axis, self.weight, self.bias, self.running_mean, self.running_var)
+            output, mean, rstd = run_instance_forward(
+                batched, axis, weight, bias, running_mean, running_var,
+                0.0 if self.momentum is None else self.momentum, self.eps, None)
             saved = ("instance", batched, mean, rstd)
         else:
+            output = self._local_forward(batched, v.channel_layout(batched.shape, axis),
+                                         self.running_mean, self.running_var, False, 0.0)[0]
             saved = ("eval", batched) + self._saved_running_stats()
         return (output[0] if unbatched else output), saved + (axis, unbatched)
 
     def _backward(self, grad_output, saved):
         mode, x, first, second, axis, unbatched = saved
         dy = v.as_array(grad_output, "grad_output")
-        if unbatched:
-            dy = dy[None]
+        dy = v.grad_output(dy[None] if unbatched else dy, x)
         if mode == "instance":
-            grad_input, grad_weight, grad_bias = instance_norm_backward(
-                dy, x, first, second, self.weight, axis=axis)
+            weight, _ = group_params(x, axis, self.weight, None)
+            grad_input, grad_weight, grad_bias = run_grouped_backward(
+                dy, x, x.shape[axis], axis, first, second, weight, None)
         else:
-            grad_input, grad_weight, grad_bias = batch_norm_backward(
-                dy, x, self.weight, first, second, None, None, False, self.eps, axis=axis)
+            grad_input, grad_weight, grad_bias = self._local_backward(
+                dy, x, v.channel_layout(x.shape, axis), first, second, None, None, False)
         return (grad_input[0] if unbatched else grad_input), {"weight": grad_weight,
                                                               "bias": grad_bias}
 

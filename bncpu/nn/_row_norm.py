@@ -8,8 +8,8 @@ import numpy as np
 
 from bncpu import _validate as v
 from bncpu._row_norm import (
-    group_norm_backward, group_norm_forward, layer_norm_backward, layer_norm_forward,
-    rms_norm_backward, rms_norm_forward)
+    _leading, _normalized_shape, _num_groups, group_params, run_grouped_backward,
+    run_grouped_forward, run_rows_backward, run_rows_forward)
 from bncpu.nn._module import Module, layer_axis
 
 
@@ -24,6 +24,29 @@ def _shape_tuple(normalized_shape):
     except TypeError:
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
                         f"got {normalized_shape!r}") from None
+
+
+# The layers check their input (Module._as_input) and their own arrays against it, then
+# call the kernels unchecked: eps was checked when set, and the C entries check it again.
+def _rows_forward(layer, x, bias, eps, centered):
+    """Layer or RMS norm of ``layer`` on its checked input: (output, saved)."""
+    shape = _normalized_shape(layer.normalized_shape, x.shape)
+    weight = v.shaped_param(layer.weight, "weight", shape, x.dtype)
+    bias = v.shaped_param(bias, "bias", shape, x.dtype)
+    leading = _leading(x.shape, shape)
+    output = np.empty_like(x)
+    mean, rstd = run_rows_forward(x, output, leading, weight, bias, eps, centered)
+    return output, (x, leading, mean, rstd)
+
+
+def _rows_backward(layer, grad_output, saved, centered):
+    """(grad_input, grad_weight, grad_bias) of ``_rows_forward``."""
+    x, leading, mean, rstd = saved
+    dy = v.grad_output(grad_output, x, min_ndim=0)
+    weight = v.shaped_param(layer.weight, "weight", x.shape[len(leading):], x.dtype)
+    grad_input = np.empty_like(x)
+    return (grad_input,) + run_rows_backward(dy, x, grad_input, leading, mean, rstd, weight,
+                                             centered)
 
 
 class LayerNorm(Module):
@@ -52,14 +75,10 @@ class LayerNorm(Module):
             self.bias.fill(0)
 
     def _forward(self, x):
-        output, mean, rstd = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias,
-                                                self.eps)
-        return output, (x, mean, rstd)
+        return _rows_forward(self, x, self.bias, self.eps, True)
 
     def _backward(self, grad_output, saved):
-        x, mean, rstd = saved
-        grad_input, grad_weight, grad_bias = layer_norm_backward(
-            grad_output, x, self.normalized_shape, mean, rstd, self.weight)
+        grad_input, grad_weight, grad_bias = _rows_backward(self, grad_output, saved, True)
         return grad_input, {"weight": grad_weight, "bias": grad_bias}
 
     def extra_repr(self):
@@ -89,13 +108,11 @@ class RMSNorm(Module):
             self.weight.fill(1)
 
     def _forward(self, x):
-        output, rstd = rms_norm_forward(x, self.normalized_shape, self.weight, self.eps)
-        return output, (x, rstd)
+        eps = float(np.finfo(x.dtype).eps) if self.eps is None else self.eps
+        return _rows_forward(self, x, None, eps, False)
 
     def _backward(self, grad_output, saved):
-        x, rstd = saved
-        grad_input, grad_weight = rms_norm_backward(grad_output, x, self.normalized_shape, rstd,
-                                                    self.weight)
+        grad_input, grad_weight, _ = _rows_backward(self, grad_output, saved, False)
         return grad_input, {"weight": grad_weight}
 
     def extra_repr(self):
@@ -132,14 +149,17 @@ class GroupNorm(Module):
             self.bias.fill(0)
 
     def _forward(self, x):
-        output, mean, rstd = group_norm_forward(x, self.num_groups, self.weight, self.bias,
-                                                self.eps, axis=self.axis)
-        return output, (x, mean, rstd)
+        axis = v.channel_axis(self.axis, x.ndim, batch_axis_allowed=False)
+        groups = _num_groups(self.num_groups, x.shape, axis)
+        weight, bias = group_params(x, axis, self.weight, self.bias)
+        output, mean, rstd = run_grouped_forward(x, groups, axis, weight, bias, self.eps, None)
+        return output, (x, groups, axis, mean, rstd)
 
     def _backward(self, grad_output, saved):
-        x, mean, rstd = saved
-        grad_input, grad_weight, grad_bias = group_norm_backward(
-            grad_output, x, self.num_groups, mean, rstd, self.weight, axis=self.axis)
+        x, groups, axis, mean, rstd = saved
+        weight, _ = group_params(x, axis, self.weight, None)
+        grad_input, grad_weight, grad_bias = run_grouped_backward(
+            v.grad_output(grad_output, x), x, groups, axis, mean, rstd, weight, None)
         return grad_input, {"weight": grad_weight, "bias": grad_bias}
 
     def extra_repr(self):

@@ -6,8 +6,9 @@ parameters, buffers, state_dict keys, ``process_group`` attribute, input checks 
 tensors with the statistics of the whole batch over the processes of ``process_group``:
 a torch.distributed process group (gloo, or any backend that takes CPU tensors; None is
 the default group), an mpi4py communicator, or a ``bncpu.distributed.Communicator``. The
-backward all-reduces the two per-channel sums, so ``input.grad`` is that of the whole
-batch's loss; ``weight.grad`` and ``bias.grad`` are this process's share, as in torch
+backward checks that every process agrees on the channels, dtype and count (all raise
+otherwise, none waits), then all-reduces the two per-channel sums, so ``input.grad`` is
+that of the whole batch's loss; ``weight.grad`` and ``bias.grad`` are this process's share, as in torch
 (DistributedDataParallel sums them).
 
 It subclasses torch's ``_BatchNorm`` (the base of BatchNorm2d and of torch's
