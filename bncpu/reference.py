@@ -1117,16 +1117,19 @@ def _same_shape(value, name, shape):
 def batch_norm_relu(input: ArrayLike, running_mean: NDArray | None, running_var: NDArray | None,
                     weight: ArrayLike | None = None, bias: ArrayLike | None = None,
                     training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
-                    residual: ArrayLike | None = None, axis: int = 1) -> NDArray:
+                    residual: ArrayLike | None = None, axis: int = 1,
+                    unbiased_running_var: bool = True) -> NDArray:
     """relu(batch_norm(input) + residual): the output of batch_norm_relu_forward."""
     return batch_norm_relu_forward(input, weight, bias, running_mean, running_var, training,
-                                   momentum, eps, residual=residual, axis=axis)[0]
+                                   momentum, eps, residual=residual, axis=axis,
+                                   unbiased_running_var=unbiased_running_var)[0]
 
 
 def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None,
                             running_mean: NDArray | None, running_var: NDArray | None,
                             training: bool, momentum: float, eps: float, *,
-                            residual: ArrayLike | None = None, axis: int = 1
+                            residual: ArrayLike | None = None, axis: int = 1,
+                            unbiased_running_var: bool = True
                             ) -> tuple[NDArray, NDArray, NDArray]:
     """Batch norm, then the residual added, then ReLU:
 
@@ -1136,7 +1139,8 @@ def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None, bias: Ar
 
     Parameters
     ----------
-    input, weight, bias, running_mean, running_var, training, momentum, eps, axis
+    input, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+    unbiased_running_var
         As in ``batch_norm_forward`` (the running statistics updated in place in training).
     residual : array_like, optional
         Of the input's shape.
@@ -1150,8 +1154,9 @@ def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None, bias: Ar
     """
     if residual is not None:
         residual = _same_shape(residual, "residual", np.shape(input))
-    y, save_mean, save_invstd = batch_norm_forward(input, weight, bias, running_mean, running_var,
-                                                   training, momentum, eps, axis=axis)
+    y, save_mean, save_invstd = batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, momentum, eps, axis=axis,
+        unbiased_running_var=unbiased_running_var)
     if residual is not None:
         y = y + residual
     return _relu(y), save_mean, save_invstd
