@@ -13,9 +13,9 @@ does.
 * ``fallback_counts()``: calls that ran torch's own operator (non-CPU, bfloat16/float16,
   double backward, ...), by function and reason; also logged at DEBUG on ``bncpu.torch``.
 """
-import torch  # noqa: F401  (the point of this module; fails early without PyTorch)
+import torch as _torch  # noqa: F401  (the point of this module; fails early without PyTorch)
 
-from bncpu.torch import _ops  # noqa: F401  (registers torch.ops.bncpu.*)
+from bncpu.torch import _autograd  # noqa: F401  (registers torch.ops.bncpu.*)
 from bncpu.torch._fallback import fallback_counts, reset_fallback_counts
 from bncpu.torch.functional import (
     batch_norm, batch_norm_relu, group_norm, instance_norm, layer_norm, rms_norm,
