@@ -201,13 +201,14 @@ _FORMULAS = {   # forward operator -> (setup_context, backward)
 }
 
 
-def _write_running(args, outputs):
-    """Copy a training forward's new running statistics (outputs 3 and 4 of the batch-
-    and instance-norm operators) into the running statistics (arguments 3 and 4), only
-    after the kernel succeeded."""
-    if len(outputs) == 5:
+def _write_running(name, args, outputs):
+    """Copy the new running statistics that a training forward of batch norm, or any of
+    instance norm, returns (outputs 3 and 4) into the running statistics (arguments 3
+    and 4), after the kernel succeeded; the fast path returns None there, having updated
+    them in place."""
+    if name == "instance_norm_forward" or (name.startswith("batch_norm") and args[5]):
         for running, new in zip(args[3:5], outputs[3:5]):
-            if running is not None and new.numel():
+            if running is not None and new is not None:
                 running.copy_(new)
 
 
@@ -226,7 +227,7 @@ def _eager_forward(name):
             if result is not None:
                 return result
         outputs = kernel(*args)
-        _write_running(args, outputs)
+        _write_running(name, args, outputs)
         return outputs, None
 
     def function_forward(ctx, *args):
@@ -255,7 +256,7 @@ def forward(name, *args):
     gradient is wanted."""
     if not eager_fast_path(args):
         outputs = OPERATORS[name][0](*args)
-        _write_running(args, outputs)
+        _write_running(name, args, outputs)
         return outputs[0]
     run, apply = _EAGER[name]
     if torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad
