@@ -11,7 +11,13 @@ does.
   ``RMSNorm``: subclasses of torch.nn's; ``BatchNormReLU1d/2d/3d`` fused.
 * ``convert(module, inplace=False, fuse=False)``, ``fold(model, inplace=False)``.
 * ``fallback_counts()``: calls that ran torch's own operator (non-CPU, bfloat16/float16,
-  double backward, ...), by function and reason; also logged at DEBUG on ``bncpu.torch``.
+  double backward, forward-mode AD, torch.func, ...), by function and reason; also logged
+  at DEBUG on ``bncpu.torch``.
+
+A plain eager call runs the kernels outside torch's dispatcher; anything that records,
+traces or intercepts calls (jit tracing, torch.compile, the profiler, modes, subclasses)
+gets the operators (``_route.eager_fast_path``; docs/torch.md, "When the eager fast path
+runs").
 """
 import torch as _torch  # noqa: F401  (the point of this module; fails early without PyTorch)
 
