@@ -546,3 +546,14 @@ def test_running_stats_get_no_grad_fn():
     bt.batch_norm(x, rm, rv, training=True).sum().backward()
     assert rm.grad_fn is None and rv.grad_fn is None
     assert not rm.requires_grad
+
+
+def test_public_names_are_the_api():
+    """The modules list only their API: no imported module (torch, F, operator) and no
+    internal helper among their public names."""
+    import bncpu.torch.functional as functional
+
+    for module in (bt, functional):
+        public = {name for name in dir(module) if not name.startswith("_")}
+        submodules = {"functional"} if module is bt else set()
+        assert public == set(module.__all__) | submodules
