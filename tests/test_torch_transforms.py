@@ -4,7 +4,6 @@ subclasses, torch.compile; the one rule that decides when the eager fast path ru
 (bncpu.torch._route.eager_fast_path, docs/torch.md "When the eager fast path runs");
 and flags that must be bools on every path.
 """
-import contextlib
 import copy
 
 import pytest
