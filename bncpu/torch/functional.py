@@ -18,10 +18,9 @@ __all__ = ["batch_norm", "batch_norm_relu", "group_norm", "instance_norm", "laye
 
 def _shape_list(normalized_shape):
     """normalized_shape (an int, a sequence of ints or a torch.Size) as a list of ints."""
-    try:
-        return [_operator.index(normalized_shape)]
-    except TypeError:
+    if isinstance(normalized_shape, (tuple, list)):   # (torch.Size is a tuple)
         return [_operator.index(size) for size in normalized_shape]
+    return [_operator.index(normalized_shape)]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
