@@ -294,19 +294,27 @@ def test_opcheck(name):
 
 
 def test_eager_path_equals_the_operator():
-    """A plain eager call (the kernel as an autograd.Function) and the same call through
-    torch.ops.bncpu give the same bits, forward and backward."""
-    from bncpu.torch import _ops
+    """A plain eager call the fast path does not take (a transposed input: the operator's
+    CPU kernel as an autograd.Function, without the dispatcher) and the same call through
+    torch.ops.bncpu give the same bits: output, running statistics and gradients."""
+    from bncpu.torch import _autograd
 
-    x = tensors((4, 3, 5), torch.float32)[0]
+    x = tensors((5, 3, 4), torch.float32)[0].transpose(0, 2)
     weight, bias = params(3, torch.float32, (True, True))
+    grad_output = torch.linspace(-1, 1, x.numel()).reshape(x.shape)
     results = []
-    for call in (_ops.forward, lambda name, *args: getattr(torch.ops.bncpu, name).default(*args)):
+    for through_operator in (False, True):
         inputs = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
-        outputs = call("batch_norm_forward", *inputs, torch.zeros(3), torch.ones(3), True, 0.1,
-                       1e-5)
-        outputs[0].backward(torch.linspace(-1, 1, x.numel()).reshape(x.shape))
-        results.append([*outputs, *(t.grad for t in inputs)])
+        running = torch.zeros(3), torch.ones(3)
+        if through_operator:
+            output, _, _, new_mean, new_var = torch.ops.bncpu.batch_norm_forward.default(
+                *inputs, *running, True, 0.1, 1e-5)
+            running[0].copy_(new_mean)
+            running[1].copy_(new_var)
+        else:
+            output = _autograd.forward("batch_norm_forward", *inputs, *running, True, 0.1, 1e-5)
+        output.backward(grad_output)
+        results.append([output, *running, *(t.grad for t in inputs)])
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)
 
@@ -538,3 +546,14 @@ def test_running_stats_get_no_grad_fn():
     bt.batch_norm(x, rm, rv, training=True).sum().backward()
     assert rm.grad_fn is None and rv.grad_fn is None
     assert not rm.requires_grad
+
+
+def test_public_names_are_the_api():
+    """The modules list only their API: no imported module (torch, F, operator) and no
+    internal helper among their public names."""
+    import bncpu.torch.functional as functional
+
+    for module in (bt, functional):
+        public = {name for name in dir(module) if not name.startswith("_")}
+        submodules = {"functional"} if module is bt else set()
+        assert public == set(module.__all__) | submodules

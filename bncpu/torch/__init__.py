@@ -11,11 +11,17 @@ does.
   ``RMSNorm``: subclasses of torch.nn's; ``BatchNormReLU1d/2d/3d`` fused.
 * ``convert(module, inplace=False, fuse=False)``, ``fold(model, inplace=False)``.
 * ``fallback_counts()``: calls that ran torch's own operator (non-CPU, bfloat16/float16,
-  double backward, ...), by function and reason; also logged at DEBUG on ``bncpu.torch``.
-"""
-import torch  # noqa: F401  (the point of this module; fails early without PyTorch)
+  double backward, forward-mode AD, torch.func, ...), by function and reason; also logged
+  at DEBUG on ``bncpu.torch``.
 
-from bncpu.torch import _ops  # noqa: F401  (registers torch.ops.bncpu.*)
+A plain eager call runs the kernels outside torch's dispatcher; anything that records,
+traces or intercepts calls (jit tracing, torch.compile, the profiler, modes, subclasses)
+gets the operators (``_route.eager_fast_path``; docs/torch.md, "When the eager fast path
+runs").
+"""
+import torch as _torch  # noqa: F401  (the point of this module; fails early without PyTorch)
+
+from bncpu.torch import _autograd  # noqa: F401  (registers torch.ops.bncpu.*)
 from bncpu.torch._fallback import fallback_counts, reset_fallback_counts
 from bncpu.torch.functional import (
     batch_norm, batch_norm_relu, group_norm, instance_norm, layer_norm, rms_norm,

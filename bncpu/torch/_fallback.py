@@ -12,6 +12,8 @@ weight, bias or running statistics of another  torch's operator (its own dtype r
 dtype or device than the input                 errors)
 a sparse or otherwise non-strided input        torch's operator
 running statistics that require grad           torch's operator
+forward-mode AD (dual tensors) or a           torch's operator (see ``_route``)
+``torch.func`` transform (vmap, grad, jvp)
 double backward (``create_graph=True``)        bncpu's forward; the backward is recomputed
                                                with torch's operator, differentiable
 =============================================  ===========================================
@@ -20,6 +22,8 @@ import collections
 import logging
 
 import torch
+
+from bncpu.torch._route import transform_reason
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _log = logging.getLogger("bncpu.torch")
@@ -64,7 +68,7 @@ def reason(input, tensors, running=()):
             return "parameters of another dtype or device than the input"
     if any(tensor is not None and tensor.requires_grad for tensor in running):
         return "running statistics require grad"
-    return None
+    return transform_reason((input, *tensors, *running))
 
 
 def double_backward(function, torch_forward, inputs, grad_output):

@@ -4,8 +4,17 @@ Each class subclasses torch.nn's own (``isinstance``, ``state_dict``, hooks, ``r
 ``train()``/``eval()``, ``momentum=None``, ``num_batches_tracked`` are torch's) and only
 replaces the call to ``torch.nn.functional`` with bncpu's. They hold no state of their
 own, which is what lets ``bncpu.torch.convert`` swap the class of an existing module.
+
+Under ``torch.jit.script`` the module's own logic (momentum, buffers, input checks) is
+compiled and the call to bncpu stays a Python call (``torch.jit.ignore``): the scripted
+module computes what the eager one does, in a Python process (it cannot be saved and
+loaded without Python; trace it for that).
 """
+from typing import Optional
+
+import torch
 import torch.nn as nn
+from torch import Tensor
 
 from bncpu.torch import functional
 
@@ -14,7 +23,7 @@ class _BatchNormForward:
     """forward of torch's _BatchNorm (same momentum, num_batches_tracked and buffer
     rules), normalizing through ``self._normalize``."""
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -28,7 +37,9 @@ class _BatchNormForward:
         return self._normalize(input, self.running_mean if keep else None,
                                self.running_var if keep else None, use_batch_stats, factor)
 
-    def _normalize(self, input, running_mean, running_var, training, momentum):
+    @torch.jit.ignore
+    def _normalize(self, input: Tensor, running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], training: bool, momentum: float) -> Tensor:
         return functional.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                      training, momentum, self.eps)
 
@@ -38,7 +49,9 @@ class _BatchNormReLUForward(_BatchNormForward):
     batch norm followed by nn.ReLU. Same parameters, buffers and state_dict keys as the
     batch norm it replaces."""
 
-    def _normalize(self, input, running_mean, running_var, training, momentum):
+    @torch.jit.ignore
+    def _normalize(self, input: Tensor, running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], training: bool, momentum: float) -> Tensor:
         return functional.batch_norm_relu(input, running_mean, running_var, self.weight,
                                           self.bias, training, momentum, self.eps)
 
@@ -70,7 +83,8 @@ class BatchNormReLU3d(_BatchNormReLUForward, BatchNorm3d):
 class _InstanceNormForward:
     """torch's _InstanceNorm keeps its forward (checks, unbatched input) and calls this."""
 
-    def _apply_instance_norm(self, input):
+    @torch.jit.ignore
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
         return functional.instance_norm(
             input, self.running_mean, self.running_var, self.weight, self.bias,
             self.training or not self.track_running_stats,
@@ -92,7 +106,8 @@ class InstanceNorm3d(_InstanceNormForward, nn.InstanceNorm3d):
 class LayerNorm(nn.LayerNorm):
     """torch.nn.LayerNorm computed by bncpu."""
 
-    def forward(self, input):
+    @torch.jit.ignore
+    def forward(self, input: Tensor) -> Tensor:
         return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias,
                                      self.eps)
 
@@ -100,14 +115,16 @@ class LayerNorm(nn.LayerNorm):
 class GroupNorm(nn.GroupNorm):
     """torch.nn.GroupNorm computed by bncpu."""
 
-    def forward(self, input):
+    @torch.jit.ignore
+    def forward(self, input: Tensor) -> Tensor:
         return functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
     """torch.nn.RMSNorm computed by bncpu."""
 
-    def forward(self, input):
+    @torch.jit.ignore
+    def forward(self, input: Tensor) -> Tensor:
         return functional.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 

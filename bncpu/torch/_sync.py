@@ -32,21 +32,13 @@ from bncpu.distributed._functional import (
     join_failed_forward, sync_batch_norm_backward, sync_batch_norm_forward,
 )
 from bncpu.torch import _fallback
+from bncpu.torch._layout import channels_last_order as _channels_last_order
 from bncpu.torch._modules import _BatchNormForward
 
 
 def _numpy(tensor):
     """The NumPy view of a CPU tensor (None stays None)."""
     return None if tensor is None else tensor.detach().numpy()
-
-
-def _channels_last_order(input):
-    """The permutation (0, 2, ..., 1) when ``input`` is stored channels-last (then its
-    permuted view is contiguous, channels on the last axis), else None."""
-    if input.dim() < 3 or input.is_contiguous():
-        return None
-    order = (0, *range(2, input.dim()), 1)
-    return order if input.permute(order).is_contiguous() else None
 
 
 def _inverse(order):
