@@ -193,27 +193,46 @@ static inline bncpu_half_vu16 bncpu_half_bf16_bits_portable(bncpu_half_vf v)
                                    bncpu_half_vu16);
 }
 
+/* Whether any lane of a comparison's mask is set. */
+static inline int bncpu_half_any(bncpu_half_vi32 mask)
+{
+    int32_t lanes[BNCPU_HALF_VW], any = 0;
+    int k;
+    memcpy(lanes, &mask, sizeof lanes);
+    for (k = 0; k < BNCPU_HALF_VW; k++)
+        any |= lanes[k];
+    return any != 0;
+}
+
+/* The float16 bits of lanes below 2^-14, as bncpu_half_f16_small, with the shift
+ * clamped to 14..25 so that every lane shifts by a defined amount (the other lanes'
+ * results are discarded; 25 still leaves zero). */
+static inline bncpu_half_vu32 bncpu_half_f16_small_lanes(bncpu_half_vu32 a)
+{
+    bncpu_half_vi32 exponent = (bncpu_half_vi32)a >> 23;
+    bncpu_half_vi32 signed_shift = 126 - exponent;
+    bncpu_half_vu32 significand = (a & 0x007fffffu)
+                                  | ((bncpu_half_vu32)(exponent != 0) & 0x00800000u);
+    bncpu_half_vu32 shift;
+    signed_shift = (bncpu_half_vi32)bncpu_half_select(signed_shift > 25, bncpu_half_splat(25),
+                                                      (bncpu_half_vu32)signed_shift);
+    shift = bncpu_half_select(signed_shift < 14, bncpu_half_splat(14),
+                              (bncpu_half_vu32)signed_shift);
+    return (significand + (1u << (shift - 1u)) - 1u + ((significand >> shift) & 1u)) >> shift;
+}
+
+/* Values below 2^-14 are rare in a normalization's output (about 1 in 10^4 of a unit
+ * normal), and their variable shifts cost more than the rest (SSE2 has none), so a
+ * vector computes them only when it holds one. */
 static inline bncpu_half_vu16 bncpu_half_f16_bits_portable(bncpu_half_vf v)
 {
     bncpu_half_vu32 bits = (bncpu_half_vu32)v;
     bncpu_half_vu32 a = bits & 0x7fffffffu;
     bncpu_half_vi32 magnitude = (bncpu_half_vi32)a;
-    bncpu_half_vu32 h, small, shift;
-    bncpu_half_vi32 exponent = magnitude >> 23;
-    /* The subnormal rounding of bncpu_half_f16_small with its shift clamped to 14..25,
-     * so that every lane shifts by a defined amount (the other lanes' results are
-     * discarded; 25 still leaves zero). */
-    bncpu_half_vi32 signed_shift = 126 - exponent;
-    bncpu_half_vu32 significand = (a & 0x007fffffu)
-                                  | ((bncpu_half_vu32)(exponent != 0) & 0x00800000u);
-    signed_shift = (bncpu_half_vi32)bncpu_half_select(signed_shift > 25, bncpu_half_splat(25),
-                                                      (bncpu_half_vu32)signed_shift);
-    shift = bncpu_half_select(signed_shift < 14, bncpu_half_splat(14),
-                              (bncpu_half_vu32)signed_shift);
-    small = (significand + (1u << (shift - 1u)) - 1u + ((significand >> shift) & 1u)) >> shift;
-
-    h = (a - ((127u - 15u) << 23) + 0x0fffu + ((a >> 13) & 1u)) >> 13;
-    h = bncpu_half_select(magnitude < 0x38800000, small, h);
+    bncpu_half_vi32 small = magnitude < 0x38800000;
+    bncpu_half_vu32 h = (a - ((127u - 15u) << 23) + 0x0fffu + ((a >> 13) & 1u)) >> 13;
+    if (bncpu_half_any(small))
+        h = bncpu_half_select(small, bncpu_half_f16_small_lanes(a), h);
     h = bncpu_half_select(magnitude >= 0x477ff000, bncpu_half_splat(0x7c00u), h);
     h = bncpu_half_select(magnitude > 0x7f800000, 0x7e00u | ((a >> 13) & 0x03ffu), h);
     return __builtin_convertvector(((bits >> 16) & 0x8000u) | h, bncpu_half_vu16);
