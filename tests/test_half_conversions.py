@@ -16,6 +16,7 @@ import platform
 import shlex
 import shutil
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -213,13 +214,20 @@ class Harness:
         return self.call(f"{fmt}_narrow_{form}", values, np.empty(values.size, np.uint16))
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_features(compiler):
+    """The AVX2 | F16C | AVX512 | AVX512BF16 bits this CPU has (the harness asks it)."""
+    with tempfile.TemporaryDirectory(prefix="bncpu_half_") as directory:
+        return Harness(compile_harness(list(compiler), [], directory,
+                                       "half_cpu.so")).lib.cpu_features()
+
+
 def build(path, directory):
     """The Harness of an IsaPath, or a reason it cannot run here."""
     compiler = find_compiler()
     if compiler is None:
         return "no C compiler found (cc, gcc or $CC)"
-    baseline = Harness(compile_harness(compiler, [], directory, "half_cpu.so"))
-    missing = path.needs & ~baseline.lib.cpu_features()
+    missing = path.needs & ~cpu_features(tuple(compiler))
     if missing:
         names = [name for bit, name in ((AVX2, "AVX2+FMA"), (F16C, "F16C"),
                                         (AVX512, "AVX-512 F/BW/VL/DQ"),
