@@ -17,8 +17,8 @@
  *     bfloat16 widens by a shift, so its NaNs keep every bit;
  *   narrowing rounds to nearest, ties to even; it gives ±inf from the overflow threshold
  *     up (the largest finite value plus half an ulp: 65520 for float16, 2^128·(1 - 2^-9)
- *     for bfloat16); float16 subnormals are exact and bfloat16 subnormals are kept (no
- *     flush to zero); a NaN stays a NaN of the same sign, made quiet, with the high bits
+ *     for bfloat16); results in either format's subnormal range are rounded like any
+ *     other (no flush to zero); a NaN stays a NaN of the same sign, made quiet, with the high bits
  *     of its payload (the bits vcvtps2ph and vcvtneps2bf16 give).
  * Nothing here reads the floating-point environment: the results do not depend on the
  * rounding mode or on flush-to-zero / denormals-are-zero.
