@@ -25,6 +25,7 @@ import torch
 from torch.autograd.graph import increment_version
 
 from bncpu import _validate
+from bncpu._status import raise_for_status
 from bncpu._ops import batch_norm as _bn
 from bncpu._ops import row_norm as _rows
 from bncpu.torch._layout import channel_layout
@@ -53,11 +54,6 @@ def _like(input, tensor):
     if tensor.stride() == input.stride():
         return tensor
     return torch.empty_like(input).copy_(tensor)
-
-
-def _raise_for_status(status):
-    if status != 0:
-        _validate.raise_for_status(status)
 
 
 def _tensor(array, like):
@@ -114,7 +110,7 @@ def _batch_norm_forward(relu, input, weight, bias, running_mean, running_var, tr
             status = _bn.relu_forward_eval(x, _view(residual), y, n, c, s, w, b, rm, rv, eps)
         else:
             status = _bn.forward_eval(x, y, n, c, s, w, b, rm, rv, eps)
-        _raise_for_status(status)
+        raise_for_status(status)
     else:
         save_mean, save_invstd = np.empty(c, x.dtype), np.empty(c, x.dtype)
         if relu:
@@ -123,7 +119,7 @@ def _batch_norm_forward(relu, input, weight, bias, running_mean, running_var, tr
         else:
             status = _bn.forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps,
                                        save_mean, save_invstd)
-        _raise_for_status(status)
+        raise_for_status(status)
         if running_mean is not None:
             increment_version(running_mean)
             increment_version(running_var)
@@ -155,7 +151,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
     (n, c, s), x, w, rm, rv, _, save_mean, save_invstd = arrays
     grad_input = torch.empty_like(input)
     grad_weight, grad_bias = _parameter_grads(weight, c, x.dtype)
-    _raise_for_status(_bn.backward(
+    raise_for_status(_bn.backward(
         _view(_like(input, grad_output)), x, _view(grad_input), n, c, s, w, rm, rv, save_mean,
         save_invstd, training, eps, grad_weight, grad_bias))
     return grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input)
@@ -167,7 +163,7 @@ def batch_norm_relu_backward(grad_output, output, input, weight, running_mean, r
     grad_input = torch.empty_like(input)
     grad_residual = torch.empty_like(input) if residual_grad else None
     grad_weight, grad_bias = _parameter_grads(weight, c, x.dtype)
-    _raise_for_status(_bn.relu_backward(
+    raise_for_status(_bn.relu_backward(
         _view(_like(input, grad_output)), y, x, _view(grad_input), n, c, s, w, rm, rv,
         save_mean, save_invstd, training, eps, grad_weight, grad_bias, _view(grad_residual)))
     return (grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input),
@@ -199,7 +195,7 @@ def _row_norm_forward(input, normalized_shape, weight, bias, eps, centered):
     x, w = _view(input), _view(weight)
     mean = np.empty(rows, x.dtype) if centered else None
     rstd = np.empty(rows, x.dtype)
-    _raise_for_status(_rows.forward(x, _view(output), rows, d, 1, 1, w, _view(bias), eps,
+    raise_for_status(_rows.forward(x, _view(output), rows, d, 1, 1, w, _view(bias), eps,
                                     centered, mean, rstd))
     return output, (layout, x, w, mean, rstd)
 
@@ -221,7 +217,7 @@ def _row_norm_backward(grad_output, input, normalized_shape, weight, arrays, cen
     grad_input = torch.empty_like(input)
     grad_weight, grad_bias = _parameter_grads(weight, tuple(normalized_shape), x.dtype,
                                               centered)
-    _raise_for_status(_rows.backward(
+    raise_for_status(_rows.backward(
         _view(_like(input, grad_output)), x, _view(grad_input), rows, d, 1, 1, mean, rstd, w,
         centered, grad_weight, grad_bias))
     return grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input)
