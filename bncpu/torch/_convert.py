@@ -3,9 +3,13 @@ batch norm + ReLU), ``fold`` folds evaluation-mode batch norms into the convolut
 linear layer before them."""
 import collections
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 import bncpu
 from bncpu.torch._modules import FUSED_RELU, REPLACEMENTS, BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -82,8 +86,58 @@ def _foldable(layer, norm):
     return any(isinstance(layer, kind) and isinstance(norm, norms) for kind, norms in _FOLD_PAIRS)
 
 
-def _numpy(tensor):
-    return None if tensor is None else tensor.detach().cpu().numpy()
+def _float64(tensor):
+    """A parameter or buffer as a float64 NumPy array (bfloat16 and float16 included)."""
+    return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
+
+
+# The hooks of torch.nn.utils.weight_norm and spectral_norm (the older, hook-based forms)
+# recompute the weight before each forward; removing one bakes the current weight.
+_WEIGHT_HOOKS = {WeightNorm: torch.nn.utils.remove_weight_norm,
+                 SpectralNorm: torch.nn.utils.remove_spectral_norm}
+
+
+def _weight_hooks(layer):
+    """(removal function, tensor name) of each weight-recomputing hook of ``layer``, or None
+    when ``layer`` has some other hook, which folding would silently bypass."""
+    removals = []
+    for hooks in (getattr(layer, name) for name in _HOOK_DICTS):
+        for hook in hooks.values():
+            remove = _WEIGHT_HOOKS.get(type(hook))
+            if remove is None or hooks is not layer._forward_pre_hooks:
+                return None
+            removals.append((remove, hook.name))
+    return removals
+
+
+def _bake(layer, removals):
+    """Replace the weight recomputed by a parametrization or hook by its current value, so
+    that the folded value is what the layer uses."""
+    for remove, name in removals:
+        remove(layer, name)
+    if parametrize.is_parametrized(layer):
+        # torch removes the parametrization's property from the module's class, which a
+        # deep copy shares with the original: give this module a class of its own first.
+        cls = type(layer)
+        layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        for name in list(layer.parametrizations):
+            parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+
+
+def _fold_pair(layer, norm):
+    """Fold ``norm`` into ``layer`` in float64, writing the results in the layer's dtype
+    and on its device."""
+    weight, bias = bncpu.fold_batch_norm(
+        _float64(layer.weight), _float64(layer.bias), _float64(norm.running_mean),
+        _float64(norm.running_var), _float64(norm.weight), _float64(norm.bias), norm.eps)
+    like = dict(dtype=layer.weight.dtype, device=layer.weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight).to(**like))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.from_numpy(bias).to(**like),
+                                      requires_grad=layer.weight.requires_grad)
+        else:
+            layer.bias.copy_(torch.from_numpy(bias).to(**like))
 
 
 def fold(model, inplace=False):
@@ -94,6 +148,13 @@ def fold(model, inplace=False):
     ``nn.Identity``. The model must be in evaluation mode (``model.eval()``). Linear ->
     BatchNorm1d is folded as the pair is used on (N, features) input. Layers or norms used
     at more than one place are left alone. ``inplace=False`` folds a deep copy.
+
+    The results are cast to the layer's dtype and device (float16 and bfloat16 included;
+    a bias the layer lacked is created so). A layer whose weight is parametrized
+    (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, or the older
+    hook-based ``weight_norm``/``spectral_norm``) gets its current weight baked in as a
+    plain parameter, then folded. A pair where either module has any other hook is left
+    unfolded, with a warning naming it.
     Returns the folded model.
     """
     if not isinstance(model, nn.Module):
@@ -105,20 +166,20 @@ def fold(model, inplace=False):
     if not inplace:
         model = copy.deepcopy(model)
     uses = _uses(model)
+    names = {id(m): name for name, m in model.named_modules()}
     for sequential, index in _adjacent_pairs(model):
         layer, norm = sequential[index], sequential[index + 1]
-        if (isinstance(layer, nn.Module) and getattr(layer, "weight", None) is not None
+        if not (isinstance(layer, nn.Module) and getattr(layer, "weight", None) is not None
                 and _foldable(layer, norm) and uses[id(layer)] == 1 and uses[id(norm)] == 1):
-            weight, bias = bncpu.fold_batch_norm(
-                _numpy(layer.weight), _numpy(layer.bias), _numpy(norm.running_mean),
-                _numpy(norm.running_var), _numpy(norm.weight), _numpy(norm.bias), norm.eps)
-            with torch.no_grad():
-                layer.weight.copy_(torch.from_numpy(weight))
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(
-                        torch.from_numpy(bias).to(layer.weight.device),
-                        requires_grad=layer.weight.requires_grad)
-                else:
-                    layer.bias.copy_(torch.from_numpy(bias))
-            sequential[index + 1] = nn.Identity()
+            continue
+        removals = _weight_hooks(layer)
+        if removals is None or _has_hooks(norm):
+            warnings.warn(f"fold: {names[id(layer)]!r} ({type(layer).__name__}) -> "
+                          f"{names[id(norm)]!r} ({type(norm).__name__}) left unfolded: a "
+                          "hook on either would no longer see what it sees now",
+                          stacklevel=2)
+            continue
+        _bake(layer, removals)
+        _fold_pair(layer, norm)
+        sequential[index + 1] = nn.Identity()
     return model
