@@ -12,6 +12,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 import bncpu
+from bncpu.torch._fuse import fuse_graphs
 from bncpu.torch._modules import FUSED_RELU, REPLACEMENTS, BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -41,10 +42,24 @@ def convert(module, inplace=False, fuse=False):
 
     The modules keep their parameters, buffers, ``requires_grad``, hooks, training mode and
     sharing: only their class changes to the bncpu subclass. ``inplace=False`` converts a
-    deep copy and leaves ``module`` alone. With ``fuse=True``, a batch norm directly followed
-    by ``nn.ReLU`` in an ``nn.Sequential`` becomes one ``BatchNormReLU{1,2,3}d`` (same
-    parameters and state_dict keys) and the ReLU an ``nn.Identity``; pairs where either
-    module has hooks, or the batch norm is used elsewhere too, are left unfused.
+    deep copy and leaves ``module`` alone.
+
+    With ``fuse=True``, batch norm + ReLU (and a residual add between them) run as one
+    ``batch_norm_relu`` call, with the same parameters and state_dict keys:
+
+    * in an ``nn.Sequential``, a batch norm directly followed by ``nn.ReLU`` becomes one
+      ``BatchNormReLU{1,2,3}d`` and the ReLU an ``nn.Identity``;
+    * in the ``forward`` of a user-defined module, traced with ``torch.fx``,
+      ``relu(bn(x))`` and ``relu(bn(x) + residual)`` (any spelling: ``nn.ReLU``,
+      ``F.relu``, ``torch.relu``, ``+``/``+=``/``torch.add``/``add_``) become one call of
+      the batch norm (then a ``FusedBatchNorm{1,2,3}d``), and that module's ``forward``
+      the rewritten graph's. A module whose forward cannot be traced is left unfused, with
+      a warning naming it. Like any fx graph, the rewritten forward keeps the Python
+      branches taken at conversion (forwards that depend on ``self.training`` are not
+      rewritten), and the module pickles only through its ``state_dict``.
+
+    A batch norm with hooks, one used at more than one place, or one whose output is used
+    elsewhere too, is left unfused, and so is a ReLU with hooks.
     Returns the converted module.
     """
     if not isinstance(module, nn.Module):
@@ -63,6 +78,7 @@ def convert(module, inplace=False, fuse=False):
                     and not _has_hooks(norm) and not _has_hooks(relu)):
                 norm.__class__ = FUSED_RELU[type(norm)]
                 sequential[index + 1] = nn.Identity()
+        fuse_graphs(module, uses)
     return module
 
 
