@@ -17,7 +17,6 @@ The ResNet-18 here is the standard one (He et al. 2016; torchvision's layout and
 so that torchvision is not needed; the tests import it from this file.
 """
 import argparse
-import copy
 import platform
 import statistics
 import time

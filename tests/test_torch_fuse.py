@@ -5,7 +5,9 @@ evaluation, float32 and float64; the spellings it fuses and the cases it must le
 state_dict both ways; torch.compile(fullgraph=True) against eager; a ResNet-18."""
 import copy
 import importlib.util
+import io
 import operator
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "resnet_step
 def resnet_step():
     spec = importlib.util.spec_from_file_location("resnet_step", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # so that its classes pickle
     spec.loader.exec_module(module)
     return module
 
@@ -261,7 +264,31 @@ def test_resnet18_fuses_every_batch_norm_followed_by_relu_and_trains_as_torch(
     assert_same_training(converted, original, dtype, (4, 3, 64, 64), tol=tol)
 
 
-def test_state_dict_both_ways_and_deepcopy(resnet_step):
+class Residual(nn.Module):
+    """relu(bn(layer(x)) + x) for a Linear -> BatchNorm1d or Conv3d -> BatchNorm3d."""
+
+    def __init__(self, layer, norm):
+        super().__init__()
+        self.layer, self.norm = layer, norm
+
+    def forward(self, x):
+        return F.relu(self.norm(self.layer(x)) + x)
+
+
+@pytest.mark.parametrize("layers", [
+    (nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=None)),
+    (nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4, affine=False)),
+], ids=lambda layers: type(layers[1]).__name__)
+def test_1d_and_3d_batch_norms(layers):
+    torch.manual_seed(0)
+    original = Residual(*layers).double()
+    converted = bt.convert(original, fuse=True)
+    assert type(converted.norm).__name__ == "Fused" + type(layers[1]).__name__
+    shape = (6, 4) if isinstance(layers[0], nn.Linear) else (2, 4, 3, 2, 2)
+    assert_same_training(converted, original, torch.float64, shape)
+
+
+def test_state_dict_both_ways_deepcopy_and_pickle(resnet_step):
     torch.manual_seed(0)
     original = resnet_step.ResNet18(num_classes=10)
     converted = bt.convert(original, fuse=True)
@@ -277,6 +304,12 @@ def test_state_dict_both_ways_and_deepcopy(resnet_step):
         model.eval()
     torch.testing.assert_close(converted(x), stock(x), **TOL[torch.float32])
     torch.testing.assert_close(copied(x), stock(x) + 1, **TOL[torch.float32])
+    # A whole-model pickle keeps the class's forward: unfused, the same results.
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), stock(x), **TOL[torch.float32])
 
 
 def test_compile_fullgraph_of_the_fused_graph(resnet_step):

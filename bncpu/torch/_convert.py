@@ -1,6 +1,6 @@
 """Model surgery: ``convert`` swaps torch.nn's norm modules for bncpu's (optionally fusing
-batch norm + ReLU), ``fold`` folds evaluation-mode batch norms into the convolution or
-linear layer before them."""
+batch norm + ReLU; the torch.fx pass is in ``_fuse``), ``fold`` folds evaluation-mode batch
+norms into the convolution or linear layer before them."""
 import collections
 import copy
 import warnings
@@ -12,14 +12,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 import bncpu
-from bncpu.torch._fuse import fuse_graphs
+from bncpu.torch._fuse import HOOK_DICTS, fuse_graphs, has_hooks
 from bncpu.torch._modules import FUSED_RELU, REPLACEMENTS, BatchNorm1d, BatchNorm2d, BatchNorm3d
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _has_hooks(module):
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
 def _uses(model):
@@ -56,7 +50,8 @@ def convert(module, inplace=False, fuse=False):
       the rewritten graph's. A module whose forward cannot be traced is left unfused, with
       a warning naming it. Like any fx graph, the rewritten forward keeps the Python
       branches taken at conversion (forwards that depend on ``self.training`` are not
-      rewritten), and the module pickles only through its ``state_dict``.
+      rewritten). The rewritten forward is an attribute of the module: a whole-model
+      pickle (``torch.save(model)``) loads with the class's forward, correct but unfused.
 
     A batch norm with hooks, one used at more than one place, or one whose output is used
     elsewhere too, is left unfused, and so is a ReLU with hooks.
@@ -75,7 +70,7 @@ def convert(module, inplace=False, fuse=False):
         for sequential, index in _adjacent_pairs(module):
             norm, relu = sequential[index], sequential[index + 1]
             if (type(norm) in FUSED_RELU and type(relu) is nn.ReLU and uses[id(norm)] == 1
-                    and not _has_hooks(norm) and not _has_hooks(relu)):
+                    and not has_hooks(norm) and not has_hooks(relu)):
                 norm.__class__ = FUSED_RELU[type(norm)]
                 sequential[index + 1] = nn.Identity()
         fuse_graphs(module, uses)
@@ -117,7 +112,7 @@ def _weight_hooks(layer):
     """(removal function, tensor name) of each weight-recomputing hook of ``layer``, or None
     when ``layer`` has some other hook, which folding would silently bypass."""
     removals = []
-    for hooks in (getattr(layer, name) for name in _HOOK_DICTS):
+    for hooks in (getattr(layer, name) for name in HOOK_DICTS):
         for hook in hooks.values():
             remove = _WEIGHT_HOOKS.get(type(hook))
             if remove is None or hooks is not layer._forward_pre_hooks:
@@ -189,7 +184,7 @@ def fold(model, inplace=False):
                 and _foldable(layer, norm) and uses[id(layer)] == 1 and uses[id(norm)] == 1):
             continue
         removals = _weight_hooks(layer)
-        if removals is None or _has_hooks(norm):
+        if removals is None or has_hooks(norm):
             warnings.warn(f"fold: {names[id(layer)]!r} ({type(layer).__name__}) -> "
                           f"{names[id(norm)]!r} ({type(norm).__name__}) left unfolded: a "
                           "hook on either would no longer see what it sees now",

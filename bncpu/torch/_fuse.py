@@ -85,10 +85,11 @@ _ADD_METHODS = {"add": False, "add_": True}
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
-def _has_hooks(module):
-    return any(getattr(module, name, None) for name in
-               ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                "_backward_pre_hooks"))
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module):
+    return any(getattr(module, name, None) for name in HOOK_DICTS)
 
 
 def _is_relu_of(node, source, root):
@@ -97,7 +98,7 @@ def _is_relu_of(node, source, root):
         return False
     if node.op == "call_module":
         module = root.get_submodule(node.target)
-        return (type(module) is nn.ReLU and not _has_hooks(module) and len(node.args) == 1
+        return (type(module) is nn.ReLU and not has_hooks(module) and len(node.args) == 1
                 and not node.kwargs)
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
         return len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
@@ -222,7 +223,7 @@ def fuse_graphs(model, uses):
     for qualified_name, module in list(model.named_modules()):
         candidates = {name for name, child in module.named_children()
                       if type(child) in FUSED and uses[id(child)] == 1
-                      and not _has_hooks(child)}
+                      and not has_hooks(child)}
         if not candidates or _is_builtin(module):
             continue
         try:
