@@ -199,6 +199,13 @@ def test_untraceable_and_mode_dependent_forwards_warn_and_stay_unfused():
         def forward(self, x):
             return F.relu(self.bn(x) + (x if self.training else 0))
 
+    class Optional(ModeDependent):
+        def forward(self, x, residual=None):
+            return F.relu(self.bn(x) + (x if residual is None else residual))
+
+    with pytest.warns(UserWarning, match=r"\(Optional\).*optional or variadic arguments"):
+        converted = bt.convert(Optional(), fuse=True)
+    assert type(converted.bn) is bt.BatchNorm2d
     with pytest.warns(UserWarning, match=r"'the model' \(DataDependent\) could not be traced"):
         converted = bt.convert(DataDependent(), fuse=True)
     assert type(converted.bn) is bt.BatchNorm2d

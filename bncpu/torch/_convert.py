@@ -47,8 +47,8 @@ def convert(module, inplace=False, fuse=False):
       ``relu(bn(x))`` and ``relu(bn(x) + residual)`` (any spelling: ``nn.ReLU``,
       ``F.relu``, ``torch.relu``, ``+``/``+=``/``torch.add``/``add_``) become one call of
       the batch norm (then a ``FusedBatchNorm{1,2,3}d``), and that module's ``forward``
-      the rewritten graph's. A module whose forward cannot be traced is left unfused, with
-      a warning naming it. Like any fx graph, the rewritten forward keeps the Python
+      the rewritten graph's. A module whose forward cannot be traced, or takes optional
+      or variadic arguments, is left unfused, with a warning naming it. Like any fx graph, the rewritten forward keeps the Python
       branches taken at conversion (forwards that depend on ``self.training`` are not
       rewritten). The rewritten forward is an attribute of the module: a whole-model
       pickle (``torch.save(model)``) loads with the class's forward, correct but unfused.

@@ -11,6 +11,7 @@ patterns ``bn -> relu`` and ``bn -> add -> relu`` in that graph (``nn.ReLU``,
 The batch norm's class becomes ``FusedBatchNorm*d``, which is the same batch norm when
 called as one (``bn(x)``), so code that still calls it so stays correct.
 """
+import inspect
 import operator
 import types
 import warnings
@@ -197,6 +198,11 @@ def _trace(module):
     ``self.training`` (a traced graph keeps the branch taken)."""
     if "forward" in vars(module):
         raise TypeError("its forward is an instance attribute")
+    parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    if any(p.default is not p.empty or p.kind is not p.POSITIONAL_OR_KEYWORD
+           for p in parameters):
+        # fx traces each argument as a tensor: `if mask is None` would keep one branch.
+        raise TypeError("its forward takes optional or variadic arguments")
     training = module.training
     try:
         graphs = []
