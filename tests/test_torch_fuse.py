@@ -130,19 +130,35 @@ def test_patterns_that_are_not_fused(form):
     assert_same_training(converted, original, torch.float64, (3, 4, 5, 6))
 
 
-def test_a_write_between_the_batch_norm_and_its_residual_keeps_it_unfused():
-    """Moving the batch norm's call past an in-place op could let it read a changed
-    input: bn(x), then x.mul_(2), then relu(bn + residual)."""
+class Doubles(nn.Module):
+    def forward(self, x):
+        return x.mul_(2)
+
+
+WRITES = {
+    "Tensor.mul_": lambda late, x: x.mul_(2),
+    "torch.relu_": lambda late, x: torch.relu_(x),
+    "a user module": lambda late, x: late.doubles(x),
+}
+
+
+@pytest.mark.parametrize("residual_first", [False, True])
+@pytest.mark.parametrize("write", WRITES.values(), ids=WRITES)
+def test_a_write_between_the_batch_norm_and_the_add_keeps_it_unfused(write, residual_first):
+    """The fused call reads the batch norm's input later, or the residual earlier, than
+    the original: bn(x), a write into x, relu(bn + x) (the residual defined before the
+    batch norm, or by the write)."""
     class Late(nn.Module):
         def __init__(self):
             super().__init__()
             self.bn = nn.BatchNorm2d(4)
+            self.doubles = Doubles()
 
         def forward(self, x):
             x = x * 1.0
             y = self.bn(x)
-            residual = x.mul_(2)
-            return F.relu(y + residual)
+            written = write(self, x)
+            return F.relu(y + (x if residual_first else written))
 
     original = Late().double()
     converted = bt.convert(original, fuse=True)

@@ -136,7 +136,9 @@ def _may_write(node, root):
         return (node.target in _INPLACE_FUNCTIONS or name.endswith("_")
                 or bool(node.kwargs.get("inplace")) or "out" in node.kwargs)
     if node.op == "call_module":
-        return bool(getattr(root.get_submodule(node.target), "inplace", False))
+        # A user-defined module may write into its input; torch.nn's do when inplace=True.
+        return any(not _is_builtin(module) or getattr(module, "inplace", False)
+                   for module in root.get_submodule(node.target).modules())
     return False
 
 
@@ -165,11 +167,12 @@ def _fuse_graph(graph, root, candidates):
             last = next(iter(user.users))
             if not _is_relu_of(last, user, root):
                 continue
-        # The fused call runs where both its inputs exist: nothing between the batch norm
-        # and there may write into a tensor (it could be the batch norm's input).
+        # The fused call runs where both its inputs exist: it reads the batch norm's input
+        # later and the residual earlier than the original did, so nothing between the
+        # batch norm and the add may write into a tensor.
         anchor = residual if residual is not None and order[residual] > order[norm] else norm
-        between = [node for node in graph.nodes if order[norm] < order[node] <= order[anchor]]
-        if any(_may_write(node, root) for node in between):
+        if any(_may_write(node, root) for node in graph.nodes
+               if order[norm] < order[node] < order[user]):
             continue
         with graph.inserting_after(anchor):
             call = graph.call_module(name, (norm.args[0], residual),
