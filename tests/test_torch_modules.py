@@ -1,7 +1,8 @@
-"""bncpu.torch's modules, convert (and fuse=True) and fold: converted models against the
+"""bncpu.torch's modules and convert (and fuse=True): converted models against the
 originals over several SGD steps (losses, parameters, buffers) in float32 and float64,
 state_dict round trips, torch.compile(fullgraph=True) of a converted model, and what
-conversion keeps (parameters, sharing, requires_grad, hooks, training mode)."""
+conversion keeps (parameters, sharing, requires_grad, hooks, training mode). fold is in
+test_torch_fold.py."""
 import copy
 
 import pytest
@@ -183,58 +184,3 @@ def test_each_module_state_dict_and_modes(module):
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):
         unbatched = torch.randn(shape[1:], dtype=torch.float64)
         torch.testing.assert_close(converted(unbatched), module(unbatched))
-
-
-# ----------------------------------------------------------------------------------
-# fold
-# ----------------------------------------------------------------------------------
-def trained_eval(model, dtype=torch.float32):
-    """The model after two training forwards (running statistics away from 0 and 1)."""
-    model = model.to(dtype)
-    for step in range(2):
-        model(torch.randn(8, *INPUT_SHAPES[type(model[0])], dtype=dtype) * 3 + 1)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            with torch.no_grad():
-                module.weight.uniform_(0.5, 2.0)
-                module.bias.normal_()
-    return model.eval()
-
-
-INPUT_SHAPES = {nn.Conv1d: (3, 9), nn.Conv2d: (3, 7, 7), nn.Conv3d: (3, 4, 5, 5),
-                nn.Linear: (3,)}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("layers", [
-    (nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)),
-    (nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)),
-    (nn.Conv2d(3, 4, 3, groups=1), nn.BatchNorm2d(4, affine=False)),
-    (nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4)),
-    (nn.Linear(3, 4), nn.BatchNorm1d(4)),
-], ids=lambda layers: type(layers[0]).__name__)
-def test_fold(dtype, layers):
-    model = trained_eval(nn.Sequential(copy.deepcopy(layers[0]), copy.deepcopy(layers[1]),
-                                       nn.ReLU()), dtype)
-    converted = trained_eval(nn.Sequential(copy.deepcopy(layers[0]),
-                                           copy.deepcopy(layers[1])), dtype)
-    converted = bt.convert(converted)
-    x = torch.randn(5, *INPUT_SHAPES[type(layers[0])], dtype=dtype)
-    for original in (model, converted):
-        folded = bt.fold(original)
-        assert type(folded[1]) is nn.Identity and type(original[1]) is not nn.Identity
-        assert folded[0].bias is not None
-        torch.testing.assert_close(folded(x), original(x), **TOL[dtype])
-
-
-def test_fold_needs_eval_and_skips_what_it_cannot_fold():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-    with pytest.raises(ValueError, match="model.eval()"):
-        bt.fold(model)
-    fused = bt.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU()),
-                       fuse=True).eval()
-    untracked = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
-    mismatched = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm2d(4))
-    for model in (fused, untracked.eval(), mismatched.eval()):
-        folded = bt.fold(model)
-        assert [type(m) for m in folded] == [type(m) for m in model]

@@ -1,20 +1,19 @@
 """Model surgery: ``convert`` swaps torch.nn's norm modules for bncpu's (optionally fusing
-batch norm + ReLU), ``fold`` folds evaluation-mode batch norms into the convolution or
-linear layer before them."""
+batch norm + ReLU; the torch.fx pass is in ``_fuse``), ``fold`` folds evaluation-mode batch
+norms into the convolution or linear layer before them."""
 import collections
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 import bncpu
+from bncpu.torch._fuse import HOOK_DICTS, fuse_graphs, has_hooks
 from bncpu.torch._modules import FUSED_RELU, REPLACEMENTS, BatchNorm1d, BatchNorm2d, BatchNorm3d
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _has_hooks(module):
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
 def _uses(model):
@@ -37,10 +36,25 @@ def convert(module, inplace=False, fuse=False):
 
     The modules keep their parameters, buffers, ``requires_grad``, hooks, training mode and
     sharing: only their class changes to the bncpu subclass. ``inplace=False`` converts a
-    deep copy and leaves ``module`` alone. With ``fuse=True``, a batch norm directly followed
-    by ``nn.ReLU`` in an ``nn.Sequential`` becomes one ``BatchNormReLU{1,2,3}d`` (same
-    parameters and state_dict keys) and the ReLU an ``nn.Identity``; pairs where either
-    module has hooks, or the batch norm is used elsewhere too, are left unfused.
+    deep copy and leaves ``module`` alone.
+
+    With ``fuse=True``, batch norm + ReLU (and a residual add between them) run as one
+    ``batch_norm_relu`` call, with the same parameters and state_dict keys:
+
+    * in an ``nn.Sequential``, a batch norm directly followed by ``nn.ReLU`` becomes one
+      ``BatchNormReLU{1,2,3}d`` and the ReLU an ``nn.Identity``;
+    * in the ``forward`` of a user-defined module, traced with ``torch.fx``,
+      ``relu(bn(x))`` and ``relu(bn(x) + residual)`` (any spelling: ``nn.ReLU``,
+      ``F.relu``, ``torch.relu``, ``+``/``+=``/``torch.add``/``add_``) become one call of
+      the batch norm (then a ``FusedBatchNorm{1,2,3}d``), and that module's ``forward``
+      the rewritten graph's. A module whose forward cannot be traced, or takes optional
+      or variadic arguments, is left unfused, with a warning naming it. Like any fx graph, the rewritten forward keeps the Python
+      branches taken at conversion (forwards that depend on ``self.training`` are not
+      rewritten). The rewritten forward is an attribute of the module: a whole-model
+      pickle (``torch.save(model)``) loads with the class's forward, correct but unfused.
+
+    A batch norm with hooks, one used at more than one place, or one whose output is used
+    elsewhere too, is left unfused, and so is a ReLU with hooks.
     Returns the converted module.
     """
     if not isinstance(module, nn.Module):
@@ -56,9 +70,10 @@ def convert(module, inplace=False, fuse=False):
         for sequential, index in _adjacent_pairs(module):
             norm, relu = sequential[index], sequential[index + 1]
             if (type(norm) in FUSED_RELU and type(relu) is nn.ReLU and uses[id(norm)] == 1
-                    and not _has_hooks(norm) and not _has_hooks(relu)):
+                    and not has_hooks(norm) and not has_hooks(relu)):
                 norm.__class__ = FUSED_RELU[type(norm)]
                 sequential[index + 1] = nn.Identity()
+        fuse_graphs(module, uses)
     return module
 
 
@@ -82,8 +97,58 @@ def _foldable(layer, norm):
     return any(isinstance(layer, kind) and isinstance(norm, norms) for kind, norms in _FOLD_PAIRS)
 
 
-def _numpy(tensor):
-    return None if tensor is None else tensor.detach().cpu().numpy()
+def _float64(tensor):
+    """A parameter or buffer as a float64 NumPy array (bfloat16 and float16 included)."""
+    return None if tensor is None else tensor.detach().to("cpu", torch.float64).numpy()
+
+
+# The hooks of torch.nn.utils.weight_norm and spectral_norm (the older, hook-based forms)
+# recompute the weight before each forward; removing one bakes the current weight.
+_WEIGHT_HOOKS = {WeightNorm: torch.nn.utils.remove_weight_norm,
+                 SpectralNorm: torch.nn.utils.remove_spectral_norm}
+
+
+def _weight_hooks(layer):
+    """(removal function, tensor name) of each weight-recomputing hook of ``layer``, or None
+    when ``layer`` has some other hook, which folding would silently bypass."""
+    removals = []
+    for hooks in (getattr(layer, name) for name in HOOK_DICTS):
+        for hook in hooks.values():
+            remove = _WEIGHT_HOOKS.get(type(hook))
+            if remove is None or hooks is not layer._forward_pre_hooks:
+                return None
+            removals.append((remove, hook.name))
+    return removals
+
+
+def _bake(layer, removals):
+    """Replace the weight recomputed by a parametrization or hook by its current value, so
+    that the folded value is what the layer uses."""
+    for remove, name in removals:
+        remove(layer, name)
+    if parametrize.is_parametrized(layer):
+        # torch removes the parametrization's property from the module's class, which a
+        # deep copy shares with the original: give this module a class of its own first.
+        cls = type(layer)
+        layer.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        for name in list(layer.parametrizations):
+            parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
+
+
+def _fold_pair(layer, norm):
+    """Fold ``norm`` into ``layer`` in float64, writing the results in the layer's dtype
+    and on its device."""
+    weight, bias = bncpu.fold_batch_norm(
+        _float64(layer.weight), _float64(layer.bias), _float64(norm.running_mean),
+        _float64(norm.running_var), _float64(norm.weight), _float64(norm.bias), norm.eps)
+    like = dict(dtype=layer.weight.dtype, device=layer.weight.device)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight).to(**like))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.from_numpy(bias).to(**like),
+                                      requires_grad=layer.weight.requires_grad)
+        else:
+            layer.bias.copy_(torch.from_numpy(bias).to(**like))
 
 
 def fold(model, inplace=False):
@@ -94,6 +159,13 @@ def fold(model, inplace=False):
     ``nn.Identity``. The model must be in evaluation mode (``model.eval()``). Linear ->
     BatchNorm1d is folded as the pair is used on (N, features) input. Layers or norms used
     at more than one place are left alone. ``inplace=False`` folds a deep copy.
+
+    The results are cast to the layer's dtype and device (float16 and bfloat16 included;
+    a bias the layer lacked is created so). A layer whose weight is parametrized
+    (``torch.nn.utils.parametrizations.weight_norm``/``spectral_norm``, or the older
+    hook-based ``weight_norm``/``spectral_norm``) gets its current weight baked in as a
+    plain parameter, then folded. A pair where either module has any other hook is left
+    unfolded, with a warning naming it.
     Returns the folded model.
     """
     if not isinstance(model, nn.Module):
@@ -105,20 +177,20 @@ def fold(model, inplace=False):
     if not inplace:
         model = copy.deepcopy(model)
     uses = _uses(model)
+    names = {id(m): name for name, m in model.named_modules()}
     for sequential, index in _adjacent_pairs(model):
         layer, norm = sequential[index], sequential[index + 1]
-        if (isinstance(layer, nn.Module) and getattr(layer, "weight", None) is not None
+        if not (isinstance(layer, nn.Module) and getattr(layer, "weight", None) is not None
                 and _foldable(layer, norm) and uses[id(layer)] == 1 and uses[id(norm)] == 1):
-            weight, bias = bncpu.fold_batch_norm(
-                _numpy(layer.weight), _numpy(layer.bias), _numpy(norm.running_mean),
-                _numpy(norm.running_var), _numpy(norm.weight), _numpy(norm.bias), norm.eps)
-            with torch.no_grad():
-                layer.weight.copy_(torch.from_numpy(weight))
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(
-                        torch.from_numpy(bias).to(layer.weight.device),
-                        requires_grad=layer.weight.requires_grad)
-                else:
-                    layer.bias.copy_(torch.from_numpy(bias))
-            sequential[index + 1] = nn.Identity()
+            continue
+        removals = _weight_hooks(layer)
+        if removals is None or has_hooks(norm):
+            warnings.warn(f"fold: {names[id(layer)]!r} ({type(layer).__name__}) -> "
+                          f"{names[id(norm)]!r} ({type(norm).__name__}) left unfolded: a "
+                          "hook on either would no longer see what it sees now",
+                          stacklevel=2)
+            continue
+        _bake(layer, removals)
+        _fold_pair(layer, norm)
+        sequential[index + 1] = nn.Identity()
     return model
