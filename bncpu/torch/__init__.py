@@ -9,7 +9,9 @@ does.
   ``batch_norm_relu``) with ``torch.nn.functional``'s signatures.
 * ``BatchNorm1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
   ``RMSNorm``: subclasses of torch.nn's; ``BatchNormReLU1d/2d/3d`` fused.
-* ``convert(module, inplace=False, fuse=False)``, ``fold(model, inplace=False)``.
+* ``convert(module, inplace=False, fuse=False)``, ``fold(model, inplace=False)``; with
+  ``fuse=True`` a torch.fx pass also fuses ``bn -> relu`` and ``bn -> add -> relu`` written
+  in a module's ``forward`` (a ResNet block) into ``FusedBatchNorm1d/2d/3d``.
 * ``fallback_counts()``: calls that ran torch's own operator (non-CPU, bfloat16/float16,
   double backward, forward-mode AD, torch.func, ...), by function and reason; also logged
   at DEBUG on ``bncpu.torch``.
@@ -31,14 +33,13 @@ from bncpu.torch._modules import (
     GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm,
 )
 from bncpu.torch._convert import convert, fold
-# --- synchronized batch norm (bncpu/torch/_sync.py, owned by the dist helper) ---
+from bncpu.torch._fuse import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from bncpu.torch._sync import SyncBatchNorm, convert_sync_batchnorm
-# --- end synchronized batch norm ---
 
 __all__ = [
     "batch_norm", "batch_norm_relu", "group_norm", "instance_norm", "layer_norm", "rms_norm",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU1d", "BatchNormReLU2d",
-    "BatchNormReLU3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "BatchNormReLU3d", "FusedBatchNorm1d", "FusedBatchNorm2d", "FusedBatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "RMSNorm", "SyncBatchNorm", "convert", "convert_sync_batchnorm", "fold",
     "fallback_counts", "reset_fallback_counts",
 ]
