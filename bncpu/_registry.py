@@ -580,7 +580,6 @@ GROUP_SHAPES = ((8, 8, 14, 14), (2, 4, 150, 150), (3, 6, 9), (4, 2))
 INSTANCE_SHAPES = GROUP_SHAPES[:3] + ((4, 2, 3),)
 
 _RUNNING = ("running_mean", "running_var")
-_PER_CHANNEL_ONLY = "merges or folds C per-channel values: nothing to time"
 
 _FUNCTIONS = (
     Function(
@@ -607,7 +606,7 @@ _FUNCTIONS = (
         name="batch_norm_gather_stats", family="batch_norm",
         params=("mean", "m2", "count", "running_mean", "running_var", "momentum", "eps"),
         generator=_bn_gather, shapes=BATCH_SHAPES, written=_RUNNING, bad=_bad_running,
-        not_timed=_PER_CHANNEL_ONLY),
+        not_timed="merges C per-channel values: nothing to time"),
     Function(
         name="batch_norm_elemt", family="batch_norm",
         params=("input", "weight", "bias", "mean", "invstd", "axis"), keyword=("axis",),
@@ -646,7 +645,8 @@ _FUNCTIONS = (
     Function(
         name="fold_batch_norm", family="fused",
         params=("weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias", "eps"),
-        generator=_fold, shapes=BATCH_SHAPES, bad=_bad_fold, not_timed=_PER_CHANNEL_ONLY),
+        generator=_fold, shapes=BATCH_SHAPES, bad=_bad_fold,
+        not_timed="folds C per-channel values into a layer's weights, once"),
     Function(
         name="layer_norm_forward", family="layer_norm",
         params=("input", "normalized_shape", "weight", "bias", "eps"), generator=_ln_forward,
