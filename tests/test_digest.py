@@ -188,6 +188,16 @@ def _compare(actual, expected):
     assert not changed, f"results changed in {len(changed)} cases, e.g. {changed[:5]}"
 
 
+def test_every_function_is_digested():
+    """Every registry family is in exactly one group, so every function (and through
+    the channels-last cases, every C entry) has its bits recorded."""
+    grouped = [family for _, families, _, _ in GROUPS for family in families]
+    assert sorted(grouped) == sorted({spec.family for spec in FUNCTIONS.values()})
+    names = {name.split(" axis=")[0] for name, _ in _cases()}
+    assert any(name.startswith("fused batch_norm streaming") for name in names)
+    assert any(name.endswith("axis=-1") for name, _ in _cases())
+
+
 def test_digest_unchanged_at_1_2_3_threads():
     _compare(compute(), _recorded())
 
