@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 import bncpu
-from bncpu import _bench
+from bncpu.bench import cases, machine, peers, timing
 
 OFFSETS = (0, 16, 32, 48)
 LINE = 64
@@ -33,7 +33,7 @@ OPERATIONS = ("fwd_eval", "fwd_train", "bwd_train")
 def at_offset(shape, offset, fill=None):
     """A float32 array of ``shape`` whose data starts ``offset`` bytes after a line start."""
     size = int(np.prod(shape))
-    raw = _bench.aligned_empty((size * 4 + LINE,), np.uint8)
+    raw = cases.aligned_empty((size * 4 + LINE,), np.uint8)
     array = raw[offset:offset + size * 4].view(np.float32).reshape(shape)
     if fill is not None:
         array[...] = fill
@@ -63,7 +63,7 @@ def make_calls(operation, shape, in_offset, out_offset, source, gradient):
             bncpu.batch_norm_forward(x, weight, bias, running_mean, running_var, training,
                                      0.1, 1e-5, out=out)
         reads = (x,)
-    return call, _bench.floor_call_into(reads, out, bncpu.get_num_threads())
+    return call, peers.floor_call_into(reads, out, bncpu.get_num_threads())
 
 
 def median_grid(samples):
@@ -82,9 +82,9 @@ def main(argv=None):
     if args.cpu_clock:
         if args.threads != 1:
             parser.error("--cpu-clock needs --threads 1")
-        _bench.use_cpu_clock(True)
-    _bench.reuse_freed_memory()
-    _bench.set_threads(args.threads)
+        timing.use_cpu_clock(True)
+    machine.reuse_freed_memory()
+    machine.set_threads(args.threads)
     rng = np.random.default_rng(0)
     results = []
     for shape in SHAPES:
@@ -101,9 +101,9 @@ def main(argv=None):
             for _ in range(args.rounds):
                 for pair in pairs:
                     for name, call in zip(("bncpu", "floor"), calls[pair]):
-                        start = _bench.clock()
+                        start = timing.clock()
                         call()
-                        samples[name][pair].append(_bench.clock() - start)
+                        samples[name][pair].append(timing.clock() - start)
             del calls
             mb = np.prod(shape) * 4 / 1e6
             print(f"\n{operation} {shape} float32 ({mb:.1f} MB per array), {args.threads} "

@@ -40,11 +40,11 @@ def worker(config, threads, calls, cpu_clock):
     import numpy as np
 
     import bncpu
-    from bncpu import _bench
+    from bncpu.bench import machine
 
     if config == "no-thp":
         np._core.multiarray._set_madvise_hugepage(False)
-    if config == "mallopt" and not _bench.reuse_freed_memory():
+    if config == "mallopt" and not machine.reuse_freed_memory():
         raise SystemExit("mallopt refused")
     bncpu.set_num_threads(threads)
     clock = time.thread_time if cpu_clock else time.perf_counter

@@ -5,7 +5,7 @@ NCHW (training forward, evaluation forward, training backward), and PyTorch on t
 memory as a ``channels_last`` tensor (and on the NCHW one); group norm on (8, 28, 28, 256)
 channels-last against channels-first (forward, backward). A streaming floor (one pass
 reading the input and writing an output of its size) sets the
-scale (the speed report's floor, bncpu._bench.floor_call_into). Each round calls every variant once in turn (round robin), and the figures are
+scale (the speed report's floor, bncpu.bench.peers.floor_call_into). Each round calls every variant once in turn (round robin), and the figures are
 medians over rounds, so a load that comes and goes hits all variants alike.
 
     python benchmarks/channels_last.py --threads 2 --rounds 31
@@ -29,7 +29,7 @@ import time
 import numpy as np
 
 import bncpu
-from bncpu import _bench
+from bncpu.bench import machine, peers
 
 try:
     import torch
@@ -95,7 +95,7 @@ def batch_norm_calls(n_threads):
         calls["torch channels_last"] = theirs(x_cl, dy_cl)
         calls["torch NCHW"] = theirs(torch.from_numpy(first), torch.from_numpy(dy_first))
     # The speed report's floor: one pass reading the input and writing an array of its size.
-    one_pass = _bench.floor_call_into((last,), np.empty_like(last), n_threads)
+    one_pass = peers.floor_call_into((last,), np.empty_like(last), n_threads)
     calls["floor (one pass)"] = {"train": one_pass, "eval": one_pass, "backward": one_pass}
     return calls
 
@@ -150,7 +150,7 @@ def table(title, medians, baseline):
 def main(argv=None):
     args = parse_args(argv)
     bncpu.set_num_threads(args.threads)
-    _bench.reuse_freed_memory()
+    machine.reuse_freed_memory()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     bn = round_robin(batch_norm_calls(args.threads), args.rounds, clock)
     gn = round_robin(group_norm_calls(), args.rounds, clock)

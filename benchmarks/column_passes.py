@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 import bncpu
-from bncpu import _bench
+from bncpu.bench import machine
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from channels_last import round_robin, table   # noqa: E402
@@ -75,7 +75,7 @@ def calls(shape):
 def main(argv=None):
     args = parse_args(argv)
     bncpu.set_num_threads(args.threads)
-    _bench.reuse_freed_memory()
+    machine.reuse_freed_memory()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     shape = tuple(int(v) for v in args.shape.split(","))
     medians = round_robin(calls(shape), args.rounds, clock)

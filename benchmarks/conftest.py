@@ -1,5 +1,5 @@
-"""pytest-benchmark suite configuration: the cases come from bncpu._bench, the registry the
-speed report (``python -m bncpu``) uses too.
+"""pytest-benchmark suite configuration: the cases come from bncpu.bench (and its operations
+from the function registry), as the speed report's (``python -m bncpu``) do.
 
 Options:
   --bench-threads N[,N...]  thread counts (default: bncpu.get_num_threads())
@@ -11,7 +11,7 @@ run ``pytest benchmarks/``.
 import pytest
 
 import bncpu
-from bncpu import _bench
+from bncpu.bench import cases, machine, peers, targets
 
 
 def pytest_addoption(parser):
@@ -28,13 +28,13 @@ _THREAD_COUNTS = pytest.StashKey()
 def pytest_configure(config):
     text = config.getoption("--bench-threads")
     try:
-        counts = [bncpu.get_num_threads()] if text is None else _bench.parse_thread_counts(text)
+        counts = [bncpu.get_num_threads()] if text is None else machine.parse_thread_counts(text)
     except ValueError as error:
         raise pytest.UsageError(f"--bench-threads: {error}") from None
     config.stash[_THREAD_COUNTS] = counts
     # As in the speed report: large results reuse freed memory instead of page-faulting
-    # fresh pages, whichever benchmark ran before (see bncpu._bench.reuse_freed_memory).
-    _bench.reuse_freed_memory()
+    # fresh pages, whichever benchmark ran before (see bncpu.bench.machine.reuse_freed_memory).
+    machine.reuse_freed_memory()
 
 
 def pytest_generate_tests(metafunc):
@@ -43,10 +43,10 @@ def pytest_generate_tests(metafunc):
     if "job" not in metafunc.fixturenames:
         return
     jobs, ids = [], []
-    for case in _bench.cases(quick=metafunc.config.getoption("--bench-quick")):
+    for case in cases.cases(quick=metafunc.config.getoption("--bench-quick")):
         for n_threads in metafunc.config.stash[_THREAD_COUNTS]:
-            for implementation in _bench.IMPLEMENTATIONS:
-                if implementation == "bncpu_bn" and case.op not in _bench.FUSED_OPS:
+            for implementation in peers.IMPLEMENTATIONS:
+                if implementation == "bncpu_bn" and case.op not in cases.FUSED_OPS:
                     continue   # batch norm alone: the fused rows' baseline only
                 jobs.append((case, n_threads, implementation))
                 ids.append(f"{case.id}-{n_threads}t-{implementation}")
@@ -64,7 +64,7 @@ class _LatestInputs:
     def get(self, case):
         if case != self.case:
             self.inputs = None   # free the old arrays before making the new ones
-            self.inputs = _bench.Inputs(case)
+            self.inputs = cases.Inputs(case)
             self.case = case
         return self.inputs
 
@@ -89,12 +89,12 @@ def threads(job):
     """Run bncpu and torch at the job's thread count, and restore both afterwards."""
     n_threads = job[1]
     before = bncpu.get_num_threads()
-    torch_before = _bench.torch.get_num_threads() if _bench.torch is not None else None
-    _bench.set_threads(n_threads)
+    torch_before = peers.torch.get_num_threads() if peers.torch is not None else None
+    machine.set_threads(n_threads)
     yield n_threads
     bncpu.set_num_threads(before)
     if torch_before is not None:
-        _bench.torch.set_num_threads(torch_before)
+        peers.torch.set_num_threads(torch_before)
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -102,8 +102,8 @@ def pytest_terminal_summary(terminalreporter):
     its own, not interleaved as in ``python -m bncpu``)."""
     lines = []
     for (case, n_threads), found in _MEDIANS.items():
-        ratios = _bench.ratios(found)
-        for target in _bench.targets(case, n_threads):
+        ratios = targets.ratios(found)
+        for target in targets.targets(case, n_threads):
             met, value = target.met(ratios), target.value(ratios)
             verdict = {True: "met   ", False: "MISSED", None: "n/a   "}[met]
             measured = "not measured" if value is None else f"{value:.3g}"

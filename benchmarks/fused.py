@@ -1,4 +1,4 @@
-"""Fused batch norm + (add +) ReLU: side-by-side timings against the targets of issue 14.
+"""Fused batch norm + (add +) ReLU: side-by-side timings against the report's fused targets.
 
     python benchmarks/fused.py                      # 2 threads, float32, both shapes
     python benchmarks/fused.py --threads 1,2 --rounds 30
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 import bncpu
-from bncpu._bench import reuse_freed_memory
+from bncpu.bench.machine import reuse_freed_memory
 
 EPS = 1e-5
 MOMENTUM = 0.1

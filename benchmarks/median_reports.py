@@ -14,7 +14,7 @@ import json
 import statistics
 import sys
 
-from bncpu import _bench
+from bncpu.bench import targets
 
 
 def load(paths):
@@ -33,7 +33,7 @@ def judge(target, value):
     """Whether ``value`` meets ``target`` (its text in a report), as the report judges."""
     if value is None:
         return None
-    parsed = _bench.Target.parse(target)
+    parsed = targets.Target.parse(target)
     return parsed.met({parsed.metric: value})
 
 

@@ -101,7 +101,7 @@ def worker(args):
     from mpi4py import MPI
 
     import bncpu
-    from bncpu import _bench
+    from bncpu.bench import machine
     from bncpu.distributed import (
         LocalCommunicator, MPICommunicator, sync_batch_norm_backward, sync_batch_norm_forward,
     )
@@ -110,7 +110,7 @@ def worker(args):
     shape = tuple(int(v) for v in args.shape.split(","))
     if shape[0] % size:
         raise SystemExit(f"the batch ({shape[0]}) must split evenly over {size} processes")
-    _bench.reuse_freed_memory()
+    machine.reuse_freed_memory()
     rng = np.random.default_rng(rank)
     half_shape = (shape[0] // size,) + shape[1:]
     x = rng.standard_normal(half_shape, dtype=np.float32).astype(args.dtype)

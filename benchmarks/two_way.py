@@ -19,7 +19,7 @@ machine are noisy: run both on an idle one to check the 10% agreement.
 
 On a busy machine the load changes between two runs minutes apart. ``--interleave K``
 compares in one process instead: per case, K times, the report's harness (every
-implementation, ``bncpu._bench.measure`` with the report's budget) and then this two-way
+implementation, ``bncpu.bench.timing.measure`` with the report's budget) and then this two-way
 loop, each giving a speed-up over torch; the medians of the K are compared.
 
     python benchmarks/two_way.py --threads 2 --interleave 3
@@ -31,7 +31,7 @@ import re
 import statistics
 import sys
 
-from bncpu import _bench
+from bncpu.bench import cases, machine, peers, timing
 
 
 def parse_args(argv):
@@ -39,10 +39,10 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="thread count for bncpu and torch (default: bncpu's)")
     parser.add_argument("--samples", type=int, default=21, help="samples per side (default 21)")
-    parser.add_argument("--min-sample", type=float, default=_bench.FULL.sample_seconds,
+    parser.add_argument("--min-sample", type=float, default=timing.FULL.sample_seconds,
                         metavar="SECONDS",
                         help="calls are looped until a sample lasts this long (default: the "
-                             f"report's, {_bench.FULL.sample_seconds})")
+                             f"report's, {timing.FULL.sample_seconds})")
     parser.add_argument("--cases", default=None, metavar="REGEX",
                         help="only cases whose id matches, e.g. 'bn_bwd_train-32x64x56x56'")
     parser.add_argument("--quick", action="store_true", help="only the report's --quick cases")
@@ -79,17 +79,17 @@ def two_way(bncpu_call, torch_call, samples, min_sample):
         for name, call in (("bncpu", bncpu_call), ("torch", torch_call)):
             if loops[name] > 1:   # as the report: a short call starts from its own cache state
                 call()
-            start = _bench.clock()
+            start = timing.clock()
             for _ in range(loops[name]):
                 call()
-            times[name].append((_bench.clock() - start) / loops[name])
+            times[name].append((timing.clock() - start) / loops[name])
     return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _time_once(call):
-    start = _bench.clock()
+    start = timing.clock()
     call()
-    return _bench.clock() - start
+    return timing.clock() - start
 
 
 def interleaved(inputs, calls, n_threads, args):
@@ -97,7 +97,7 @@ def interleaved(inputs, calls, n_threads, args):
     alternations in this process."""
     mine, report = [], []
     for _ in range(args.interleave):
-        timings = _bench.measure(_bench.implementation_calls(inputs, n_threads), _bench.FULL)
+        timings = timing.measure(peers.implementation_calls(inputs, n_threads), timing.FULL)
         report.append(timings["torch"].median / timings["bncpu"].median)
         medians = two_way(*calls, args.samples, args.min_sample)
         mine.append(medians["torch"] / medians["bncpu"])
@@ -114,24 +114,24 @@ def report_ratios(path, n_threads):
 
 def main(argv=None):
     args = parse_args(argv)
-    if _bench.torch is None:
+    if peers.torch is None:
         sys.exit("two_way.py compares with torch: install torch==2.13.0")
-    _bench.reuse_freed_memory()   # the report's default, so that both see the same malloc
-    n_threads = args.threads or _bench.bncpu.get_num_threads()
+    machine.reuse_freed_memory()   # the report's default, so that both see the same malloc
+    n_threads = args.threads or bncpu.get_num_threads()
     if args.cpu_clock:
         if n_threads != 1:
             sys.exit("--cpu-clock needs --threads 1")
-        _bench.use_cpu_clock(True)
-    _bench.set_threads(n_threads)
+        timing.use_cpu_clock(True)
+    machine.set_threads(n_threads)
     pattern = re.compile(args.cases) if args.cases else None
     reported = report_ratios(args.compare, n_threads) if args.compare else {}
     results = []
     gc.disable()
-    for case in _bench.cases(quick=args.quick):
+    for case in cases.cases(quick=args.quick):
         if pattern and not pattern.search(case.id):
             continue
-        inputs = _bench.Inputs(case)
-        calls = [_bench.implementation_call(inputs, name, n_threads) for name in ("bncpu", "torch")]
+        inputs = cases.Inputs(case)
+        calls = [peers.implementation_call(inputs, name, n_threads) for name in ("bncpu", "torch")]
         if any(isinstance(call, Exception) for call in calls):
             continue
         try:
@@ -141,8 +141,8 @@ def main(argv=None):
         ratio = medians["torch"] / medians["bncpu"]
         if args.interleave:
             ratio, reported[case.id] = interleaved(inputs, calls, n_threads, args)
-        line = (f"{case.id:45s} bncpu {_bench.format_seconds(medians['bncpu']):>9s}  "
-                f"torch {_bench.format_seconds(medians['torch']):>9s}  vs torch {ratio:6.3g}x")
+        line = (f"{case.id:45s} bncpu {timing.format_seconds(medians['bncpu']):>9s}  "
+                f"torch {timing.format_seconds(medians['torch']):>9s}  vs torch {ratio:6.3g}x")
         result = {"case": case.id, "threads": n_threads, "median_s": medians, "vs_torch": ratio}
         if reported.get(case.id):
             difference = reported[case.id] / ratio - 1

@@ -22,35 +22,45 @@ import numpy as np
 import pytest
 
 import bncpu
+from bncpu._registry import FUNCTIONS
 from conftest import CHILD_CWD
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(TESTS, "data", "digest.json")
 
-# (name, shape): batch-norm inputs, (N, C, *spatial), and the work mode they reach.
+# (name, shape, options): inputs of each kind and the work mode they reach; the options go
+# to the registry's generators (bncpu._registry.Options).
 BATCH_SHAPES = [
-    ("column S=1", (300, 17)),
-    ("column S=9", (64, 32, 3, 3)),
-    ("column pass S=64", (16, 24, 8, 8)),
-    ("channel", (4, 8, 40, 40)),
-    ("split", (3, 1, 80, 80)),
-    ("long rows", (2, 2, 300, 300)),
-    ("streaming", (4, 3, 512, 520)),
-    ("one row", (1, 5, 7)),
+    ("column S=1", (300, 17), {}),
+    ("column S=9", (64, 32, 3, 3), {}),
+    ("column pass S=64", (16, 24, 8, 8), {}),
+    ("channel", (4, 8, 40, 40), {}),
+    ("split", (3, 1, 80, 80), {}),
+    ("long rows", (2, 2, 300, 300), {}),
+    ("streaming", (4, 3, 512, 520), {}),
+    ("one row", (1, 5, 7), {}),
 ]
-# (name, shape, normalized dims): layer/RMS norm rows.
 ROW_SHAPES = [
-    ("short rows", (33, 100), 1),
-    ("one piece", (6, 7, 1000), 1),
-    ("long rows", (3, 40003), 1),
-    ("many rows", (4100, 64), 1),
+    ("short rows", (33, 100), {"normalized_dims": 1}),
+    ("one piece", (6, 7, 1000), {"normalized_dims": 1}),
+    ("long rows", (3, 40003), {"normalized_dims": 1}),
+    ("many rows", (4100, 64), {"normalized_dims": 1}),
 ]
-# (name, shape, groups): group norm.
 GROUP_SHAPES = [
-    ("small", (8, 32, 14, 14), 4),
-    ("channel > piece", (2, 4, 150, 150), 2),
-    ("one group", (3, 6, 9), 1),
-    ("cached, many rows", (16, 64, 10, 10), 32),
+    ("small", (8, 32, 14, 14), {"groups": 4}),
+    ("channel > piece", (2, 4, 150, 150), {"groups": 2}),
+    ("one group", (3, 6, 9), {"groups": 1}),
+    ("cached, many rows", (16, 64, 10, 10), {"groups": 32}),
+]
+
+# A case runs the registry functions of some families, in registry order, on one set of
+# inputs (arrays drawn by name from the case's key): (case name, families, key prefix,
+# shapes). Every registry family is in one group (test_every_function_is_digested).
+GROUPS = [
+    ("batch_norm", ("batch_norm",), (), BATCH_SHAPES),
+    ("layer/rms_norm", ("layer_norm", "rms_norm"), ("rows",), ROW_SHAPES),
+    ("group/instance_norm", ("group_norm", "instance_norm"), ("groups",), GROUP_SHAPES),
+    ("fused batch_norm", ("fused",), ("fused",), BATCH_SHAPES),
 ]
 
 
@@ -60,97 +70,82 @@ def _rng(*key):
                                                 "little"))
 
 
-def _normal(shape, dtype, *key, loc=0.5, scale=2.0):
-    return _rng(*key).normal(loc, scale, size=shape).astype(dtype)
+class _KeyedDraws:
+    """The registry generators' draws, each array from a generator of its own, seeded by
+    its name and the case's key: the same inputs whichever functions a case runs. Each is
+    drawn once per case and handed out as a copy (calls write running statistics)."""
+
+    def __init__(self, *key):
+        self.key = key
+        self._drawn = {}
+
+    def _draw(self, name, method, shape, dtype, *params):
+        drawn_key = (name, method, shape, dtype, params)
+        if drawn_key not in self._drawn:
+            values = getattr(_rng(name, *self.key), method)(*params, size=shape)
+            self._drawn[drawn_key] = values.astype(dtype)
+        return self._drawn[drawn_key].copy()
+
+    def normal(self, name, shape, dtype, loc=0.0, scale=1.0):
+        return self._draw(name, "normal", shape, dtype, loc, scale)
+
+    def uniform(self, name, shape, dtype, low, high):
+        return self._draw(name, "uniform", shape, dtype, low, high)
+
+
+def _variants(spec):
+    """The options each function runs with: both modes and both residual settings where
+    it has them."""
+    trainings = (True, False) if "training" in spec.params else (True,)
+    residuals = (True, False) if "residual_grad" in spec.params or "residual" in spec.params \
+        else (True,)
+    return [dict(training=t, residual=r) for t in trainings for r in residuals]
+
+
+
+
+def _channels_last(shape):
+    return (shape[0],) + shape[2:] + (shape[1],)
+
+
+def _outputs(spec, args):
+    """What a call gives: its results (absent and empty ones left out) and the arguments
+    it updated in place."""
+    results = [r for r in spec.call(args) if r is not None and np.size(r)]
+    return results + [args[name] for name in spec.updated(args)]
 
 
 def _cases():
     """Yield (case name, thunk returning a list of arrays) for every case."""
     for dtype in (np.float32, np.float64):
         dt = np.dtype(dtype).name
-        for name, shape in BATCH_SHAPES:
-            c = shape[1]
-            for affine in (True, False):
-                key = (name, dt, affine)
+        for group, families, prefix, shapes in GROUPS:
+            specs = [spec for spec in FUNCTIONS.values() if spec.family in families]
+            # Channels-last data for the functions that take it (4-D and 3-D shapes: on
+            # 2-D input axis -1 is axis 1).
+            axes = (1, -1) if any("axis" in spec.params for spec in specs) else (1,)
+            for name, shape, options in shapes:
+                for axis in axes:
+                    if axis == -1 and len(shape) < 3:
+                        continue
+                    for affine in (True, False):
+                        layout = "" if axis == 1 else f" axis={axis}"
+                        key = prefix + (name, dt, affine) + (("axis", axis) if layout else ())
+                        data_shape = shape if axis == 1 else _channels_last(shape)
 
-                def batch(shape=shape, c=c, affine=affine, key=key, dtype=dtype):
-                    x = _normal(shape, dtype, "x", *key)
-                    dy = _normal(shape, dtype, "dy", *key, loc=0.0, scale=1.0)
-                    w = _normal(c, dtype, "w", *key, loc=1.0, scale=0.3) if affine else None
-                    b = _normal(c, dtype, "b", *key, loc=0.0, scale=1.0) if affine else None
-                    rm = _normal(c, dtype, "rm", *key, loc=0.0, scale=1.0)
-                    rv = _rng("rv", *key).uniform(0.5, 2.0, c).astype(dtype)
-                    out = []
-                    rm_t, rv_t = rm.copy(), rv.copy()
-                    y, sm, si = bncpu.batch_norm_forward(x, w, b, rm_t, rv_t, True, 0.1, 1e-5)
-                    out += [y, sm, si, rm_t, rv_t]
-                    ye, _, _ = bncpu.batch_norm_forward(x, w, b, rm, rv, False, 0.1, 1e-5)
-                    out.append(ye)
-                    out += [g for g in bncpu.batch_norm_backward(dy, x, w, rm, rv, sm, si, True,
-                                                                 1e-5) if g is not None]
-                    out += [g for g in bncpu.batch_norm_backward(dy, x, w, rm, rv, sm, si, False,
-                                                                 1e-5) if g is not None]
-                    mean, m2, count = bncpu.batch_norm_stats(x)
-                    out += [mean, m2, np.asarray(count, np.int64)]
-                    rm_g, rv_g = rm.copy(), rv.copy()
-                    halves = [bncpu.batch_norm_stats(part) for part in
-                              np.array_split(x, 2, axis=0)]
-                    gm, gi = bncpu.batch_norm_gather_stats(
-                        np.stack([h[0] for h in halves]), np.stack([h[1] for h in halves]),
-                        np.array([h[2] for h in halves]), rm_g, rv_g, 0.1, 1e-5)
-                    out += [gm, gi, rm_g, rv_g]
-                    out.append(bncpu.batch_norm_elemt(x, w, b, gm, gi))
-                    sums = bncpu.batch_norm_backward_reduce(dy, x, gm, gi, w)
-                    out += [s for s in sums if s is not None]
-                    out.append(bncpu.batch_norm_backward_elemt(dy, x, gm, gi, w, sums[0], sums[1],
-                                                               np.int64(x.size // c)))
-                    return out
+                        def thunk(specs=specs, key=key, shape=data_shape, dtype=dtype,
+                                  options=dict(options, affine=affine, axis=axis)):
+                            out, draws = [], _KeyedDraws(*key)
+                            for spec in specs:
+                                if options["axis"] != 1 and "axis" not in spec.params:
+                                    continue
+                                for variant in _variants(spec):
+                                    args = spec.inputs(shape, dtype, draws=draws,
+                                                       **options, **variant)
+                                    out += _outputs(spec, args)
+                            return out
 
-                yield f"batch_norm {name} {dt} affine={affine}", batch
-        for name, shape, dims in ROW_SHAPES:
-            for affine in (True, False):
-                key = ("rows", name, dt, affine)
-
-                def rows(shape=shape, dims=dims, affine=affine, key=key, dtype=dtype):
-                    normalized = shape[-dims:]
-                    x = _normal(shape, dtype, "x", *key)
-                    dy = _normal(shape, dtype, "dy", *key, loc=0.0, scale=1.0)
-                    w = _normal(normalized, dtype, "w", *key, loc=1.0, scale=0.3) if affine else None
-                    b = _normal(normalized, dtype, "b", *key, loc=0.0, scale=1.0) if affine else None
-                    y, mean, rstd = bncpu.layer_norm_forward(x, normalized, w, b, 1e-5)
-                    out = [y, mean, rstd]
-                    out += [g for g in bncpu.layer_norm_backward(dy, x, normalized, mean, rstd, w)
-                            if g is not None]
-                    y, rstd = bncpu.rms_norm_forward(x, normalized, w, 1e-6)
-                    out += [y, rstd]
-                    out += [g for g in bncpu.rms_norm_backward(dy, x, normalized, rstd, w)
-                            if g is not None]
-                    return out
-
-                yield f"layer/rms_norm {name} {dt} affine={affine}", rows
-        for name, shape, groups in GROUP_SHAPES:
-            for affine in (True, False):
-                key = ("groups", name, dt, affine)
-
-                def grouped(shape=shape, groups=groups, affine=affine, key=key, dtype=dtype):
-                    c = shape[1]
-                    x = _normal(shape, dtype, "x", *key)
-                    dy = _normal(shape, dtype, "dy", *key, loc=0.0, scale=1.0)
-                    w = _normal(c, dtype, "w", *key, loc=1.0, scale=0.3) if affine else None
-                    b = _normal(c, dtype, "b", *key, loc=0.0, scale=1.0) if affine else None
-                    y, mean, rstd = bncpu.group_norm_forward(x, groups, w, b, 1e-5)
-                    out = [y, mean, rstd]
-                    out += [g for g in bncpu.group_norm_backward(dy, x, groups, mean, rstd, w)
-                            if g is not None]
-                    rm = np.zeros(c, dtype)
-                    rv = np.ones(c, dtype)
-                    y, mean, rstd = bncpu.instance_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
-                    out += [y, mean, rstd, rm, rv]
-                    out += [g for g in bncpu.instance_norm_backward(dy, x, mean, rstd, w)
-                            if g is not None]
-                    return out
-
-                yield f"group/instance_norm {name} {dt} affine={affine}", grouped
+                        yield f"{group} {name} {dt} affine={affine}{layout}", thunk
 
 
 def _digest(arrays):
@@ -191,6 +186,16 @@ def _compare(actual, expected):
     assert sorted(actual) == sorted(expected), "the set of cases changed"
     changed = [name for name in expected if actual[name] != expected[name]]
     assert not changed, f"results changed in {len(changed)} cases, e.g. {changed[:5]}"
+
+
+def test_every_function_is_digested():
+    """Every registry family is in exactly one group, so every function (and through
+    the channels-last cases, every C entry) has its bits recorded."""
+    grouped = [family for _, families, _, _ in GROUPS for family in families]
+    assert sorted(grouped) == sorted({spec.family for spec in FUNCTIONS.values()})
+    names = {name.split(" axis=")[0] for name, _ in _cases()}
+    assert any(name.startswith("fused batch_norm streaming") for name in names)
+    assert any(name.endswith("axis=-1") for name, _ in _cases())
 
 
 def test_digest_unchanged_at_1_2_3_threads():

@@ -50,6 +50,7 @@ def test_every_function_after_a_subinterpreter_exists():
             "rms_norm": [(256, 2048), (2, 100000)],
             "group_norm": [(8, 16, 48, 48), (2, 4, 200, 200)],
             "instance_norm": [(8, 16, 48, 48)],
+            "fused": [(16, 16, 48, 48), (4096, 64)],
         }
         bncpu.set_num_threads(2)
 

@@ -40,9 +40,9 @@ import time
 
 import numpy as np
 
-
-class Unavailable(Exception):
-    """oneDNN cannot run this (not installed, another version, no such primitive)."""
+# Raised when oneDNN cannot run something: not installed, another version, no such
+# primitive or only its reference code.
+from bncpu.bench.timing import Unavailable
 
 
 # oneDNN 3.2 constants (dnnl_types.h, dnnl_common_types.h).
