@@ -108,8 +108,9 @@ typedef enum {
 #define BNCPU_API_VERSION_MAJOR 3
 #define BNCPU_API_VERSION_MINOR 0
 
-/* Half-precision data, as bits. bfloat16: sign, 8 exponent and 7 fraction
- * bits, the upper half of a float32 (same sign and exponent). */
+/* Half-precision data, as bits. bfloat16: sign, 8 exponent and 7
+ * fraction bits, the upper half of a float32 of the same sign and
+ * exponent. */
 typedef uint16_t bncpu_bf16;
 /* IEEE 754 binary16: sign, 5 exponent and 10 fraction bits. */
 typedef uint16_t bncpu_f16;

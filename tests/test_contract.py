@@ -212,3 +212,18 @@ def test_table_is_complete():
         assert dladdr(address, ctypes.byref(info)), f"{name} points into no loaded module"
         module = os.path.basename(info.dli_fname.decode()).split(".")[0]
         assert module == family_of[name] + suffix, f"{name} points into {module}"
+
+
+def test_wrappers_refuse_data_without_a_kernel():
+    """The dtype wrappers of bncpu._ops pick the member by the data's dtype: data of a dtype
+    the table has no member for is a TypeError, and nothing is written (it used to run
+    the float64 kernel over the integers' bytes)."""
+    from bncpu import _ops
+    x = np.arange(8, dtype=np.int64)
+    mean, m2 = np.full(2, 7.0), np.full(2, 7.0)
+    with pytest.raises(TypeError, match="batch_norm_stats: no kernel"):
+        _ops.batch_norm.stats(x, 2, 2, 2, mean, m2)
+    y = np.full(8, 7, np.int32)
+    with pytest.raises(TypeError, match="group_norm_forward: no kernel"):
+        _ops.row_norm.forward(y.copy(), y, 2, 4, 1, 1, None, None, 1e-5, True, None, None)
+    assert (mean == 7.0).all() and (m2 == 7.0).all() and (y == 7).all()

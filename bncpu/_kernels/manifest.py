@@ -255,8 +255,9 @@ HEAD = (
 
 # Data types of half-precision dtypes: (name, C type, the layout of the bits).
 C_TYPEDEFS = (
-    ("bncpu_bf16", "uint16_t", "Half-precision data, as bits. bfloat16: sign, 8 exponent and 7 fraction\n"
-                               "bits, the upper half of a float32 (same sign and exponent)."),
+    ("bncpu_bf16", "uint16_t", "Half-precision data, as bits. bfloat16: sign, 8 exponent and 7\n"
+                               "fraction bits, the upper half of a float32 of the same sign and\n"
+                               "exponent."),
     ("bncpu_f16", "uint16_t", "IEEE 754 binary16: sign, 5 exponent and 10 fraction bits."),
 )
 
@@ -308,7 +309,9 @@ def _wrap(head, items, tail, indent, width=96):
     lines, line = [], head
     for index, item in enumerate(items):
         piece = item + (", " if index < len(items) - 1 else tail)
-        if len(line) + len(piece.rstrip()) > width and line.strip() and line != head:
+        # Break before a piece that would pass the width, unless the line holds nothing
+        # yet (only the head, or only the indent).
+        if len(line) + len(piece.rstrip()) > width and line.strip() not in ("", head.strip()):
             lines.append(line.rstrip())
             line = indent
         line += piece
@@ -492,8 +495,8 @@ def ops_wrappers():
             lines += _wrap(f"            status = API.{entry.name}{dtype.suffix}(", casts, ")",
                            " " * 16)
             lines.append("        return status")
-        lines.append(f'    raise TypeError(f"{entry.name}: no kernel for data of NumPy '
-                     f'type number {{typenum}}")')
+        lines += [f'    raise TypeError(f"{entry.name}: no kernel for data of "',
+                  '                    f"NumPy type number {typenum}")']
         if entry.python is None:
             continue
         family_prefix, operation = entry.python.split("_", 1)

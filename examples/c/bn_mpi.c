@@ -134,7 +134,8 @@ static int whole_batch_agrees(int size, int64_t c, int64_t s, const int *shard_v
                               double momentum, double eps)
 {
     const int64_t values = total_n * c * s;
-    double *y_whole = allocate(values * sizeof(double)), *dx_whole = allocate(values * sizeof(double));
+    double *y_whole = allocate(values * sizeof(double));
+    double *dx_whole = allocate(values * sizeof(double));
     double mean_whole[CHANNELS], invstd_whole[CHANNELS], grad_weight_whole[CHANNELS];
     double grad_bias_whole[CHANNELS], running_mean_whole[CHANNELS], running_var_whole[CHANNELS];
     memcpy(running_mean_whole, running_mean_in, c * sizeof(double));
