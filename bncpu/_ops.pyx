@@ -101,5 +101,5 @@ def rows_backward(dy, x, dx, int64_t n, int64_t c, int64_t s, int64_t groups, me
                                     dweight, dbias)
 
 
-batch_norm = SimpleNamespace(**WRAPPERS["batch_norm"], gather_stats=bn_gather_stats)
+batch_norm = SimpleNamespace(**_WRAPPERS["batch_norm"], gather_stats=bn_gather_stats)
 row_norm = SimpleNamespace(forward=rows_forward, backward=rows_backward)

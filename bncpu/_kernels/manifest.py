@@ -465,7 +465,7 @@ def ops_wrappers():
     """bncpu/_ops_entries.pxi, included by bncpu/_ops.pyx: for every entry, the cdef
     function call_<entry>(typenum, arguments...) that calls the member of the data's
     dtype with the GIL released, and the Python wrapper of each entry with a
-    `python` name; WRAPPERS lists those by family and operation."""
+    `python` name; _WRAPPERS lists those by family and operation."""
     lines = [GENERATED,
              "from bncpu._kernels._api_table cimport "
              + ", ".join(name for name, _, _ in C_TYPEDEFS), ""]
@@ -515,7 +515,7 @@ def ops_wrappers():
         lines += _wrap(f"    return call_{entry.name}(",
                        [f"cnp.PyArray_TYPE(<cnp.ndarray>{first_data})"]
                        + [p.name for p in entry_params], ")", " " * 8)
-    lines += ["", "", "WRAPPERS = {"]
+    lines += ["", "", "_WRAPPERS = {"]
     for family, operations in wrappers.items():
         lines.append(f'    "{family}": {{')
         lines += [f'        "{operation}": {python},' for operation, python in operations]
