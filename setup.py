@@ -11,8 +11,9 @@ time: each kernel family is compiled once per ISA level of bncpu/_kernels/manife
 (SSE2, AVX2+FMA, AVX-512) and bncpu picks the best one the CPU supports (see
 bncpu/_dispatch.py). Off x86, or with BNCPU_NATIVE, there is one build per family.
 From the manifest this file also generates the typed Cython view of the C API table
-(bncpu/_kernels/_api_table.pxd) and each family's table-filling code
-(bncpu/_kernels/_fill_<family>.pxi).
+(bncpu/_kernels/_api_table.pxd), each family's table-filling code
+(bncpu/_kernels/_fill_<family>.pxi) and the dtype wrappers of bncpu._ops
+(bncpu/_ops_entries.pxi).
 """
 import importlib.util
 import os
@@ -170,7 +171,7 @@ class ParallelBuildExt(build_ext):
 
 
 copy_header()
-MANIFEST.write_sources(os.path.join(HERE, "bncpu", "_kernels"))
+MANIFEST.write_sources(os.path.join(HERE, "bncpu"))
 setup(
     cmdclass={"build_ext": ParallelBuildExt},
     ext_modules=cythonize(

@@ -18,7 +18,8 @@ cdef extern from *:
     static bncpu_api bncpu_table;
     static char bncpu_isa_name[32];
     """
-    int BNCPU_API_VERSION
+    int BNCPU_API_VERSION_MAJOR
+    int BNCPU_API_VERSION_MINOR
     int BNCPU_ERR_NO_MEMORY
     const char* BNCPU_VERSION_STRING
     bncpu_api bncpu_table
@@ -35,7 +36,8 @@ def _new_table(str isa):
     memset(bncpu_isa_name, 0, sizeof(bncpu_isa_name))
     for i in range(len(name)):
         bncpu_isa_name[i] = name[i]
-    bncpu_table.api_version = BNCPU_API_VERSION
+    bncpu_table.api_version_major = BNCPU_API_VERSION_MAJOR
+    bncpu_table.api_version_minor = BNCPU_API_VERSION_MINOR
     bncpu_table.version = BNCPU_VERSION_STRING
     bncpu_table.isa = bncpu_isa_name
     bncpu_table.strerror = bncpu_strerror

@@ -7,6 +7,11 @@ x86). The best level this CPU runs whose modules all load is used; set the envir
 variable BNCPU_ISA=baseline|avx2|avx512 to force one (an unsupported choice is an
 error). Everything calls the kernels through the table: Python through bncpu._ops, C
 through include/bncpu.h.
+
+A standalone C program's bncpu_import() loads this module without the package's
+__init__.py (see include/bncpu.h): this module, bncpu._capi, bncpu._threads, the
+manifest and the kernel modules import neither NumPy nor the rest of bncpu, which keeps
+that start-up short.
 """
 import importlib
 import os

@@ -12,15 +12,14 @@
  * Why a table and an interpreter: the kernels are compiled by Cython, whose parallel
  * loops check the state of the Python interpreter on entry; called before any
  * interpreter exists they abort. bncpu_import() therefore starts an embedded
- * interpreter when none runs (standalone programs), imports the package, copies the
- * table pointer from the capsule bncpu._capi._C_API, checks BNCPU_API_VERSION, and
- * leaves the interpreter idle with the GIL released. That costs one start of Python
- * and import of NumPy and bncpu, once per process (about 0.14 s, most of it NumPy's
- * import); kernel calls afterwards never touch Python, cost one indirect call more
- * than a direct one (nothing measurable: 33 ns for a tiny input either way), and may
- * come from any thread. bncpu_finalize() ends that interpreter. Inside a Python
- * extension module the interpreter already runs: call bncpu_import() from the
- * module's init function.
+ * interpreter when none runs (standalone programs), loads the modules that fill the
+ * table (not NumPy, nor the rest of the package: see bncpu_import()), copies the table
+ * pointer from the capsule bncpu._capi._C_API, checks the API version, and leaves the
+ * interpreter idle with the GIL released. That costs one start of Python, once per
+ * process; kernel calls afterwards never touch Python, cost one indirect call more
+ * than a direct one, and may come from any thread. bncpu_finalize() ends that
+ * interpreter. Inside a Python extension module the interpreter already runs: call
+ * bncpu_import() from the module's init function.
  * Call bncpu_import() in every translation unit that uses the macros below (the table
  * pointer is per file; repeated calls are cheap).
  *
@@ -77,8 +76,6 @@
 #define BNCPU_VERSION_MINOR 1
 #define BNCPU_VERSION_PATCH 0
 #define BNCPU_VERSION_STRING "0.1.0"
-/* Incremented whenever bncpu_api changes; bncpu_import() refuses a mismatch. */
-#define BNCPU_API_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -99,18 +96,37 @@ typedef enum {
     BNCPU_ERR_IMPORT = 10            /* bncpu_import(): the Python package could not be loaded */
 } bncpu_status;
 
-/* The function table (ABI of BNCPU_API_VERSION); use the macros further below.
- * The kernel members follow bncpu/_kernels/manifest.py (the same names, order and types;
- * the build fails when a kernel's signature differs from its member). */
-typedef struct bncpu_api {
-    int api_version;
-    const char *version;
-    const char *isa;                                       /* instruction set in use, e.g. "avx2" */
-    const char *(*strerror)(int status);
-    int (*get_num_threads)(void);
-    void (*set_num_threads)(int n);                         /* 0 = OpenMP default */
+/* The function table; use the macros further below. Its kernel members follow
+ * bncpu/_kernels/manifest.py, which generates this block (the build fails when a
+ * kernel's signature differs from its member).
+ * Versions: the table only grows. A later minor version appends members and keeps
+ * every earlier one where it was; anything else increments the major version.
+ * bncpu_import() accepts a package of the same major version and a minor version
+ * >= BNCPU_API_VERSION_MINOR of this header, so a program keeps working with later
+ * packages of the same major version (it only sees the members it was compiled with). */
+/* ---- the API table: generated from bncpu/_kernels/manifest.py ---- */
+#define BNCPU_API_VERSION_MAJOR 3
+#define BNCPU_API_VERSION_MINOR 0
 
-    /* ---- batch norm: fused ------------------------------------------------------ */
+/* Half-precision data, as bits. bfloat16: sign, 8 exponent and 7
+ * fraction bits, the upper half of a float32 of the same sign and
+ * exponent. */
+typedef uint16_t bncpu_bf16;
+/* IEEE 754 binary16: sign, 5 exponent and 10 fraction bits. */
+typedef uint16_t bncpu_f16;
+
+typedef struct bncpu_api {
+    int api_version_major;                   /* BNCPU_API_VERSION_MAJOR of the package */
+    int api_version_minor;                   /* BNCPU_API_VERSION_MINOR of the package */
+    const char *version;                     /* the package's version, e.g. "0.1.0" */
+    const char *isa;                         /* instruction set in use, e.g. "avx2" */
+    const char *(*strerror)(int status);     /* the message of a status */
+    int (*get_num_threads)(void);            /* threads a large call uses */
+    void (*set_num_threads)(int n);          /* 0 = OpenMP default */
+
+    /* ==== members of API version 3.0 ==== */
+
+    /* ---- batch norm: fused ----------------------------------------------------------- */
     /* Training forward. Per channel j over its M = n*s values: mean, biased var,
      * invstd = 1/sqrt(var + eps), y = (x - mean)*invstd*weight[j] + bias[j].
      * If running_mean/running_var are given (both or neither; may be NULL) and M > 0:
@@ -120,20 +136,22 @@ typedef struct bncpu_api {
      * batch variance, as Keras and d2l keep it).
      * save_mean/save_invstd (c values each, may be NULL) receive mean and invstd.
      * weight/bias may be NULL (1 and 0). y may be x. M == 1 is BNCPU_ERR_ONE_VALUE;
-     * M == 0 writes nothing but save_mean = 0, save_invstd = 1/sqrt(eps)... (nan-free). */
-    int (*batch_norm_forward_train_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s,
-        const float *weight, const float *bias, float *running_mean, float *running_var,
-        double momentum, double eps, float *save_mean, float *save_invstd, int unbiased);
-    int (*batch_norm_forward_train_f64)(const double *x, double *y, int64_t n, int64_t c, int64_t s,
-        const double *weight, const double *bias, double *running_mean, double *running_var,
-        double momentum, double eps, double *save_mean, double *save_invstd, int unbiased);
+     * M == 0 writes nothing but save_mean = 0, save_invstd = 1/sqrt(eps) (nan-free). */
+    int (*batch_norm_forward_train_f32)(const float *x, float *y, int64_t n, int64_t c,
+        int64_t s, const float *weight, const float *bias, float *running_mean,
+        float *running_var, double momentum, double eps, float *save_mean, float *save_invstd,
+        int unbiased);
+    int (*batch_norm_forward_train_f64)(const double *x, double *y, int64_t n, int64_t c,
+        int64_t s, const double *weight, const double *bias, double *running_mean,
+        double *running_var, double momentum, double eps, double *save_mean,
+        double *save_invstd, int unbiased);
     /* Inference forward: y = (x - running_mean)/sqrt(running_var + eps)*weight + bias. */
-    int (*batch_norm_forward_eval_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s,
-        const float *weight, const float *bias, const float *running_mean, const float *running_var,
-        double eps);
-    int (*batch_norm_forward_eval_f64)(const double *x, double *y, int64_t n, int64_t c, int64_t s,
-        const double *weight, const double *bias, const double *running_mean, const double *running_var,
-        double eps);
+    int (*batch_norm_forward_eval_f32)(const float *x, float *y, int64_t n, int64_t c,
+        int64_t s, const float *weight, const float *bias, const float *running_mean,
+        const float *running_var, double eps);
+    int (*batch_norm_forward_eval_f64)(const double *x, double *y, int64_t n, int64_t c,
+        int64_t s, const double *weight, const double *bias, const double *running_mean,
+        const double *running_var, double eps);
     /* Backward. training != 0: mean = save_mean, invstd = save_invstd (from the forward),
      *   xhat = (x - mean)*invstd, dbias = Σ dy, dweight = Σ dy*xhat,
      *   dx = weight*invstd*(dy - Σdy/M - xhat*Σ(dy*xhat)/M).
@@ -141,59 +159,61 @@ typedef struct bncpu_api {
      *   dx = dy*weight*invstd, dweight = Σ dy*(x - mean)*invstd, dbias = Σ dy.
      * dx, dweight, dbias may each be NULL (not computed); dx may be dy or x.
      * The statistics not used by the chosen mode may be NULL. */
-    int (*batch_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t n, int64_t c, int64_t s,
-        const float *weight, const float *running_mean, const float *running_var,
-        const float *save_mean, const float *save_invstd, int training, double eps,
-        float *dweight, float *dbias);
-    int (*batch_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t n, int64_t c, int64_t s,
-        const double *weight, const double *running_mean, const double *running_var,
-        const double *save_mean, const double *save_invstd, int training, double eps,
-        double *dweight, double *dbias);
+    int (*batch_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t n,
+        int64_t c, int64_t s, const float *weight, const float *running_mean,
+        const float *running_var, const float *save_mean, const float *save_invstd,
+        int training, double eps, float *dweight, float *dbias);
+    int (*batch_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t n,
+        int64_t c, int64_t s, const double *weight, const double *running_mean,
+        const double *running_var, const double *save_mean, const double *save_invstd,
+        int training, double eps, double *dweight, double *dbias);
 
-    /* ---- batch norm: split phase (synchronized batch norm across processes) ------- */
+    /* ---- batch norm: split phase (synchronized batch norm across processes) ---------- */
     /* Local statistics: per channel mean and m2 = Σ (x - mean)² over the n*s values
      * (count = n*s; count 0 gives 0 and 0). */
-    int (*batch_norm_stats_f32)(const float *x, int64_t n, int64_t c, int64_t s, double *mean, double *m2);
-    int (*batch_norm_stats_f64)(const double *x, int64_t n, int64_t c, int64_t s, double *mean, double *m2);
+    int (*batch_norm_stats_f32)(const float *x, int64_t n, int64_t c, int64_t s, double *mean,
+        double *m2);
+    int (*batch_norm_stats_f64)(const double *x, int64_t n, int64_t c, int64_t s, double *mean,
+        double *m2);
     /* Merge p partials (mean and m2 are p*c row-major, counts has p entries) into the
      * global mean and invstd = 1/sqrt(M2/count + eps), and update the running statistics
      * (may be NULL) as the training forward does, with the total count (unbiased as
-     * there). A total count of
-     * 0 leaves everything unchanged and gives mean 0, invstd 1/sqrt(eps). */
-    int (*batch_norm_gather_stats_f32)(int64_t p, int64_t c, const double *mean, const double *m2,
-        const int64_t *counts, float *running_mean, float *running_var, double momentum, double eps,
-        double *mean_out, double *invstd_out, int unbiased);
-    int (*batch_norm_gather_stats_f64)(int64_t p, int64_t c, const double *mean, const double *m2,
-        const int64_t *counts, double *running_mean, double *running_var, double momentum, double eps,
-        double *mean_out, double *invstd_out, int unbiased);
+     * there). A total count of 0 leaves everything unchanged and gives mean 0,
+     * invstd 1/sqrt(eps). */
+    int (*batch_norm_gather_stats_f32)(int64_t p, int64_t c, const double *mean,
+        const double *m2, const int64_t *counts, float *running_mean, float *running_var,
+        double momentum, double eps, double *mean_out, double *invstd_out, int unbiased);
+    int (*batch_norm_gather_stats_f64)(int64_t p, int64_t c, const double *mean,
+        const double *m2, const int64_t *counts, double *running_mean, double *running_var,
+        double momentum, double eps, double *mean_out, double *invstd_out, int unbiased);
     /* Normalize with given statistics: y = (x - mean)*invstd*weight + bias. */
     int (*batch_norm_elemt_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s,
         const double *mean, const double *invstd, const float *weight, const float *bias);
     int (*batch_norm_elemt_f64)(const double *x, double *y, int64_t n, int64_t c, int64_t s,
         const double *mean, const double *invstd, const double *weight, const double *bias);
     /* Backward reduce: sum_dy = Σ dy, sum_dy_xmu = Σ dy*(x - mean), per channel. */
-    int (*batch_norm_backward_reduce_f32)(const float *dy, const float *x, int64_t n, int64_t c, int64_t s,
-        const double *mean, double *sum_dy, double *sum_dy_xmu);
-    int (*batch_norm_backward_reduce_f64)(const double *dy, const double *x, int64_t n, int64_t c, int64_t s,
-        const double *mean, double *sum_dy, double *sum_dy_xmu);
+    int (*batch_norm_backward_reduce_f32)(const float *dy, const float *x, int64_t n, int64_t c,
+        int64_t s, const double *mean, double *sum_dy, double *sum_dy_xmu);
+    int (*batch_norm_backward_reduce_f64)(const double *dy, const double *x, int64_t n,
+        int64_t c, int64_t s, const double *mean, double *sum_dy, double *sum_dy_xmu);
     /* Backward elementwise, with the global sums and count of all processes:
      * dx = weight*invstd*(dy - sum_dy/count - (x - mean)*invstd²*sum_dy_xmu/count). */
-    int (*batch_norm_backward_elemt_f32)(const float *dy, const float *x, float *dx, int64_t n, int64_t c,
-        int64_t s, const double *mean, const double *invstd, const float *weight,
+    int (*batch_norm_backward_elemt_f32)(const float *dy, const float *x, float *dx, int64_t n,
+        int64_t c, int64_t s, const double *mean, const double *invstd, const float *weight,
         const double *sum_dy, const double *sum_dy_xmu, int64_t count);
-    int (*batch_norm_backward_elemt_f64)(const double *dy, const double *x, double *dx, int64_t n, int64_t c,
-        int64_t s, const double *mean, const double *invstd, const double *weight,
-        const double *sum_dy, const double *sum_dy_xmu, int64_t count);
+    int (*batch_norm_backward_elemt_f64)(const double *dy, const double *x, double *dx,
+        int64_t n, int64_t c, int64_t s, const double *mean, const double *invstd,
+        const double *weight, const double *sum_dy, const double *sum_dy_xmu, int64_t count);
 
-    /* ---- batch norm + (add +) ReLU, fused ---------------------------------------- */
+    /* ---- batch norm + (add +) ReLU, fused -------------------------------------------- */
     /* Training and inference forward of y = relu(batch_norm(x) + residual), relu(v) = 0
      * where v < 0, else v (NaN kept): the arguments and statistics of the batch-norm
      * forwards above, and residual (n*c*s values, may be NULL: no add). After the
      * statistics, one pass over x and the residual. y may be x or residual. */
     int (*batch_norm_relu_forward_train_f32)(const float *x, const float *residual, float *y,
         int64_t n, int64_t c, int64_t s, const float *weight, const float *bias,
-        float *running_mean, float *running_var, double momentum, double eps,
-        float *save_mean, float *save_invstd, int unbiased);
+        float *running_mean, float *running_var, double momentum, double eps, float *save_mean,
+        float *save_invstd, int unbiased);
     int (*batch_norm_relu_forward_train_f64)(const double *x, const double *residual, double *y,
         int64_t n, int64_t c, int64_t s, const double *weight, const double *bias,
         double *running_mean, double *running_var, double momentum, double eps,
@@ -209,44 +229,51 @@ typedef struct bncpu_api {
      * batch_norm_backward's for g (training or not, as there), and dresidual = g
      * (may be NULL: not written). dx is required and may be dy, y or x; dresidual must
      * not alias dx. */
-    int (*batch_norm_relu_backward_f32)(const float *dy, const float *y, const float *x, float *dx,
-        int64_t n, int64_t c, int64_t s, const float *weight, const float *running_mean,
-        const float *running_var, const float *save_mean, const float *save_invstd,
-        int training, double eps, float *dweight, float *dbias, float *dresidual);
+    int (*batch_norm_relu_backward_f32)(const float *dy, const float *y, const float *x,
+        float *dx, int64_t n, int64_t c, int64_t s, const float *weight,
+        const float *running_mean, const float *running_var, const float *save_mean,
+        const float *save_invstd, int training, double eps, float *dweight, float *dbias,
+        float *dresidual);
     int (*batch_norm_relu_backward_f64)(const double *dy, const double *y, const double *x,
         double *dx, int64_t n, int64_t c, int64_t s, const double *weight,
         const double *running_mean, const double *running_var, const double *save_mean,
         const double *save_invstd, int training, double eps, double *dweight, double *dbias,
         double *dresidual);
 
-    /* ---- layer norm: rows of d values ------------------------------------------ */
+    /* ---- layer norm: rows of d values ------------------------------------------------ */
     /* y = (x - mean_r)*rstd_r*weight[k] + bias[k], mean_r and rstd_r = 1/sqrt(var_r + eps)
      * over each row r; weight/bias (d values) may be NULL; save_mean/save_rstd (rows
      * values) may be NULL. */
     int (*layer_norm_forward_f32)(const float *x, float *y, int64_t rows, int64_t d,
         const float *weight, const float *bias, double eps, float *save_mean, float *save_rstd);
     int (*layer_norm_forward_f64)(const double *x, double *y, int64_t rows, int64_t d,
-        const double *weight, const double *bias, double eps, double *save_mean, double *save_rstd);
+        const double *weight, const double *bias, double eps, double *save_mean,
+        double *save_rstd);
     /* xhat = (x - mean)*rstd, g = dy*weight:
      * dx = rstd*(g - mean_k(g) - xhat*mean_k(g*xhat)); dweight = Σ_r dy*xhat; dbias = Σ_r dy.
      * dx, dweight, dbias may be NULL. */
-    int (*layer_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t rows, int64_t d,
-        const float *mean, const float *rstd, const float *weight, float *dweight, float *dbias);
-    int (*layer_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t rows, int64_t d,
-        const double *mean, const double *rstd, const double *weight, double *dweight, double *dbias);
+    int (*layer_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t rows,
+        int64_t d, const float *mean, const float *rstd, const float *weight, float *dweight,
+        float *dbias);
+    int (*layer_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t rows,
+        int64_t d, const double *mean, const double *rstd, const double *weight,
+        double *dweight, double *dbias);
 
-    /* ---- group norm: (n, c, s), groups of c/groups contiguous channels ------------ */
+    /* ---- group norm: (n, c, s), groups of c/groups contiguous channels --------------- */
     /* Statistics per (sample, group) over (c/groups)*s values; weight/bias per channel.
      * save_mean/save_rstd hold n*groups values. groups == c is instance norm. */
-    int (*group_norm_forward_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s, int64_t groups,
-        const float *weight, const float *bias, double eps, float *save_mean, float *save_rstd);
-    int (*group_norm_forward_f64)(const double *x, double *y, int64_t n, int64_t c, int64_t s, int64_t groups,
-        const double *weight, const double *bias, double eps, double *save_mean, double *save_rstd);
-    int (*group_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t n, int64_t c, int64_t s,
-        int64_t groups, const float *mean, const float *rstd, const float *weight, float *dweight, float *dbias);
-    int (*group_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t n, int64_t c,
-        int64_t s, int64_t groups, const double *mean, const double *rstd, const double *weight,
-        double *dweight, double *dbias);
+    int (*group_norm_forward_f32)(const float *x, float *y, int64_t n, int64_t c, int64_t s,
+        int64_t groups, const float *weight, const float *bias, double eps, float *save_mean,
+        float *save_rstd);
+    int (*group_norm_forward_f64)(const double *x, double *y, int64_t n, int64_t c, int64_t s,
+        int64_t groups, const double *weight, const double *bias, double eps, double *save_mean,
+        double *save_rstd);
+    int (*group_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t n,
+        int64_t c, int64_t s, int64_t groups, const float *mean, const float *rstd,
+        const float *weight, float *dweight, float *dbias);
+    int (*group_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t n,
+        int64_t c, int64_t s, int64_t groups, const double *mean, const double *rstd,
+        const double *weight, double *dweight, double *dbias);
     /* Channels last: the same arguments and results as group_norm_forward/_backward
      * (n, c, s, groups; save_mean/save_rstd and mean/rstd n*groups values, weight, bias,
      * dweight, dbias c values), with x, y, dy, dx laid out (n, s, c): value (i, k, j) of
@@ -258,9 +285,9 @@ typedef struct bncpu_api {
     int (*group_norm_channels_last_forward_f32)(const float *x, float *y, int64_t n, int64_t c,
         int64_t s, int64_t groups, const float *weight, const float *bias, double eps,
         float *save_mean, float *save_rstd);
-    int (*group_norm_channels_last_forward_f64)(const double *x, double *y, int64_t n, int64_t c,
-        int64_t s, int64_t groups, const double *weight, const double *bias, double eps,
-        double *save_mean, double *save_rstd);
+    int (*group_norm_channels_last_forward_f64)(const double *x, double *y, int64_t n,
+        int64_t c, int64_t s, int64_t groups, const double *weight, const double *bias,
+        double eps, double *save_mean, double *save_rstd);
     int (*group_norm_channels_last_backward_f32)(const float *dy, const float *x, float *dx,
         int64_t n, int64_t c, int64_t s, int64_t groups, const float *mean, const float *rstd,
         const float *weight, float *dweight, float *dbias);
@@ -268,7 +295,7 @@ typedef struct bncpu_api {
         int64_t n, int64_t c, int64_t s, int64_t groups, const double *mean, const double *rstd,
         const double *weight, double *dweight, double *dbias);
 
-    /* ---- RMS norm: rows of d values ---------------------------------------------- */
+    /* ---- RMS norm: rows of d values -------------------------------------------------- */
     /* y = x*rstd_r*weight[k], rstd_r = 1/sqrt(mean_k(x²) + eps); weight and save_rstd
      * may be NULL. Backward: g = dy*weight, dx = rstd*(g - x*rstd²*mean_k(g*x)),
      * dweight = Σ_r dy*x*rstd. */
@@ -276,11 +303,12 @@ typedef struct bncpu_api {
         const float *weight, double eps, float *save_rstd);
     int (*rms_norm_forward_f64)(const double *x, double *y, int64_t rows, int64_t d,
         const double *weight, double eps, double *save_rstd);
-    int (*rms_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t rows, int64_t d,
-        const float *rstd, const float *weight, float *dweight);
-    int (*rms_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t rows, int64_t d,
-        const double *rstd, const double *weight, double *dweight);
+    int (*rms_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t rows,
+        int64_t d, const float *rstd, const float *weight, float *dweight);
+    int (*rms_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t rows,
+        int64_t d, const double *rstd, const double *weight, double *dweight);
 } bncpu_api;
+/* ---- end of the generated table ---- */
 
 /* ==================================================================================
  * Importing the table, and calling through it
@@ -389,22 +417,66 @@ static inline int bncpu_start_interpreter_(void)
     return 0;
 }
 
+/* Python that bncpu_import() runs in an interpreter it started: it loads only what fills
+ * the table (bncpu._dispatch, bncpu._capi, bncpu._threads, the kernel modules), none of
+ * which imports NumPy, by registering the package without running its __init__.py (the
+ * NumPy API: most of the start-up time). Once they are loaded, the package completes
+ * itself (runs __init__.py) the first time an attribute it lacks is read, so Python code
+ * that imports bncpu later in this interpreter gets the whole package. */
+static const char bncpu_table_loader_[] =
+    "import importlib.util, sys\n"
+    "spec = importlib.util.find_spec('bncpu')\n"
+    "if spec is None:\n"
+    "    raise ModuleNotFoundError(\"No module named 'bncpu'\", name='bncpu')\n"
+    "package = importlib.util.module_from_spec(spec)\n"
+    "def complete(name):\n"
+    "    del package.__getattr__\n"
+    "    spec.loader.exec_module(package)\n"
+    "    return getattr(package, name)\n"
+    "sys.modules['bncpu'] = package\n"
+    "try:\n"
+    "    importlib.import_module('bncpu._dispatch')\n"
+    "except BaseException:\n"
+    "    del sys.modules['bncpu']\n"
+    "    raise\n"
+    "package.__getattr__ = complete\n";
+
+/* Import what publishes the table (GIL held): 0, or -1 with a Python exception set. An
+ * interpreter bncpu_import() started runs bncpu_table_loader_; a running one imports the
+ * package, as its Python code would. */
+static inline int bncpu_load_table_modules_(int started)
+{
+    PyObject *globals, *result = NULL;
+    if (!started) {
+        result = PyImport_ImportModule("bncpu");
+    } else if ((globals = PyDict_New()) != NULL) {
+        if (PyDict_SetItemString(globals, "__builtins__", PyEval_GetBuiltins()) == 0)
+            result = PyRun_String(bncpu_table_loader_, Py_file_input, globals, globals);
+        Py_DECREF(globals);
+    }
+    Py_XDECREF(result);
+    return result != NULL ? 0 : -1;
+}
+
 /* Load the kernels: BNCPU_OK, or BNCPU_ERR_IMPORT with the reason in bncpu_import_error().
  * After this unit's bncpu_finalize() ended the interpreter, it returns BNCPU_ERR_IMPORT
  * at once (see bncpu_finalize()).
  *
  * Standalone program (no interpreter yet): starts one (see BNCPU_PYTHON at the top),
- * imports bncpu, and returns with the GIL released, so that kernels may then be called
- * from any thread. Call it once, before starting threads that use bncpu.
+ * loads the modules that fill the table (not NumPy), and returns with the GIL released,
+ * so that kernels may then be called from any thread. Call it once, before starting
+ * threads that use bncpu.
  * Python extension module or embedding program (an interpreter runs): imports bncpu
  * using the running interpreter; the calling thread may or may not hold the GIL.
  * Each translation unit has its own table: call bncpu_import() in each one that calls
  * kernels (after the first, a call costs a dictionary lookup). Once it has succeeded,
- * further calls return BNCPU_OK at once. */
+ * further calls return BNCPU_OK at once.
+ * The package must have the API version of this header: the same major version and a
+ * minor version at least this header's (a later package of the same major version
+ * serves programs compiled against an earlier header). */
 static inline int bncpu_import(void)
 {
-    const bncpu_api *table;
-    PyObject *module;
+    const bncpu_api *table = NULL;
     PyGILState_STATE gil = PyGILState_UNLOCKED;
     int started = 0;
     if (bncpu_api_table != NULL)
@@ -412,12 +484,12 @@ static inline int bncpu_import(void)
     bncpu_import_state_.attempted = 1;
     bncpu_import_state_.error[0] = '\0';
     if (bncpu_import_state_.finalized) {
-        /* A second interpreter would import NumPy again, which NumPy does not support
-         * (the import fails with an unrelated TypeError): refuse with the reason. */
+        /* The compiled modules (and NumPy) cannot be initialized a second time in one
+         * process: refuse with the reason rather than fail with an unrelated error. */
         snprintf(bncpu_import_state_.error, sizeof bncpu_import_state_.error,
                  "bncpu_import() after bncpu_finalize(): the embedded Python interpreter "
-                 "cannot be started twice in one process (NumPy cannot be imported again); "
-                 "call bncpu_finalize() once, at the end of the program");
+                 "cannot be started twice in one process (bncpu's compiled modules cannot be "
+                 "loaded again); call bncpu_finalize() once, at the end of the program");
         return BNCPU_ERR_IMPORT;
     }
     if (!Py_IsInitialized()) {
@@ -427,18 +499,20 @@ static inline int bncpu_import(void)
     } else {
         gil = PyGILState_Ensure();
     }
-    /* Importing bncpu fills and publishes the table. Imported on its own first, because
-     * PyCapsule_Import would replace the reason of a failure with a generic message. */
-    module = PyImport_ImportModule("bncpu");
-    table = module != NULL ? (const bncpu_api *)PyCapsule_Import("bncpu._capi._C_API", 0) : NULL;
-    Py_XDECREF(module);
+    /* The modules are imported on their own first, because PyCapsule_Import would
+     * replace the reason of a failure with a generic message. */
+    if (bncpu_load_table_modules_(started) == 0)
+        table = (const bncpu_api *)PyCapsule_Import("bncpu._capi._C_API", 0);
     if (table == NULL) {
         bncpu_record_python_error_("import bncpu failed");
-    } else if (table->api_version != BNCPU_API_VERSION) {
+    } else if (table->api_version_major != BNCPU_API_VERSION_MAJOR
+               || table->api_version_minor < BNCPU_API_VERSION_MINOR) {
         snprintf(bncpu_import_state_.error, sizeof bncpu_import_state_.error,
-                 "bncpu.h is for API version %d but the bncpu package %s provides version %d: "
+                 "bncpu.h is for API version %d.%d but the bncpu package %s provides version "
+                 "%d.%d (it must have the same major version and at least the minor one): "
                  "compile against the header of the installed package (bncpu.get_include())",
-                 BNCPU_API_VERSION, table->version, table->api_version);
+                 BNCPU_API_VERSION_MAJOR, BNCPU_API_VERSION_MINOR, table->version,
+                 table->api_version_major, table->api_version_minor);
         table = NULL;
     }
     if (started)
@@ -462,7 +536,7 @@ static inline const char *bncpu_import_error(void)
  * thread has returned. No kernel may be called afterwards: the macros of this unit
  * return BNCPU_ERR_NOT_IMPORTED, but a table pointer kept elsewhere would call code
  * whose interpreter is gone. Python cannot be started again in the same process
- * (NumPy does not support a second import): a later bncpu_import() of this unit
+ * (bncpu's compiled modules cannot be loaded twice): a later bncpu_import() of this unit
  * returns BNCPU_ERR_IMPORT, bncpu_import_error() saying why; in another unit it fails
  * too. Where the interpreter was already running (an extension module), it only forgets
  * the table and leaves the interpreter alone: bncpu_import() works again afterwards. */

@@ -408,3 +408,108 @@ def test_example_under_valgrind(example_binary, tmp_path):
                                 f"{error.findtext('what') or error.findtext('xwhat/text')}")
     print(f"valgrind: {len(errors)} errors, {len(bncpu_errors)} in bncpu or the example")
     assert not bncpu_errors, "\n".join(bncpu_errors)
+
+
+# ----------------------------------------------------------------------------------
+# API versions: a program runs with a package of the same major version and the same or
+# a later minor version (the table only grows)
+# ----------------------------------------------------------------------------------
+VERSION_PROGRAM = r"""
+#include "bncpu.h"
+int main(void)
+{
+    const float x[4] = {1.0f, 2.0f, 4.0f, 7.0f};
+    float y[4];
+    if (bncpu_import() != BNCPU_OK) {
+        printf("refused: %s\n", bncpu_import_error());
+        return 1;
+    }
+    int status = bncpu_batch_norm_forward_train_f32(x, y, 4, 1, 1, NULL, NULL, NULL, NULL,
+                                                    0.1, 1e-5, NULL, NULL, 1);
+    printf("%d %.9g %.9g %.9g %.9g\n", status, y[0], y[1], y[2], y[3]);
+    bncpu_finalize();
+    return 0;
+}
+"""
+
+
+def header_with(rows):
+    """bncpu.h as the manifest would have generated it with these table members."""
+    from bncpu._kernels import manifest
+    text = (Path(bncpu.get_include()) / "bncpu.h").read_text()
+    for begin, end, block in [(manifest.TABLE_BEGIN, manifest.TABLE_END,
+                               manifest.header_table(rows)),
+                              (manifest.MACROS_BEGIN, manifest.MACROS_END,
+                               manifest.header_macros(rows))]:
+        start, stop = text.index(begin), text.index(end) + len(end)
+        text = text[:start] + block + text[stop:]
+    return text
+
+
+def run_against(toolchain, tmp_path, header_text):
+    compiler, include_flags, link_flags = toolchain
+    (tmp_path / "bncpu.h").write_text(header_text)
+    (tmp_path / "version.c").write_text(VERSION_PROGRAM)
+    binary = tmp_path / "version"
+    compile_c(compiler + ["-O2", "-Wall", "-Werror", f"-I{tmp_path}", str(tmp_path / "version.c"),
+                          "-o", str(binary)] + include_flags + link_flags)
+    return run_example(binary, timeout=120)
+
+
+def test_program_of_an_earlier_header_runs(toolchain, tmp_path):
+    """A header of an earlier minor version (its table lacks the members added since: here
+    the last entry) runs against this package, and its calls land on the right members."""
+    from bncpu._kernels import manifest
+    last = manifest.ENTRIES[-1].name
+    earlier = [m for m in manifest.members() if m.entry.name != last]
+    result = run_against(toolchain, tmp_path, header_with(earlier))
+    assert result.returncode == 0, result.stdout + result.stderr
+    status, *y = result.stdout.split()
+    x = np.array([1, 2, 4, 7], np.float32).reshape(4, 1)
+    assert int(status) == 0
+    np.testing.assert_array_equal(np.array(y, np.float32),
+                                  bncpu.batch_norm(x, None, None, training=True).ravel())
+
+
+def test_program_of_a_later_header_is_refused(toolchain, tmp_path):
+    """A header of a later minor version (one more entry) would read members this package
+    lacks: bncpu_import() refuses it, saying why."""
+    from bncpu._kernels import manifest
+    later = manifest.Member("later_entry_f32", manifest.ENTRIES[0], manifest.DTYPES[0],
+                            manifest.API_VERSION_MINOR + 1)
+    result = run_against(toolchain, tmp_path, header_with(manifest.members() + [later]))
+    major, minor = manifest.API_VERSION_MAJOR, manifest.API_VERSION_MINOR
+    assert result.returncode == 1
+    assert (f"refused: bncpu.h is for API version {major}.{minor + 1} but the bncpu package "
+            f"{bncpu.__version__} provides version {major}.{minor}") in result.stdout
+
+
+def test_import_loads_no_numpy(toolchain, tmp_path):
+    """A standalone program's bncpu_import() loads the modules that fill the table and not
+    NumPy (most of the start-up time); Python code run later still gets the whole package."""
+    compiler, include_flags, link_flags = toolchain
+    (tmp_path / "modules.c").write_text(r"""
+#include "bncpu.h"
+int main(void)
+{
+    PyGILState_STATE gil;
+    if (bncpu_import() != BNCPU_OK) {
+        fprintf(stderr, "%s\n", bncpu_import_error());
+        return 1;
+    }
+    gil = PyGILState_Ensure();
+    PyRun_SimpleString("import sys\n"
+                       "print('numpy' in sys.modules)\n"
+                       "import bncpu\n"
+                       "print(bncpu.batch_norm.__name__, 'numpy' in sys.modules)\n");
+    PyGILState_Release(gil);
+    bncpu_finalize();
+    return 0;
+}
+""")
+    binary = tmp_path / "modules"
+    compile_c(compiler + ["-O2", str(tmp_path / "modules.c"), "-o", str(binary)]
+              + include_flags + link_flags)
+    result = run_example(binary, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "batch_norm", "True"]

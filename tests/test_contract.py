@@ -11,9 +11,11 @@ gets all of these tests; the math of each family is tested in its own file):
 * follow the C API's manifest: include/bncpu.h declares its table as
   bncpu/_kernels/manifest.py lists it.
 """
+import ctypes
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -129,9 +131,12 @@ def test_every_isa_build_gives_the_same_bits(isa):
     assert json.loads(result.stdout) == _all_results()
 
 
-def test_header_follows_the_manifest():
+def test_header_and_stub_follow_the_manifest():
     with open(os.path.join(bncpu.get_include(), "bncpu.h")) as f:
         assert manifest.check_header(f.read()) == []
+    result = subprocess.run([sys.executable, manifest.__file__, "--check"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
 
 
 def test_manifest_check_finds_a_drifted_member():
@@ -141,11 +146,84 @@ def test_manifest_check_finds_a_drifted_member():
                            "double *mean_out, double *invstd_out);", 1)
     assert drifted != text
     problems = manifest.check_header(drifted)
-    assert len(problems) == 1 and "batch_norm_gather_stats_f32" in problems[0]
+    assert len(problems) == 1 and "int unbiased" in problems[0]
 
 
+def test_table_only_grows():
+    """A member added in a later minor version comes after every earlier member, so a
+    program compiled against an earlier header sees the same prefix of the table."""
+    entry = manifest.ENTRIES[0]._replace(name="later_entry", since=manifest.API_VERSION_MINOR + 1)
+    dtype = manifest.DTYPES[0]._replace(suffix="_later", since=manifest.API_VERSION_MINOR + 2)
+    original = manifest.members()
+    try:
+        manifest.ENTRIES += (entry,)
+        manifest.DTYPES += (dtype,)
+        grown = manifest.members()
+    finally:
+        manifest.ENTRIES = manifest.ENTRIES[:-1]
+        manifest.DTYPES = manifest.DTYPES[:-1]
+    assert grown[:len(original)] == original
+    assert [m.name for m in grown[len(original):]] == (
+        [f"later_entry{d.suffix}" for d in manifest.DTYPES]
+        + [f"{e.name}_later" for e in manifest.ENTRIES + (entry,)])
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _header_struct_members():
+    """The function-pointer members of bncpu_api in the shipped header, in order."""
+    with open(os.path.join(bncpu.get_include(), "bncpu.h")) as f:
+        text = f.read()
+    struct = text[text.index("typedef struct bncpu_api {"):text.index("} bncpu_api;")]
+    return re.findall(r"\(\*(\w+)\)\s*\(", re.sub(r"/\*.*?\*/", "", struct, flags=re.S))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the table with dladdr")
 def test_table_is_complete():
-    """Every member the manifest lists is filled (the header's macros test for NULL)."""
-    assert [member for member, _, _ in manifest.members()] == [
-        e.name + s for e in manifest.ENTRIES for s, _ in manifest.SUFFIXES]
-    assert set(manifest.FAMILIES) == {e.family for e in manifest.ENTRIES}
+    """The live table, read through the capsule C callers use with the header's layout:
+    the version members are the header's, and every kernel member points into the
+    loaded kernel module of its family, in the instruction-set build in use."""
+    functions = _header_struct_members()
+    fields = [("api_version_major", ctypes.c_int), ("api_version_minor", ctypes.c_int),
+              ("version", ctypes.c_char_p), ("isa", ctypes.c_char_p)]
+    table_type = type("Table", (ctypes.Structure,),
+                      {"_fields_": fields + [(name, ctypes.c_void_p) for name in functions]})
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object,
+                                                                 ctypes.c_char_p]
+    table = table_type.from_address(get_pointer(_capi._C_API, b"bncpu._capi._C_API"))
+    assert (table.api_version_major, table.api_version_minor) == (
+        manifest.API_VERSION_MAJOR, manifest.API_VERSION_MINOR)
+    assert table.version.decode() == bncpu.__version__
+    assert table.isa.decode() == bncpu.isa()
+
+    dladdr = ctypes.CDLL(None).dladdr
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    kernels = functions[3:]   # after strerror, get_num_threads, set_num_threads
+    family_of = {m.name: m.entry.family for m in manifest.members()}
+    assert kernels == list(family_of)
+    suffix = manifest.ISA_LEVELS[bncpu.isa()][0]
+    for name in kernels:
+        address, info = getattr(table, name), _DlInfo()
+        assert address, f"{name} is NULL"
+        assert dladdr(address, ctypes.byref(info)), f"{name} points into no loaded module"
+        module = os.path.basename(info.dli_fname.decode()).split(".")[0]
+        assert module == family_of[name] + suffix, f"{name} points into {module}"
+
+
+def test_wrappers_refuse_data_without_a_kernel():
+    """The dtype wrappers of bncpu._ops pick the member by the data's dtype: data of a dtype
+    the table has no member for is a TypeError, and nothing is written (it used to run
+    the float64 kernel over the integers' bytes)."""
+    from bncpu import _ops
+    x = np.arange(8, dtype=np.int64)
+    mean, m2 = np.full(2, 7.0), np.full(2, 7.0)
+    with pytest.raises(TypeError, match="batch_norm_stats: no kernel"):
+        _ops.batch_norm.stats(x, 2, 2, 2, mean, m2)
+    y = np.full(8, 7, np.int32)
+    with pytest.raises(TypeError, match="group_norm_forward: no kernel"):
+        _ops.row_norm.forward(y.copy(), y, 2, 4, 1, 1, None, None, 1e-5, True, None, None)
+    assert (mean == 7.0).all() and (m2 == 7.0).all() and (y == 7).all()

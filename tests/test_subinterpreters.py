@@ -1,4 +1,4 @@
-"""Kernels in a process that has created a subinterpreter (issue 18, item 1).
+"""Kernels in a process that has created a subinterpreter.
 
 Embedders such as mod_wsgi create subinterpreters. On Python 3.11, once one exists,
 CPython stops checking which thread holds the GIL (PyGILState_Check() answers "held" in

@@ -26,11 +26,16 @@
  *   BNCPU_PYTHON="$(python3 -c 'import sys; print(sys.executable)')" mpiexec -n 3 ./bn_mpi
  *
  * Output: rank 0 prints one JSON object per rank (its shard, parameters and results in
- * full, %.17g), read by tests/test_distributed_mpi.py. Any failure aborts every rank
- * (MPI_Abort), so no rank waits forever in a collective for one that gave up.
+ * full, %.17g), read by tests/test_distributed_mpi.py, and its verdict on stderr: it
+ * gathers the whole batch, runs the fused batch-norm kernels on it, and checks that y,
+ * dx, the running statistics and the summed gradients of weight and bias of the
+ * synchronized step agree (to 1e-10 of their scale: the fused kernels sum in another
+ * order). Exit status 0 when they do. Any failure aborts every rank (MPI_Abort), so no
+ * rank waits forever in a collective for one that gave up.
  */
 #include "bncpu.h"
 
+#include <math.h>
 #include <mpi.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -104,6 +109,57 @@ static void append(line_buffer *line, const char *format, ...)
         if (line->text == NULL)
             fail("realloc", "out of memory");
     }
+}
+
+/* max |a - b| <= tolerance * max(1, max |b|) */
+static int agrees(const double *a, const double *b, int64_t count, double tolerance)
+{
+    double error = 0.0, scale = 1.0;
+    for (int64_t i = 0; i < count; i++) {
+        error = fmax(error, fabs(a[i] - b[i]));
+        scale = fmax(scale, fabs(b[i]));
+    }
+    return error <= tolerance * scale;
+}
+
+/* Rank 0: the synchronized step of every rank (gathered in rank order) against the fused
+ * kernels on the whole batch; prints the verdict and returns 1 when it passed. */
+static int whole_batch_agrees(int size, int64_t c, int64_t s, const int *shard_values,
+                              int64_t total_n, const double *x,
+                              const double *dy, const double *y, const double *dx,
+                              const double *weight, const double *bias,
+                              const double *running_mean_in, const double *running_var_in,
+                              const double *running_mean, const double *running_var,
+                              const double *grad_weight, const double *grad_bias,
+                              double momentum, double eps)
+{
+    const int64_t values = total_n * c * s;
+    double *y_whole = allocate(values * sizeof(double));
+    double *dx_whole = allocate(values * sizeof(double));
+    double mean_whole[CHANNELS], invstd_whole[CHANNELS], grad_weight_whole[CHANNELS];
+    double grad_bias_whole[CHANNELS], running_mean_whole[CHANNELS], running_var_whole[CHANNELS];
+    memcpy(running_mean_whole, running_mean_in, c * sizeof(double));
+    memcpy(running_var_whole, running_var_in, c * sizeof(double));
+    CHECK(bncpu_batch_norm_forward_train_f64(x, y_whole, total_n, c, s, weight, bias,
+                                             running_mean_whole, running_var_whole, momentum,
+                                             eps, mean_whole, invstd_whole, 1));
+    CHECK(bncpu_batch_norm_backward_f64(dy, x, dx_whole, total_n, c, s, weight, NULL, NULL,
+                                        mean_whole, invstd_whole, 1, eps, grad_weight_whole,
+                                        grad_bias_whole));
+    int passed = agrees(y, y_whole, values, 1e-10) && agrees(dx, dx_whole, values, 1e-10)
+        && agrees(running_mean, running_mean_whole, c, 1e-10)
+        && agrees(running_var, running_var_whole, c, 1e-10)
+        && agrees(grad_weight, grad_weight_whole, c, 1e-10)
+        && agrees(grad_bias, grad_bias_whole, c, 1e-10);
+    fprintf(stderr, "bn_mpi: %s: %d ranks (%lld samples, shards of", passed ? "passed" : "FAILED",
+            size, (long long)total_n);
+    for (int p = 0; p < size; p++)
+        fprintf(stderr, " %lld", (long long)(shard_values[p] / (c * s)));
+    fprintf(stderr, "): the synchronized step %s the whole batch's batch norm\n",
+            passed ? "equals" : "differs from");
+    free(dx_whole);
+    free(y_whole);
+    return passed;
 }
 
 static void append_array(line_buffer *line, const char *name, const double *values, int64_t count)
@@ -182,6 +238,38 @@ int main(int argc, char **argv)
         grad_bias[j] = local_sums[j];
     }
 
+    /* ---- check: rank 0 gathers the whole batch and runs the fused kernels on it ---- */
+    int shard_values = (int)(n * c * s), *all_values = NULL, *value_offsets = NULL;
+    double *whole = NULL, grad_sums[2 * CHANNELS], grads[2 * CHANNELS];
+    if (rank == 0) {
+        all_values = allocate((size_t)size * sizeof(int));
+        value_offsets = allocate((size_t)size * sizeof(int));
+    }
+    MPI_Gather(&shard_values, 1, MPI_INT, all_values, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    int64_t whole_values = 0;
+    if (rank == 0) {
+        for (int p = 0; p < size; p++) {
+            value_offsets[p] = (int)whole_values;
+            whole_values += all_values[p];
+        }
+        whole = allocate(4 * (size_t)whole_values * sizeof(double));   /* x, dy, y, dx */
+    }
+    const double *shard_arrays[4] = {x, dy, y, dx};
+    for (int k = 0; k < 4; k++)
+        MPI_Gatherv(shard_arrays[k], shard_values, MPI_DOUBLE,
+                    rank == 0 ? whole + k * whole_values : NULL, all_values, value_offsets,
+                    MPI_DOUBLE, 0, MPI_COMM_WORLD);
+    memcpy(grads, grad_weight, sizeof grad_weight);
+    memcpy(grads + c, grad_bias, sizeof grad_bias);
+    MPI_Reduce(grads, grad_sums, 2 * CHANNELS, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
+    int passed = 1;
+    if (rank == 0)
+        passed = whole_batch_agrees(size, c, s, all_values, whole_values / (c * s), whole,
+                                    whole + whole_values, whole + 2 * whole_values,
+                                    whole + 3 * whole_values, weight, bias, running_mean_in,
+                                    running_var_in, running_mean, running_var, grad_sums,
+                                    grad_sums + c, momentum, eps);
+
     /* ---- report: each rank's line, printed by rank 0 in rank order ---- */
     line_buffer line = {allocate(4096), 0, 4096};
     append(&line, "{\"rank\": %d, \"size\": %d, \"n\": %lld, \"c\": %lld, \"s\": %lld, "
@@ -224,6 +312,9 @@ int main(int argc, char **argv)
         fflush(stdout);
     }
 
+    free(whole);
+    free(value_offsets);
+    free(all_values);
     free(all_lines);
     free(offsets);
     free(lengths);
@@ -238,5 +329,5 @@ int main(int argc, char **argv)
     free(x);
     bncpu_finalize();
     MPI_Finalize();
-    return 0;
+    return passed ? 0 : 1;
 }
