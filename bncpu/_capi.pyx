@@ -57,7 +57,7 @@ def _publish():
     _C_API = PyCapsule_New(&bncpu_table, "bncpu._capi._C_API", NULL)
 
 
-# The status that bncpu._validate.raise_for_status turns into MemoryError.
+# The status that bncpu._status.raise_for_status turns into MemoryError.
 ERR_NO_MEMORY = BNCPU_ERR_NO_MEMORY
 
 
