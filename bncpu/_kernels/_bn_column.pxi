@@ -284,7 +284,7 @@ cdef void pass_columns(Pass kind, const real* a, const real* b, const real* mask
     cdef const real* k = coefs + COEF_K * c
     cdef const real* mask_row = NULL
     cdef int64_t i, j, row
-    cdef real v
+    cdef real v, u
     cdef int stream_kind = (COLUMNS_AFFINE if kind == PASS_AFFINE else
                             COLUMNS_BACKWARD if kind == PASS_BACKWARD else
                             COLUMNS_SCALE if kind == PASS_SCALE else -1)
@@ -312,11 +312,13 @@ cdef void pass_columns(Pass kind, const real* a, const real* b, const real* mask
                     v = v + b[row + j]
                 out[row + j] = 0 if v < 0 else v
         elif kind == PASS_BACKWARD:
+            # x (b) is read before g_out is written: g_out may be x (in place).
             for j in range(j0, j1):
                 v = masked(a + row, mask_row, j)
+                u = (v - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
                 if g_out != NULL:
                     g_out[row + j] = v
-                out[row + j] = (v - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
+                out[row + j] = u
         else:
             for j in range(j0, j1):
                 v = masked(a + row, mask_row, j)
@@ -333,7 +335,7 @@ cdef real* column_coefs(const real* coefs, int64_t c, int64_t s) noexcept nogil:
     cdef int64_t row, j, k
     if s == 1:
         return <real*>coefs
-    wide = <real*>malloc(CHANNEL_COEFS * c * s * sizeof(real))
+    wide = <real*>alloc_values(CHANNEL_COEFS * c, s, sizeof(real), False)
     if wide != NULL:
         for row in range(CHANNEL_COEFS):
             for j in range(c):

@@ -202,14 +202,16 @@ static inline void bncpu_affine_##SUFFIX(const T* x, T* y, int64_t length, T hi,
 }                                                                                             \
                                                                                               \
 /* The backward pass of g = dy masked by `mask` (may be NULL: g = dy); g is also written    \
- * to g_out when given. dx may be dy, x or mask; g_out must not be dx. */                     \
+ * to g_out when given, after x is read. dx and g_out may each be dy, x or mask; g_out must  \
+ * not be dx. */                                                                              \
 static inline T bncpu_backward1_##SUFFIX(const T* dy, const T* mask, const T* x, T* g_out,    \
                                          int64_t i, T hi, T lo, T k, T mean_dy, T scale)      \
 {                                                                                             \
     T g = bncpu_mask1_##SUFFIX(dy[i], mask, i);                                               \
+    T result = (g - mean_dy - ((x[i] - hi) - lo) * k) * scale;                                \
     if (g_out != NULL)                                                                        \
         g_out[i] = g;                                                                         \
-    return (g - mean_dy - ((x[i] - hi) - lo) * k) * scale;                                    \
+    return result;                                                                            \
 }                                                                                             \
                                                                                               \
 static inline void bncpu_backward_relu_##SUFFIX(const T* dy, const T* mask, const T* x,       \
