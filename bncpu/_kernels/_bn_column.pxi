@@ -203,6 +203,14 @@ cdef void tile_grad_sums(const real* dy, const real* mask, const real* x, const 
         f32_add_column_grad_sums(col_dy, col_dev, dy + offset,
                                  mask + offset if mask != NULL else NULL, x + offset, rows, ld,
                                  cols, center)
+        for k in range(cols):
+            if not (isfinite(col_dy[k]) and isfinite(col_dev[k])):
+                # float32 products overflow (see add_grad_sums_f64): float64 sums instead
+                col_dy[k] = 0
+                col_dev[k] = 0
+                add_grad_sums_f64(dy + offset + k, NULL,
+                                  mask + offset + k if mask != NULL else NULL, x + offset + k,
+                                  rows, ld, center[k], &col_dy[k], &col_dev[k])
     else:
         for i in range(rows):
             dy_row = dy + offset + i * ld

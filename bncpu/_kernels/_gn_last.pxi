@@ -32,7 +32,7 @@
 
 from bncpu._kernels._primitives cimport (
     finish_dev, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
-    f32_add_column_grad_sums)
+    f32_add_column_grad_sums, add_grad_sums_f64)
 
 
 cdef struct LastLayout:
@@ -250,6 +250,13 @@ cdef void last_piece_grad_sums(const real* dy, const real* x, const LastLayout* 
     if real is float:
         f32_add_column_grad_sums(col_dy, col_dev, dy + offset, NULL, x + offset, rows, c, c,
                                  center)
+        for k in range(c):
+            if not (isfinite(col_dy[k]) and isfinite(col_dev[k])):
+                # float32 products overflow (see add_grad_sums_f64): float64 sums instead
+                col_dy[k] = 0
+                col_dev[k] = 0
+                add_grad_sums_f64(dy + offset + k, NULL, NULL, x + offset + k, rows, c,
+                                  center[k], &col_dy[k], &col_dev[k])
     else:
         for r in range(rows):
             dy_row = dy + offset + r * c

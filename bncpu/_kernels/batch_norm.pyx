@@ -55,7 +55,8 @@ from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
     zero_lanes, sum_lanes, add_span, add_dev_span, add_dev_span_f64, finish_dev,
     add_dy_xmu_span, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
-    f32_add_column_grad_sums, affine_span, affine_relu_span, scale_span, backward_span, masked,
+    f32_add_column_grad_sums, add_grad_sums_f64, affine_span, affine_relu_span, scale_span,
+    backward_span, masked,
     use_streaming, STREAM_MIN_SPAN_BYTES)
 
 cdef enum:
