@@ -30,9 +30,9 @@ cdef inline bint use_column_pass(int64_t c, int64_t s) noexcept nogil:
     """Elementwise passes along the (N, C·S) matrix rows, coefficients per column (S = 1:
     always). Measured against passes over channel rows: faster for S = 9 and 16, the
     same for S = 64, slower for S = 100 (five values read per value written). (Passes
-    tile by tile, with the coefficients of a tile's channels, were measured too: on
-    (32, 2048, 7, 7) 2x slower than channel rows, each thread reading 2 KB of every
-    400 KB instead of one contiguous half of the buffer.)"""
+    tile by tile, with the coefficients of a tile's channels, are slower than channel
+    rows: each thread reads a few KB of every few hundred instead of one contiguous
+    part of the buffer.)"""
     return s == 1 or (s < PASS_SHORT_ROW and c * s <= COLUMN_COEFS_MAX)
 
 

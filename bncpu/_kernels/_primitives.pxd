@@ -232,7 +232,7 @@ cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const r
     dy masked by mask (may be NULL, see masked).
 
     float64: two loops, one sum each: gcc leaves a loop that updates two lane arrays at
-    once mostly scalar (measured 2.4x slower with AVX2); the second loop reads from L1."""
+    once mostly scalar; the second loop reads from L1."""
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
     if real is float:
@@ -470,9 +470,8 @@ cdef inline void backward_span(const real* dy, const real* mask, const real* x, 
 
 # Outputs at least this large are written with streaming stores (use_streaming): about
 # half a typical last-level cache; a smaller output is likely still in cache when the
-# caller reads it. (Half the L3 size that sysconf reports was tried: on this project's VM
-# it reports 256 MiB for a 32 MiB L3, and not streaming (8, 32, 112, 112) made its
-# evaluation 1.4x slower.)
+# caller reads it. (Half the L3 size that sysconf reports is no guide: a virtual machine
+# may report 256 MiB for a 32 MiB L3, and then large outputs are not streamed.)
 cdef enum:
     STREAM_MIN_BYTES = 8 << 20
 

@@ -70,7 +70,7 @@ cdef enum:
     MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
     TILE = 2048                # columns per task of the long rows' pass (s == 1), at most
     REREAD_BYTES = 2 << 20     # bytes per array of a group of long rows reduced, then read
-                               # from cache (L3; 2 or 5 rows of 784 KB: as fast; 7: -13%)
+                               # from cache (L3; a larger group no longer fits there)
     WIDEN_ROWS = 8             # float32 rows whose column sums are added before widening
     ACC_GAP = 80               # floats between float32 accumulator arrays: rows of 4 KiB
                                # would otherwise put both at the same offset in a page,
@@ -517,7 +517,7 @@ cdef void pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_
 # s > 1; a task goes down the rows of one block in order, adding into the block's own
 # partial arrays, so a column adds its rows in row order whatever the number of threads.
 # Every pass reads a row's columns contiguously: a pass down the columns of several rows
-# 4 KiB apart maps all their lines to one L1 set (measured 2x slower on (8192, 1024)).
+# 4 KiB apart maps all their lines to one L1 set.
 
 
 cdef inline void columns_grad_sums(const real* dy, const real* x, int64_t length, double mean,
