@@ -453,10 +453,12 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
     if status != BNCPU_OK or c == 0:
         return status
     if count == 0:
-        # No values: the parameter gradients are empty sums.
+        # No values: the sums are empty (0), and dweight = 0·invstd (NaN for an infinite
+        # invstd, as the formula gives).
         for j in range(c if dweight != NULL or dbias != NULL else 0):
             if dweight != NULL:
-                dweight[j] = 0
+                dweight[j] = <real>(0.0 * (save_invstd[j] if training
+                                           else invstd_of(running_var[j], eps)))
             if dbias != NULL:
                 dbias[j] = 0
         return BNCPU_OK
