@@ -85,7 +85,8 @@ extern "C" {
 typedef enum {
     BNCPU_OK = 0,
     BNCPU_ERR_NULL_POINTER = 1,      /* a required pointer is NULL */
-    BNCPU_ERR_BAD_SIZE = 2,          /* a size is negative, or sizes disagree */
+    BNCPU_ERR_BAD_SIZE = 2,          /* a size is negative or too large for its arrays to
+                                        exist (2^57 values or more), or sizes disagree */
     BNCPU_ERR_ONE_VALUE = 3,         /* training with one value per channel (n*s == 1) */
     BNCPU_ERR_BAD_EPS = 4,           /* eps < 0, NaN or infinite */
     BNCPU_ERR_BAD_MOMENTUM = 5,      /* momentum outside [0, 1] or NaN */
@@ -93,7 +94,10 @@ typedef enum {
     BNCPU_ERR_BAD_GROUPS = 7,        /* groups < 1 or c not divisible by groups */
     BNCPU_ERR_NO_MEMORY = 8,         /* a temporary buffer could not be allocated */
     BNCPU_ERR_NOT_IMPORTED = 9,      /* bncpu_import() was not called or failed */
-    BNCPU_ERR_IMPORT = 10            /* bncpu_import(): the Python package could not be loaded */
+    BNCPU_ERR_IMPORT = 10,           /* bncpu_import(): the Python package could not be loaded */
+    BNCPU_ERR_ALIASED = 11           /* two outputs share memory, or an output shares memory
+                                        with an input other than exactly (in place: same
+                                        start, same size, both shaped like the data) */
 } bncpu_status;
 
 /* The function table; use the macros further below. Its kernel members follow
@@ -332,7 +336,7 @@ static inline const char *bncpu_strerror(int status)
     switch (status) {
     case BNCPU_OK: return "success";
     case BNCPU_ERR_NULL_POINTER: return "a required pointer argument is NULL";
-    case BNCPU_ERR_BAD_SIZE: return "a size is negative or the sizes disagree";
+    case BNCPU_ERR_BAD_SIZE: return "a size is negative or too large, or the sizes disagree";
     case BNCPU_ERR_ONE_VALUE: return "expected more than 1 value per channel when training";
     case BNCPU_ERR_BAD_EPS: return "eps must be finite and >= 0";
     case BNCPU_ERR_BAD_MOMENTUM: return "momentum must be in [0, 1]";
@@ -342,6 +346,8 @@ static inline const char *bncpu_strerror(int status)
     case BNCPU_ERR_NO_MEMORY: return "out of memory for a temporary buffer";
     case BNCPU_ERR_NOT_IMPORTED: return "bncpu_import() has not succeeded";
     case BNCPU_ERR_IMPORT: return "the bncpu Python package could not be imported";
+    case BNCPU_ERR_ALIASED:
+        return "two outputs, or an output and an input it may not alias, share memory";
     default: return "unknown bncpu status";
     }
 }

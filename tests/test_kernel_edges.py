@@ -1,8 +1,10 @@
-"""Kernel behaviour at the edges (issue 18, items 4, 7, 8, 10; issue 17's status literal).
+"""Kernel behaviour at the edges.
 
 Degenerate sizes return at once with a status; statistics that are infinite or beyond
-float32's range give IEEE's answer, not NaN; instance norm's running variance is the
-variance; a failed allocation in a row-norm backward leaves out= untouched.
+float32's range give IEEE's answer, not NaN; float32 sums that overflow in float32
+(forward squares, backward products) are taken in float64; instance norm's running
+variance is the variance; a failed allocation in a row-norm backward leaves out=
+untouched; Python maps the C statuses by name.
 """
 import re
 import subprocess
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 import bncpu
-from conftest import CHILD_CWD
+from conftest import CHILD_CWD, assert_all_bitwise_equal, num_threads
 from bncpu import _capi, _validate, reference
 from bncpu._registry import BATCH_SHAPES, FUNCTIONS
 
@@ -34,7 +36,7 @@ def run_python(script, timeout=120):
 
 
 # ----------------------------------------------------------------------------------
-# Item 4: degenerate sizes (through the table, as C callers reach it; a subprocess, since
+# Degenerate sizes (through the table, as C callers reach it; a subprocess, since
 # the failure was a segfault or a loop over 2^40 empty rows)
 # ----------------------------------------------------------------------------------
 def test_degenerate_sizes_return_at_once():
@@ -57,7 +59,7 @@ def test_degenerate_sizes_return_at_once():
 
 
 # ----------------------------------------------------------------------------------
-# Item 8: the mean split into hi + lo falls back to the plain formula when not finite
+# The mean split into hi + lo falls back to the plain formula when not finite
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", BATCH_SHAPES)
@@ -95,7 +97,7 @@ def test_an_infinite_input_gives_an_infinite_mean(shape, dtype):
 
 
 # ----------------------------------------------------------------------------------
-# Item 6: float32 data whose spread is beyond 1e19 (squares past float32's range)
+# float32 data whose spread is beyond 1e19 (squares past float32's range)
 # ----------------------------------------------------------------------------------
 FORWARDS = ["batch_norm_forward", "layer_norm_forward", "group_norm_forward",
             "instance_norm_forward", "rms_norm_forward"]
@@ -141,7 +143,73 @@ def test_float32_spread_beyond_1e19_channels_last_group_norm(shape):
 
 
 # ----------------------------------------------------------------------------------
-# Item 7: instance norm's running variance is the variance
+# float32 backward sums Σdy·(x - mean) whose float32 products overflow: x and dy both
+# spread beyond 1e19 (dx, dweight and dbias are then of ordinary size)
+# ----------------------------------------------------------------------------------
+BACKWARDS = ["batch_norm_backward", "batch_norm_relu_backward", "batch_norm_backward_reduce",
+             "layer_norm_backward", "group_norm_backward", "instance_norm_backward",
+             "rms_norm_backward"]
+SCALED_UP = {"input", "grad_output", "save_mean", "mean"}
+SCALED_DOWN = {"save_invstd", "rstd", "invstd"}
+
+
+@pytest.mark.parametrize("name", BACKWARDS)
+def test_float32_backward_beyond_1e19_is_the_float64_result(name):
+    """x and dy ~ N(0, 1e20) in float32, the saved statistics scaled to match: the
+    products dy·(x - mean) (~1e40) overflow float32; the results must be the twin's on
+    the same values in float64."""
+    spec = FUNCTIONS[name]
+    for shape in spec.shapes:
+        args = spec.inputs(shape, np.float32, seed=6)
+        if args["input"].size == 0:
+            continue
+        for key in SCALED_UP & set(args):
+            args[key] = args[key] * np.asarray(1e20, args[key].dtype)
+        for key in SCALED_DOWN & set(args):
+            args[key] = args[key] * np.asarray(1e-20, args[key].dtype)
+        wide = {k: v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype == np.float32
+                else v for k, v in args.items()}
+        results = spec.call(spec.copy_args(args))
+        with num_threads(1):   # the float64 sums, too, are cut by the shape alone
+            assert_all_bitwise_equal(spec.call(spec.copy_args(args)), results)
+        expected = spec.call_twin(wide)
+        for got, want in zip(results, expected):
+            if want is None:
+                continue
+            assert np.all(np.isfinite(got)), (name, shape)
+            scale = float(np.max(np.abs(want))) if want.size else 0.0
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale,
+                                       err_msg=f"{name} {shape}")
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 9, 8), (2, 64, 64, 16), (3, 700, 4)])
+def test_float32_backward_beyond_1e19_channels_last(shape):
+    """The same with the channels last: batch norm (column mode) and group norm (its own
+    column-wise kernel)."""
+    rng = np.random.default_rng(7)
+    c = shape[-1]
+    x = (rng.normal(size=shape) * 1e20).astype(np.float32)
+    dy = (rng.normal(size=shape) * 1e20).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    wide = [a.astype(np.float64) for a in (dy, x, w)]
+    _, mean, rstd = bncpu.group_norm_forward(x, 2, w, None, 1e-5, axis=-1)
+    results = bncpu.group_norm_backward(dy, x, 2, mean, rstd, w, axis=-1)
+    expected = reference.group_norm_backward(*wide[:2], 2, mean.astype(np.float64),
+                                             rstd.astype(np.float64), wide[2], axis=-1)
+    _, save_mean, save_invstd = bncpu.batch_norm_forward(x, w, None, None, None, True, 0.1,
+                                                          1e-5, axis=-1)
+    results += bncpu.batch_norm_backward(dy, x, w, None, None, save_mean, save_invstd, True,
+                                         1e-5, axis=-1)
+    expected += reference.batch_norm_backward(*wide, None, None, save_mean.astype(np.float64),
+                                              save_invstd.astype(np.float64), True, 1e-5,
+                                              axis=-1)
+    for got, want in zip(results, expected):
+        assert np.all(np.isfinite(got)), shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+
+
+# ----------------------------------------------------------------------------------
+# Instance norm's running variance is the variance
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("axis", [1, -1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -164,7 +232,7 @@ def test_instance_norm_running_var_of_a_tiny_variance(dtype, axis):
 
 
 # ----------------------------------------------------------------------------------
-# Item 10: a failed allocation leaves out= untouched (row norms, rows over 16384 values)
+# A failed allocation leaves out= untouched (row norms, rows over 16384 values)
 # ----------------------------------------------------------------------------------
 MALLOC_SHIM = r"""
 #define _GNU_SOURCE
@@ -251,7 +319,7 @@ def test_row_norm_backward_allocates_before_writing(tmp_path):
 
 
 # ----------------------------------------------------------------------------------
-# Issue 17 leftover: raise_for_status names the status, not a literal
+# raise_for_status names the status, not a literal
 # ----------------------------------------------------------------------------------
 def test_raise_for_status_follows_the_header():
     assert _capi.ERR_NO_MEMORY == status_code("BNCPU_ERR_NO_MEMORY")
@@ -263,7 +331,7 @@ def test_raise_for_status_follows_the_header():
 
 
 # ----------------------------------------------------------------------------------
-# Issue 17 leftover: bncpu/_ops.pyi describes the compiled module
+# bncpu/_ops.pyi describes the compiled module
 # ----------------------------------------------------------------------------------
 def test_ops_stub_matches_the_module():
     import ast

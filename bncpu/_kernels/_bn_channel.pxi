@@ -109,6 +109,7 @@ cdef void channel_grad_sums(const real* dy, const real* mask, const real* x, int
     cdef double dy_lanes[CHANNEL_RUN * LANES]
     cdef double dy_xmu_lanes[CHANNEL_RUN * LANES]
     cdef real center[CHANNEL_RUN]
+    cdef double sum_dev
     cdef int64_t i, j, offset
     for j in range(j0, j1):
         center[j - j0] = <real>mean[j]
@@ -126,6 +127,16 @@ cdef void channel_grad_sums(const real* dy, const real* mask, const real* x, int
     for j in range(j0, j1):
         finish_grad_sums(s, mean[j], center[j - j0], dy_lanes + (j - j0) * LANES,
                          dy_xmu_lanes + (j - j0) * LANES, &sum_dy[j], &sum_dy_xmu[j])
+        if real is float:
+            if s < SPLIT_MIN_S and not (isfinite(sum_dy[j]) and isfinite(sum_dy_xmu[j])):
+                # float32 products overflow (see add_grad_sums_f64): float64 sums instead
+                sum_dy[j] = 0
+                sum_dev = 0
+                for i in range(n):
+                    offset = (i * c + j) * s
+                    add_grad_sums_f64(dy + offset, NULL, mask + offset if mask != NULL else NULL,
+                                      x + offset, s, 1, center[j - j0], &sum_dy[j], &sum_dev)
+                sum_dy_xmu[j] = finish_dy_xmu(sum_dy[j], sum_dev, mean[j], center[j - j0])
 
 
 cdef void train_channel(Pass kind, const real* x, const real* residual, real* y, int64_t n,

@@ -30,9 +30,9 @@ cdef inline bint use_column_pass(int64_t c, int64_t s) noexcept nogil:
     """Elementwise passes along the (N, C·S) matrix rows, coefficients per column (S = 1:
     always). Measured against passes over channel rows: faster for S = 9 and 16, the
     same for S = 64, slower for S = 100 (five values read per value written). (Passes
-    tile by tile, with the coefficients of a tile's channels, were measured too: on
-    (32, 2048, 7, 7) 2x slower than channel rows, each thread reading 2 KB of every
-    400 KB instead of one contiguous half of the buffer.)"""
+    tile by tile, with the coefficients of a tile's channels, are slower than channel
+    rows: each thread reads a few KB of every few hundred instead of one contiguous
+    part of the buffer.)"""
     return s == 1 or (s < PASS_SHORT_ROW and c * s <= COLUMN_COEFS_MAX)
 
 
@@ -203,6 +203,14 @@ cdef void tile_grad_sums(const real* dy, const real* mask, const real* x, const 
         f32_add_column_grad_sums(col_dy, col_dev, dy + offset,
                                  mask + offset if mask != NULL else NULL, x + offset, rows, ld,
                                  cols, center)
+        for k in range(cols):
+            if not (isfinite(col_dy[k]) and isfinite(col_dev[k])):
+                # float32 products overflow (see add_grad_sums_f64): float64 sums instead
+                col_dy[k] = 0
+                col_dev[k] = 0
+                add_grad_sums_f64(dy + offset + k, NULL,
+                                  mask + offset + k if mask != NULL else NULL, x + offset + k,
+                                  rows, ld, center[k], &col_dy[k], &col_dev[k])
     else:
         for i in range(rows):
             dy_row = dy + offset + i * ld
@@ -284,7 +292,7 @@ cdef void pass_columns(Pass kind, const real* a, const real* b, const real* mask
     cdef const real* k = coefs + COEF_K * c
     cdef const real* mask_row = NULL
     cdef int64_t i, j, row
-    cdef real v
+    cdef real v, u
     cdef int stream_kind = (COLUMNS_AFFINE if kind == PASS_AFFINE else
                             COLUMNS_BACKWARD if kind == PASS_BACKWARD else
                             COLUMNS_SCALE if kind == PASS_SCALE else -1)
@@ -312,11 +320,13 @@ cdef void pass_columns(Pass kind, const real* a, const real* b, const real* mask
                     v = v + b[row + j]
                 out[row + j] = 0 if v < 0 else v
         elif kind == PASS_BACKWARD:
+            # x (b) is read before g_out is written: g_out may be x (in place).
             for j in range(j0, j1):
                 v = masked(a + row, mask_row, j)
+                u = (v - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
                 if g_out != NULL:
                     g_out[row + j] = v
-                out[row + j] = (v - offset[j] - ((b[row + j] - hi[j]) - lo[j]) * k[j]) * scale[j]
+                out[row + j] = u
         else:
             for j in range(j0, j1):
                 v = masked(a + row, mask_row, j)
@@ -333,7 +343,7 @@ cdef real* column_coefs(const real* coefs, int64_t c, int64_t s) noexcept nogil:
     cdef int64_t row, j, k
     if s == 1:
         return <real*>coefs
-    wide = <real*>malloc(CHANNEL_COEFS * c * s * sizeof(real))
+    wide = <real*>alloc_values(CHANNEL_COEFS * c, s, sizeof(real), False)
     if wide != NULL:
         for row in range(CHANNEL_COEFS):
             for j in range(c):

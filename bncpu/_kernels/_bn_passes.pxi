@@ -47,11 +47,9 @@ cdef void pass_segments(Pass kind, const real* a, const real* b, const real* mas
     segments lie one after another in memory) with short rows (use_segment_pass), the
     channel counted along instead of divided out per row, stored normally.
 
-    (Streaming them was measured: rows this short share their first and last cache
-    lines with their neighbours, so whole rows were computed into a 16 KB buffer in L1
-    at the output's line offset and streamed from there. On (32, 2048, 7, 7) and
-    (128, 2048, 7, 7) inference that was 3-8% slower than ordinary stores at 1 and 2
-    threads.)"""
+    (Rows this short share their first and last cache lines with their neighbours, so
+    streaming them means computing whole rows into a buffer in L1 at the output's line
+    offset and streaming from there: slower than ordinary stores.)"""
     cdef int64_t t, offset, j = t0 % c
     for t in range(t0, t1):
         offset = t * s

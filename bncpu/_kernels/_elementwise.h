@@ -72,15 +72,15 @@ static inline void bncpu_store_fence(void)
 
 /* Spans shorter than this are stored normally even when streaming is asked for: a
  * streaming store that fills only part of a cache line, and the fence after each
- * span, cost more than they save on short rows (e.g. 7x7 images: 8x slower). */
+ * span, cost more than they save on short rows (e.g. 7x7 images). */
 #define BNCPU_STREAM_MIN_SPAN_BYTES 4096
 
 /* Streaming stores are issued for whole cache lines only. A line written partly by a
  * streaming store and partly by an ordinary one (a span's first and last lines, when
  * the output does not start on a line: NumPy's data sit 16 bytes past one) makes the
  * write-combining buffer flush a partial line, and a line shared by two spans is
- * written both ways: peeling only to the vector width made the passes up to 1.4x
- * slower at some output offsets (benchmarks/alignment.py). */
+ * written both ways: peeling only to the vector width makes the passes slower at some
+ * output offsets (benchmarks/alignment.py). */
 #define BNCPU_LINE_BYTES 64
 
 /* The streamed part [head, *end) of a span of `length` elements at out: its whole
@@ -202,14 +202,16 @@ static inline void bncpu_affine_##SUFFIX(const T* x, T* y, int64_t length, T hi,
 }                                                                                             \
                                                                                               \
 /* The backward pass of g = dy masked by `mask` (may be NULL: g = dy); g is also written    \
- * to g_out when given. dx may be dy, x or mask; g_out must not be dx. */                     \
+ * to g_out when given, after x is read. dx and g_out may each be dy, x or mask; g_out must  \
+ * not be dx. */                                                                              \
 static inline T bncpu_backward1_##SUFFIX(const T* dy, const T* mask, const T* x, T* g_out,    \
                                          int64_t i, T hi, T lo, T k, T mean_dy, T scale)      \
 {                                                                                             \
     T g = bncpu_mask1_##SUFFIX(dy[i], mask, i);                                               \
+    T result = (g - mean_dy - ((x[i] - hi) - lo) * k) * scale;                                \
     if (g_out != NULL)                                                                        \
         g_out[i] = g;                                                                         \
-    return (g - mean_dy - ((x[i] - hi) - lo) * k) * scale;                                    \
+    return result;                                                                            \
 }                                                                                             \
                                                                                               \
 static inline void bncpu_backward_relu_##SUFFIX(const T* dy, const T* mask, const T* x,       \

@@ -1,8 +1,7 @@
 /* Fast, accurate sums over float32 spans, for _primitives.pxd.
  *
  * Summing float32 data in float64 costs a float->double conversion per element, and
- * that conversion, not memory, bounds a float64 two-pass: about 0.2 ns per element on
- * a Zen 4 core. Here each of the 16 lanes (element i of a span goes to lane i % 16)
+ * that conversion, not memory, bounds a float64 two-pass. Here each of the 16 lanes (element i of a span goes to lane i % 16)
  * first adds RUN = 8 of its values in float32, and only that partial sum is widened
  * and added to the lane's float64 accumulator: one conversion per 8 elements.
  *
@@ -273,16 +272,15 @@ static inline void bncpu_f32_add_grad_sums(double* g_lanes, double* g_dev_lanes,
  * rows at a time, over chunks of BNCPU_COLUMN_CHUNK columns, keeping the pair sums of
  * the tree in small buffers: ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)), the
  * same operations as reading the 8 rows side by side. Such rows map to one L1 set
- * (8-way): 8 rows of dy and 8 of x side by side evicted each other before use (the
- * backward of (256, 16, 8, 8) was 1.7x slower than that of (256, 15, 8, 8); with pairs,
- * 1.5x faster than before at 2 threads). The single-array sums keep 8 rows side by
- * side: 8 lines fit the set, and pairs measured 4-20% slower there. */
+ * (8-way): 8 rows of dy and 8 of x side by side evict each other before use. The
+ * single-array sums keep 8 rows side by side: 8 lines fit the set, and pairs are slower
+ * there. */
 
 #define BNCPU_COLUMN_CHUNK 256
 
 /* Rows `stride` floats apart whose lines all fall in one L1 set: gradient sums read
- * them in pairs. Otherwise 8 side by side, in registers (measured 15-20% faster on
- * (256, 15, 8, 8) and (1024, 512); rows 2 KiB apart, two sets, gain nothing). */
+ * them in pairs. Otherwise 8 side by side, in registers, which is faster (rows 2 KiB
+ * apart, in two sets, gain nothing from pairs). */
 static inline int bncpu_rows_alias(int64_t stride)
 {
     return (stride * (int64_t)sizeof(float)) % 4096 == 0;
@@ -292,9 +290,8 @@ static inline int bncpu_rows_alias(int64_t stride)
  * channels: 256 bytes) are read in pairs too, by the gradient sums and the deviation
  * sums: a run of 8 such rows is one contiguous block, and reading it two rows at a
  * time walks it in memory order, where 8 rows side by side made the hardware
- * prefetcher miss. On (200704, 64) from memory, 1 thread: the gradient sums 8.5 ->
- * 3.8 ms (C = 128: 10.7 -> 6.4; C = 16 the same; C >= 256 measured no better). The
- * same additions in the same tree, so the same bits. */
+ * prefetcher miss (rows of 1 KiB and more gain nothing). The same additions in the
+ * same tree, so the same bits. */
 #define BNCPU_SHORT_ROW_BYTES 512
 
 static inline int bncpu_short_rows(int64_t stride)
@@ -304,8 +301,8 @@ static inline int bncpu_short_rows(int64_t stride)
 
 /* acc[0..W) += widen(part), the two float64 halves loaded and stored as whole vectors
  * (as bncpu_widen_add). Copying them through an array of two vectors made gcc 12 store
- * 16-byte halves and reload 32-byte vectors (a failed store forwarding each time) and
- * left the column sums 3-4x slower, compute-bound even on data in L1. */
+ * 16-byte halves and reload 32-byte vectors, a failed store forwarding each time, which
+ * made the column sums compute-bound even on data in L1. */
 static inline void bncpu_add_widened(double* acc, bncpu_vf part)
 {
     bncpu_vd lo, hi;

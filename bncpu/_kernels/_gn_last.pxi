@@ -32,7 +32,7 @@
 
 from bncpu._kernels._primitives cimport (
     finish_dev, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
-    f32_add_column_grad_sums)
+    f32_add_column_grad_sums, add_grad_sums_f64)
 
 
 cdef struct LastLayout:
@@ -250,6 +250,13 @@ cdef void last_piece_grad_sums(const real* dy, const real* x, const LastLayout* 
     if real is float:
         f32_add_column_grad_sums(col_dy, col_dev, dy + offset, NULL, x + offset, rows, c, c,
                                  center)
+        for k in range(c):
+            if not (isfinite(col_dy[k]) and isfinite(col_dev[k])):
+                # float32 products overflow (see add_grad_sums_f64): float64 sums instead
+                col_dy[k] = 0
+                col_dev[k] = 0
+                add_grad_sums_f64(dy + offset + k, NULL, NULL, x + offset + k, rows, c,
+                                  center[k], &col_dy[k], &col_dev[k])
     else:
         for r in range(rows):
             dy_row = dy + offset + r * c
@@ -387,7 +394,7 @@ cdef int last_forward_pieces(const real* x, real* y, const LastLayout* lay, cons
     cdef int64_t task, i, q, n_tasks = lay.n * lay.pieces
     cdef int64_t width = 3 * lay.groups
     cdef LastScratch sc
-    cdef double* partials = <double*>malloc(n_tasks * width * sizeof(double))
+    cdef double* partials = <double*>alloc_values(n_tasks, width, sizeof(double), False)
     if partials == NULL:
         return BNCPU_ERR_NO_MEMORY
     for task in prange(n_tasks, schedule='static', num_threads=n_threads):
@@ -411,32 +418,26 @@ cdef int last_forward_pieces(const real* x, real* y, const LastLayout* lay, cons
 cdef int last_rows_forward(const real* x, real* y, int64_t n, int64_t c, int64_t s,
                            int64_t groups, const real* weight, const real* bias, double eps,
                            real* save_mean, real* save_rstd) noexcept nogil:
-    cdef int status = check_sizes(n, c, s)
+    cdef int status = check_forward(x, y, n, c, s, groups, weight, bias, eps, save_mean,
+                                    save_rstd)
     cdef int n_threads
     cdef int64_t i
     cdef LastLayout lay
     cdef double* row_stats
     cdef double* doubles
     cdef char* values
+    if status != BNCPU_OK:
+        return status
     if s <= 1 or n * c * s == 0:
         # The same buffer as channels first (or no values): its kernel, its bits.
         return rows_forward(x, y, n, c, s, groups, weight, bias, eps, True, save_mean,
                             save_rstd)
-    if status == BNCPU_OK:
-        status = check_eps(eps)
-    if status == BNCPU_OK:
-        status = check_sizes(n, groups, 1)
-    if status != BNCPU_OK:
-        return status
-    if groups < 1 or c % groups != 0:
-        return BNCPU_ERR_BAD_GROUPS
-    if x == NULL or y == NULL:
-        return BNCPU_ERR_NULL_POINTER
     lay = make_last_layout(n, c, s, groups)
     n_threads = threads_begin(n * c * s)
-    row_stats = <double*>malloc(2 * n * groups * sizeof(double))
-    doubles = <double*>malloc(n_threads * last_scratch_doubles(&lay) * sizeof(double))
-    values = <char*>malloc(n_threads * last_scratch_values(&lay) * sizeof(real))
+    row_stats = <double*>alloc_values(2 * n, groups, sizeof(double), False)
+    doubles = <double*>alloc_values(n_threads, last_scratch_doubles(&lay), sizeof(double),
+                                    False)
+    values = <char*>alloc_values(n_threads, last_scratch_values(&lay), sizeof(real), False)
     if row_stats == NULL or doubles == NULL or values == NULL:
         status = BNCPU_ERR_NO_MEMORY
     elif n_threads > 1 and (n < 2 * n_threads
@@ -514,7 +515,7 @@ cdef int last_backward_pieces(const real* dy, const real* x, real* dx, const Las
     cdef int64_t task, i, q, n_tasks = lay.n * lay.pieces
     cdef int64_t width = 2 * lay.c
     cdef LastScratch sc
-    cdef double* partials = <double*>malloc(n_tasks * width * sizeof(double))
+    cdef double* partials = <double*>alloc_values(n_tasks, width, sizeof(double), False)
     if partials == NULL:
         return BNCPU_ERR_NO_MEMORY
     for task in prange(n_tasks, schedule='static', num_threads=n_threads):
@@ -559,7 +560,8 @@ cdef void last_param_grads(const LastLayout* lay, const real* rstd, const double
 cdef int last_rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
                             int64_t s, int64_t groups, const real* mean, const real* rstd,
                             const real* weight, real* dweight, real* dbias) noexcept nogil:
-    cdef int status = check_sizes(n, c, s)
+    cdef int status = check_backward(dy, x, dx, n, c, s, groups, mean, rstd, weight, True,
+                                     dweight, dbias)
     cdef int n_threads
     cdef int64_t i
     cdef LastLayout lay
@@ -568,24 +570,19 @@ cdef int last_rows_backward(const real* dy, const real* x, real* dx, int64_t n, 
     cdef double* row_coefs
     cdef double* doubles
     cdef char* values
+    if status != BNCPU_OK:
+        return status
     if s <= 1 or n * c * s == 0 or (dx == NULL and dweight == NULL and dbias == NULL):
         # The same buffer as channels first, no values, or nothing asked for: its kernel.
         return rows_backward(dy, x, dx, n, c, s, groups, mean, rstd, weight, True, dweight,
                              dbias)
-    if status == BNCPU_OK:
-        status = check_sizes(n, groups, 1)
-    if status != BNCPU_OK:
-        return status
-    if groups < 1 or c % groups != 0:
-        return BNCPU_ERR_BAD_GROUPS
-    if dy == NULL or x == NULL or rstd == NULL or mean == NULL:
-        return BNCPU_ERR_NULL_POINTER
     lay = make_last_layout(n, c, s, groups)
     n_threads = threads_begin(n * c * s)
-    channel_sums = <double*>malloc(2 * n * c * sizeof(double))
-    row_coefs = <double*>malloc(2 * n * groups * sizeof(double))
-    doubles = <double*>malloc(n_threads * last_scratch_doubles(&lay) * sizeof(double))
-    values = <char*>malloc(n_threads * last_scratch_values(&lay) * sizeof(real))
+    channel_sums = <double*>alloc_values(2 * n, c, sizeof(double), False)
+    row_coefs = <double*>alloc_values(2 * n, groups, sizeof(double), False)
+    doubles = <double*>alloc_values(n_threads, last_scratch_doubles(&lay), sizeof(double),
+                                    False)
+    values = <char*>alloc_values(n_threads, last_scratch_values(&lay), sizeof(real), False)
     if channel_sums == NULL or row_coefs == NULL or doubles == NULL or values == NULL:
         status = BNCPU_ERR_NO_MEMORY
     elif n_threads > 1 and (n < 2 * n_threads

@@ -205,6 +205,25 @@ cdef inline real masked(const real* dy, const real* mask, int64_t i) noexcept no
     return dy[i]
 
 
+cdef inline void add_grad_sums_f64(const float* dy, const float* weight, const float* mask,
+                                   const float* x, int64_t count, int64_t stride,
+                                   double center, double* sum_g,
+                                   double* sum_g_dev) noexcept nogil:
+    """sum_g += Σg and sum_g_dev += Σg·(x - center) over count values `stride` apart,
+    g = dy·weight (dy when weight is NULL, masked by mask, may be NULL), in float64: the
+    fallback of the float32 gradient sums when their float32 products or partial sums
+    overflow (|dy·(x - mean)| beyond about 1e38: dy and the spread both beyond about
+    1e19), which float64 holds. One lane, in order, so still deterministic."""
+    cdef int64_t i
+    cdef double g
+    for i in range(count):
+        g = masked(dy, mask, i * stride)
+        if weight != NULL:
+            g = g * weight[i * stride]
+        sum_g[0] += g
+        sum_g_dev[0] += g * (<double>x[i * stride] - center)
+
+
 cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const real* dy,
                                  const real* mask, const real* x, int64_t length,
                                  real center) noexcept nogil:
@@ -213,7 +232,7 @@ cdef inline void add_dy_xmu_span(double* dy_lanes, double* dy_xmu_lanes, const r
     dy masked by mask (may be NULL, see masked).
 
     float64: two loops, one sum each: gcc leaves a loop that updates two lane arrays at
-    once mostly scalar (measured 2.4x slower with AVX2); the second loop reads from L1."""
+    once mostly scalar; the second loop reads from L1."""
     cdef int64_t i, i_block, stop = length - length % LANES
     cdef int k
     if real is float:
@@ -270,13 +289,19 @@ cdef inline void sum_dy_xmu_span(const real* dy, const real* mask, const real* x
     cdef double dy_lanes[LANES]
     cdef double dy_xmu_lanes[LANES]
     cdef real center = <real>mean
-    cdef double span_dy
+    cdef double span_dy, span_dev
     zero_lanes(dy_lanes)
     zero_lanes(dy_xmu_lanes)
     add_dy_xmu_span(dy_lanes, dy_xmu_lanes, dy, mask, x, length, center)
     span_dy = sum_lanes(dy_lanes)
+    span_dev = sum_lanes(dy_xmu_lanes)
+    if real is float:
+        if not (isfinite(span_dy) and isfinite(span_dev)):
+            span_dy = 0
+            span_dev = 0
+            add_grad_sums_f64(dy, NULL, mask, x, length, 1, center, &span_dy, &span_dev)
     sum_dy[0] += span_dy
-    sum_dy_xmu[0] += finish_dy_xmu(span_dy, sum_lanes(dy_xmu_lanes), mean, center)
+    sum_dy_xmu[0] += finish_dy_xmu(span_dy, span_dev, mean, center)
 
 
 cdef inline void sum_g_xmu_span_f32(const float* dy, const float* weight, const float* x,
@@ -287,13 +312,18 @@ cdef inline void sum_g_xmu_span_f32(const float* dy, const float* weight, const 
     cdef double g_lanes[LANES]
     cdef double dev_lanes[LANES]
     cdef float center = <float>mean
-    cdef double span_g
+    cdef double span_g, span_dev
     zero_lanes(g_lanes)
     zero_lanes(dev_lanes)
     f32_add_grad_sums(g_lanes, dev_lanes, dy, weight, NULL, x, length, center)
     span_g = sum_lanes(g_lanes)
+    span_dev = sum_lanes(dev_lanes)
+    if not (isfinite(span_g) and isfinite(span_dev)):
+        span_g = 0
+        span_dev = 0
+        add_grad_sums_f64(dy, weight, NULL, x, length, 1, center, &span_g, &span_dev)
     sum_g[0] += span_g
-    sum_g_xmu[0] += finish_dy_xmu(span_g, sum_lanes(dev_lanes), mean, center)
+    sum_g_xmu[0] += finish_dy_xmu(span_g, span_dev, mean, center)
 
 
 cdef inline void merge_stats(double* count, double* mean, double* m2,
@@ -440,9 +470,8 @@ cdef inline void backward_span(const real* dy, const real* mask, const real* x, 
 
 # Outputs at least this large are written with streaming stores (use_streaming): about
 # half a typical last-level cache; a smaller output is likely still in cache when the
-# caller reads it. (Half the L3 size that sysconf reports was tried: on this project's VM
-# it reports 256 MiB for a 32 MiB L3, and not streaming (8, 32, 112, 112) made its
-# evaluation 1.4x slower.)
+# caller reads it. (Half the L3 size that sysconf reports is no guide: a virtual machine
+# may report 256 MiB for a 32 MiB L3, and then large outputs are not streamed.)
 cdef enum:
     STREAM_MIN_BYTES = 8 << 20
 

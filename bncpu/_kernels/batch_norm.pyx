@@ -44,18 +44,19 @@ them with its own flags.
 from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 
 from bncpu._threads cimport threads_begin, threads_end
 from bncpu._kernels._common cimport (
     BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_SIZE, BNCPU_ERR_ONE_VALUE,
-    BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY,
-    check_sizes, check_eps, check_momentum)
+    BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY, Region, region, check_aliasing,
+    alloc_values, check_sizes, check_eps, check_momentum)
 from bncpu._kernels._primitives cimport (
     real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
     zero_lanes, sum_lanes, add_span, add_dev_span, add_dev_span_f64, finish_dev,
     add_dy_xmu_span, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
-    f32_add_column_grad_sums, affine_span, affine_relu_span, scale_span, backward_span, masked,
+    f32_add_column_grad_sums, add_grad_sums_f64, affine_span, affine_relu_span, scale_span,
+    backward_span, masked,
     use_streaming, STREAM_MIN_SPAN_BYTES)
 
 cdef enum:
@@ -128,7 +129,7 @@ cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n
     cdef double* partials
     if use_column_mode(s):
         tiles = tiles_of(n, c, s)
-        partials = <double*>malloc(2 * tiles.n_blocks * c * sizeof(double))
+        partials = <double*>alloc_values(2 * tiles.n_blocks, c, sizeof(double), False)
         if partials == NULL:
             return BNCPU_ERR_NO_MEMORY
         for task in prange(tiles.n_blocks * tiles.n_chunks, schedule='static',
@@ -138,7 +139,7 @@ cdef int all_channel_stats(const real* x, int64_t n, int64_t c, int64_t s, int n
         free(partials)
     elif use_split_mode(c, s, n_threads):
         n_tasks = c * n * pieces_per_row(s)
-        partials = <double*>malloc(3 * n_tasks * sizeof(double) + 1)
+        partials = <double*>alloc_values(3, n_tasks, sizeof(double), False)
         if partials == NULL:
             return BNCPU_ERR_NO_MEMORY
         for task in prange(n_tasks, schedule='static', num_threads=n_threads):
@@ -181,8 +182,8 @@ cdef int all_channel_grad_sums(const real* dy, const real* mask, const real* x, 
     cdef int64_t k
     if use_column_mode(s):
         tiles = tiles_of(n, c, s)
-        partials = <double*>malloc(2 * tiles.n_blocks * c * sizeof(double))
-        center = <real*>malloc(c * s * sizeof(real))
+        partials = <double*>alloc_values(2 * tiles.n_blocks, c, sizeof(double), False)
+        center = <real*>alloc_values(c, s, sizeof(real), False)
         if scaled != NULL:
             by_column = column_coefs(coefs, c, s)
         if partials == NULL or center == NULL or (scaled != NULL and by_column == NULL):
@@ -213,7 +214,7 @@ cdef int all_channel_grad_sums(const real* dy, const real* mask, const real* x, 
             free(by_column)
     elif use_split_mode(c, s, n_threads):
         n_tasks = c * n * pieces_per_row(s)
-        partials = <double*>malloc(2 * n_tasks * sizeof(double) + 1)
+        partials = <double*>alloc_values(2, n_tasks, sizeof(double), False)
         if partials == NULL:
             return BNCPU_ERR_NO_MEMORY
         for task in prange(n_tasks, schedule='static', num_threads=n_threads):
@@ -249,6 +250,8 @@ cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, 
     cdef double* mean
     cdef double* var
     cdef real* coefs
+    cdef Region outputs[5]
+    cdef Region inputs[4]
     if status == BNCPU_OK:
         status = check_eps(eps)
     if status == BNCPU_OK:
@@ -263,41 +266,54 @@ cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, 
         return BNCPU_ERR_ALIASED_STATS
     if count == 1:
         return BNCPU_ERR_ONE_VALUE
-    if c == 0:
+    outputs[0] = region(y, n * c * s, sizeof(real), True)
+    outputs[1] = region(running_mean, c, sizeof(real), False)
+    outputs[2] = region(running_var, c, sizeof(real), False)
+    outputs[3] = region(save_mean, c, sizeof(real), False)
+    outputs[4] = region(save_invstd, c, sizeof(real), False)
+    inputs[0] = region(x, n * c * s, sizeof(real), True)
+    inputs[1] = region(residual, n * c * s, sizeof(real), True)
+    inputs[2] = region(weight, c, sizeof(real), False)
+    inputs[3] = region(bias, c, sizeof(real), False)
+    status = check_aliasing(outputs, 5, inputs, 4)
+    if status != BNCPU_OK or c == 0:
+        return status
+    if count == 0:
+        # Empty batch: nothing to normalize, running statistics untouched; the saved
+        # statistics are those of mean 0 and variance 0.
+        for j in range(c if save_mean != NULL or save_invstd != NULL else 0):
+            if save_mean != NULL:
+                save_mean[j] = 0
+            if save_invstd != NULL:
+                save_invstd[j] = <real>invstd_of(0.0, eps)
         return BNCPU_OK
-    mean = <double*>malloc(2 * c * sizeof(double))
-    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    mean = <double*>alloc_values(2, c, sizeof(double), False)
+    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if mean == NULL or coefs == NULL:
         free(mean)
         free(coefs)
         return BNCPU_ERR_NO_MEMORY
     var = mean + c
-    if count == 0:
-        # Empty batch: nothing to normalize, running statistics untouched.
-        for j in range(c):
-            mean[j] = 0
-            var[j] = 0
-    else:
-        n_threads = threads_begin(n * c * s)
-        if use_column_mode(s) or use_split_mode(c, s, n_threads):
-            # Statistics (merged across tasks), then a second parallel pass.
-            status = all_channel_stats(x, n, c, s, n_threads, mean, var)
-            if status == BNCPU_OK:
-                for j in range(c):
-                    var[j] = var[j] / count
-                    set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
-                run_pass(kind, x, residual, NULL, y, NULL, n, c, s, coefs, n_threads)
-        elif s >= STATS_BLOCK:
-            run = channel_run(c, s, sizeof(real), n_threads)
-            for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
-                train_channel_run(kind, x, residual, y, n, c, s, chunk * run,
-                                  min(chunk * run + run, c), weight, bias, eps, mean, var,
-                                  coefs, stream)
-        else:
-            for j in prange(c, schedule='static', num_threads=n_threads):
-                train_channel(kind, x, residual, y, n, c, s, j, weight, bias, eps, mean, var,
+    n_threads = threads_begin(n * c * s)
+    if use_column_mode(s) or use_split_mode(c, s, n_threads):
+        # Statistics (merged across tasks), then a second parallel pass.
+        status = all_channel_stats(x, n, c, s, n_threads, mean, var)
+        if status == BNCPU_OK:
+            for j in range(c):
+                var[j] = var[j] / count
+                set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
+            run_pass(kind, x, residual, NULL, y, NULL, n, c, s, coefs, n_threads)
+    elif s >= STATS_BLOCK:
+        run = channel_run(c, s, sizeof(real), n_threads)
+        for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
+            train_channel_run(kind, x, residual, y, n, c, s, chunk * run,
+                              min(chunk * run + run, c), weight, bias, eps, mean, var,
                               coefs, stream)
-        threads_end(n_threads)
+    else:
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            train_channel(kind, x, residual, y, n, c, s, j, weight, bias, eps, mean, var,
+                          coefs, stream)
+    threads_end(n_threads)
     if status == BNCPU_OK:
         for j in range(c):
             if save_mean != NULL:
@@ -341,6 +357,8 @@ cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, i
     cdef int n_threads
     cdef int64_t j
     cdef real* coefs
+    cdef Region output
+    cdef Region inputs[6]
     if status == BNCPU_OK:
         status = check_eps(eps)
     if status != BNCPU_OK:
@@ -349,9 +367,17 @@ cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, i
         return BNCPU_ERR_NULL_POINTER
     if (x == NULL or y == NULL) and n * c * s > 0:
         return BNCPU_ERR_NULL_POINTER
-    if n * c * s == 0:
-        return BNCPU_OK
-    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    output = region(y, n * c * s, sizeof(real), True)
+    inputs[0] = region(x, n * c * s, sizeof(real), True)
+    inputs[1] = region(residual, n * c * s, sizeof(real), True)
+    inputs[2] = region(weight, c, sizeof(real), False)
+    inputs[3] = region(bias, c, sizeof(real), False)
+    inputs[4] = region(running_mean, c, sizeof(real), False)
+    inputs[5] = region(running_var, c, sizeof(real), False)
+    status = check_aliasing(&output, 1, inputs, 6)
+    if status != BNCPU_OK or n * c * s == 0:
+        return status
+    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if coefs == NULL:
         return BNCPU_ERR_NO_MEMORY
     for j in range(c):
@@ -400,7 +426,9 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
     cdef real* coefs
     cdef bint need_sums = training or dweight != NULL or dbias != NULL
     cdef bint fused_scale
-    if status == BNCPU_OK and not training:
+    cdef Region outputs[4]
+    cdef Region inputs[6]
+    if status == BNCPU_OK:
         status = check_eps(eps)
     if status != BNCPU_OK:
         return status
@@ -410,10 +438,32 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
         return BNCPU_ERR_NULL_POINTER
     if c > 0 and not training and (running_mean == NULL or running_var == NULL):
         return BNCPU_ERR_NULL_POINTER
-    if c == 0:
+    outputs[0] = region(dx, n * c * s, sizeof(real), True)
+    outputs[1] = region(g_out, n * c * s, sizeof(real), True)
+    outputs[2] = region(dweight, c, sizeof(real), False)
+    outputs[3] = region(dbias, c, sizeof(real), False)
+    inputs[0] = region(dy, n * c * s, sizeof(real), True)
+    inputs[1] = region(mask, n * c * s, sizeof(real), True)
+    inputs[2] = region(x, n * c * s, sizeof(real), True)
+    inputs[3] = region(weight, c, sizeof(real), False)
+    # The statistics the mode reads (the others may be anything).
+    inputs[4] = region(save_mean if training else running_mean, c, sizeof(real), False)
+    inputs[5] = region(save_invstd if training else running_var, c, sizeof(real), False)
+    status = check_aliasing(outputs, 4, inputs, 6)
+    if status != BNCPU_OK or c == 0:
+        return status
+    if count == 0:
+        # No values: the sums are empty (0), and dweight = 0·invstd (NaN for an infinite
+        # invstd, as the formula gives).
+        for j in range(c if dweight != NULL or dbias != NULL else 0):
+            if dweight != NULL:
+                dweight[j] = <real>(0.0 * (save_invstd[j] if training
+                                           else invstd_of(running_var[j], eps)))
+            if dbias != NULL:
+                dbias[j] = 0
         return BNCPU_OK
-    mean = <double*>malloc(4 * c * sizeof(double))
-    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    mean = <double*>alloc_values(4, c, sizeof(double), False)
+    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if mean == NULL or coefs == NULL:
         free(mean)
         free(coefs)
@@ -433,30 +483,29 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
         sum_dy[j] = 0
         sum_dy_xmu[j] = 0
     n_threads = threads_begin(n * c * s)
-    if count > 0:
-        if use_column_mode(s) or use_split_mode(c, s, n_threads) or not need_sums:
-            # Evaluation in column mode: dx = dy·scale computed with the sums, tile by tile.
-            # (use_column_pass implies column mode, whose sums honor `scaled`.)
-            fused_scale = use_column_pass(c, s) and need_sums and not training and dx != NULL
-            if need_sums:
-                status = all_channel_grad_sums(dy, mask, x, n, c, s, mean, n_threads, sum_dy,
-                                               sum_dy_xmu, dx if fused_scale else NULL, g_out,
-                                               coefs)
-            if status == BNCPU_OK and dx != NULL and not fused_scale:
-                if training:
-                    for j in range(c):
-                        set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
-                                           sum_dy_xmu[j], <double>count)
-                run_pass(PASS_BACKWARD if training else PASS_SCALE, dy, x, mask, dx, g_out, n, c,
-                         s, coefs, n_threads)
-        else:
-            run = channel_run(c, s, sizeof(real), n_threads)
-            for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
-                backward_channels(dy, mask, x, dx, g_out, n, c, s, chunk * run,
-                                  min(chunk * run + run, c), mean, invstd, weight, training,
-                                  sum_dy, sum_dy_xmu, coefs,
-                                  use_streaming(dx, dy, x, n * c * s * sizeof(real))
-                                  and <const real*>dx != mask)
+    if use_column_mode(s) or use_split_mode(c, s, n_threads) or not need_sums:
+        # Evaluation in column mode: dx = dy·scale computed with the sums, tile by tile.
+        # (use_column_pass implies column mode, whose sums honor `scaled`.)
+        fused_scale = use_column_pass(c, s) and need_sums and not training and dx != NULL
+        if need_sums:
+            status = all_channel_grad_sums(dy, mask, x, n, c, s, mean, n_threads, sum_dy,
+                                           sum_dy_xmu, dx if fused_scale else NULL, g_out,
+                                           coefs)
+        if status == BNCPU_OK and dx != NULL and not fused_scale:
+            if training:
+                for j in range(c):
+                    set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
+                                       sum_dy_xmu[j], <double>count)
+            run_pass(PASS_BACKWARD if training else PASS_SCALE, dy, x, mask, dx, g_out, n, c,
+                     s, coefs, n_threads)
+    else:
+        run = channel_run(c, s, sizeof(real), n_threads)
+        for chunk in prange((c + run - 1) // run, schedule='static', num_threads=n_threads):
+            backward_channels(dy, mask, x, dx, g_out, n, c, s, chunk * run,
+                              min(chunk * run + run, c), mean, invstd, weight, training,
+                              sum_dy, sum_dy_xmu, coefs,
+                              use_streaming(dx, dy, x, n * c * s * sizeof(real))
+                              and <const real*>dx != mask)
     threads_end(n_threads)
     if status == BNCPU_OK:
         for j in range(c):
@@ -486,7 +535,7 @@ cdef int bn_relu_backward(const real* dy, const real* y, const real* x, real* dx
     """Backward of bn_relu_forward_*: g = dy where y (the forward's output) passed the
     ReLU, else 0, applied as dy is read in the sums and in the pass; the rest is the
     batch-norm backward of g, and dresidual = g when given (may be NULL)."""
-    if n * c * s > 0 and (y == NULL or dx == NULL):
+    if check_sizes(n, c, s) == BNCPU_OK and n * c * s > 0 and (y == NULL or dx == NULL):
         return BNCPU_ERR_NULL_POINTER
     return backward(dy, y, x, dx, dresidual, n, c, s, weight, running_mean, running_var,
                     save_mean, save_invstd, training, eps, dweight, dbias)
@@ -500,10 +549,18 @@ cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
     cdef int status = check_sizes(n, c, s)
     cdef int n_threads
     cdef int64_t j
+    cdef Region outputs[2]
+    cdef Region data
     if status != BNCPU_OK:
         return status
     if c > 0 and (mean == NULL or m2 == NULL or (x == NULL and n * s > 0)):
         return BNCPU_ERR_NULL_POINTER
+    outputs[0] = region(mean, c, sizeof(double), False)
+    outputs[1] = region(m2, c, sizeof(double), False)
+    data = region(x, n * c * s, sizeof(real), True)
+    status = check_aliasing(outputs, 2, &data, 1)
+    if status != BNCPU_OK:
+        return status
     if n * s == 0:
         for j in range(c):
             mean[j] = 0
@@ -522,6 +579,8 @@ cdef int bn_gather_stats(int64_t p, int64_t c, const double* mean, const double*
     cdef int status = check_sizes(p, c, 1)
     cdef int64_t j, q
     cdef double count, total_mean, total_m2
+    cdef Region outputs[4]
+    cdef Region inputs[3]
     if status == BNCPU_OK:
         status = check_eps(eps)
     if status == BNCPU_OK:
@@ -545,6 +604,16 @@ cdef int bn_gather_stats(int64_t p, int64_t c, const double* mean, const double*
         count += counts[q]
     if count == 1:
         return BNCPU_ERR_ONE_VALUE
+    outputs[0] = region(running_mean, c, sizeof(real), False)
+    outputs[1] = region(running_var, c, sizeof(real), False)
+    outputs[2] = region(mean_out, c, sizeof(double), False)
+    outputs[3] = region(invstd_out, c, sizeof(double), False)
+    inputs[0] = region(mean, p * c, sizeof(double), False)
+    inputs[1] = region(m2, p * c, sizeof(double), False)
+    inputs[2] = region(counts, p, sizeof(int64_t), False)
+    status = check_aliasing(outputs, 4, inputs, 3)
+    if status != BNCPU_OK:
+        return status
     for j in range(c):
         count = 0
         total_mean = 0
@@ -565,13 +634,24 @@ cdef int bn_elemt(const real* x, real* y, int64_t n, int64_t c, int64_t s,
     cdef int n_threads
     cdef int64_t j
     cdef real* coefs
+    cdef Region output
+    cdef Region inputs[5]
     if status != BNCPU_OK:
         return status
     if n * c * s == 0:
         return BNCPU_OK
     if x == NULL or y == NULL or mean == NULL or invstd == NULL:
         return BNCPU_ERR_NULL_POINTER
-    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    output = region(y, n * c * s, sizeof(real), True)
+    inputs[0] = region(x, n * c * s, sizeof(real), True)
+    inputs[1] = region(mean, c, sizeof(double), False)
+    inputs[2] = region(invstd, c, sizeof(double), False)
+    inputs[3] = region(weight, c, sizeof(real), False)
+    inputs[4] = region(bias, c, sizeof(real), False)
+    status = check_aliasing(&output, 1, inputs, 5)
+    if status != BNCPU_OK:
+        return status
+    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if coefs == NULL:
         return BNCPU_ERR_NO_MEMORY
     for j in range(c):
@@ -588,11 +668,21 @@ cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c,
     cdef int status = check_sizes(n, c, s)
     cdef int n_threads
     cdef int64_t j
+    cdef Region outputs[2]
+    cdef Region inputs[3]
     if status != BNCPU_OK:
         return status
     if c > 0 and (mean == NULL or sum_dy == NULL or sum_dy_xmu == NULL
                   or (n * s > 0 and (dy == NULL or x == NULL))):
         return BNCPU_ERR_NULL_POINTER
+    outputs[0] = region(sum_dy, c, sizeof(double), False)
+    outputs[1] = region(sum_dy_xmu, c, sizeof(double), False)
+    inputs[0] = region(dy, n * c * s, sizeof(real), True)
+    inputs[1] = region(x, n * c * s, sizeof(real), True)
+    inputs[2] = region(mean, c, sizeof(double), False)
+    status = check_aliasing(outputs, 2, inputs, 3)
+    if status != BNCPU_OK:
+        return status
     if n * s == 0:
         for j in range(c):
             sum_dy[j] = 0
@@ -612,6 +702,8 @@ cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, i
     cdef int n_threads
     cdef int64_t j
     cdef real* coefs
+    cdef Region output
+    cdef Region inputs[7]
     if status != BNCPU_OK:
         return status
     if count < 0 or (count == 0 and n * s > 0):
@@ -621,7 +713,18 @@ cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, i
     if (dy == NULL or x == NULL or dx == NULL or mean == NULL or invstd == NULL
             or sum_dy == NULL or sum_dy_xmu == NULL):
         return BNCPU_ERR_NULL_POINTER
-    coefs = <real*>malloc(CHANNEL_COEFS * c * sizeof(real))
+    output = region(dx, n * c * s, sizeof(real), True)
+    inputs[0] = region(dy, n * c * s, sizeof(real), True)
+    inputs[1] = region(x, n * c * s, sizeof(real), True)
+    inputs[2] = region(mean, c, sizeof(double), False)
+    inputs[3] = region(invstd, c, sizeof(double), False)
+    inputs[4] = region(weight, c, sizeof(real), False)
+    inputs[5] = region(sum_dy, c, sizeof(double), False)
+    inputs[6] = region(sum_dy_xmu, c, sizeof(double), False)
+    status = check_aliasing(&output, 1, inputs, 7)
+    if status != BNCPU_OK:
+        return status
+    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if coefs == NULL:
         return BNCPU_ERR_NO_MEMORY
     for j in range(c):

@@ -53,12 +53,12 @@ written unless the arguments are valid.
 from cython.parallel cimport prange, threadid
 from libc.math cimport isfinite, sqrt
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free
 
 from bncpu._threads cimport threads_begin, threads_end
 from bncpu._kernels._common cimport (
-    BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_GROUPS, BNCPU_ERR_NO_MEMORY,
-    check_sizes, check_eps)
+    BNCPU_OK, BNCPU_ERR_NULL_POINTER, BNCPU_ERR_BAD_GROUPS, BNCPU_ERR_NO_MEMORY, Region,
+    region, check_aliasing, alloc_values, check_sizes, check_eps)
 from bncpu._kernels._primitives cimport (
     real, span_stats, merge_stats, sum_sq_span, sum_dy_xmu_span, split_center,
     sum_dy_weight, sum_dy_weight_xmu,
@@ -70,7 +70,7 @@ cdef enum:
     MAX_BLOCKS = 64            # row blocks of the dweight/dbias partial sums, at most
     TILE = 2048                # columns per task of the long rows' pass (s == 1), at most
     REREAD_BYTES = 2 << 20     # bytes per array of a group of long rows reduced, then read
-                               # from cache (L3; 2 or 5 rows of 784 KB: as fast; 7: -13%)
+                               # from cache (L3; a larger group no longer fits there)
     WIDEN_ROWS = 8             # float32 rows whose column sums are added before widening
     ACC_GAP = 80               # floats between float32 accumulator arrays: rows of 4 KiB
                                # would otherwise put both at the same offset in a page,
@@ -363,8 +363,8 @@ cdef int forward_pieces(const real* x, real* y, Layout lay, const real* weight,
                         real* save_rstd, int n_threads) noexcept nogil:
     cdef int64_t task, r, q, n_tasks = lay.rows * lay.pieces
     cdef double total[3]
-    cdef double* partials = <double*>malloc(3 * n_tasks * sizeof(double))
-    cdef double* row_stats = <double*>malloc(2 * lay.rows * sizeof(double))
+    cdef double* partials = <double*>alloc_values(3, n_tasks, sizeof(double), False)
+    cdef double* row_stats = <double*>alloc_values(2, lay.rows, sizeof(double), False)
     if partials == NULL or row_stats == NULL:
         free(partials)
         free(row_stats)
@@ -390,23 +390,48 @@ cdef int forward_pieces(const real* x, real* y, Layout lay, const real* weight,
     return BNCPU_OK
 
 
+cdef int check_groups(int64_t n, int64_t c, int64_t s, int64_t groups) noexcept nogil:
+    """The sizes of a row-norm call ((n, c, s) and n·groups rows), then the groups."""
+    cdef int status = check_sizes(n, c, s)
+    if status == BNCPU_OK and groups >= 1:
+        status = check_sizes(n, groups, 1)
+    if status == BNCPU_OK and (groups < 1 or c % groups != 0):
+        status = BNCPU_ERR_BAD_GROUPS
+    return status
+
+
+cdef int check_forward(const real* x, real* y, int64_t n, int64_t c, int64_t s,
+                       int64_t groups, const real* weight, const real* bias, double eps,
+                       real* save_mean, real* save_rstd) noexcept nogil:
+    """The arguments of a forward, channels first or last: a status."""
+    cdef int status = check_groups(n, c, s, groups)
+    cdef Region outputs[3]
+    cdef Region inputs[3]
+    if status == BNCPU_OK:
+        status = check_eps(eps)
+    if status != BNCPU_OK:
+        return status
+    if n * c * s > 0 and (x == NULL or y == NULL):
+        return BNCPU_ERR_NULL_POINTER
+    outputs[0] = region(y, n * c * s, sizeof(real), True)
+    outputs[1] = region(save_mean, n * groups, sizeof(real), False)
+    outputs[2] = region(save_rstd, n * groups, sizeof(real), False)
+    inputs[0] = region(x, n * c * s, sizeof(real), True)
+    inputs[1] = region(weight, c, sizeof(real), False)
+    inputs[2] = region(bias, c, sizeof(real), False)
+    return check_aliasing(outputs, 3, inputs, 3)
+
+
 cdef int rows_forward(const real* x, real* y, int64_t n, int64_t c, int64_t s, int64_t groups,
                       const real* weight, const real* bias, double eps, bint centered,
                       real* save_mean, real* save_rstd) noexcept nogil:
-    cdef int status = check_sizes(n, c, s)
+    cdef int status = check_forward(x, y, n, c, s, groups, weight, bias, eps, save_mean,
+                                    save_rstd)
     cdef int n_threads
     cdef int64_t r
     cdef Layout lay
-    if status == BNCPU_OK:
-        status = check_eps(eps)
-    if status == BNCPU_OK and groups >= 1:
-        status = check_sizes(n, groups, 1)
     if status != BNCPU_OK:
         return status
-    if groups < 1 or c % groups != 0:
-        return BNCPU_ERR_BAD_GROUPS
-    if n * c * s > 0 and (x == NULL or y == NULL):
-        return BNCPU_ERR_NULL_POINTER
     if n * c * s == 0 and save_mean == NULL and save_rstd == NULL:
         # No values and no statistics asked for: nothing to do, however many empty rows.
         return BNCPU_OK
@@ -492,7 +517,7 @@ cdef void pieces_coefs(const real* dy, const real* x, Layout lay, int64_t first_
 # s > 1; a task goes down the rows of one block in order, adding into the block's own
 # partial arrays, so a column adds its rows in row order whatever the number of threads.
 # Every pass reads a row's columns contiguously: a pass down the columns of several rows
-# 4 KiB apart maps all their lines to one L1 set (measured 2x slower on (8192, 1024)).
+# 4 KiB apart maps all their lines to one L1 set.
 
 
 cdef inline void columns_grad_sums(const real* dy, const real* x, int64_t length, double mean,
@@ -630,12 +655,13 @@ cdef int backward_column_params(const real* dy, const real* x, real* dx, Layout 
     if real is float:
         if lay.pieces == 1 and lay.groups == 1 and (dweight != NULL or dbias != NULL):
             # float32 accumulators, one pair per thread, zero between tasks.
-            accs = <float*>calloc(2 * (width + ACC_GAP) * n_threads, sizeof(float))
+            accs = <float*>alloc_values(2 * (width + ACC_GAP), n_threads, sizeof(float), True)
             if accs == NULL:
                 return BNCPU_ERR_NO_MEMORY
     rows_per_group = max(<int64_t>1, REREAD_BYTES // (lay.length * <int64_t>sizeof(real)))
     if lay.pieces > 1:
-        sums = <double*>malloc(2 * min(rows_per_group, lay.rows) * lay.pieces * sizeof(double))
+        sums = <double*>alloc_values(2 * min(rows_per_group, lay.rows), lay.pieces,
+                                     sizeof(double), False)
         if sums == NULL:
             free(accs)
             return BNCPU_ERR_NO_MEMORY
@@ -725,9 +751,9 @@ cdef int backward_pieces(const real* dy, const real* x, real* dx, Layout lay,
     cdef int64_t n_spans = spans_per_row(&lay)
     cdef bint keep_spans = dweight != NULL or dbias != NULL
     cdef double* span_sums = NULL
-    cdef double* sums = <double*>malloc(2 * lay.rows * lay.pieces * sizeof(double))
+    cdef double* sums = <double*>alloc_values(2 * lay.rows, lay.pieces, sizeof(double), False)
     if keep_spans:
-        span_sums = <double*>malloc(2 * lay.rows * n_spans * sizeof(double))
+        span_sums = <double*>alloc_values(2 * lay.rows, n_spans, sizeof(double), False)
     if sums == NULL or (keep_spans and span_sums == NULL):
         free(sums)
         free(span_sums)
@@ -764,27 +790,45 @@ cdef void merge_blocks(double* partials, int64_t n_blocks, int64_t params,
         result[p] = <real>partials[p]
 
 
+cdef int check_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c,
+                        int64_t s, int64_t groups, const real* mean, const real* rstd,
+                        const real* weight, bint centered, real* dweight,
+                        real* dbias) noexcept nogil:
+    """The arguments of a backward, channels first or last: a status."""
+    cdef int status = check_groups(n, c, s, groups)
+    cdef Region outputs[3]
+    cdef Region inputs[5]
+    if status != BNCPU_OK:
+        return status
+    if n * c * s > 0 and (dy == NULL or x == NULL or rstd == NULL or (centered and mean == NULL)):
+        return BNCPU_ERR_NULL_POINTER
+    outputs[0] = region(dx, n * c * s, sizeof(real), True)
+    outputs[1] = region(dweight, c, sizeof(real), False)
+    outputs[2] = region(dbias, c, sizeof(real), False)
+    inputs[0] = region(dy, n * c * s, sizeof(real), True)
+    inputs[1] = region(x, n * c * s, sizeof(real), True)
+    inputs[2] = region(mean if centered else NULL, n * groups, sizeof(real), False)
+    inputs[3] = region(rstd, n * groups, sizeof(real), False)
+    inputs[4] = region(weight, c, sizeof(real), False)
+    return check_aliasing(outputs, 3, inputs, 5)
+
+
 cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
                        int64_t groups, const real* mean, const real* rstd, const real* weight,
                        bint centered, real* dweight, real* dbias) noexcept nogil:
-    cdef int status = check_sizes(n, c, s)
+    cdef int status = check_backward(dy, x, dx, n, c, s, groups, mean, rstd, weight, centered,
+                                     dweight, dbias)
     cdef int n_threads
     cdef int64_t p, block, n_blocks, rows_per_block
     cdef double* partial_dweight = NULL
     cdef double* partial_dbias = NULL
     cdef double* row_coefs
     cdef Layout lay
-    if status == BNCPU_OK and groups >= 1:
-        status = check_sizes(n, groups, 1)
     if status != BNCPU_OK:
         return status
-    if groups < 1 or c % groups != 0:
-        return BNCPU_ERR_BAD_GROUPS
-    if n * c * s > 0 and (dy == NULL or x == NULL or rstd == NULL or (centered and mean == NULL)):
-        return BNCPU_ERR_NULL_POINTER
     if n * c * s == 0 or (dx == NULL and dweight == NULL and dbias == NULL):
         # No values (the parameter gradients are empty sums), or nothing asked for.
-        for p in range(c):
+        for p in range(c if dweight != NULL or dbias != NULL else 0):
             if dweight != NULL:
                 dweight[p] = 0
             if dbias != NULL:
@@ -794,11 +838,11 @@ cdef int rows_backward(const real* dy, const real* x, real* dx, int64_t n, int64
     # dx's streaming stores: the one-piece rows of layer and RMS norm (rows_task).
     lay.stream = dx != NULL and use_streaming(dx, dy, x, n * c * s * sizeof(real))
     n_blocks = row_blocks(&lay, &rows_per_block)
-    row_coefs = <double*>malloc(2 * lay.rows * sizeof(double))
+    row_coefs = <double*>alloc_values(2, lay.rows, sizeof(double), False)
     if dweight != NULL:
-        partial_dweight = <double*>calloc(n_blocks * lay.params, sizeof(double))
+        partial_dweight = <double*>alloc_values(n_blocks, lay.params, sizeof(double), True)
     if dbias != NULL:
-        partial_dbias = <double*>calloc(n_blocks * lay.params, sizeof(double))
+        partial_dbias = <double*>alloc_values(n_blocks, lay.params, sizeof(double), True)
     if (row_coefs == NULL or (dweight != NULL and partial_dweight == NULL)
             or (dbias != NULL and partial_dbias == NULL)):
         free(row_coefs)
