@@ -53,8 +53,9 @@
  * `T` below is float (suffix _f32) or double (suffix _f64). Per-channel statistics of
  * the split-phase functions are double for both. Pointers marked "may be NULL" are
  * optional; every other pointer must be valid for the sizes given, else
- * BNCPU_ERR_NULL_POINTER. Outputs may alias inputs of the same shape exactly (in
- * place), never partially.
+ * BNCPU_ERR_NULL_POINTER. Only data-shaped arrays (x, y, dy, dx, residual, dresidual)
+ * may be the same array (in place, exactly, where an entry allows it); any other sharing
+ * of memory by an output, partial or whole, is BNCPU_ERR_ALIASED and nothing is written.
  *
  * Threads: kernels use bncpu_get_num_threads() OpenMP threads for large inputs and
  * the calling thread alone for small ones; results are bitwise identical whatever
@@ -162,7 +163,7 @@ typedef struct bncpu_api {
      * training == 0: mean = running_mean, invstd = 1/sqrt(running_var + eps),
      *   dx = dy*weight*invstd, dweight = Σ dy*(x - mean)*invstd, dbias = Σ dy.
      * dx, dweight, dbias may each be NULL (not computed); dx may be dy or x.
-     * The statistics not used by the chosen mode may be NULL. */
+     * The statistics not used by the chosen mode may be NULL. eps is checked in both modes. */
     int (*batch_norm_backward_f32)(const float *dy, const float *x, float *dx, int64_t n,
         int64_t c, int64_t s, const float *weight, const float *running_mean,
         const float *running_var, const float *save_mean, const float *save_invstd,

@@ -17,7 +17,7 @@ import pytest
 
 import bncpu
 from conftest import CHILD_CWD, assert_all_bitwise_equal, num_threads
-from bncpu import _capi, _validate, reference
+from bncpu import _capi, _status, reference
 from bncpu._registry import BATCH_SHAPES, FUNCTIONS
 
 HEADER = Path(bncpu.get_include()) / "bncpu.h"
@@ -324,10 +324,10 @@ def test_row_norm_backward_allocates_before_writing(tmp_path):
 def test_raise_for_status_follows_the_header():
     assert _capi.ERR_NO_MEMORY == status_code("BNCPU_ERR_NO_MEMORY")
     with pytest.raises(MemoryError, match="out of memory"):
-        _validate.raise_for_status(_capi.ERR_NO_MEMORY)
+        _status.raise_for_status(_capi.ERR_NO_MEMORY)
     with pytest.raises(ValueError):
-        _validate.raise_for_status(status_code("BNCPU_ERR_BAD_SIZE"))
-    assert _validate.raise_for_status(0) is None
+        _status.raise_for_status(status_code("BNCPU_ERR_BAD_SIZE"))
+    assert _status.raise_for_status(0) is None
 
 
 # ----------------------------------------------------------------------------------

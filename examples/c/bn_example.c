@@ -275,7 +275,7 @@ static void bad_argument_cases(void)
 {
     enum { N = 4, C = 3, S = 5, SIZE = N * C * S };
     float x[SIZE], y[SIZE], weight[C], stats_a[C], stats_b[C];
-    double mean[C], m2[C], invstd[C], sum_dy[C], sum_dy_xmu[C];
+    double mean[C], m2[C], invstd[C], sum_dy[C], sum_dy_xmu[C], mean_out[C];
     int64_t counts[2] = {5, -1}, one_count = 1;
     int status;
     FILL(x, SIZE, 0.0, 1.0);
@@ -323,9 +323,9 @@ static void bad_argument_cases(void)
         x, x, y, N, C, S, weight, stats_a, NULL, NULL, NULL, 0, 1e-5, NULL, NULL));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_stats_f32(x, N, C, S, NULL, m2));
     EXPECT(BNCPU_ERR_BAD_SIZE, bncpu_batch_norm_gather_stats_f32(
-        2, 1, mean, m2, counts, NULL, NULL, 0.1, 1e-5, mean, invstd, 1));
+        2, 1, mean, m2, counts, NULL, NULL, 0.1, 1e-5, mean_out, invstd, 1));
     EXPECT(BNCPU_ERR_ONE_VALUE, bncpu_batch_norm_gather_stats_f32(
-        1, C, mean, m2, &one_count, NULL, NULL, 0.1, 1e-5, mean, invstd, 1));
+        1, C, mean, m2, &one_count, NULL, NULL, 0.1, 1e-5, mean_out, invstd, 1));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_elemt_f32(x, y, N, C, S, mean, NULL, NULL, NULL));
     EXPECT(BNCPU_ERR_NULL_POINTER, bncpu_batch_norm_backward_reduce_f32(
         x, NULL, N, C, S, mean, sum_dy, sum_dy_xmu));
