@@ -1,5 +1,9 @@
 """bncpu.jax: bit for bit the NumPy API's results and gradients, under jit, grad and vmap,
 through an XLA custom call (no host callback)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -166,3 +170,26 @@ def test_bad_arguments_raise_clear_errors():
         bj.layer_norm(x, (4,))
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bj.batch_norm(x[:1, :, :1, :1], None, None, training=True)
+
+
+def _python(code):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
+                                                                    os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_import_bncpu_needs_neither_jax_nor_keras():
+    result = _python("import sys, bncpu; bncpu.batch_norm([[1.0], [2.0]], None, None, "
+                     "training=True); print(sorted({'jax', 'keras', 'tensorflow', 'torch'} "
+                     "& set(sys.modules)))")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_missing_handler_says_how_to_build_it():
+    # sys.modules[name] = None makes that import fail, as a build without jax leaves it.
+    result = _python("import sys; sys.modules['bncpu.jax._ffi'] = None; import bncpu.jax")
+    assert result.returncode != 0
+    assert "builds it only when jax is importable" in result.stderr
