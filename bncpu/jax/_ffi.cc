@@ -11,7 +11,6 @@
 // and reaches the kernel as NULL, as the NumPy API passes it.
 #include "bncpu.h" /* includes Python.h, which must come first */
 
-#include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
