@@ -160,6 +160,26 @@ def build_jobs():
         return os.cpu_count() or 1
 
 
+def jax_ffi_extensions():
+    """bncpu.jax's XLA FFI handler (bncpu/jax/_ffi.cc), built against the headers of the jax
+    importable at build time (jax.ffi.include_dir()); without jax, skipped with a message,
+    and ``import bncpu.jax`` then says how to get it. pyproject.toml lists jax among the
+    build requirements, so pip's isolated builds have it."""
+    try:
+        import jax.ffi
+        ffi_include = jax.ffi.include_dir()
+    except (ImportError, AttributeError) as error:
+        print(f"bncpu: jax is not importable at build time ({error}): the XLA FFI handler "
+              f"of bncpu.jax is not built", file=sys.stderr)
+        return []
+    return [Extension(
+        "bncpu.jax._ffi", ["bncpu/jax/_ffi.cc"],
+        include_dirs=[os.path.join(HERE, "include"), ffi_include],
+        language="c++",
+        extra_compile_args=["-std=c++17", "-O2"] if sys.platform != "win32" else ["/std:c++17"],
+    )]
+
+
 class ParallelBuildExt(build_ext):
     """build_ext compiling extensions in parallel unless -j/--parallel was given (pip's
     wheel build gives none)."""
@@ -185,5 +205,5 @@ setup(
             "initializedcheck": False,
             "embedsignature": True,
         },
-    ),
+    ) + jax_ffi_extensions(),
 )

@@ -84,18 +84,11 @@ C_TYPES = {"int64_t": ctypes.c_int64, "int": ctypes.c_int, "double": ctypes.c_do
 
 
 def parameters(entry):
-    """[(name, kind)] of an entry: kind is the element type of a pointer ("T", "double",
-    "int64_t"), with "const" when it is read only, or the C type of a scalar."""
-    found = []
-    for text in entry.params.split(","):
-        words = text.replace("*", " * ").split()
-        name = words[-1]
-        if "*" in words:
-            base = [w for w in words[:-1] if w not in ("const", "*")][0]
-            found.append((name, ("const " if "const" in words else "") + base + "*"))
-        else:
-            found.append((name, words[0]))
-    return found
+    """[(name, kind)] of an entry: kind is the element type of a pointer ("T" data, "P"
+    parameters and statistics, "double", "int64_t"), with "const" when it is read only,
+    or the C type of a scalar."""
+    return [(param.name, ("const " if param.const else "") + param.base
+             + ("*" if param.pointer else "")) for param in manifest.params(entry)]
 
 
 def kernel(member, entry):
@@ -186,7 +179,7 @@ class Call:
         rng = np.random.default_rng(0)
         for name, kind in self.params:
             if kind.endswith("*"):
-                element = {"T": dtype, "double": np.float64, "int64_t": np.int64}[
+                element = {"T": dtype, "P": dtype, "double": np.float64, "int64_t": np.int64}[
                     kind.split()[-1][:-1]]
                 buffer = np.zeros(CAPACITY, np.uint8)
                 array = buffer[:length(entry, name) * np.dtype(element).itemsize].view(element)
@@ -232,7 +225,8 @@ class Call:
         return {name: buffer.copy() for name, buffer in self.buffers.items()}
 
 
-MEMBERS = manifest.members()
+MEMBERS = [(member.name, member.entry, member.dtype.data)
+           for member in manifest.members()]
 IDS = [member for member, _, _ in MEMBERS]
 
 
