@@ -5,7 +5,9 @@ Rows:
   backward) beside the bare kernel wrapper on the same arrays: the difference is what
   the Python layer costs;
 * torch modules' forward + backward through autograd on small inputs: bncpu.torch's
-  BatchNorm2d (training and eval), LayerNorm and GroupNorm against torch.nn's own.
+  BatchNorm2d (training and eval), LayerNorm and GroupNorm against torch.nn's own;
+* one SGD training step of examples/lenet_bn.py's LeNet on a synthetic Fashion-MNIST-sized
+  batch (256, 1, 28, 28): torch.nn's batch norms against ``bncpu.torch.convert``'s.
 
 Each figure is the median over ``--samples`` samples, each a loop of calls of at least
 ``--min-ms`` of CPU time; the implementations of a row alternate, so load on a shared
@@ -14,6 +16,8 @@ machine slows them alike. /proc/loadavg is printed before and after.
     OMP_NUM_THREADS=1 python benchmarks/small_calls.py
 """
 import argparse
+import copy
+import importlib.util
 import os
 import statistics
 import time
@@ -25,6 +29,8 @@ import torch.nn as nn
 import bncpu
 import bncpu.torch as bt
 from bncpu._ops import batch_norm as kernels
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
 
 
 def loadavg():
@@ -121,16 +127,45 @@ def module_rows(samples, min_seconds):
              round_robin(functions, samples, min_seconds), [("bncpu.torch", "torch")])
 
 
+def lenet_rows(samples, min_seconds, batch_size=256):
+    spec = importlib.util.spec_from_file_location("lenet_bn",
+                                                  os.path.join(EXAMPLES, "lenet_bn.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    x = torch.rand(batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (batch_size,))
+    model = example.lenet()
+    loss_function = nn.CrossEntropyLoss()
+
+    def training_step(network):
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+
+        def step():
+            optimizer.zero_grad()
+            loss_function(network(x), y).backward()
+            optimizer.step()
+        return step
+
+    functions = {"torch": training_step(copy.deepcopy(model)),
+                 "bncpu.torch": training_step(bt.convert(model))}
+    show(f"LeNet-BN training step, batch ({batch_size}, 1, 28, 28)",
+         round_robin(functions, samples, min_seconds), [("bncpu.torch", "torch")])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=9)
     parser.add_argument("--min-ms", type=float, default=60.0)
+    parser.add_argument("--only", choices=("numpy", "modules", "lenet"), action="append",
+                        help="run only this part (repeatable; default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bncpu.set_num_threads(1)
     print(f"loadavg {loadavg()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    numpy_rows(args.samples, args.min_ms / 1e3)
-    module_rows(args.samples, args.min_ms / 1e3)
+    parts = {"numpy": numpy_rows, "modules": module_rows, "lenet": lenet_rows}
+    for name in args.only or parts:
+        parts[name](args.samples, args.min_ms / 1e3)
     print(f"\nloadavg {loadavg()}")
 
 
