@@ -13,12 +13,21 @@ Each figure is the median over ``--samples`` samples, each a loop of calls of at
 ``--min-ms`` of CPU time; the implementations of a row alternate, so load on a shared
 machine slows them alike. /proc/loadavg is printed before and after.
 
+glibc hands blocks above its mmap threshold back to the system when they are freed, so a
+LeNet step's time also depends on how many of its megabyte buffers fault their pages in
+again: measured here, 450 to 3,150 faults per step and up to 25% of the step, differing
+from process to process and between two models in one process. The script therefore
+keeps freed blocks in the heap (``mallopt``) unless ``--default-malloc`` is given, and
+reports the faults per call.
+
     OMP_NUM_THREADS=1 python benchmarks/small_calls.py
 """
 import argparse
 import copy
+import ctypes
 import importlib.util
 import os
+import resource
 import statistics
 import time
 
@@ -41,8 +50,24 @@ def loadavg():
         return "n/a"
 
 
-def round_robin(functions, samples, min_seconds):
-    """{name: median CPU seconds per call}, one sample of each function in turn."""
+def keep_freed_blocks():
+    """Whether glibc now keeps freed blocks up to 32 MB in the heap (no munmap, no trim):
+    see the module's docstring."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold, limit = -1, -3, 32 << 20
+    return bool(libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, limit))
+
+
+def page_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def round_robin(functions, samples, min_seconds, faults=None):
+    """{name: median CPU seconds per call}, one sample of each function in turn; with a
+    dict ``faults``, also the median page faults per call there."""
     clock = time.thread_time
     loops = {}
     for name, function in functions.items():
@@ -53,12 +78,16 @@ def round_robin(functions, samples, min_seconds):
             count += 1
         loops[name] = max(count, 1)
     times = {name: [] for name in functions}
+    faulted = {name: [] for name in functions}
     for _ in range(samples):
         for name, function in functions.items():
-            start = clock()
+            first_fault, start = page_faults(), clock()
             for _ in range(loops[name]):
                 function()
             times[name].append((clock() - start) / loops[name])
+            faulted[name].append((page_faults() - first_fault) / loops[name])
+    if faults is not None:
+        faults.update({name: statistics.median(values) for name, values in faulted.items()})
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -149,20 +178,27 @@ def lenet_rows(samples, min_seconds, batch_size=256):
 
     functions = {"torch": training_step(copy.deepcopy(model)),
                  "bncpu.torch": training_step(bt.convert(model))}
+    faults = {}
     show(f"LeNet-BN training step, batch ({batch_size}, 1, 28, 28)",
-         round_robin(functions, samples, min_seconds), [("bncpu.torch", "torch")])
+         round_robin(functions, samples, min_seconds, faults), [("bncpu.torch", "torch")])
+    print("  page faults per step: " + ", ".join(f"{name} {count:.0f}"
+                                                 for name, count in faults.items()))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=9)
     parser.add_argument("--min-ms", type=float, default=60.0)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's mmap and trim thresholds as they are")
     parser.add_argument("--only", choices=("numpy", "modules", "lenet"), action="append",
                         help="run only this part (repeatable; default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     bncpu.set_num_threads(1)
-    print(f"loadavg {loadavg()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    kept = not args.default_malloc and keep_freed_blocks()
+    print(f"loadavg {loadavg()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
+          f"freed blocks kept in the heap: {kept}")
     parts = {"numpy": numpy_rows, "modules": module_rows, "lenet": lenet_rows}
     for name in args.only or parts:
         parts[name](args.samples, args.min_ms / 1e3)
