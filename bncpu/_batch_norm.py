@@ -215,7 +215,7 @@ def forward_args(input, weight, bias, running_mean, running_var, training, momen
     momentum = v.check_momentum(momentum)
     training = v.check_flag(training, "training")
     w, b, rm, rv = channel_args(x, layout, weight, bias, running_mean, running_var, training)
-    if training:
+    if training and out is not None:
         v.check_out_apart(out, running_mean=rm, running_var=rv)
     return x, layout, w, b, rm, rv, training, momentum, eps
 

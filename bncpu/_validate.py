@@ -149,8 +149,10 @@ def running_stat(value, name, c, dtype, updated=True):
     place; in evaluation it is only read, so any layout will do."""
     if value is None:
         return None
-    if _plain(value, dtype) and value.shape == (c,) and (value.flags.writeable or not updated):
-        return value
+    if type(value) is np.ndarray and value.shape == (c,) and value.dtype == dtype:
+        flags = value.flags   # (one flags object: each access builds one)
+        if flags.c_contiguous and (flags.writeable or not updated):
+            return value
     if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(value).__name__}")
