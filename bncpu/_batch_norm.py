@@ -120,8 +120,7 @@ def run_forward(x, y, layout, w, b, rm, rv, training, momentum, eps, unbiased_ru
         save_mean = np.empty(c, x.dtype)
         save_invstd = np.empty(c, x.dtype)
         raise_for_status(_bn.forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps,
-                                           save_mean, save_invstd,
-                                           unbiased=unbiased_running_var))
+                                           save_mean, save_invstd, unbiased_running_var))
     else:
         save_mean = save_invstd = np.empty(0, x.dtype)
         raise_for_status(_bn.forward_eval(x, y, n, c, s, w, b, rm, rv, eps))
@@ -216,7 +215,7 @@ def forward_args(input, weight, bias, running_mean, running_var, training, momen
     momentum = v.check_momentum(momentum)
     training = v.check_flag(training, "training")
     w, b, rm, rv = channel_args(x, layout, weight, bias, running_mean, running_var, training)
-    if training:
+    if training and out is not None:
         v.check_out_apart(out, running_mean=rm, running_var=rv)
     return x, layout, w, b, rm, rv, training, momentum, eps
 

@@ -104,7 +104,7 @@ def batch_norm_relu_forward(input: ArrayLike, weight: ArrayLike | None,
         save_invstd = np.empty(c, dtype)
         status = _bn.relu_forward_train(x, residual, result.target, n, c, s, w, b, rm, rv,
                                         momentum, eps, save_mean, save_invstd,
-                                        unbiased=unbiased_running_var)
+                                        unbiased_running_var)
     else:
         save_mean = save_invstd = np.empty(0, dtype)
         status = _bn.relu_forward_eval(x, residual, result.target, n, c, s, w, b, rm, rv, eps)

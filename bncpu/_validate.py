@@ -92,6 +92,8 @@ def channel_axis(axis, ndim, batch_axis_allowed=True):
     With ``batch_axis_allowed=False`` (group and instance norm, whose axis 0 holds the
     samples) the channel axis must not be axis 0.
     """
+    if type(axis) is int and 0 <= axis < ndim and (axis or batch_axis_allowed):
+        return axis   # the usual call: nothing to convert or report
     if isinstance(axis, bool):
         raise TypeError("axis must be an integer, got bool")
     try:
@@ -110,6 +112,8 @@ def channel_axis(axis, ndim, batch_axis_allowed=True):
 def channel_layout(shape, axis):
     """(outer, channels, inner) of a C-contiguous array of ``shape`` whose channels lie
     along ``axis`` (an index from ``channel_axis``)."""
+    if axis == 1:   # (N, C, *spatial): one product, not two
+        return shape[0], shape[1], math.prod(shape[2:])
     return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
 
 
@@ -145,8 +149,10 @@ def running_stat(value, name, c, dtype, updated=True):
     place; in evaluation it is only read, so any layout will do."""
     if value is None:
         return None
-    if _plain(value, dtype) and value.shape == (c,) and (value.flags.writeable or not updated):
-        return value
+    if type(value) is np.ndarray and value.shape == (c,) and value.dtype == dtype:
+        flags = value.flags   # (one flags object: each access builds one)
+        if flags.c_contiguous and (flags.writeable or not updated):
+            return value
     if not isinstance(value, np.ndarray) or isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(value).__name__}")
@@ -223,7 +229,9 @@ def check_momentum(momentum):
 def check_flag(value, name):
     """A bool (Python's or NumPy's), as PyTorch requires of its flags: a string or a
     number is a TypeError, not silently true."""
-    if not isinstance(value, (bool, np.bool_)):
+    if value is True or value is False:
+        return value
+    if not isinstance(value, np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
 
@@ -272,8 +280,10 @@ def total_count(count, name="count"):
 def check_out_apart(out, **updated):
     """ValueError when ``out`` shares memory with an array the call updates in place
     (running statistics): one of the two writes would be lost."""
+    if out is None:
+        return
     for name, array in updated.items():
-        if out is not None and array is not None and np.may_share_memory(out, array):
+        if array is not None and np.may_share_memory(out, array):
             raise ValueError(f"out shares memory with {name}, which is updated in place: "
                              f"pass an out array apart from it (or a copy of {name})")
 

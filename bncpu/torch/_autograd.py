@@ -259,7 +259,8 @@ def forward(name, *args):
         _write_running(name, args, outputs)
         return outputs[0]
     run, apply = _EAGER[name]
-    if torch.is_grad_enabled() and any(isinstance(arg, torch.Tensor) and arg.requires_grad
-                                       for arg in args):
-        return apply(*args)
+    if torch.is_grad_enabled():
+        for arg in args:   # (a loop, not any() over a generator: this runs on every call)
+            if isinstance(arg, torch.Tensor) and arg.requires_grad:
+                return apply(*args)
     return run(*args)[0][0]

@@ -28,7 +28,7 @@ from bncpu import _validate
 from bncpu._status import raise_for_status
 from bncpu._ops import batch_norm as _bn
 from bncpu._ops import row_norm as _rows
-from bncpu.torch._layout import channel_layout
+from bncpu.torch._layout import channel_layout, channels_last_order
 
 def _view(tensor):
     """A NumPy view of a CPU tensor's memory (detached; None stays None)."""
@@ -46,7 +46,7 @@ def _shaped(tensor, shape):
 
 
 def _eps_in_range(eps):
-    return type(eps) is float and 0.0 <= eps < float("inf")
+    return type(eps) is float and 0.0 <= eps < math.inf
 
 
 def _like(input, tensor):
@@ -232,7 +232,54 @@ def rms_norm_backward(grad_output, input, normalized_shape, rstd, weight, *, arr
                               False)[:2]
 
 
+# ----------------------------------------------------------------------------------
+# Group norm: each sample's groups of adjacent channels
+# ----------------------------------------------------------------------------------
+def _groups_of(input, num_groups, weight, bias, eps):
+    """((n, c, s), channels_last) of ``input`` when the group-norm row kernels take these
+    arguments as they are (contiguous or channels last, 1 < groups < C, as the operator
+    routes them), else None."""
+    shape = input.shape
+    if not (len(shape) >= 2 and type(num_groups) is int and _eps_in_range(eps)):
+        return None
+    n, c = shape[0], shape[1]
+    if not (1 <= num_groups < c and c % num_groups == 0 and input.numel()
+            and _vector(weight, c) and _vector(bias, c)):
+        return None
+    s = input.numel() // (n * c)
+    if input.is_contiguous():
+        return (n, c, s), False
+    if channels_last_order(input) is not None:
+        return (n, c, s), True
+    return None
+
+
+def group_norm_forward(input, num_groups, weight, bias, eps):
+    layout = _groups_of(input, num_groups, weight, bias, eps)
+    if layout is None:
+        return None
+    (n, c, s), channels_last = layout
+    output = torch.empty_like(input)
+    x, w = _view(input), _view(weight)
+    mean = np.empty((n, num_groups), x.dtype)
+    rstd = np.empty((n, num_groups), x.dtype)
+    raise_for_status(_rows.forward(x, _view(output), n, c, s, num_groups, w, _view(bias), eps,
+                                    True, mean, rstd, channels_last))
+    return (output, None, None), (layout, x, w, mean, rstd)
+
+
+def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight, *, arrays):
+    ((n, c, s), channels_last), x, w, mean, rstd = arrays
+    grad_input = torch.empty_like(input)
+    grad_weight, grad_bias = _parameter_grads(weight, c, x.dtype)
+    raise_for_status(_rows.backward(
+        _view(_like(input, grad_output)), x, _view(grad_input), n, c, s, num_groups, mean, rstd,
+        w, True, grad_weight, grad_bias, channels_last))
+    return grad_input, _tensor(grad_weight, input), _tensor(grad_bias, input)
+
+
 # operator name -> the function that stands for its CPU kernel on the fast path
 KERNELS = {function.__name__: function for function in (
     batch_norm_forward, batch_norm_backward, batch_norm_relu_forward, batch_norm_relu_backward,
-    layer_norm_forward, layer_norm_backward, rms_norm_forward, rms_norm_backward)}
+    layer_norm_forward, layer_norm_backward, rms_norm_forward, rms_norm_backward,
+    group_norm_forward, group_norm_backward)}

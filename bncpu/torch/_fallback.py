@@ -25,7 +25,7 @@ import torch
 
 from bncpu.torch._route import transform_reason
 
-_FLOAT_DTYPES = (torch.float32, torch.float64)
+_FLOAT32, _FLOAT64, _STRIDED = torch.float32, torch.float64, torch.strided
 _log = logging.getLogger("bncpu.torch")
 _counts = collections.Counter()
 
@@ -57,18 +57,26 @@ def reason(input, tensors, running=()):
         return "input is not a tensor"
     if not input.is_cpu:
         return f"{input.device.type} input"
-    if input.layout != torch.strided:
+    if input.layout is not _STRIDED:
         return f"{input.layout} input"
     dtype = input.dtype
-    if dtype not in _FLOAT_DTYPES:
+    if dtype is not _FLOAT32 and dtype is not _FLOAT64:
         return f"{dtype} input"
-    for tensor in (*tensors, *running):
-        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype
-                                   or not tensor.is_cpu or tensor.layout != torch.strided):
-            return "parameters of another dtype or device than the input"
-    if any(tensor is not None and tensor.requires_grad for tensor in running):
-        return "running statistics require grad"
+    # (plain loops, no generators: this runs on every call, small inputs included)
+    for group in (tensors, running):
+        for tensor in group:
+            if tensor is not None and not _like_input(tensor, dtype):
+                return "parameters of another dtype or device than the input"
+    for tensor in running:
+        if tensor is not None and tensor.requires_grad:
+            return "running statistics require grad"
     return transform_reason((input, *tensors, *running))
+
+
+def _like_input(tensor, dtype):
+    """Whether ``tensor`` is a strided CPU tensor of ``dtype``."""
+    return (isinstance(tensor, torch.Tensor) and tensor.dtype is dtype and tensor.is_cpu
+            and tensor.layout is _STRIDED)
 
 
 def double_backward(function, torch_forward, inputs, grad_output):
