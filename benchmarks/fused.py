@@ -131,7 +131,7 @@ def operations(a, torch):
     return ops
 
 
-# Issue 14's targets: (row, other implementation, bound on other/fused or fused/other).
+# The fused kernels' targets: (row, other implementation, bound on other/fused or fused/other).
 TARGETS = [
     ("bn+relu fwd train", "bn alone", "fused/bn alone <= 1.1"),
     ("bn+relu fwd train", "torch", "torch/fused >= 4"),

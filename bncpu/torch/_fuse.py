@@ -25,23 +25,6 @@ from bncpu.torch import functional
 from bncpu.torch._modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 
-def _batch_norm_arguments(module):
-    """(running_mean, running_var, use_batch_stats, momentum) of a call of the batch norm
-    ``module``, with torch's _BatchNorm rules (num_batches_tracked counted in training,
-    momentum=None as the cumulative average, buffers used when present)."""
-    factor = 0.0 if module.momentum is None else module.momentum
-    if (module.training and module.track_running_stats
-            and module.num_batches_tracked is not None):
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None:
-            factor = 1.0 / float(module.num_batches_tracked)
-    use_batch_stats = module.training or (module.running_mean is None
-                                          and module.running_var is None)
-    keep = not module.training or module.track_running_stats
-    return (module.running_mean if keep else None, module.running_var if keep else None,
-            use_batch_stats, factor)
-
-
 class _FusedForward:
     """A batch norm that the rewritten forward of the module holding it calls as
     ``relu(bn(x) + residual)``; called as ``bn(x)``, a batch norm."""
@@ -50,7 +33,7 @@ class _FusedForward:
         if not relu:
             return super().forward(input)
         self._check_input_dim(input)
-        running_mean, running_var, training, momentum = _batch_norm_arguments(self)
+        running_mean, running_var, training, momentum = self._call_arguments()
         if residual is None or (isinstance(residual, torch.Tensor)
                                 and residual.shape == input.shape
                                 and residual.dtype == input.dtype

@@ -10,7 +10,7 @@ compiled and the call to bncpu stays a Python call (``torch.jit.ignore``): the s
 module computes what the eager one does, in a Python process (it cannot be saved and
 loaded without Python; trace it for that).
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,12 @@ class _BatchNormForward:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        running_mean, running_var, use_batch_stats, factor = self._call_arguments()
+        return self._normalize(input, running_mean, running_var, use_batch_stats, factor)
+
+    def _call_arguments(self) -> Tuple[Optional[Tensor], Optional[Tensor], bool, float]:
+        """(running_mean, running_var, use_batch_stats, momentum) of this call; counts
+        the batch in num_batches_tracked when training, as torch's _BatchNorm does."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -34,8 +40,8 @@ class _BatchNormForward:
         # buffers are passed when they are updated or used.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats
-        return self._normalize(input, self.running_mean if keep else None,
-                               self.running_var if keep else None, use_batch_stats, factor)
+        return (self.running_mean if keep else None, self.running_var if keep else None,
+                use_batch_stats, factor)
 
     @torch.jit.ignore
     def _normalize(self, input: Tensor, running_mean: Optional[Tensor],
