@@ -557,3 +557,44 @@ def test_public_names_are_the_api():
         public = {name for name in dir(module) if not name.startswith("_")}
         submodules = {"functional"} if module is bt else set()
         assert public == set(module.__all__) | submodules
+
+
+# ----------------------------------------------------------------------------------
+# The group-norm fast path gives the operator's bits
+# ----------------------------------------------------------------------------------
+class _Passthrough(torch.overrides.TorchFunctionMode):
+    """A function mode that changes nothing but sends bncpu.torch to its operators."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_fast_path_equals_the_operator(dtype, channels_last):
+    from bncpu.torch import _eager
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 32, 8, 8, dtype=dtype, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(32, dtype=dtype, generator=generator)
+    bias = torch.randn(32, dtype=dtype, generator=generator)
+    dy = torch.randn(4, 32, 8, 8, dtype=dtype, generator=generator)
+    assert _eager.group_norm_forward(x, 8, weight, bias, 1e-5) is not None
+    assert _eager.group_norm_forward(x, 32, weight, bias, 1e-5) is None   # instance-like
+
+    def run(mode):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        with mode:
+            y = bt.group_norm(leaves[0], 8, leaves[1], leaves[2], 1e-5)
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    import contextlib
+    from bncpu.torch._route import eager_fast_path
+    assert eager_fast_path((x, weight, bias))
+    with _Passthrough():
+        assert not eager_fast_path((x, weight, bias))
+    fast, operator = run(contextlib.nullcontext()), run(_Passthrough())
+    for a, b in zip(fast, operator):
+        assert torch.equal(a, b)
