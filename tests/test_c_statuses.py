@@ -345,8 +345,9 @@ def test_sizes_beyond_any_array_return_at_once():
         for member, status in test_c_statuses.huge_statuses():
             print(member, status)
     """
+    from conftest import CHILD_CWD
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, cwd=CHILD_CWD)
     assert result.returncode == 0, result.stderr[-3000:]
     statuses = dict(line.split() for line in result.stdout.splitlines())
     assert statuses == {member: str(BAD_SIZE) for member, _, _ in MEMBERS}

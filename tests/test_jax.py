@@ -173,10 +173,10 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def _python(code):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root,
-                                                                    os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+    """Run ``code`` in a child Python that imports the bncpu under test (conftest's
+    PYTHONPATH, from CHILD_CWD: not the source tree)."""
+    from conftest import CHILD_CWD
+    return subprocess.run([sys.executable, "-c", code], cwd=CHILD_CWD, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -27,13 +27,15 @@ if BACKEND is None:
                 pytest.skip(f"{package} is not installed (the `keras` extra)")
         if backend == "jax":
             pytest.importorskip("bncpu.jax", reason="bncpu.jax's FFI handler is not built")
+        # conftest's PYTHONPATH leads the child to the bncpu under test; started from
+        # CHILD_CWD, not the repository root, whose source tree holds no compiled modules.
+        from conftest import CHILD_CWD
         env = dict(os.environ, KERAS_BACKEND=backend, BNCPU_KERAS_TEST_BACKEND=backend,
-                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                    TF_CPP_MIN_LOG_LEVEL="2")
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
-             os.path.abspath(__file__)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+             "--rootdir", ROOT, os.path.abspath(__file__)],
+            cwd=CHILD_CWD, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
         assert result.returncode == 0, (f"the {backend} child failed:\n{result.stdout[-8000:]}\n"
                                         f"{result.stderr[-4000:]}")
 else:
