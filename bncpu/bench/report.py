@@ -247,8 +247,9 @@ FRAMEWORK_COLUMNS = (
     ("against", lambda row: frameworks.STOCK[row.case.operation.framework], True),
     ("its time", lambda row: timing.format_seconds(row.medians.get("stock")), False),
     ("vs it", lambda row: _times(row.ratios.get("stock")), False),
-    ("targets", _targets_cell, True),
+    ("targets", _targets_short, True),
 )
+WIDE_FRAMEWORK_COLUMNS = FRAMEWORK_COLUMNS[:-1] + (("targets", _targets_cell, True),)
 
 
 def table_lines(rows, wide=False, columns=None):
@@ -301,7 +302,7 @@ def _fit(lines):
     return fitted
 
 
-def framework_lines(env, rows):
+def framework_lines(env, rows, wide=False):
     """The Keras and JAX rows' own table, with how they were run: empty without them."""
     steps = [row for row in rows if row.case.operation.framework]
     if not steps:
@@ -317,7 +318,8 @@ def framework_lines(env, rows):
         "  step    : jax.jit(jax.grad) of vdot(batch norm(x), dy) in training: the gradients "
         "and the new running statistics",
     ])
-    return ["", *notes, *table_lines(steps, columns=FRAMEWORK_COLUMNS)]
+    columns = WIDE_FRAMEWORK_COLUMNS if wide else FRAMEWORK_COLUMNS
+    return ["", *notes, *table_lines(steps, columns=columns)]
 
 
 def header_lines(env, thread_counts, quick):
@@ -443,8 +445,9 @@ def main(argv=None):
     for n_threads in thread_counts:
         at_n = [row for row in rows if row.n_threads == n_threads]
         print(f"\nthreads: {n_threads}")
-        print("\n".join(table_lines([row for row in at_n if not row.case.operation.framework],
-                                    wide=args.wide) + framework_lines(env, at_n)))
+        ours = [row for row in at_n if not row.case.operation.framework]
+        print("\n".join((table_lines(ours, wide=args.wide) if ours else [])
+                        + framework_lines(env, at_n, wide=args.wide)))
     layouts = layout_lines(rows)
     if layouts:
         print("\n" + "\n".join(layouts))
