@@ -139,3 +139,10 @@ def test_report_times_the_jax_row(tmp_path, capsys):
     assert row["ratios"]["stock"] == pytest.approx(implementations["stock"]["median_s"]
                                                    / implementations["bncpu"]["median_s"])
     assert implementations["torch"]["status"].startswith("n/a")
+
+
+def test_the_rows_are_not_timed_on_the_calling_threads_cpu_clock(monkeypatch):
+    _require("jax")
+    monkeypatch.setattr(timing, "clock", timing.time.thread_time)
+    call = peers.implementation_call(cases.Inputs(_step_case("jax_bn_step")), "bncpu", 1)
+    assert isinstance(call, timing.Unavailable) and "--cpu-clock" in str(call)

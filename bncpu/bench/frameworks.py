@@ -19,7 +19,9 @@ tensorflow and torch backends, a child process each).
 """
 import os
 import sys
+import time
 
+from bncpu.bench import timing
 from bncpu.bench.timing import Unavailable
 
 # The implementation a framework row compares bncpu with, and its name in the table.
@@ -122,10 +124,10 @@ def _jax_step(batch_norm, args, dy, device):
     return lambda: jax.block_until_ready(grad(*operands))
 
 
-def _keras_step(layer_class, args, dy, device):
+def keras_step(layer_class, args, dy, device):
     """The jitted step of a Keras batch-norm layer built for ``args``'s input, its
     weights and moving statistics the arguments': gradients for its trainable weights
-    and x, and its new moving statistics."""
+    and x, and its new moving statistics (also benchmarks/keras_jax.py's jax step)."""
     jax = _import_jax()
     import jax.numpy as jnp
     x = args["input"]
@@ -153,6 +155,10 @@ def implementation_call(inputs, implementation, framework):
     reason = missing(framework)
     if reason is not None:
         raise Unavailable(reason)
+    if timing.clock is time.thread_time:
+        # XLA runs a step on its own threads: the calling thread's CPU time read 0.4 ms
+        # for an 84 ms step.
+        raise Unavailable("--cpu-clock: XLA runs the step off the calling thread's clock")
     jax = _import_jax()
     device = jax.devices("cpu")[0]
     args, dy = inputs.args, inputs.grad_output
@@ -163,6 +169,6 @@ def implementation_call(inputs, implementation, framework):
         import bncpu.keras
         layer_class = (bncpu.keras.BatchNormalization if implementation == "bncpu"
                        else keras.layers.BatchNormalization)
-        step = _keras_step(layer_class, args, dy, device)
+        step = keras_step(layer_class, args, dy, device)
     step()   # compile
     return step
