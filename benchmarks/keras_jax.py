@@ -36,19 +36,18 @@ def _load():
 
 
 def _jax_steps(keras, layers, x, dy):
+    """The speed report's Keras row (bncpu/bench/frameworks.py): each layer's training
+    step through ``stateless_call`` under ``jax.jit(jax.grad(...))``."""
     import jax
-    import jax.numpy as jnp
-
-    def step_of(layer):
-        def loss(trainable, frozen, x):
-            y, frozen = layer.stateless_call(trainable, frozen, x, training=True)
-            return jnp.vdot(y, dy), frozen
-        grad = jax.jit(jax.grad(loss, argnums=(0, 2), has_aux=True))
-        trainable = [v.value for v in layer.trainable_variables]
-        frozen = [v.value for v in layer.non_trainable_variables]
-        xj = jnp.asarray(x)
-        return lambda: jax.block_until_ready(grad(trainable, frozen, xj))
-    return {name: step_of(layer) for name, layer in layers.items()}
+    from bncpu.bench import frameworks
+    device = jax.devices("cpu")[0]
+    args = {"input": x, "axis": -1, "momentum": 1.0 - layers["keras"].momentum,
+            "eps": layers["keras"].epsilon, "weight": np.ones(SHAPE[-1], np.float32),
+            "bias": np.zeros(SHAPE[-1], np.float32),
+            "running_mean": np.zeros(SHAPE[-1], np.float32),
+            "running_var": np.ones(SHAPE[-1], np.float32)}
+    return {name: frameworks.keras_step(type(layer), args, dy, device)
+            for name, layer in layers.items()}
 
 
 def _tensorflow_steps(keras, layers, x, dy):

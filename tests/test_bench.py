@@ -14,7 +14,7 @@ import pytest
 
 import bncpu
 from bncpu import _registry
-from bncpu.bench import cases, machine, onednn, peers, report, targets, timing
+from bncpu.bench import cases, frameworks, machine, onednn, peers, report, targets, timing
 from conftest import CHILD_CWD
 
 
@@ -139,8 +139,14 @@ def test_operations_are_the_registrys_timed_entries():
     assert [(key, op.function) for key, op in cases.OPERATIONS.items()] == timed
     assert cases.NOT_TIMED == {spec.name: spec.not_timed
                                for spec in _registry.FUNCTIONS.values() if spec.not_timed}
-    # every operation has cases, and every registry function is timed or says why not
-    assert {case.op for case in cases.cases()} == set(cases.OPERATIONS)
+    # every operation has cases, and every registry function is timed or says why not;
+    # the framework steps are the registry's batch-norm forward and backward, with cases
+    # where their framework imports (tests/test_bench_keras_jax.py)
+    steps = {key for key, op in cases.FRAMEWORK_OPERATIONS.items()
+             if frameworks.missing(op.framework) is None}
+    assert {case.op for case in cases.cases()} == set(cases.OPERATIONS) | steps
+    assert {(op.spec.name, op.backward.name) for op in cases.FRAMEWORK_OPERATIONS.values()} == {
+        ("batch_norm_forward", "batch_norm_backward")}
     assert cases.untimed_functions() == []
 
 

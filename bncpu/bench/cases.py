@@ -1,10 +1,11 @@
 """What the speed report times: operations, from the registry, on the report's shapes.
 
 An operation is one of a registry function's ``Timed`` entries (bncpu/_registry.py): its
-key, its label and the options its inputs are made with. A case is one operation on one
-input shape and dtype; its inputs come from the function's own generator, drawn here so
-that each large array starts on a cache line and is made once for all the cases of a
-shape.
+key, its label and the options its inputs are made with; or a framework's training step
+of batch norm (``FRAMEWORK_OPERATIONS``: the registry's forward and backward, run inside
+JAX or Keras). A case is one operation on one input shape and dtype; its inputs come from
+the function's own generator, drawn here so that each large array starts on a cache line
+and is made once for all the cases of a shape.
 """
 import dataclasses
 import functools
@@ -14,16 +15,21 @@ import zlib
 import numpy as np
 
 from bncpu._registry import FUNCTIONS, Function
+from bncpu.bench import frameworks
 
 
 @dataclasses.dataclass(frozen=True)
 class Operation:
     """One timed operation: ``spec`` is the registry function, ``options`` what its
-    generator is asked for (mode, residual)."""
+    generator is asked for (mode, residual). A framework's training step (``framework``:
+    'jax' or 'keras', bncpu/bench/frameworks.py) runs ``spec`` (the forward) and then
+    ``backward``."""
     key: str
     label: str
     spec: Function
     options: dict
+    backward: Function = None
+    framework: str = None
 
     @property
     def function(self):
@@ -32,7 +38,8 @@ class Operation:
     @property
     def streams(self):
         """The arguments of the input's size it reads: the bytes the floor moves."""
-        return self.spec.streamed(self.options)
+        steps = (self.spec,) if self.backward is None else (self.spec, self.backward)
+        return sum((step.streamed(self.options) for step in steps), ())
 
     @property
     def reads(self):
@@ -40,12 +47,23 @@ class Operation:
 
     @property
     def writes(self):
-        """Input-sized results: the one an out= takes."""
+        """Input-sized results: the one an out= takes (a training step: y and dx)."""
+        if self.backward is not None:
+            return 2
         return 1 if self.spec.has_out else 0
 
 
 OPERATIONS = {timed.key: Operation(timed.key, timed.label, spec, timed.options)
               for spec in FUNCTIONS.values() for timed in spec.timed}
+
+# A training step (forward + backward) of the registry's batch norm inside a framework,
+# against the framework's own batch norm.
+FRAMEWORK_OPERATIONS = {
+    key: Operation(key, label, FUNCTIONS["batch_norm_forward"], dict(training=True),
+                   backward=FUNCTIONS["batch_norm_backward"], framework=framework)
+    for key, label, framework in (
+        ("jax_bn_step", "bncpu.jax batch_norm fwd+bwd", "jax"),
+        ("keras_bn_step", "bncpu.keras BatchNorm fwd+bwd", "keras"))}
 
 # Registry functions the report does not time, and why.
 NOT_TIMED = {spec.name: spec.not_timed for spec in FUNCTIONS.values() if not spec.timed}
@@ -62,7 +80,7 @@ class Case:
 
     @property
     def operation(self):
-        return OPERATIONS[self.op]
+        return OPERATIONS.get(self.op) or FRAMEWORK_OPERATIONS[self.op]
 
     @property
     def family(self):
@@ -159,7 +177,8 @@ def untimed_functions():
 
 def cases(quick=False):
     """Every case, in report order (batch-norm shapes, channels-last and fused batch
-    norm, then the other norms)."""
+    norm, the other norms, then the framework steps of the frameworks that import
+    here)."""
     found = []
     for shape, dtypes in BN_SHAPES:
         for dtype in dtypes:
@@ -179,6 +198,9 @@ def cases(quick=False):
     shape, groups = CHANNELS_LAST_GN
     for op in ("gn_fwd", "gn_bwd"):
         found.append(Case(op, shape, "float32", groups, axis=-1))
+    for op, operation in FRAMEWORK_OPERATIONS.items():
+        if frameworks.missing(operation.framework) is None:
+            found.append(Case(op, CHANNELS_LAST_BN, "float32", quick=True, axis=-1))
     return [case for case in found if case.quick or not quick]
 
 
@@ -249,6 +271,13 @@ class Inputs:
     @property
     def x(self):
         return self.args["input"]
+
+    @functools.cached_property
+    def grad_output(self):
+        """A training step's output gradient: its backward's, from the same draws."""
+        backward = self.case.operation.backward
+        return backward.inputs(self.case.shape, self.case.dtype, draws=_SharedDraws(self._seed),
+                               **self.case.options)["grad_output"]
 
     def streams(self):
         """The input-sized arrays the operation reads."""

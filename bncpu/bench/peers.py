@@ -16,7 +16,10 @@ streaming floor, each a zero-argument callable on the case's inputs.
                  out=y)`` (y = a*x + b), ``torch.add(dy, x, out=dx)``, or ``torch.sum`` of
                  each input for the reductions. Without torch: NumPy's ``multiply``/``add``/
                  ``add.reduce`` on one contiguous slice per thread (NumPy releases the GIL);
-``reference``    ``bncpu.reference``, the plain-NumPy twin with the same name and arguments.
+``reference``    ``bncpu.reference``, the plain-NumPy twin with the same name and arguments;
+``stock``        for the Keras and JAX rows only: the framework's own batch norm, whose
+                 training step the row's ``bncpu`` (bncpu inside the framework) is compared
+                 with (bncpu/bench/frameworks.py); those rows have no other implementation.
 """
 import functools
 import math
@@ -25,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from bncpu._registry import EPS, FUNCTIONS
-from bncpu.bench import onednn
+from bncpu.bench import frameworks, onednn
 from bncpu.bench.cases import FUSED_OPS, aligned_empty
 from bncpu.bench.timing import Unavailable
 
@@ -36,7 +39,7 @@ except ImportError:
 
 # All but the reference are timed round-robin (timing.TIMED_APART).
 IMPLEMENTATIONS = ("bncpu", "bncpu_out", "bncpu_bn", "torch", "onednn", "onednn_best", "floor",
-                   "reference")
+                   "stock", "reference")
 
 
 def implementation_calls(inputs, n_threads):
@@ -48,6 +51,14 @@ def implementation_call(inputs, implementation, n_threads):
     """The zero-argument callable that runs ``implementation`` on ``inputs``, or the
     Exception that says why it cannot (``Unavailable``, or a bncpu error while preparing a
     backward case from its forward)."""
+    framework = inputs.case.operation.framework
+    if framework is not None:
+        try:
+            return frameworks.implementation_call(inputs, implementation, framework)
+        except Exception as error:
+            return error
+    if implementation == "stock":
+        return Unavailable("only for the Keras and JAX rows")
     if implementation == "torch" and torch is None:
         return Unavailable("torch not installed")
     try:

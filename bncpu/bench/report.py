@@ -21,7 +21,7 @@ import numpy as np
 
 import bncpu
 from bncpu.bench import cases as cases_module
-from bncpu.bench import machine, onednn, peers, timing
+from bncpu.bench import frameworks, machine, onednn, peers, timing
 from bncpu.bench.targets import SOURCE, ratios, targets
 
 # The default table's width, and the share of the CPUs other processes may use before
@@ -153,6 +153,8 @@ def environment():
         "onednn": onednn.version(),
         "onednn_missing": onednn.unavailable_reason(),
         "floor": peers.floor_description(),
+        "frameworks": frameworks.versions(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "wait_policy": machine.wait_policy(),
     }
@@ -169,7 +171,7 @@ def _times(value):
 
 # Short names of the ratios in the default table's targets cell.
 _SHORT = {"torch": "torch", "reference": "ref", "onednn": "oneDNN", "onednn_best": "oneDNN",
-          "floor": "floor", "bn_alone": "bn"}
+          "floor": "floor", "bn_alone": "bn", "stock": "stock"}
 
 
 def _targets_cell(row):
@@ -237,10 +239,23 @@ WIDE_COLUMNS = (
     ("targets", _targets_cell, True),
 )
 
+# The Keras and JAX rows: bncpu inside the framework against the framework's own.
+FRAMEWORK_COLUMNS = (
+    ("training step", lambda row: row.case.label, True),
+    ("bncpu", lambda row: _bncpu_cell(row, 40), False),
+    ("GB/s", _gbps, False),
+    ("against", lambda row: frameworks.STOCK[row.case.operation.framework], True),
+    ("its time", lambda row: timing.format_seconds(row.medians.get("stock")), False),
+    ("vs it", lambda row: _times(row.ratios.get("stock")), False),
+    ("targets", _targets_short, True),
+)
+WIDE_FRAMEWORK_COLUMNS = FRAMEWORK_COLUMNS[:-1] + (("targets", _targets_cell, True),)
 
-def table_lines(rows, wide=False):
-    """The rows under a heading per shape and dtype."""
-    columns = WIDE_COLUMNS if wide else COLUMNS
+
+def table_lines(rows, wide=False, columns=None):
+    """The rows under a heading per shape and dtype (``columns``: the table's, by
+    default COLUMNS or WIDE_COLUMNS)."""
+    columns = columns or (WIDE_COLUMNS if wide else COLUMNS)
     titles = [title for title, _, _ in columns]
     body = [[cell(row) for _, cell, _ in columns] for row in rows]
     widths = [max(len(line[i]) for line in body + [titles]) for i in range(len(columns))]
@@ -285,6 +300,26 @@ def _fit(lines):
         fitted += textwrap.wrap(line, WIDTH, subsequent_indent=" " * 12,
                                 break_on_hyphens=False) or [""]
     return fitted
+
+
+def framework_lines(env, rows, wide=False):
+    """The Keras and JAX rows' own table, with how they were run: empty without them."""
+    steps = [row for row in rows if row.case.operation.framework]
+    if not steps:
+        return []
+    versions = ", ".join(f"{name} {version}" for name, version in env["frameworks"].items())
+    pool = (f"XLA_FLAGS={env['xla_flags']}" if env.get("xla_flags")
+            else f"its default, one thread per logical CPU ({env['cpu_count']})")
+    notes = _fit([
+        f"Keras and JAX: {versions}; Keras on the jax backend, in this process",
+        "  threads : bncpu's OpenMP team at the row's thread count; XLA's own pool as jax "
+        f"starts it: {pool}; the two steps alternate, call by call, each starting right "
+        "after the other's (as bncpu's calls sit between XLA's ops in a model)",
+        "  step    : jax.jit(jax.grad) of vdot(batch norm(x), dy) in training: the gradients "
+        "and the new running statistics",
+    ])
+    columns = WIDE_FRAMEWORK_COLUMNS if wide else FRAMEWORK_COLUMNS
+    return ["", *notes, *table_lines(steps, columns=columns)]
 
 
 def header_lines(env, thread_counts, quick):
@@ -383,13 +418,13 @@ def write_plot(rows, thread_counts, path):
 # ---------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    cases = [case for case in cases_module.cases(quick=args.quick)
+             if args.cases is None or args.cases.search(case.id)]
     env = environment()
     env["reuse_freed_memory"] = not args.default_malloc and machine.reuse_freed_memory()
     thread_counts = args.threads or [env["default_threads"]]
     timing.use_cpu_clock(args.cpu_clock)
     env["clock"] = "thread CPU time" if args.cpu_clock else "wall clock"
-    cases = [case for case in cases_module.cases(quick=args.quick)
-             if args.cases is None or args.cases.search(case.id)]
     budget = timing.QUICK if args.quick else timing.FULL
 
     def log(message):
@@ -408,9 +443,11 @@ def main(argv=None):
     busy = busy_lines(env, thread_counts)
     print("\n".join(busy + header_lines(env, thread_counts, args.quick)))
     for n_threads in thread_counts:
+        at_n = [row for row in rows if row.n_threads == n_threads]
         print(f"\nthreads: {n_threads}")
-        print("\n".join(table_lines([row for row in rows if row.n_threads == n_threads],
-                                    wide=args.wide)))
+        ours = [row for row in at_n if not row.case.operation.framework]
+        print("\n".join((table_lines(ours, wide=args.wide) if ours else [])
+                        + framework_lines(env, at_n, wide=args.wide)))
     layouts = layout_lines(rows)
     if layouts:
         print("\n" + "\n".join(layouts))

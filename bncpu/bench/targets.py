@@ -16,13 +16,14 @@ SOURCE = ("the goals set in bncpu's speed rounds (bncpu/bench/targets.py, explai
 
 # The ratio names: their implementation's time over bncpu's.
 RATIOS = {"torch": "torch", "reference": "reference", "onednn": "onednn",
-          "onednn_best": "onednn_best", "floor": "floor", "bn_alone": "bncpu_bn"}
+          "onednn_best": "onednn_best", "floor": "floor", "bn_alone": "bncpu_bn",
+          "stock": "stock"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
     """``metric``: a ratio of ``ratios`` ('torch', 'reference', 'onednn', 'onednn_best',
-    'floor', 'bn_alone'), at least ``bound``."""
+    'floor', 'bn_alone', 'stock'), at least ``bound``."""
     metric: str
     bound: float
 
@@ -77,6 +78,10 @@ _FUSED_TARGETS = {"bnr_fwd_train": (("bn_alone", 1 / 1.1), ("torch", 4.0)),
                   "bnr_bwd_train": (("torch", 2.0),),
                   "bnr_fwd_eval": (("torch", 1.8), ("floor", 1 / 1.1))}
 _OTHER_NORMS = ("layer_norm", "group_norm", "instance_norm", "rms_norm")
+# Keras on the jax backend, 2 threads, float32: bncpu.keras's training step at least 2x
+# faster than keras.layers.BatchNormalization's (the Keras integration's goal; its
+# tensorflow and torch goals are benchmarks/keras_jax.py's, other processes).
+_FRAMEWORK_TARGETS = {"keras_bn_step": 2.0}
 
 
 def targets(case, n_threads):
@@ -118,4 +123,6 @@ def targets(case, n_threads):
             found.append(Target("floor", 1 / 2.0))
     if case.op in _FUSED_TARGETS:
         found += [Target(metric, bound) for metric, bound in _FUSED_TARGETS[case.op]]
+    if case.op in _FRAMEWORK_TARGETS:
+        found.append(Target("stock", _FRAMEWORK_TARGETS[case.op]))
     return found
