@@ -10,14 +10,9 @@ import pytest
 
 import bncpu
 from bncpu.bench import cases, frameworks, peers, report, targets, timing
+from test_bench import _default_threads  # noqa: F401  (autouse: restores bncpu's and torch's threads)
 
 STEPS = ("jax_bn_step", "keras_bn_step")
-
-
-@pytest.fixture(autouse=True)
-def _default_threads():
-    yield
-    bncpu.set_num_threads(0)
 
 
 def _require(framework):
