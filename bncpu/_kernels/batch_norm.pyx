@@ -52,7 +52,7 @@ from bncpu._kernels._common cimport (
     BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY, Region, region, check_aliasing,
     alloc_values, check_sizes, check_eps, check_momentum)
 from bncpu._kernels._primitives cimport (
-    real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
+    real, LANES, STATS_BLOCK, span_stats, block_stats, merge_stats, sum_dy_xmu_span, split_center,
     zero_lanes, sum_lanes, add_span, add_dev_span, add_dev_span_f64, finish_dev,
     add_dy_xmu_span, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
     f32_add_column_grad_sums, add_grad_sums_f64, affine_span, affine_relu_span, scale_span,
@@ -116,6 +116,7 @@ include "_bn_column.pxi"
 include "_bn_channel.pxi"
 include "_bn_split.pxi"
 include "_bn_passes.pxi"
+include "_bn_half.pxi"
 
 # --------------------------------------------------------------------------------
 # Statistics of all channels (shared by the fused and split-phase entry points)
@@ -238,18 +239,14 @@ cdef int all_channel_grad_sums(const real* dy, const real* mask, const real* x, 
 # --------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------
-cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, int64_t n,
-                       int64_t c, int64_t s, const real* weight, const real* bias,
-                       real* running_mean, real* running_var, double momentum, double eps,
-                       real* save_mean, real* save_invstd, int unbiased) noexcept nogil:
-    """The training forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+cdef int train_status(const void* x, const void* residual, const void* y, int64_t n,
+                      int64_t c, int64_t s, const void* weight, const void* bias,
+                      const void* running_mean, const void* running_var, double momentum,
+                      double eps, const void* save_mean, const void* save_invstd,
+                      size_t data_size, size_t param_size) noexcept nogil:
+    """The training forward's argument checks, data of data_size bytes a value and
+    parameters and statistics of param_size: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j, chunk, n_chunks, run, count = n * s
-    cdef bint stream = use_streaming(y, x, residual, n * c * s * sizeof(real))
-    cdef double* mean
-    cdef double* var
-    cdef real* coefs
     cdef Region outputs[5]
     cdef Region inputs[4]
     if status == BNCPU_OK:
@@ -264,28 +261,65 @@ cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, 
         return BNCPU_ERR_NULL_POINTER
     if running_mean != NULL and running_mean == running_var and c > 0:
         return BNCPU_ERR_ALIASED_STATS
-    if count == 1:
+    if n * s == 1:
         return BNCPU_ERR_ONE_VALUE
-    outputs[0] = region(y, n * c * s, sizeof(real), True)
-    outputs[1] = region(running_mean, c, sizeof(real), False)
-    outputs[2] = region(running_var, c, sizeof(real), False)
-    outputs[3] = region(save_mean, c, sizeof(real), False)
-    outputs[4] = region(save_invstd, c, sizeof(real), False)
-    inputs[0] = region(x, n * c * s, sizeof(real), True)
-    inputs[1] = region(residual, n * c * s, sizeof(real), True)
-    inputs[2] = region(weight, c, sizeof(real), False)
-    inputs[3] = region(bias, c, sizeof(real), False)
-    status = check_aliasing(outputs, 5, inputs, 4)
+    outputs[0] = region(y, n * c * s, data_size, True)
+    outputs[1] = region(running_mean, c, param_size, False)
+    outputs[2] = region(running_var, c, param_size, False)
+    outputs[3] = region(save_mean, c, param_size, False)
+    outputs[4] = region(save_invstd, c, param_size, False)
+    inputs[0] = region(x, n * c * s, data_size, True)
+    inputs[1] = region(residual, n * c * s, data_size, True)
+    inputs[2] = region(weight, c, param_size, False)
+    inputs[3] = region(bias, c, param_size, False)
+    return check_aliasing(outputs, 5, inputs, 4)
+
+
+cdef void empty_batch_stats(int64_t c, double eps, real* save_mean,
+                            real* save_invstd) noexcept nogil:
+    """Empty batch: nothing to normalize, running statistics untouched; the saved
+    statistics are those of mean 0 and variance 0."""
+    cdef int64_t j
+    for j in range(c if save_mean != NULL or save_invstd != NULL else 0):
+        if save_mean != NULL:
+            save_mean[j] = 0
+        if save_invstd != NULL:
+            save_invstd[j] = <real>invstd_of(0.0, eps)
+
+
+cdef void save_train_stats(int64_t c, const double* mean, const double* var, double count,
+                           double eps, real* running_mean, real* running_var,
+                           double momentum, int unbiased, real* save_mean,
+                           real* save_invstd) noexcept nogil:
+    """The training forward's results besides y: the saved and running statistics."""
+    cdef int64_t j
+    for j in range(c):
+        if save_mean != NULL:
+            save_mean[j] = <real>mean[j]
+        if save_invstd != NULL:
+            save_invstd[j] = <real>invstd_of(var[j], eps)
+        update_running(running_mean, running_var, j, mean[j], var[j], count, momentum,
+                       unbiased)
+
+
+cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                       int64_t c, int64_t s, const real* weight, const real* bias,
+                       real* running_mean, real* running_var, double momentum, double eps,
+                       real* save_mean, real* save_invstd, int unbiased) noexcept nogil:
+    """The training forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+    cdef int status = train_status(x, residual, y, n, c, s, weight, bias, running_mean,
+                                   running_var, momentum, eps, save_mean, save_invstd,
+                                   sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j, chunk, n_chunks, run, count = n * s
+    cdef bint stream = use_streaming(y, x, residual, n * c * s * sizeof(real))
+    cdef double* mean
+    cdef double* var
+    cdef real* coefs
     if status != BNCPU_OK or c == 0:
         return status
     if count == 0:
-        # Empty batch: nothing to normalize, running statistics untouched; the saved
-        # statistics are those of mean 0 and variance 0.
-        for j in range(c if save_mean != NULL or save_invstd != NULL else 0):
-            if save_mean != NULL:
-                save_mean[j] = 0
-            if save_invstd != NULL:
-                save_invstd[j] = <real>invstd_of(0.0, eps)
+        empty_batch_stats(c, eps, save_mean, save_invstd)
         return BNCPU_OK
     mean = <double*>alloc_values(2, c, sizeof(double), False)
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
@@ -315,13 +349,8 @@ cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, 
                           coefs, stream)
     threads_end(n_threads)
     if status == BNCPU_OK:
-        for j in range(c):
-            if save_mean != NULL:
-                save_mean[j] = <real>mean[j]
-            if save_invstd != NULL:
-                save_invstd[j] = <real>invstd_of(var[j], eps)
-            update_running(running_mean, running_var, j, mean[j], var[j], <double>count, momentum,
-                           unbiased)
+        save_train_stats(c, mean, var, <double>count, eps, running_mean, running_var, momentum,
+                         unbiased, save_mean, save_invstd)
     free(mean)
     free(coefs)
     return status
@@ -348,15 +377,13 @@ cdef int bn_relu_forward_train(const real* x, const real* residual, real* y, int
                          unbiased)
 
 
-cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, int64_t n,
-                      int64_t c, int64_t s, const real* weight, const real* bias,
-                      const real* running_mean, const real* running_var,
-                      double eps) noexcept nogil:
-    """The evaluation forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+cdef int eval_status(const void* x, const void* residual, const void* y, int64_t n,
+                     int64_t c, int64_t s, const void* weight, const void* bias,
+                     const void* running_mean, const void* running_var, double eps,
+                     size_t data_size, size_t param_size) noexcept nogil:
+    """The evaluation forward's argument checks, data of data_size bytes a value and
+    parameters of param_size: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
-    cdef real* coefs
     cdef Region output
     cdef Region inputs[6]
     if status == BNCPU_OK:
@@ -367,14 +394,26 @@ cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, i
         return BNCPU_ERR_NULL_POINTER
     if (x == NULL or y == NULL) and n * c * s > 0:
         return BNCPU_ERR_NULL_POINTER
-    output = region(y, n * c * s, sizeof(real), True)
-    inputs[0] = region(x, n * c * s, sizeof(real), True)
-    inputs[1] = region(residual, n * c * s, sizeof(real), True)
-    inputs[2] = region(weight, c, sizeof(real), False)
-    inputs[3] = region(bias, c, sizeof(real), False)
-    inputs[4] = region(running_mean, c, sizeof(real), False)
-    inputs[5] = region(running_var, c, sizeof(real), False)
-    status = check_aliasing(&output, 1, inputs, 6)
+    output = region(y, n * c * s, data_size, True)
+    inputs[0] = region(x, n * c * s, data_size, True)
+    inputs[1] = region(residual, n * c * s, data_size, True)
+    inputs[2] = region(weight, c, param_size, False)
+    inputs[3] = region(bias, c, param_size, False)
+    inputs[4] = region(running_mean, c, param_size, False)
+    inputs[5] = region(running_var, c, param_size, False)
+    return check_aliasing(&output, 1, inputs, 6)
+
+
+cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                      int64_t c, int64_t s, const real* weight, const real* bias,
+                      const real* running_mean, const real* running_var,
+                      double eps) noexcept nogil:
+    """The evaluation forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+    cdef int status = eval_status(x, residual, y, n, c, s, weight, bias, running_mean,
+                                  running_var, eps, sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j
+    cdef real* coefs
     if status != BNCPU_OK or n * c * s == 0:
         return status
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
