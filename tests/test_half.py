@@ -79,6 +79,24 @@ def forward_eval(x, residual, relu, weight, bias):
     return (y,)
 
 
+def backward(x, dy, training, weight, bias):
+    """dx, dweight, dbias through the C table, with the statistics of x (float32, as
+    the forward saves them) or running statistics."""
+    n, c, s = x.shape
+    x32 = x.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):   # inf and NaN data
+        save_mean = x32.mean(axis=(0, 2)).astype(np.float32)
+        save_invstd = (1 / np.sqrt(x32.var(axis=(0, 2)) + 1e-5)).astype(np.float32)
+    running_mean = np.linspace(-1, 6, c).astype(np.float32)
+    running_var = np.linspace(0.5, 3, c).astype(np.float32)
+    dx = np.empty_like(x)
+    dweight, dbias = np.empty(c, np.float32), np.empty(c, np.float32)
+    status = _ops.bn_backward(dy, x, dx, n, c, s, weight, running_mean, running_var, save_mean,
+                              save_invstd, training, 1e-5, dweight, dbias)
+    assert status == 0
+    return dx, dweight, dbias
+
+
 def check_against_float32(function, x, residual, relu, weight, bias):
     """function's half results equal the float32 kernel's on the widened data: the half
     output rounded once, every float32 result bit for bit."""
@@ -106,6 +124,18 @@ def test_kernels_compute_the_float32_kernels_results(dtype, shape, function, rel
 
 
 @HALF_DTYPES
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_computes_the_float32_kernels_results(dtype, shape, training, threads):
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=4, spread=1.0, center=0.5)
+    weight, _ = params(shape[1])
+    with num_threads(threads):
+        check_against_float32(backward, x, dy, training, weight, None)
+
+
+@HALF_DTYPES
 @pytest.mark.parametrize("function", [forward_train, forward_eval])
 def test_kernels_without_weight_and_bias(dtype, function):
     x = data((6, 4, 37), dtype)
@@ -127,10 +157,41 @@ def test_special_values(dtype, shape):
     bias = np.zeros(shape[1], np.float32)
     for function in (forward_train, forward_eval):
         check_against_float32(function, x, None, False, weight, bias)
+    dy = data(shape, dtype, seed=4, spread=float(info.max) / 8, center=0.0)
+    for training in (True, False):
+        check_against_float32(backward, x, dy, training, weight, None)
     special = x.copy()
     special.reshape(-1)[[0, 5, 9]] = np.array([np.nan, np.inf, -np.inf], dtype)
     for function in (forward_train, forward_eval):
         check_against_float32(function, special, None, True, *params(shape[1]))
+    for training in (True, False):
+        check_against_float32(backward, special, dy, training, weight, None)
+
+
+@HALF_DTYPES
+@pytest.mark.parametrize("outputs", ["dx", "dweight", "dbias"])
+def test_backward_computes_what_is_asked(dtype, outputs):
+    """dx, dweight and dbias may each be absent (evaluation without parameter gradients:
+    no sums at all); the others are unchanged."""
+    x = data((6, 5, 40), dtype)
+    dy = data((6, 5, 40), dtype, seed=4)
+    weight, _ = params(5)
+    n, c, s = x.shape
+    mean, invstd = np.zeros(c, np.float32), np.ones(c, np.float32)
+    for training in (True, False):
+        full = backward(x, dy, training, weight, None)
+        dx = np.empty_like(x) if outputs == "dx" else None
+        dweight = np.empty(c, np.float32) if outputs == "dweight" else None
+        dbias = np.empty(c, np.float32) if outputs == "dbias" else None
+        x32 = x.astype(np.float32)
+        mean[:] = x32.mean(axis=(0, 2))
+        invstd[:] = 1 / np.sqrt(x32.var(axis=(0, 2)) + 1e-5)
+        running_mean = np.linspace(-1, 6, c).astype(np.float32)
+        running_var = np.linspace(0.5, 3, c).astype(np.float32)
+        assert _ops.bn_backward(dy, x, dx, n, c, s, weight, running_mean, running_var, mean,
+                                invstd, training, 1e-5, dweight, dbias) == 0
+        got = {"dx": dx, "dweight": dweight, "dbias": dbias}[outputs]
+        assert_same_bits(got, full[["dx", "dweight", "dbias"].index(outputs)], outputs)
 
 
 @HALF_DTYPES
@@ -189,8 +250,15 @@ for dtype in (np.float16, ml_dtypes.bfloat16):
         assert _ops.bn_relu_forward_train(x, r, y, n, c, s, w, b, rm, rv, 0.1, 1e-5, mean,
                                           invstd) == 0
         assert _ops.bn_forward_eval(x, y_eval, n, c, s, w, b, rm, rv, 1e-5) == 0
+        arrays = [y, y_eval, mean, invstd, rm, rv]
+        for training in (True, False):
+            dx = np.empty_like(x)
+            dw, db = np.empty(c, np.float32), np.empty(c, np.float32)
+            assert _ops.bn_backward(r, x, dx, n, c, s, w, rm, rv, mean, invstd, training, 1e-5,
+                                    dw, db) == 0
+            arrays += [dx, dw, db]
         results[f"{np.dtype(dtype).name}{shape}"] = np.concatenate(
-            [a.reshape(-1).view(np.uint8) for a in (y, y_eval, mean, invstd, rm, rv)])
+            [a.reshape(-1).view(np.uint8) for a in arrays])
 np.savez(sys.argv[1], **results)
 """
 

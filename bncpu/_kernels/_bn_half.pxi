@@ -30,20 +30,26 @@ cdef extern from "_half_passes.h":
         uint16_t bits
     ctypedef struct bncpu_f16_lane:
         uint16_t bits
-    void affine_relu_bf16 "bncpu_affine_relu_bf16"(
-        const bncpu_bf16_lane* x, const bncpu_bf16_lane* r, bncpu_bf16_lane* y,
-        int64_t length, float hi, float lo, float scale, float shift, int relu) noexcept nogil
-    void affine_relu_f16 "bncpu_affine_relu_f16"(
-        const bncpu_f16_lane* x, const bncpu_f16_lane* r, bncpu_f16_lane* y,
-        int64_t length, float hi, float lo, float scale, float shift, int relu) noexcept nogil
-    void affine_relu_rows_bf16 "bncpu_affine_relu_rows_bf16"(
-        const bncpu_bf16_lane* x, const bncpu_bf16_lane* r, bncpu_bf16_lane* y, int64_t t0,
-        int64_t t1, int64_t c, int64_t s, const float* hi, const float* lo,
-        const float* scale, const float* shift, int relu) noexcept nogil
-    void affine_relu_rows_f16 "bncpu_affine_relu_rows_f16"(
-        const bncpu_f16_lane* x, const bncpu_f16_lane* r, bncpu_f16_lane* y, int64_t t0,
-        int64_t t1, int64_t c, int64_t s, const float* hi, const float* lo,
-        const float* scale, const float* shift, int relu) noexcept nogil
+    enum:
+        HALF_AFFINE "BNCPU_HALF_AFFINE"
+        HALF_BACKWARD "BNCPU_HALF_BACKWARD"
+        HALF_SCALE "BNCPU_HALF_SCALE"
+    void half_pass_bf16 "bncpu_half_pass_bf16"(
+        int kind, const bncpu_bf16_lane* a, const bncpu_bf16_lane* b, bncpu_bf16_lane* out,
+        int64_t length, float hi, float lo, float scale, float offset, float k,
+        int relu) noexcept nogil
+    void half_pass_f16 "bncpu_half_pass_f16"(
+        int kind, const bncpu_f16_lane* a, const bncpu_f16_lane* b, bncpu_f16_lane* out,
+        int64_t length, float hi, float lo, float scale, float offset, float k,
+        int relu) noexcept nogil
+    void half_pass_rows_bf16 "bncpu_half_pass_rows_bf16"(
+        int kind, const bncpu_bf16_lane* a, const bncpu_bf16_lane* b, bncpu_bf16_lane* out,
+        int64_t t0, int64_t t1, int64_t c, int64_t s, const float* hi, const float* lo,
+        const float* scale, const float* offset, const float* k, int relu) noexcept nogil
+    void half_pass_rows_f16 "bncpu_half_pass_rows_f16"(
+        int kind, const bncpu_f16_lane* a, const bncpu_f16_lane* b, bncpu_f16_lane* out,
+        int64_t t0, int64_t t1, int64_t c, int64_t s, const float* hi, const float* lo,
+        const float* scale, const float* offset, const float* k, int relu) noexcept nogil
 
 ctypedef fused half:
     bncpu_bf16_lane
@@ -53,45 +59,46 @@ cdef enum:
     HALF_SHORT_ROW = 64    # rows shorter than this: one scalar loop over many rows
 
 
-cdef void half_affine_segments(const half* x, const half* r, half* y, int64_t t0, int64_t t1,
-                               int64_t c, int64_t s, const float* coefs,
-                               bint relu) noexcept nogil:
+cdef void half_pass_segments(int kind, const half* a, const half* b, half* out, int64_t t0,
+                             int64_t t1, int64_t c, int64_t s, const float* coefs,
+                             bint relu) noexcept nogil:
     """Segments t0..t1 (segment t = i·C + j: row i of channel j, S values, one after
-    another in memory) of y = relu?(affine(x) + r)."""
+    another in memory) of a pass (see _half_passes.h; b may be NULL)."""
     cdef int64_t t, offset, j
     if s < HALF_SHORT_ROW:
         if half is bncpu_bf16_lane:
-            affine_relu_rows_bf16(x, r, y, t0, t1, c, s, coefs + COEF_HI * c,
-                                  coefs + COEF_LO * c, coefs + COEF_SCALE * c,
-                                  coefs + COEF_OFFSET * c, relu)
+            half_pass_rows_bf16(kind, a, b, out, t0, t1, c, s, coefs + COEF_HI * c,
+                                coefs + COEF_LO * c, coefs + COEF_SCALE * c,
+                                coefs + COEF_OFFSET * c, coefs + COEF_K * c, relu)
         else:
-            affine_relu_rows_f16(x, r, y, t0, t1, c, s, coefs + COEF_HI * c,
-                                 coefs + COEF_LO * c, coefs + COEF_SCALE * c,
-                                 coefs + COEF_OFFSET * c, relu)
+            half_pass_rows_f16(kind, a, b, out, t0, t1, c, s, coefs + COEF_HI * c,
+                               coefs + COEF_LO * c, coefs + COEF_SCALE * c,
+                               coefs + COEF_OFFSET * c, coefs + COEF_K * c, relu)
         return
     for t in range(t0, t1):
         offset = t * s
         j = t % c
         if half is bncpu_bf16_lane:
-            affine_relu_bf16(x + offset, r + offset if r != NULL else NULL, y + offset, s,
-                             coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
-                             coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j], relu)
+            half_pass_bf16(kind, a + offset, b + offset if b != NULL else NULL, out + offset, s,
+                           coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
+                           coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j],
+                           coefs[COEF_K * c + j], relu)
         else:
-            affine_relu_f16(x + offset, r + offset if r != NULL else NULL, y + offset, s,
-                            coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
-                            coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j], relu)
+            half_pass_f16(kind, a + offset, b + offset if b != NULL else NULL, out + offset, s,
+                          coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
+                          coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j],
+                          coefs[COEF_K * c + j], relu)
 
 
-cdef void half_affine_pass(const half* x, const half* r, half* y, int64_t n, int64_t c,
-                           int64_t s, const float* coefs, bint relu,
-                           int n_threads) noexcept nogil:
-    """y = relu?(affine(x) + r) over the whole (N, C, S) buffer, in tasks of whole
-    segments, about SEGMENT_VALUES values each (one segment when longer)."""
+cdef void half_pass(int kind, const half* a, const half* b, half* out, int64_t n, int64_t c,
+                    int64_t s, const float* coefs, bint relu, int n_threads) noexcept nogil:
+    """A pass over the whole (N, C, S) buffer, in tasks of whole segments, about
+    SEGMENT_VALUES values each (one segment when longer)."""
     cdef int64_t task, t0, rows = max(<int64_t>1, SEGMENT_VALUES // s)
     cdef int64_t n_tasks = (n * c + rows - 1) // rows
     for task in prange(n_tasks, schedule='static', num_threads=n_threads):
         t0 = task * rows
-        half_affine_segments(x, r, y, t0, min(t0 + rows, n * c), c, s, coefs, relu)
+        half_pass_segments(kind, a, b, out, t0, min(t0 + rows, n * c), c, s, coefs, relu)
 
 
 cdef inline void half_widen(const half* src, float* dst, int64_t n) noexcept nogil:
@@ -215,7 +222,7 @@ cdef int forward_train_half(bint relu, const half* x, const half* residual, half
         empty_batch_stats(c, eps, save_mean, save_invstd)
         return BNCPU_OK
     mean = <double*>alloc_values(2, c, sizeof(double), False)
-    coefs = <float*>alloc_values(CHANNEL_COEFS, c, sizeof(float), False)
+    coefs = <float*>alloc_values(CHANNEL_COEFS, c, sizeof(float), True)
     if mean == NULL or coefs == NULL:
         free(mean)
         free(coefs)
@@ -227,7 +234,7 @@ cdef int forward_train_half(bint relu, const half* x, const half* residual, half
         for j in range(c):
             var[j] = var[j] / count
             set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
-        half_affine_pass(x, residual, y, n, c, s, coefs, relu, n_threads)
+        half_pass(HALF_AFFINE, x, residual, y, n, c, s, coefs, relu, n_threads)
     threads_end(n_threads)
     if status == BNCPU_OK:
         save_train_stats(c, mean, var, <double>count, eps, running_mean, running_var, momentum,
@@ -269,14 +276,14 @@ cdef int forward_eval_half(bint relu, const half* x, const half* residual, half*
     cdef float* coefs
     if status != BNCPU_OK or n * c * s == 0:
         return status
-    coefs = <float*>alloc_values(CHANNEL_COEFS, c, sizeof(float), False)
+    coefs = <float*>alloc_values(CHANNEL_COEFS, c, sizeof(float), True)
     if coefs == NULL:
         return BNCPU_ERR_NO_MEMORY
     for j in range(c):
         set_affine_coefs(coefs, c, j, running_mean[j], invstd_of(running_var[j], eps), weight,
                          bias)
     n_threads = threads_begin(n * c * s)
-    half_affine_pass(x, residual, y, n, c, s, coefs, relu, n_threads)
+    half_pass(HALF_AFFINE, x, residual, y, n, c, s, coefs, relu, n_threads)
     threads_end(n_threads)
     free(coefs)
     return BNCPU_OK
@@ -296,3 +303,204 @@ cdef int bn_relu_forward_eval_half(const half* x, const half* residual, half* y,
                                    const float* running_var, double eps) noexcept nogil:
     return forward_eval_half(True, x, residual, y, n, c, s, weight, bias, running_mean,
                              running_var, eps)
+
+
+# --------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------
+cdef void half_sum_dy_xmu_span(const half* dy, const half* x, int64_t length, double mean,
+                               double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """sum_dy_xmu_span of half data: its lanes fed STATS_BLOCK values at a time (a
+    multiple of the float32 sums' runs of 16 lanes x 8, which then take the same values
+    in the same order), and its float64 fallback likewise."""
+    cdef float dy_block[STATS_BLOCK]
+    cdef float x_block[STATS_BLOCK]
+    cdef double dy_lanes[LANES]
+    cdef double dy_xmu_lanes[LANES]
+    cdef float center = <float>mean
+    cdef double span_dy, span_dev
+    cdef int64_t start, start_index, size, n_blocks = (length + STATS_BLOCK - 1) // STATS_BLOCK
+    zero_lanes(dy_lanes)
+    zero_lanes(dy_xmu_lanes)
+    for start_index in range(n_blocks):
+        start = start_index * STATS_BLOCK
+        size = min(<int64_t>STATS_BLOCK, length - start)
+        half_widen(dy + start, dy_block, size)
+        half_widen(x + start, x_block, size)
+        add_dy_xmu_span(dy_lanes, dy_xmu_lanes, <const float*>dy_block, <const float*>NULL,
+                        <const float*>x_block, size, center)
+    span_dy = sum_lanes(dy_lanes)
+    span_dev = sum_lanes(dy_xmu_lanes)
+    if not (isfinite(span_dy) and isfinite(span_dev)):
+        span_dy = 0
+        span_dev = 0
+        for start_index in range(n_blocks):
+            start = start_index * STATS_BLOCK
+            size = min(<int64_t>STATS_BLOCK, length - start)
+            half_widen(dy + start, dy_block, size)
+            half_widen(x + start, x_block, size)
+            add_grad_sums_f64(dy_block, NULL, NULL, x_block, size, 1, center, &span_dy,
+                              &span_dev)
+    sum_dy[0] += span_dy
+    sum_dy_xmu[0] += finish_dy_xmu(span_dy, span_dev, mean, center)
+
+
+cdef void half_channel_grad_sums(const half* dy, const half* x, int64_t n, int64_t c, int64_t s,
+                                 int64_t j, double mean, double* sum_dy,
+                                 double* sum_dy_xmu) noexcept nogil:
+    """channel_grad_sums of half data, channel j: long rows piece by piece, short rows
+    each widened and added into the channel's lanes (the float32 kernel's lanes run
+    across the rows the same way), with its float64 fallback."""
+    cdef float dy_row[SPLIT_MIN_S]
+    cdef float x_row[SPLIT_MIN_S]
+    cdef double dy_lanes[LANES]
+    cdef double dy_xmu_lanes[LANES]
+    cdef float center = <float>mean
+    cdef double sum_dev
+    cdef int64_t i, piece, offset
+    zero_lanes(dy_lanes)
+    zero_lanes(dy_xmu_lanes)
+    sum_dy[0] = 0
+    sum_dy_xmu[0] = 0
+    for i in range(n):
+        offset = (i * c + j) * s
+        if s >= SPLIT_MIN_S:
+            for piece in range(pieces_per_row(s)):
+                half_sum_dy_xmu_span(dy + offset + piece * BN_PIECE, x + offset + piece * BN_PIECE,
+                                     piece_length(s, piece), mean, sum_dy, sum_dy_xmu)
+        else:
+            half_widen(dy + offset, dy_row, s)
+            half_widen(x + offset, x_row, s)
+            add_dy_xmu_span(dy_lanes, dy_xmu_lanes, <const float*>dy_row, <const float*>NULL,
+                            <const float*>x_row, s, center)
+    finish_grad_sums(s, mean, center, dy_lanes, dy_xmu_lanes, sum_dy, sum_dy_xmu)
+    if s < SPLIT_MIN_S and not (isfinite(sum_dy[0]) and isfinite(sum_dy_xmu[0])):
+        sum_dy[0] = 0
+        sum_dev = 0
+        for i in range(n):
+            offset = (i * c + j) * s
+            half_widen(dy + offset, dy_row, s)
+            half_widen(x + offset, x_row, s)
+            add_grad_sums_f64(dy_row, NULL, NULL, x_row, s, 1, center, sum_dy, &sum_dev)
+        sum_dy_xmu[0] = finish_dy_xmu(sum_dy[0], sum_dev, mean, center)
+
+
+cdef void half_grad_sums_tile_task(const half* dy, const half* x, const Tiles* t, int64_t task,
+                                   const float* center, float* scratch,
+                                   double* partials) noexcept nogil:
+    """grad_sums_tile_task of half data (without its fused scale): dy's and x's tile
+    widened into scratch (2·TILE_VALUES floats), seen as a tile of their own (see
+    half_stats_tile_task), then tile_grad_sums."""
+    cdef int64_t block = tile_block(t, task), j0 = tile_j0(t, task)
+    cdef int64_t rows = tile_row_count(t, block), width = tile_width(t, task), i, offset
+    cdef int64_t cols = width * t.s
+    cdef Tiles tile
+    for i in range(rows):
+        offset = (block * t.rows + i) * t.c * t.s + j0 * t.s
+        half_widen(dy + offset, scratch + i * cols, cols)
+        half_widen(x + offset, scratch + TILE_VALUES + i * cols, cols)
+    tile.n = rows
+    tile.c = width
+    tile.s = t.s
+    tile.width = width
+    tile.n_chunks = 1
+    tile.rows = rows
+    tile.n_blocks = 1
+    tile_grad_sums(<const float*>scratch, <const float*>NULL,
+                   <const float*>(scratch + TILE_VALUES), &tile, 0, rows, 0, width,
+                   center + j0 * t.s, partials + block * t.c + j0,
+                   partials + (t.n_blocks + block) * t.c + j0)
+
+
+cdef int half_all_grad_sums(const half* dy, const half* x, int64_t n, int64_t c, int64_t s,
+                            const double* mean, int n_threads, double* sum_dy,
+                            double* sum_dy_xmu) noexcept nogil:
+    """all_channel_grad_sums of half data; returns a status (allocation)."""
+    cdef int64_t j, k, t, task
+    cdef Tiles tiles
+    cdef double* partials
+    cdef float* scratch
+    cdef float* center
+    if not use_column_mode(s):
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            half_channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
+        return BNCPU_OK
+    tiles = tiles_of(n, c, s)
+    partials = <double*>alloc_values(2 * tiles.n_blocks, c, sizeof(double), False)
+    scratch = <float*>alloc_values(2 * n_threads, TILE_VALUES, sizeof(float), False)
+    center = <float*>alloc_values(c, s, sizeof(float), False)
+    if partials == NULL or scratch == NULL or center == NULL:
+        free(partials)
+        free(scratch)
+        free(center)
+        return BNCPU_ERR_NO_MEMORY
+    for j in range(c):
+        for k in range(s):
+            center[j * s + k] = <float>mean[j]
+    for task in prange(tiles.n_blocks * tiles.n_chunks, schedule='static',
+                       num_threads=n_threads):
+        half_grad_sums_tile_task(dy, x, &tiles, task, center,
+                                 scratch + 2 * threadid() * TILE_VALUES, partials)
+    for j in range(c):
+        sum_dy[j] = 0
+        sum_dy_xmu[j] = 0
+    for t in range(tiles.n_blocks):
+        for j in range(c):
+            sum_dy[j] += partials[t * c + j]
+            sum_dy_xmu[j] += partials[(tiles.n_blocks + t) * c + j]
+    for j in range(c):
+        sum_dy_xmu[j] = finish_dy_xmu(sum_dy[j], sum_dy_xmu[j], mean[j], center[j * s])
+    free(partials)
+    free(scratch)
+    free(center)
+    return BNCPU_OK
+
+
+cdef int bn_backward_half(const half* dy, const half* x, half* dx, int64_t n, int64_t c,
+                          int64_t s, const float* weight, const float* running_mean,
+                          const float* running_var, const float* save_mean,
+                          const float* save_invstd, int training, double eps, float* dweight,
+                          float* dbias) noexcept nogil:
+    """The backward (backward's checks, sums and results): the sums, then dx's pass."""
+    cdef int status = backward_status(dy, NULL, x, dx, NULL, n, c, s, weight, running_mean,
+                                      running_var, save_mean, save_invstd, training, eps,
+                                      dweight, dbias, sizeof(half), sizeof(float))
+    cdef int n_threads
+    cdef int64_t j, count = n * s
+    cdef double* mean
+    cdef double* invstd
+    cdef double* sum_dy
+    cdef double* sum_dy_xmu
+    cdef float* coefs
+    if status != BNCPU_OK or c == 0:
+        return status
+    if count == 0:
+        empty_backward(c, running_var, save_invstd, training, eps, dweight, dbias)
+        return BNCPU_OK
+    mean = <double*>alloc_values(4, c, sizeof(double), False)
+    coefs = <float*>alloc_values(CHANNEL_COEFS, c, sizeof(float), True)
+    if mean == NULL or coefs == NULL:
+        free(mean)
+        free(coefs)
+        return BNCPU_ERR_NO_MEMORY
+    invstd = mean + c
+    sum_dy = mean + 2 * c
+    sum_dy_xmu = mean + 3 * c
+    backward_stats(c, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+                   mean, invstd, sum_dy, sum_dy_xmu, coefs)
+    n_threads = threads_begin(n * c * s)
+    if training or dweight != NULL or dbias != NULL:
+        status = half_all_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
+    if status == BNCPU_OK and dx != NULL:
+        if training:
+            for j in range(c):
+                set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
+                                   sum_dy_xmu[j], <double>count)
+        half_pass(HALF_BACKWARD if training else HALF_SCALE, dy, x, dx, n, c, s, coefs, False,
+                  n_threads)
+    threads_end(n_threads)
+    if status == BNCPU_OK:
+        save_backward_grads(c, invstd, sum_dy, sum_dy_xmu, dweight, dbias)
+    free(mean)
+    free(coefs)
+    return status

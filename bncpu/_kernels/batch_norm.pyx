@@ -448,23 +448,17 @@ cdef int bn_relu_forward_eval(const real* x, const real* residual, real* y, int6
 # --------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------
-cdef int backward(const real* dy, const real* mask, const real* x, real* dx, real* g_out,
-                  int64_t n, int64_t c, int64_t s, const real* weight,
-                  const real* running_mean, const real* running_var, const real* save_mean,
-                  const real* save_invstd, int training, double eps, real* dweight,
-                  real* dbias) noexcept nogil:
-    """The backward of g = dy, or of g = dy masked by the fused forward's output `mask`
-    (g also to g_out when given; see Pass)."""
+cdef int backward_status(const void* dy, const void* mask, const void* x, const void* dx,
+                         const void* g_out, int64_t n, int64_t c, int64_t s,
+                         const void* weight, const void* running_mean,
+                         const void* running_var, const void* save_mean,
+                         const void* save_invstd, int training, double eps,
+                         const void* dweight, const void* dbias, size_t data_size,
+                         size_t param_size) noexcept nogil:
+    """The backward's argument checks, data of data_size bytes a value and parameters
+    and statistics of param_size: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j, chunk, run, count = n * s
-    cdef double* mean
-    cdef double* invstd
-    cdef double* sum_dy
-    cdef double* sum_dy_xmu
-    cdef real* coefs
     cdef bint need_sums = training or dweight != NULL or dbias != NULL
-    cdef bint fused_scale
     cdef Region outputs[4]
     cdef Region inputs[6]
     if status == BNCPU_OK:
@@ -477,39 +471,41 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
         return BNCPU_ERR_NULL_POINTER
     if c > 0 and not training and (running_mean == NULL or running_var == NULL):
         return BNCPU_ERR_NULL_POINTER
-    outputs[0] = region(dx, n * c * s, sizeof(real), True)
-    outputs[1] = region(g_out, n * c * s, sizeof(real), True)
-    outputs[2] = region(dweight, c, sizeof(real), False)
-    outputs[3] = region(dbias, c, sizeof(real), False)
-    inputs[0] = region(dy, n * c * s, sizeof(real), True)
-    inputs[1] = region(mask, n * c * s, sizeof(real), True)
-    inputs[2] = region(x, n * c * s, sizeof(real), True)
-    inputs[3] = region(weight, c, sizeof(real), False)
+    outputs[0] = region(dx, n * c * s, data_size, True)
+    outputs[1] = region(g_out, n * c * s, data_size, True)
+    outputs[2] = region(dweight, c, param_size, False)
+    outputs[3] = region(dbias, c, param_size, False)
+    inputs[0] = region(dy, n * c * s, data_size, True)
+    inputs[1] = region(mask, n * c * s, data_size, True)
+    inputs[2] = region(x, n * c * s, data_size, True)
+    inputs[3] = region(weight, c, param_size, False)
     # The statistics the mode reads (the others may be anything).
-    inputs[4] = region(save_mean if training else running_mean, c, sizeof(real), False)
-    inputs[5] = region(save_invstd if training else running_var, c, sizeof(real), False)
-    status = check_aliasing(outputs, 4, inputs, 6)
-    if status != BNCPU_OK or c == 0:
-        return status
-    if count == 0:
-        # No values: the sums are empty (0), and dweight = 0·invstd (NaN for an infinite
-        # invstd, as the formula gives).
-        for j in range(c if dweight != NULL or dbias != NULL else 0):
-            if dweight != NULL:
-                dweight[j] = <real>(0.0 * (save_invstd[j] if training
-                                           else invstd_of(running_var[j], eps)))
-            if dbias != NULL:
-                dbias[j] = 0
-        return BNCPU_OK
-    mean = <double*>alloc_values(4, c, sizeof(double), False)
-    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
-    if mean == NULL or coefs == NULL:
-        free(mean)
-        free(coefs)
-        return BNCPU_ERR_NO_MEMORY
-    invstd = mean + c
-    sum_dy = mean + 2 * c
-    sum_dy_xmu = mean + 3 * c
+    inputs[4] = region(save_mean if training else running_mean, c, param_size, False)
+    inputs[5] = region(save_invstd if training else running_var, c, param_size, False)
+    return check_aliasing(outputs, 4, inputs, 6)
+
+
+cdef void empty_backward(int64_t c, const real* running_var, const real* save_invstd,
+                         int training, double eps, real* dweight, real* dbias) noexcept nogil:
+    """No values: the sums are empty (0), and dweight = 0·invstd (NaN for an infinite
+    invstd, as the formula gives)."""
+    cdef int64_t j
+    for j in range(c if dweight != NULL or dbias != NULL else 0):
+        if dweight != NULL:
+            dweight[j] = <real>(0.0 * (save_invstd[j] if training
+                                       else invstd_of(running_var[j], eps)))
+        if dbias != NULL:
+            dbias[j] = 0
+
+
+cdef void backward_stats(int64_t c, const real* weight, const real* running_mean,
+                         const real* running_var, const real* save_mean,
+                         const real* save_invstd, int training, double eps, double* mean,
+                         double* invstd, double* sum_dy, double* sum_dy_xmu,
+                         real* coefs) noexcept nogil:
+    """The backward's per-channel mean and invstd (saved, or from the running statistics),
+    zeroed sums and, in evaluation, the scale of dx = dy·w·invstd."""
+    cdef int64_t j
     for j in range(c):
         if training:
             mean[j] = save_mean[j]
@@ -521,6 +517,54 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
             coefs[COEF_SCALE * c + j] = <real>(invstd[j] * (weight[j] if weight != NULL else 1.0))
         sum_dy[j] = 0
         sum_dy_xmu[j] = 0
+
+
+cdef void save_backward_grads(int64_t c, const double* invstd, const double* sum_dy,
+                              const double* sum_dy_xmu, real* dweight,
+                              real* dbias) noexcept nogil:
+    cdef int64_t j
+    for j in range(c):
+        if dweight != NULL:
+            dweight[j] = <real>(sum_dy_xmu[j] * invstd[j])
+        if dbias != NULL:
+            dbias[j] = <real>sum_dy[j]
+
+
+cdef int backward(const real* dy, const real* mask, const real* x, real* dx, real* g_out,
+                  int64_t n, int64_t c, int64_t s, const real* weight,
+                  const real* running_mean, const real* running_var, const real* save_mean,
+                  const real* save_invstd, int training, double eps, real* dweight,
+                  real* dbias) noexcept nogil:
+    """The backward of g = dy, or of g = dy masked by the fused forward's output `mask`
+    (g also to g_out when given; see Pass)."""
+    cdef int status = backward_status(dy, mask, x, dx, g_out, n, c, s, weight, running_mean,
+                                      running_var, save_mean, save_invstd, training, eps,
+                                      dweight, dbias, sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j, chunk, run, count = n * s
+    cdef double* mean
+    cdef double* invstd
+    cdef double* sum_dy
+    cdef double* sum_dy_xmu
+    cdef real* coefs
+    cdef bint need_sums = training or dweight != NULL or dbias != NULL
+    cdef bint fused_scale
+    if status != BNCPU_OK or c == 0:
+        return status
+    if count == 0:
+        empty_backward(c, running_var, save_invstd, training, eps, dweight, dbias)
+        return BNCPU_OK
+    mean = <double*>alloc_values(4, c, sizeof(double), False)
+    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
+    if mean == NULL or coefs == NULL:
+        free(mean)
+        free(coefs)
+        return BNCPU_ERR_NO_MEMORY
+    invstd = mean + c
+    sum_dy = mean + 2 * c
+    sum_dy_xmu = mean + 3 * c
+    backward_stats(c, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+                   mean, invstd, sum_dy, sum_dy_xmu, coefs)
     n_threads = threads_begin(n * c * s)
     if use_column_mode(s) or use_split_mode(c, s, n_threads) or not need_sums:
         # Evaluation in column mode: dx = dy·scale computed with the sums, tile by tile.
@@ -547,11 +591,7 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
                               and <const real*>dx != mask)
     threads_end(n_threads)
     if status == BNCPU_OK:
-        for j in range(c):
-            if dweight != NULL:
-                dweight[j] = <real>(sum_dy_xmu[j] * invstd[j])
-            if dbias != NULL:
-                dbias[j] = <real>sum_dy[j]
+        save_backward_grads(c, invstd, sum_dy, sum_dy_xmu, dweight, dbias)
     free(mean)
     free(coefs)
     return status

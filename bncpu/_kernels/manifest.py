@@ -127,7 +127,7 @@ training == 0: mean = running_mean, invstd = 1/sqrt(running_var + eps),
   dx = dy*weight*invstd, dweight = Σ dy*(x - mean)*invstd, dbias = Σ dy.
 dx, dweight, dbias may each be NULL (not computed); dx may be dy or x.
 The statistics not used by the chosen mode may be NULL. eps is checked in both modes.""",
-          None, "bn_backward", 0, FULL_PRECISION),
+          None, "bn_backward", 0),
     Entry("batch_norm_stats", "batch_norm", "bn_stats",
           "const T* x, int64_t n, int64_t c, int64_t s, double* mean, double* m2",
           """\
