@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import bncpu
+from bncpu import reference
 from bncpu import _ops
 from conftest import num_threads
 
@@ -234,6 +235,7 @@ import sys
 import ml_dtypes
 import numpy as np
 import bncpu
+from bncpu import reference
 from bncpu import _ops
 
 results = {"isa": np.array(bncpu.isa())}
@@ -285,3 +287,157 @@ def test_every_instruction_set_build_gives_the_same_bits(tmp_path):
             if key != "isa":
                 np.testing.assert_array_equal(runs[isa][key], first[key],
                                               err_msg=f"{key}: {isa} vs {isas[0]}")
+
+
+# ----------------------------------------------------------------------------------
+# The NumPy API
+# ----------------------------------------------------------------------------------
+@HALF_DTYPES
+@pytest.mark.parametrize("axis", [1, -1])
+def test_the_api_keeps_the_dtype_and_rounds_once(dtype, axis):
+    """Output and grad_input in the input's dtype, the float32 computation's results rounded
+    once; statistics and parameter gradients float32."""
+    shape = (6, 5, 7, 3) if axis == 1 else (6, 7, 3, 5)
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=4, center=0.0)
+    weight, bias = params(5)
+    x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+    for training in (True, False):
+        rm, rv = np.zeros(5, np.float32), np.ones(5, np.float32)
+        rm32, rv32 = rm.copy(), rv.copy()
+        y, mean, invstd = bncpu.batch_norm_forward(x, weight, bias, rm, rv, training, 0.1, 1e-5,
+                                                   axis=axis)
+        y32, mean32, invstd32 = bncpu.batch_norm_forward(x32, weight, bias, rm32, rv32, training,
+                                                         0.1, 1e-5, axis=axis)
+        assert y.dtype == dtype and mean.dtype == invstd.dtype == np.float32
+        assert_same_bits(y, y32.astype(dtype), "output")
+        for got, want in [(mean, mean32), (invstd, invstd32), (rm, rm32), (rv, rv32)]:
+            assert_same_bits(got, want, "statistics")
+        saved = (mean, invstd) if training else (None, None)
+        saved32 = (mean32, invstd32) if training else (None, None)
+        grads = bncpu.batch_norm_backward(dy, x, weight, rm, rv, *saved, training, 1e-5,
+                                          axis=axis)
+        grads32 = bncpu.batch_norm_backward(dy32, x32, weight, rm32, rv32, *saved32, training,
+                                            1e-5, axis=axis)
+        assert grads[0].dtype == dtype and grads[1].dtype == grads[2].dtype == np.float32
+        assert_same_bits(grads[0], grads32[0].astype(dtype), "grad_input")
+        assert_same_bits(grads[1], grads32[1], "grad_weight")
+        assert_same_bits(grads[2], grads32[2], "grad_bias")
+
+
+@HALF_DTYPES
+def test_parameters_may_have_the_inputs_dtype(dtype):
+    """weight and bias, and the running statistics in evaluation, as the input's dtype:
+    the same as their float32 values."""
+    x = data((4, 3, 9), dtype)
+    weight, bias = params(3)
+    weight, bias = weight.astype(dtype), bias.astype(dtype)
+    rm, rv = np.array([1, 2, 3], dtype), np.array([0.5, 1, 2], dtype)
+    as32 = [a.astype(np.float32) for a in (weight, bias, rm, rv)]
+    assert_same_bits(bncpu.batch_norm(x, rm, rv, weight, bias),
+                     bncpu.batch_norm(x, as32[2], as32[3], as32[0], as32[1]), "evaluation")
+    running = [np.zeros(3, np.float32), np.ones(3, np.float32)]
+    assert_same_bits(bncpu.batch_norm(x, *running, weight, bias, training=True),
+                     bncpu.batch_norm(x, None, None, as32[0], as32[1], training=True),
+                     "training")
+
+
+@HALF_DTYPES
+def test_running_statistics_updated_in_place_must_be_float32(dtype):
+    x = data((4, 3, 9), dtype)
+    rm, rv = np.zeros(3, dtype), np.ones(3, dtype)
+    with pytest.raises(TypeError, match="running_mean has dtype .* computed as float32"):
+        bncpu.batch_norm(x, rm, rv, training=True)
+    assert not rm.any() and (rv == 1).all()
+
+
+@HALF_DTYPES
+def test_out_receives_the_half_result(dtype):
+    x = data((4, 3, 9), dtype)
+    expected = bncpu.batch_norm(x, None, None, training=True)
+    out = np.empty((4, 3, 9), np.float32)
+    assert bncpu.batch_norm(x, None, None, training=True, out=out) is out
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+    assert bncpu.batch_norm(x, None, None, training=True, out=x) is x
+    assert_same_bits(x, expected, "in place")
+
+
+def test_bncpu_imports_without_ml_dtypes_and_takes_bfloat16_once_imported():
+    script = ("import sys, numpy as np, bncpu\n"
+              "assert 'ml_dtypes' not in sys.modules\n"
+              "x = np.arange(24, dtype=np.float16).reshape(2, 3, 4)\n"
+              "assert bncpu.batch_norm(x, None, None, training=True).dtype == np.float16\n"
+              "import ml_dtypes\n"
+              "y = bncpu.batch_norm(x.astype(ml_dtypes.bfloat16), None, None, training=True)\n"
+              "assert y.dtype == ml_dtypes.bfloat16\n")
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bncpu.__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": package_parent}, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_other_functions_compute_bfloat16_as_float32():
+    """Where no half-precision kernel exists, bfloat16 is computed and returned as float32,
+    as float16 is."""
+    x = data((4, 6, 5), ml_dtypes.bfloat16)
+    expected = bncpu.group_norm(x.astype(np.float32), 2)
+    assert_same_bits(bncpu.group_norm(x, 2), expected, "group norm")
+
+
+# ----------------------------------------------------------------------------------
+# Accuracy against the float64 truth (bncpu.reference)
+# ----------------------------------------------------------------------------------
+def ordered(array):
+    """The half values' bits as integers ordered as the values (so two values are k ulps
+    apart when these differ by k; ±0 are one value)."""
+    bits_ = np.ascontiguousarray(array).view(np.uint16).astype(np.int32)
+    return np.where(bits_ & 0x8000, -(bits_ & 0x7FFF), bits_)
+
+
+def ulp(value, dtype):
+    """The spacing of the dtype's values at |value| (float64)."""
+    rounded = abs(np.float64(value)).astype(dtype)
+    above = (ordered(np.array([rounded], dtype)) + 1).astype(np.uint16).view(dtype)
+    return float(np.float64(above[0].astype(np.float64)) - np.float64(rounded.astype(np.float64)))
+
+
+ACCURACY_SHAPES = [(8, 3, 33), (64, 5, 1), (3, 2, 2500), (5, 4, 5000), (2, 3, 11)]
+
+
+@HALF_DTYPES
+@pytest.mark.parametrize("shape", ACCURACY_SHAPES, ids=str)
+@pytest.mark.parametrize("center, spread", [(0.0, 1.0), (300.0, 2.0), (-1e-3, 1e-4)],
+                         ids=["centered", "offset", "small"])
+def test_accuracy(dtype, shape, center, spread):
+    x = data(shape, dtype, center=center, spread=spread)
+    dy = data(shape, dtype, seed=4, center=0.1, spread=1.0)
+    weight, bias = params(shape[1])
+    y, mean, invstd = bncpu.batch_norm_forward(x, weight, bias, None, None, True, 0.1, 1e-5)
+    truth, truth_mean, truth_invstd = reference.batch_norm_forward(
+        x.astype(np.float64), weight, bias, None, None, True, 0.1, 1e-5)
+    assert reference.batch_norm_forward(x, weight, bias, None, None, True, 0.1,
+                                              1e-5)[0].dtype == dtype
+    # The output: within 1 ulp of the truth rounded to the dtype.
+    assert np.abs(ordered(y) - ordered(truth.astype(dtype))).max() <= 1
+    # The statistics: within 4 float32 epsilons of the scale.
+    eps32 = np.finfo(np.float32).eps
+    scale = np.abs(truth_mean) + 1 / truth_invstd
+    assert (np.abs(mean - truth_mean) <= 4 * eps32 * scale).all()
+    assert (np.abs(invstd - truth_invstd) <= 4 * eps32 * truth_invstd).all()
+    for training in (True, False):
+        rm, rv = truth_mean.astype(np.float32), (1 / truth_invstd**2).astype(np.float32)
+        saved = (mean, invstd) if training else (None, None)
+        dx, dweight, dbias = bncpu.batch_norm_backward(dy, x, weight, rm, rv, *saved, training,
+                                                       1e-5)
+        true_dx, true_dweight, true_dbias = reference.batch_norm_backward(
+            dy.astype(np.float64), x.astype(np.float64), weight, rm, rv, *saved, training, 1e-5)
+        # dx: within 2 ulps of max|dx|.
+        assert np.abs(dx.astype(np.float64) - true_dx).max() <= 2 * ulp(np.abs(true_dx).max(),
+                                                                        dtype)
+        # dweight and dbias: within 1e-5 of the size of their sums.
+        xhat = (x.astype(np.float64) - (mean if training else rm)[:, None]) * \
+            (invstd if training else 1 / np.sqrt(rv + 1e-5))[:, None]
+        size_w = np.abs(dy.astype(np.float64) * xhat).sum(axis=(0, 2))
+        size_b = np.abs(dy.astype(np.float64)).sum(axis=(0, 2))
+        assert (np.abs(dweight - true_dweight) <= 1e-5 * size_w).all()
+        assert (np.abs(dbias - true_dbias) <= 1e-5 * size_b).all()

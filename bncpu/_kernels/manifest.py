@@ -517,6 +517,23 @@ def ops_wrappers():
              + ", ".join(name for name, _, _ in C_TYPEDEFS), ""]
     for dtype in DTYPES:
         lines.append(f'cdef int {_typenum_name(dtype)} = typenum_of("{dtype.numpy}")')
+    # A dtype of another module (ml_dtypes.bfloat16) has a type number once that module
+    # is imported, which bncpu leaves to its user (the import is slow): until then no
+    # array has that dtype, and a call that finds no kernel looks again.
+    user = [dtype for dtype in DTYPES if not dtype.numpy.startswith("numpy.")]
+    lines += ["", "", "cdef bint refresh_typenums() except -1:",
+              '    """Look again for the type numbers of dtypes of other modules: whether one '
+              'changed."""']
+    if user:
+        lines.append("    global " + ", ".join(_typenum_name(dtype) for dtype in user))
+        lines.append("    cdef bint changed = False")
+        for dtype in user:
+            lines += [f'    if {_typenum_name(dtype)} != typenum_of("{dtype.numpy}"):',
+                      f'        {_typenum_name(dtype)} = typenum_of("{dtype.numpy}")',
+                      "        changed = True"]
+        lines.append("    return changed")
+    else:
+        lines.append("    return False")
     wrappers = collections.defaultdict(list)
     for entry in ENTRIES:
         entry_params = params(entry)
@@ -543,6 +560,9 @@ def ops_wrappers():
             lines += _wrap(f"            status = API.{entry.name}{dtype.suffix}(", casts, ")",
                            " " * 16)
             lines.append("        return status")
+        lines.append("    if refresh_typenums():")
+        lines += _wrap(f"        return call_{entry.name}(",
+                       ["typenum"] + [p.name for p in entry_params], ")", " " * 12)
         lines += [f'    raise TypeError(f"{entry.name}: no kernel for data of "',
                   '                    f"NumPy type number {typenum}")']
         if entry.python is None:
