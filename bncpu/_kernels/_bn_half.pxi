@@ -15,7 +15,8 @@
 #   tile of at most TILE_VALUES per thread, in cache) and summarized by the float32
 #   code itself; the merges are the float32 kernels'. No float32 copy of the data is
 #   made. Channel and split mode give the same bits in the float32 kernel, so here one
-#   thread takes a channel in both.
+#   thread takes a channel in both, and then its pass (one parallel region: on a busy
+#   machine each region's start and end wait for every thread to get a core).
 from cython.parallel cimport threadid
 from libc.stdint cimport uint16_t
 
@@ -88,6 +89,15 @@ cdef void half_pass_segments(int kind, const half* a, const half* b, half* out, 
                           coefs[COEF_HI * c + j], coefs[COEF_LO * c + j],
                           coefs[COEF_SCALE * c + j], coefs[COEF_OFFSET * c + j],
                           coefs[COEF_K * c + j], relu)
+
+
+cdef void half_channel_pass(int kind, const half* a, const half* b, half* out, int64_t n,
+                            int64_t c, int64_t s, int64_t j, const float* coefs,
+                            bint relu) noexcept nogil:
+    """Channel j's rows of a pass."""
+    cdef int64_t i
+    for i in range(n):
+        half_pass_segments(kind, a, b, out, i * c + j, i * c + j + 1, c, s, coefs, relu)
 
 
 cdef void half_pass(int kind, const half* a, const half* b, half* out, int64_t n, int64_t c,
@@ -174,17 +184,13 @@ cdef void half_stats_tile_task(const half* x, const Tiles* t, int64_t task, floa
                partials + (t.n_blocks + block) * t.c + j0)
 
 
-cdef int half_all_channel_stats(const half* x, int64_t n, int64_t c, int64_t s,
+cdef int half_column_stats(const half* x, int64_t n, int64_t c, int64_t s,
                                 int n_threads, double* mean, double* m2) noexcept nogil:
-    """all_channel_stats of half data; returns a status (allocation)."""
-    cdef int64_t j, task
+    """all_channel_stats of half data in column mode; returns a status (allocation)."""
+    cdef int64_t task
     cdef Tiles tiles
     cdef double* partials
     cdef float* scratch
-    if not use_column_mode(s):
-        for j in prange(c, schedule='static', num_threads=n_threads):
-            half_channel_stats(x, n, c, s, j, &mean[j], &m2[j])
-        return BNCPU_OK
     tiles = tiles_of(n, c, s)
     partials = <double*>alloc_values(2 * tiles.n_blocks, c, sizeof(double), False)
     scratch = <float*>alloc_values(n_threads, TILE_VALUES, sizeof(float), False)
@@ -229,12 +235,20 @@ cdef int forward_train_half(bint relu, const half* x, const half* residual, half
         return BNCPU_ERR_NO_MEMORY
     var = mean + c
     n_threads = threads_begin(n * c * s)
-    status = half_all_channel_stats(x, n, c, s, n_threads, mean, var)
-    if status == BNCPU_OK:
-        for j in range(c):
+    if use_column_mode(s):
+        status = half_column_stats(x, n, c, s, n_threads, mean, var)
+        if status == BNCPU_OK:
+            for j in range(c):
+                var[j] = var[j] / count
+                set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
+            half_pass(HALF_AFFINE, x, residual, y, n, c, s, coefs, relu, n_threads)
+    else:
+        # One parallel region: a channel's statistics, then its pass while it is in cache.
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            half_channel_stats(x, n, c, s, j, &mean[j], &var[j])
             var[j] = var[j] / count
             set_affine_coefs(coefs, c, j, mean[j], invstd_of(var[j], eps), weight, bias)
-        half_pass(HALF_AFFINE, x, residual, y, n, c, s, coefs, relu, n_threads)
+            half_channel_pass(HALF_AFFINE, x, residual, y, n, c, s, j, coefs, relu)
     threads_end(n_threads)
     if status == BNCPU_OK:
         save_train_stats(c, mean, var, <double>count, eps, running_mean, running_var, momentum,
@@ -412,19 +426,15 @@ cdef void half_grad_sums_tile_task(const half* dy, const half* x, const Tiles* t
                    partials + (t.n_blocks + block) * t.c + j0)
 
 
-cdef int half_all_grad_sums(const half* dy, const half* x, int64_t n, int64_t c, int64_t s,
+cdef int half_column_grad_sums(const half* dy, const half* x, int64_t n, int64_t c, int64_t s,
                             const double* mean, int n_threads, double* sum_dy,
                             double* sum_dy_xmu) noexcept nogil:
-    """all_channel_grad_sums of half data; returns a status (allocation)."""
+    """all_channel_grad_sums of half data in column mode; returns a status (allocation)."""
     cdef int64_t j, k, t, task
     cdef Tiles tiles
     cdef double* partials
     cdef float* scratch
     cdef float* center
-    if not use_column_mode(s):
-        for j in prange(c, schedule='static', num_threads=n_threads):
-            half_channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
-        return BNCPU_OK
     tiles = tiles_of(n, c, s)
     partials = <double*>alloc_values(2 * tiles.n_blocks, c, sizeof(double), False)
     scratch = <float*>alloc_values(2 * n_threads, TILE_VALUES, sizeof(float), False)
@@ -472,6 +482,8 @@ cdef int bn_backward_half(const half* dy, const half* x, half* dx, int64_t n, in
     cdef double* sum_dy
     cdef double* sum_dy_xmu
     cdef float* coefs
+    cdef bint need_sums = training or dweight != NULL or dbias != NULL
+    cdef int kind = HALF_BACKWARD if training else HALF_SCALE
     if status != BNCPU_OK or c == 0:
         return status
     if count == 0:
@@ -489,15 +501,25 @@ cdef int bn_backward_half(const half* dy, const half* x, half* dx, int64_t n, in
     backward_stats(c, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
                    mean, invstd, sum_dy, sum_dy_xmu, coefs)
     n_threads = threads_begin(n * c * s)
-    if training or dweight != NULL or dbias != NULL:
-        status = half_all_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
-    if status == BNCPU_OK and dx != NULL:
-        if training:
-            for j in range(c):
-                set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
-                                   sum_dy_xmu[j], <double>count)
-        half_pass(HALF_BACKWARD if training else HALF_SCALE, dy, x, dx, n, c, s, coefs, False,
-                  n_threads)
+    if use_column_mode(s):
+        if need_sums:
+            status = half_column_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
+        if status == BNCPU_OK and dx != NULL:
+            if training:
+                for j in range(c):
+                    set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
+                                       sum_dy_xmu[j], <double>count)
+            half_pass(kind, dy, x, dx, n, c, s, coefs, False, n_threads)
+    else:
+        # One parallel region: a channel's sums, then its pass while it is in cache.
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            if need_sums:
+                half_channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
+            if dx != NULL:
+                if training:
+                    set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j],
+                                       sum_dy_xmu[j], <double>count)
+                half_channel_pass(kind, dy, x, dx, n, c, s, j, coefs, False)
     threads_end(n_threads)
     if status == BNCPU_OK:
         save_backward_grads(c, invstd, sum_dy, sum_dy_xmu, dweight, dbias)
