@@ -16,7 +16,10 @@ noexcept nogil`` over the family's fused type), append an ``Entry`` to ENTRIES w
 member fails the build (the table is typed, and setup.py compiles with
 -Werror=incompatible-pointer-types).
 Adding a data dtype: instantiate the kernels for it, append a ``Dtype`` to DTYPES with
-``since`` = the next minor version, and run ``--write``.
+``since`` = the next minor version, and run ``--write``. A dtype whose data type is not
+its arithmetic type (bfloat16, float16: float32 arithmetic) has its own kernel variant,
+``<kernel><Dtype.kernels>`` (``bn_forward_train_half``); the entries that have it list the
+variant in ``Entry.kernels``, so the table has a member exactly where a kernel exists.
 
 API versions (as NumPy's C API): the table only grows. Members are never removed,
 reordered or retyped; new ones are appended, grouped by the minor version that added
