@@ -98,6 +98,22 @@ def backward(x, dy, training, weight, bias):
     return dx, dweight, dbias
 
 
+def split_phase(x, dy, _, weight, bias):
+    """The split-phase entries in a row, as one process of synchronized batch norm runs
+    them: stats, elemt, backward_reduce, backward_elemt (global statistics: its own)."""
+    n, c, s = x.shape
+    mean, m2 = np.empty(c), np.empty(c)
+    assert _ops.bn_stats(x, n, c, s, mean, m2) == 0
+    invstd = 1 / np.sqrt(m2 / (n * s) + 1e-5)
+    y, dx = np.empty_like(x), np.empty_like(x)
+    assert _ops.bn_elemt(x, y, n, c, s, mean, invstd, weight, bias) == 0
+    sum_dy, sum_dy_xmu = np.empty(c), np.empty(c)
+    assert _ops.bn_backward_reduce(dy, x, n, c, s, mean, sum_dy, sum_dy_xmu) == 0
+    assert _ops.bn_backward_elemt(dy, x, dx, n, c, s, mean, invstd, weight, sum_dy, sum_dy_xmu,
+                                  n * s) == 0
+    return y, dx.astype(np.float32), mean, m2, sum_dy, sum_dy_xmu
+
+
 def check_against_float32(function, x, residual, relu, weight, bias):
     """function's half results equal the float32 kernel's on the widened data: the half
     output rounded once, every float32 result bit for bit."""
@@ -134,6 +150,23 @@ def test_backward_computes_the_float32_kernels_results(dtype, shape, training, t
     weight, _ = params(shape[1])
     with num_threads(threads):
         check_against_float32(backward, x, dy, training, weight, None)
+
+
+@HALF_DTYPES
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_split_phase_computes_the_float32_kernels_results(dtype, shape, threads):
+    """dx is compared widened: it is the float32 kernel's dx rounded once, as y is."""
+    x = data(shape, dtype)
+    dy = data(shape, dtype, seed=4, spread=1.0, center=0.5)
+    weight, bias = params(shape[1])
+    with num_threads(threads):
+        half = split_phase(x, dy, None, weight, bias)
+        wide = split_phase(x.astype(np.float32), dy.astype(np.float32), None, weight, bias)
+    assert_same_bits(half[0], wide[0].astype(dtype), "output")
+    assert_same_bits(half[1], wide[1].astype(dtype).astype(np.float32), "grad_input")
+    for index, (got, want) in enumerate(zip(half[2:], wide[2:])):
+        assert_same_bits(got, want, f"float64 result {index}")
 
 
 @HALF_DTYPES
@@ -259,6 +292,11 @@ for dtype in (np.float16, ml_dtypes.bfloat16):
             assert _ops.bn_backward(r, x, dx, n, c, s, w, rm, rv, mean, invstd, training, 1e-5,
                                     dw, db) == 0
             arrays += [dx, dw, db]
+        m, m2 = np.empty(c), np.empty(c)
+        assert _ops.bn_stats(x, n, c, s, m, m2) == 0
+        sum_dy, sum_dy_xmu = np.empty(c), np.empty(c)
+        assert _ops.bn_backward_reduce(r, x, n, c, s, m, sum_dy, sum_dy_xmu) == 0
+        arrays += [m, m2, sum_dy, sum_dy_xmu]
         results[f"{np.dtype(dtype).name}{shape}"] = np.concatenate(
             [a.reshape(-1).view(np.uint8) for a in arrays])
 np.savez(sys.argv[1], **results)

@@ -526,3 +526,93 @@ cdef int bn_backward_half(const half* dy, const half* x, half* dx, int64_t n, in
     free(mean)
     free(coefs)
     return status
+
+
+# --------------------------------------------------------------------------------
+# Split phase (synchronized batch norm): the float32 entries' checks and results
+# --------------------------------------------------------------------------------
+cdef int bn_stats_half(const half* x, int64_t n, int64_t c, int64_t s, double* mean,
+                       double* m2) noexcept nogil:
+    cdef int status = stats_status(x, n, c, s, mean, m2, sizeof(half))
+    cdef int n_threads
+    cdef int64_t j
+    if status != BNCPU_OK:
+        return status
+    if n * s == 0:
+        zero_stats(c, mean, m2)
+        return BNCPU_OK
+    n_threads = threads_begin(n * c * s)
+    if use_column_mode(s):
+        status = half_column_stats(x, n, c, s, n_threads, mean, m2)
+    else:
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            half_channel_stats(x, n, c, s, j, &mean[j], &m2[j])
+    threads_end(n_threads)
+    return status
+
+
+cdef int bn_elemt_half(const half* x, half* y, int64_t n, int64_t c, int64_t s,
+                       const double* mean, const double* invstd, const float* weight,
+                       const float* bias) noexcept nogil:
+    cdef int status = elemt_status(x, y, n, c, s, mean, invstd, weight, bias, sizeof(half),
+                                   sizeof(float))
+    cdef int n_threads
+    cdef int64_t j
+    cdef float* coefs
+    if status != BNCPU_OK or n * c * s == 0:
+        return status
+    coefs = <float*>alloc_values(CHANNEL_COEFS, c, sizeof(float), True)
+    if coefs == NULL:
+        return BNCPU_ERR_NO_MEMORY
+    for j in range(c):
+        set_affine_coefs(coefs, c, j, mean[j], invstd[j], weight, bias)
+    n_threads = threads_begin(n * c * s)
+    half_pass(HALF_AFFINE, x, NULL, y, n, c, s, coefs, False, n_threads)
+    threads_end(n_threads)
+    free(coefs)
+    return BNCPU_OK
+
+
+cdef int bn_backward_reduce_half(const half* dy, const half* x, int64_t n, int64_t c,
+                                 int64_t s, const double* mean, double* sum_dy,
+                                 double* sum_dy_xmu) noexcept nogil:
+    cdef int status = reduce_status(dy, x, n, c, s, mean, sum_dy, sum_dy_xmu, sizeof(half))
+    cdef int n_threads
+    cdef int64_t j
+    if status != BNCPU_OK:
+        return status
+    if n * s == 0:
+        zero_stats(c, sum_dy, sum_dy_xmu)
+        return BNCPU_OK
+    n_threads = threads_begin(n * c * s)
+    if use_column_mode(s):
+        status = half_column_grad_sums(dy, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
+    else:
+        for j in prange(c, schedule='static', num_threads=n_threads):
+            half_channel_grad_sums(dy, x, n, c, s, j, mean[j], &sum_dy[j], &sum_dy_xmu[j])
+    threads_end(n_threads)
+    return status
+
+
+cdef int bn_backward_elemt_half(const half* dy, const half* x, half* dx, int64_t n, int64_t c,
+                                int64_t s, const double* mean, const double* invstd,
+                                const float* weight, const double* sum_dy,
+                                const double* sum_dy_xmu, int64_t count) noexcept nogil:
+    cdef int status = backward_elemt_status(dy, x, dx, n, c, s, mean, invstd, weight, sum_dy,
+                                            sum_dy_xmu, count, sizeof(half), sizeof(float))
+    cdef int n_threads
+    cdef int64_t j
+    cdef float* coefs
+    if status != BNCPU_OK or n * c * s == 0:
+        return status
+    coefs = <float*>alloc_values(CHANNEL_COEFS, c, sizeof(float), True)
+    if coefs == NULL:
+        return BNCPU_ERR_NO_MEMORY
+    for j in range(c):
+        set_backward_coefs(coefs, c, j, mean[j], invstd[j], weight, sum_dy[j], sum_dy_xmu[j],
+                           <double>count)
+    n_threads = threads_begin(n * c * s)
+    half_pass(HALF_BACKWARD, dy, x, dx, n, c, s, coefs, False, n_threads)
+    threads_end(n_threads)
+    free(coefs)
+    return BNCPU_OK

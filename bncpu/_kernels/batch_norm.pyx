@@ -623,11 +623,10 @@ cdef int bn_relu_backward(const real* dy, const real* y, const real* x, real* dx
 # --------------------------------------------------------------------------------
 # Split phase: the building blocks of synchronized batch norm
 # --------------------------------------------------------------------------------
-cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
-                  double* mean, double* m2) noexcept nogil:
+cdef int stats_status(const void* x, int64_t n, int64_t c, int64_t s, const double* mean,
+                      const double* m2, size_t data_size) noexcept nogil:
+    """batch_norm_stats' argument checks, data of data_size bytes a value: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
     cdef Region outputs[2]
     cdef Region data
     if status != BNCPU_OK:
@@ -636,14 +635,25 @@ cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
         return BNCPU_ERR_NULL_POINTER
     outputs[0] = region(mean, c, sizeof(double), False)
     outputs[1] = region(m2, c, sizeof(double), False)
-    data = region(x, n * c * s, sizeof(real), True)
-    status = check_aliasing(outputs, 2, &data, 1)
+    data = region(x, n * c * s, data_size, True)
+    return check_aliasing(outputs, 2, &data, 1)
+
+
+cdef void zero_stats(int64_t c, double* a, double* b) noexcept nogil:
+    cdef int64_t j
+    for j in range(c):
+        a[j] = 0
+        b[j] = 0
+
+
+cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
+                  double* mean, double* m2) noexcept nogil:
+    cdef int status = stats_status(x, n, c, s, mean, m2, sizeof(real))
+    cdef int n_threads
     if status != BNCPU_OK:
         return status
     if n * s == 0:
-        for j in range(c):
-            mean[j] = 0
-            m2[j] = 0
+        zero_stats(c, mean, m2)
         return BNCPU_OK
     n_threads = threads_begin(n * c * s)
     status = all_channel_stats(x, n, c, s, n_threads, mean, m2)
@@ -706,29 +716,36 @@ cdef int bn_gather_stats(int64_t p, int64_t c, const double* mean, const double*
     return BNCPU_OK
 
 
+cdef int elemt_status(const void* x, const void* y, int64_t n, int64_t c, int64_t s,
+                      const double* mean, const double* invstd, const void* weight,
+                      const void* bias, size_t data_size, size_t param_size) noexcept nogil:
+    """batch_norm_elemt's argument checks (none beyond the sizes for empty data), data of
+    data_size bytes a value and parameters of param_size: a status."""
+    cdef int status = check_sizes(n, c, s)
+    cdef Region output
+    cdef Region inputs[5]
+    if status != BNCPU_OK or n * c * s == 0:
+        return status
+    if x == NULL or y == NULL or mean == NULL or invstd == NULL:
+        return BNCPU_ERR_NULL_POINTER
+    output = region(y, n * c * s, data_size, True)
+    inputs[0] = region(x, n * c * s, data_size, True)
+    inputs[1] = region(mean, c, sizeof(double), False)
+    inputs[2] = region(invstd, c, sizeof(double), False)
+    inputs[3] = region(weight, c, param_size, False)
+    inputs[4] = region(bias, c, param_size, False)
+    return check_aliasing(&output, 1, inputs, 5)
+
+
 cdef int bn_elemt(const real* x, real* y, int64_t n, int64_t c, int64_t s,
                   const double* mean, const double* invstd,
                   const real* weight, const real* bias) noexcept nogil:
-    cdef int status = check_sizes(n, c, s)
+    cdef int status = elemt_status(x, y, n, c, s, mean, invstd, weight, bias, sizeof(real),
+                                   sizeof(real))
     cdef int n_threads
     cdef int64_t j
     cdef real* coefs
-    cdef Region output
-    cdef Region inputs[5]
-    if status != BNCPU_OK:
-        return status
-    if n * c * s == 0:
-        return BNCPU_OK
-    if x == NULL or y == NULL or mean == NULL or invstd == NULL:
-        return BNCPU_ERR_NULL_POINTER
-    output = region(y, n * c * s, sizeof(real), True)
-    inputs[0] = region(x, n * c * s, sizeof(real), True)
-    inputs[1] = region(mean, c, sizeof(double), False)
-    inputs[2] = region(invstd, c, sizeof(double), False)
-    inputs[3] = region(weight, c, sizeof(real), False)
-    inputs[4] = region(bias, c, sizeof(real), False)
-    status = check_aliasing(&output, 1, inputs, 5)
-    if status != BNCPU_OK:
+    if status != BNCPU_OK or n * c * s == 0:
         return status
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if coefs == NULL:
@@ -742,11 +759,12 @@ cdef int bn_elemt(const real* x, real* y, int64_t n, int64_t c, int64_t s,
     return BNCPU_OK
 
 
-cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
-                            const double* mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+cdef int reduce_status(const void* dy, const void* x, int64_t n, int64_t c, int64_t s,
+                       const double* mean, const double* sum_dy, const double* sum_dy_xmu,
+                       size_t data_size) noexcept nogil:
+    """batch_norm_backward_reduce's argument checks, data of data_size bytes a value: a
+    status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
     cdef Region outputs[2]
     cdef Region inputs[3]
     if status != BNCPU_OK:
@@ -756,16 +774,20 @@ cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c,
         return BNCPU_ERR_NULL_POINTER
     outputs[0] = region(sum_dy, c, sizeof(double), False)
     outputs[1] = region(sum_dy_xmu, c, sizeof(double), False)
-    inputs[0] = region(dy, n * c * s, sizeof(real), True)
-    inputs[1] = region(x, n * c * s, sizeof(real), True)
+    inputs[0] = region(dy, n * c * s, data_size, True)
+    inputs[1] = region(x, n * c * s, data_size, True)
     inputs[2] = region(mean, c, sizeof(double), False)
-    status = check_aliasing(outputs, 2, inputs, 3)
+    return check_aliasing(outputs, 2, inputs, 3)
+
+
+cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
+                            const double* mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    cdef int status = reduce_status(dy, x, n, c, s, mean, sum_dy, sum_dy_xmu, sizeof(real))
+    cdef int n_threads
     if status != BNCPU_OK:
         return status
     if n * s == 0:
-        for j in range(c):
-            sum_dy[j] = 0
-            sum_dy_xmu[j] = 0
+        zero_stats(c, sum_dy, sum_dy_xmu)
         return BNCPU_OK
     n_threads = threads_begin(n * c * s)
     status = all_channel_grad_sums(dy, NULL, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
@@ -773,14 +795,15 @@ cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c,
     return status
 
 
-cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
-                           const double* mean, const double* invstd, const real* weight,
-                           const double* sum_dy, const double* sum_dy_xmu,
-                           int64_t count) noexcept nogil:
+cdef int backward_elemt_status(const void* dy, const void* x, const void* dx, int64_t n,
+                               int64_t c, int64_t s, const double* mean, const double* invstd,
+                               const void* weight, const double* sum_dy,
+                               const double* sum_dy_xmu, int64_t count, size_t data_size,
+                               size_t param_size) noexcept nogil:
+    """batch_norm_backward_elemt's argument checks (none beyond the sizes and count for
+    empty data), data of data_size bytes a value and the weight of param_size: a
+    status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
-    cdef real* coefs
     cdef Region output
     cdef Region inputs[7]
     if status != BNCPU_OK:
@@ -792,16 +815,27 @@ cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, i
     if (dy == NULL or x == NULL or dx == NULL or mean == NULL or invstd == NULL
             or sum_dy == NULL or sum_dy_xmu == NULL):
         return BNCPU_ERR_NULL_POINTER
-    output = region(dx, n * c * s, sizeof(real), True)
-    inputs[0] = region(dy, n * c * s, sizeof(real), True)
-    inputs[1] = region(x, n * c * s, sizeof(real), True)
+    output = region(dx, n * c * s, data_size, True)
+    inputs[0] = region(dy, n * c * s, data_size, True)
+    inputs[1] = region(x, n * c * s, data_size, True)
     inputs[2] = region(mean, c, sizeof(double), False)
     inputs[3] = region(invstd, c, sizeof(double), False)
-    inputs[4] = region(weight, c, sizeof(real), False)
+    inputs[4] = region(weight, c, param_size, False)
     inputs[5] = region(sum_dy, c, sizeof(double), False)
     inputs[6] = region(sum_dy_xmu, c, sizeof(double), False)
-    status = check_aliasing(&output, 1, inputs, 7)
-    if status != BNCPU_OK:
+    return check_aliasing(&output, 1, inputs, 7)
+
+
+cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
+                           const double* mean, const double* invstd, const real* weight,
+                           const double* sum_dy, const double* sum_dy_xmu,
+                           int64_t count) noexcept nogil:
+    cdef int status = backward_elemt_status(dy, x, dx, n, c, s, mean, invstd, weight, sum_dy,
+                                            sum_dy_xmu, count, sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j
+    cdef real* coefs
+    if status != BNCPU_OK or n * c * s == 0:
         return status
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if coefs == NULL:

@@ -136,7 +136,7 @@ The statistics not used by the chosen mode may be NULL. eps is checked in both m
           """\
 Local statistics: per channel mean and m2 = Σ (x - mean)² over the n*s values
 (count = n*s; count 0 gives 0 and 0).""",
-          "batch norm: split phase (synchronized batch norm across processes)", "bn_stats", 0, FULL_PRECISION),
+          "batch norm: split phase (synchronized batch norm across processes)", "bn_stats", 0),
     Entry("batch_norm_gather_stats", "batch_norm", "bn_gather_stats",
           "int64_t p, int64_t c, const double* mean, const double* m2, const int64_t* counts, "
           "P* running_mean?, P* running_var?, double momentum, double eps, double* mean_out, "
@@ -152,12 +152,12 @@ invstd 1/sqrt(eps).""",
           "const T* x, T* y, int64_t n, int64_t c, int64_t s, const double* mean, "
           "const double* invstd, const P* weight?, const P* bias?",
           "Normalize with given statistics: y = (x - mean)*invstd*weight + bias.",
-          None, "bn_elemt", 0, FULL_PRECISION),
+          None, "bn_elemt", 0),
     Entry("batch_norm_backward_reduce", "batch_norm", "bn_backward_reduce",
           "const T* dy, const T* x, int64_t n, int64_t c, int64_t s, const double* mean, "
           "double* sum_dy, double* sum_dy_xmu",
           "Backward reduce: sum_dy = Σ dy, sum_dy_xmu = Σ dy*(x - mean), per channel.",
-          None, "bn_backward_reduce", 0, FULL_PRECISION),
+          None, "bn_backward_reduce", 0),
     Entry("batch_norm_backward_elemt", "batch_norm", "bn_backward_elemt",
           "const T* dy, const T* x, T* dx, int64_t n, int64_t c, int64_t s, const double* mean, "
           "const double* invstd, const P* weight?, const double* sum_dy, "
@@ -165,7 +165,7 @@ invstd 1/sqrt(eps).""",
           """\
 Backward elementwise, with the global sums and count of all processes:
 dx = weight*invstd*(dy - sum_dy/count - (x - mean)*invstd²*sum_dy_xmu/count).""",
-          None, "bn_backward_elemt", 0, FULL_PRECISION),
+          None, "bn_backward_elemt", 0),
     Entry("batch_norm_relu_forward_train", "batch_norm", "bn_relu_forward_train",
           "const T* x, const T* residual?, T* y, int64_t n, int64_t c, int64_t s, "
           "const P* weight?, const P* bias?, P* running_mean?, P* running_var?, "
