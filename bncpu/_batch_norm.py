@@ -35,10 +35,12 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
     Parameters
     ----------
     input : array_like
-        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
-        kept; float16 is computed as float32, integers and bool as float64.
+        Data of at least 2 dimensions, channels along ``axis``. float32, float64, float16
+        and bfloat16 (``ml_dtypes.bfloat16``) are kept, the half-precision ones computed in
+        float32 and returned in their dtype; integers and bool are computed as float64.
     running_mean, running_var : ndarray of shape (C,) or None
-        Running statistics in the compute dtype. Required when ``training=False``. In
+        Running statistics in the compute dtype (float32 for float16 and bfloat16 input;
+        in evaluation they may also have the input's dtype). Required when ``training=False``. In
         training they are updated in place, so they must be writeable, C-contiguous, in
         native byte order, apart from each other and from ``out``.
     weight, bias : array_like of shape (C,), optional
@@ -104,7 +106,8 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
         Shapes or values that disagree; nothing has been written then.
     """
     x, layout, w, b, rm, rv, training, momentum, eps = forward_args(
-        input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out)
+        input, weight, bias, running_mean, running_var, training, momentum, eps, axis, out,
+        half=True)
     unbiased_running_var = v.check_flag(unbiased_running_var, "unbiased_running_var")
     result = v.Output(out, x.shape, x.dtype, (x, w, b, rm, rv))
     save_mean, save_invstd = run_forward(x, result.target, layout, w, b, rm, rv, training,
@@ -117,12 +120,12 @@ def run_forward(x, y, layout, w, b, rm, rv, training, momentum, eps, unbiased_ru
     (save_mean, save_invstd)."""
     n, c, s = layout
     if training:
-        save_mean = np.empty(c, x.dtype)
-        save_invstd = np.empty(c, x.dtype)
+        save_mean = np.empty(c, v.param_dtype(x.dtype))
+        save_invstd = np.empty(c, v.param_dtype(x.dtype))
         raise_for_status(_bn.forward_train(x, y, n, c, s, w, b, rm, rv, momentum, eps,
                                            save_mean, save_invstd, unbiased_running_var))
     else:
-        save_mean = save_invstd = np.empty(0, x.dtype)
+        save_mean = save_invstd = np.empty(0, v.param_dtype(x.dtype))
         raise_for_status(_bn.forward_eval(x, y, n, c, s, w, b, rm, rv, eps))
     return save_mean, save_invstd
 
@@ -145,8 +148,10 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
     grad_output : array_like
         dL/dy, of the input's shape.
     input : array_like
-        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
-        kept; float16 is computed as float32, integers and bool as float64.
+        Data of at least 2 dimensions, channels along ``axis``. float32, float64, float16
+        and bfloat16 (``ml_dtypes.bfloat16``) are kept, the half-precision ones computed in
+        float32 (their statistics, weight and gradients of weight and bias float32);
+        integers and bool are computed as float64.
     weight : array_like of shape (C,), optional
         The forward's weight (1 when None).
     running_mean, running_var : array_like of shape (C,)
@@ -178,15 +183,15 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
     ValueError
         Shapes or values that disagree; nothing has been written then.
     """
-    x = v.as_input(input)
+    x = v.as_input(input, half=True)
     dtype = x.dtype
     dy = v.grad_output(grad_output, x)
     layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     training = v.check_flag(training, "training")
     eps = v.check_eps(eps)
-    w = v.per_channel(weight, "weight", layout[1], dtype)
-    rm, rv, mean, invstd = backward_stats(layout[1], dtype, training, running_mean, running_var,
-                                          save_mean, save_invstd)
+    w = v.per_channel(weight, "weight", layout[1], v.param_dtype(dtype))
+    rm, rv, mean, invstd = backward_stats(layout[1], v.param_dtype(dtype), training, running_mean,
+                                          running_var, save_mean, save_invstd)
     result = v.Output(out, x.shape, dtype, (dy, x, w))
     grad_weight, grad_bias = run_backward(dy, x, result.target, layout, w, rm, rv, mean, invstd,
                                           training, eps)
@@ -197,19 +202,21 @@ def run_backward(dy, x, dx, layout, w, rm, rv, mean, invstd, training, eps):
     """The backward kernel on checked arguments: writes ``dx``, returns (grad_weight,
     grad_bias), None without ``w``."""
     n, c, s = layout
-    grad_weight = np.empty(c, x.dtype) if w is not None else None
-    grad_bias = np.empty(c, x.dtype) if w is not None else None
+    grad_weight = np.empty(c, v.param_dtype(x.dtype)) if w is not None else None
+    grad_bias = np.empty(c, v.param_dtype(x.dtype)) if w is not None else None
     raise_for_status(_bn.backward(dy, x, dx, n, c, s, w, rm, rv, mean, invstd, training, eps,
                                   grad_weight, grad_bias))
     return grad_weight, grad_bias
 
 
 def forward_args(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                 axis, out):
+                 axis, out, half=False):
     """The checked arguments of a batch-norm forward, plain or fused:
     (x, (n, c, s), weight, bias, running_mean, running_var, training, momentum, eps).
-    In training ``out`` must lie apart from the running statistics it would overwrite."""
-    x = v.as_input(input)
+    In training ``out`` must lie apart from the running statistics it would overwrite.
+    half: float16 and bfloat16 input is kept (see v.as_input), its parameters and
+    statistics float32 (v.param_dtype)."""
+    x = v.as_input(input, half=half)
     layout = v.channel_layout(x.shape, v.channel_axis(axis, x.ndim))
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
@@ -225,10 +232,11 @@ def channel_args(x, layout, weight, bias, running_mean, running_var, training):
     input ``x`` of (outer, C, inner) ``layout``: the running statistics are required in
     evaluation and updated in training; training needs more than one value per channel."""
     n, c, s = layout
-    rm, rv = v.running_pair(running_mean, running_var, c, x.dtype, required=not training,
-                            updated=training)
-    w = v.per_channel(weight, "weight", c, x.dtype)
-    b = v.per_channel(bias, "bias", c, x.dtype)
+    dtype = v.param_dtype(x.dtype)
+    rm, rv = v.running_pair(running_mean, running_var, c, dtype, required=not training,
+                            updated=training, data_dtype=x.dtype)
+    w = v.per_channel(weight, "weight", c, dtype)
+    b = v.per_channel(bias, "bias", c, dtype)
     if training and n * s == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, "
                          f"got input size {x.shape}")
@@ -454,8 +462,10 @@ def batch_norm_backward_reduce(grad_output: ArrayLike, input: ArrayLike, mean: A
     grad_output : array_like
         dL/dy, of the input's shape.
     input : array_like
-        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
-        kept; float16 is computed as float32, integers and bool as float64.
+        Data of at least 2 dimensions, channels along ``axis``. float32, float64, float16
+        and bfloat16 (``ml_dtypes.bfloat16``) are kept, the half-precision ones computed in
+        float32 (their statistics, weight and gradients of weight and bias float32);
+        integers and bool are computed as float64.
     mean, invstd : array_like of shape (C,)
         The statistics the forward normalized with.
     weight : array_like of shape (C,), optional
@@ -507,8 +517,10 @@ def batch_norm_backward_elemt(grad_output: ArrayLike, input: ArrayLike, mean: Ar
     grad_output : array_like
         dL/dy, of the input's shape.
     input : array_like
-        Data of at least 2 dimensions, channels along ``axis``. float32 and float64 are
-        kept; float16 is computed as float32, integers and bool as float64.
+        Data of at least 2 dimensions, channels along ``axis``. float32, float64, float16
+        and bfloat16 (``ml_dtypes.bfloat16``) are kept, the half-precision ones computed in
+        float32 (their statistics, weight and gradients of weight and bias float32);
+        integers and bool are computed as float64.
     mean, invstd : array_like of shape (C,)
         The statistics the forward normalized with.
     weight : array_like of shape (C,), optional

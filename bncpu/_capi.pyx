@@ -71,7 +71,9 @@ cdef extern from *:
     static int bncpu_cpu_supports_avx2(void) {
     #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        /* The avx2 build converts float16 with F16C (-mf16c). */
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+            && __builtin_cpu_supports("f16c");
     #else
         return 0;
     #endif

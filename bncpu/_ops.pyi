@@ -9,7 +9,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 # ---- generated from bncpu/_kernels/manifest.py: python manifest.py --write ----
-_Data = NDArray[np.float32] | NDArray[np.float64]
+import ml_dtypes
+_Data = NDArray[np.float32] | NDArray[np.float64] | NDArray[ml_dtypes.bfloat16] | NDArray[np.float16]
 _Param = NDArray[np.float32] | NDArray[np.float64]
 _Stats = NDArray[np.float64]
 

@@ -13,7 +13,7 @@ Two namespaces keep the names the Python layers call: ``batch_norm`` (the genera
 wrappers of the batch-norm family, and gather_stats) and ``row_norm`` (forward,
 backward), which route group, layer, instance and RMS norm to their entries.
 """
-import importlib
+import sys
 from types import SimpleNamespace
 
 import numpy
@@ -39,12 +39,12 @@ cdef inline void* data_pointer(object array):
 
 cdef int typenum_of(str scalar_type) except -2:
     """NumPy's type number of a dtype named "module.name" (numpy.float32,
-    ml_dtypes.bfloat16), or -1 (no array matches it) when the module is missing."""
+    ml_dtypes.bfloat16), or -1 (no array matches it) while the module is not imported:
+    bncpu imports no module but NumPy for its dtypes."""
     module, name = scalar_type.rsplit(".", 1)
-    try:
-        return numpy.dtype(getattr(importlib.import_module(module), name)).num
-    except ImportError:
+    if module not in sys.modules:
         return -1
+    return numpy.dtype(getattr(sys.modules[module], name)).num
 
 
 include "_ops_entries.pxi"

@@ -2,7 +2,10 @@
 
 Rules (NumPy's, with PyTorch's names in the messages):
 * Inputs are array-likes. float32 and float64 are kept; float16 is computed and
-  returned as float32; integer, bool and other real types as float64 (like np.mean).
+  returned as float32, and so is bfloat16 (ml_dtypes.bfloat16); integer, bool and other
+  real types as float64 (like np.mean). Where half-precision kernels exist (batch norm's
+  forward and backward: ``as_input(..., half=True)``), float16 and bfloat16 data are
+  kept, computed in float32, with float32 parameters and statistics (param_dtype).
   Complex, object, string and datetime inputs raise TypeError naming the dtype.
   Masked arrays raise TypeError (the mask would be silently lost); other ndarray
   subclasses such as np.matrix are converted to plain arrays.
@@ -30,13 +33,31 @@ import numpy as np
 
 _FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
+_FLOAT16 = np.dtype(np.float16)
+
+
+def is_bfloat16(dtype):
+    """ml_dtypes.bfloat16, recognized without importing ml_dtypes (an array of it exists
+    only once its user has)."""
+    return dtype.kind == "V" and dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def is_half(dtype):
+    """float16 or bfloat16: the data dtypes of the half-precision kernels."""
+    return dtype == _FLOAT16 or is_bfloat16(dtype)
+
+
+def param_dtype(dtype):
+    """The dtype of the parameters and statistics that go with data of ``dtype``: float32
+    for half-precision data, else the data's own."""
+    return _FLOAT32 if is_half(dtype) else dtype
 
 
 def compute_dtype(dtype, name):
     """The kernel dtype for an input dtype, or TypeError."""
     if dtype == _FLOAT32 or dtype == _FLOAT64:
         return dtype
-    if dtype.kind == "f" and dtype.itemsize <= 4:
+    if (dtype.kind == "f" and dtype.itemsize <= 4) or is_bfloat16(dtype):
         return _FLOAT32
     if dtype.kind in "biuf":
         return _FLOAT64
@@ -63,15 +84,17 @@ def _plain(value, dtype):
             and value.flags.c_contiguous)
 
 
-def as_input(value, name="input", min_ndim=2, dtype=None):
-    """Array, C-contiguous, native, of its compute dtype (or of ``dtype`` when given)."""
+def as_input(value, name="input", min_ndim=2, dtype=None, half=False):
+    """Array, C-contiguous, native, of its compute dtype (or of ``dtype`` when given);
+    half: float16 and bfloat16 data are kept (the caller has their kernels)."""
     if type(value) is np.ndarray and value.ndim >= min_ndim and value.flags.c_contiguous:
         if (value.dtype == dtype if dtype is not None
-                else value.dtype == _FLOAT32 or value.dtype == _FLOAT64):
+                else value.dtype == _FLOAT32 or value.dtype == _FLOAT64
+                or (half and is_half(value.dtype))):
             return value   # the fast path (see _plain): kept as it is
     array = as_array(value, name)
     if dtype is None:
-        dtype = compute_dtype(array.dtype, name)
+        dtype = array.dtype if half and is_half(array.dtype) else compute_dtype(array.dtype, name)
     elif array.dtype.kind not in "biuf":
         compute_dtype(array.dtype, name)   # raises the TypeError
     if array.ndim < min_ndim:
@@ -144,9 +167,10 @@ def per_channel(value, name, c, dtype):
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def running_stat(value, name, c, dtype, updated=True):
+def running_stat(value, name, c, dtype, updated=True, data_dtype=None):
     """A running statistic: strict checks, and never converted when it is ``updated`` in
-    place; in evaluation it is only read, so any layout will do."""
+    place; in evaluation it is only read, so any layout will do, and it may also have the
+    data's dtype ``data_dtype`` (half-precision data with half-precision statistics)."""
     if value is None:
         return None
     if type(value) is np.ndarray and value.shape == (c,) and value.dtype == dtype:
@@ -157,7 +181,8 @@ def running_stat(value, name, c, dtype, updated=True):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), "
                         f"got {type(value).__name__}")
     check_channel_shape(value, name, c, updated)
-    if value.dtype.newbyteorder("=") != dtype:
+    if value.dtype.newbyteorder("=") != dtype and not (
+            not updated and data_dtype is not None and value.dtype == data_dtype):
         raise TypeError(f"{name} has dtype {value.dtype} but the input is computed as {dtype}; "
                         f"running statistics must have the compute dtype")
     if not updated:
@@ -171,9 +196,9 @@ def running_stat(value, name, c, dtype, updated=True):
     return value
 
 
-def running_pair(running_mean, running_var, c, dtype, required, updated=True):
-    rm = running_stat(running_mean, "running_mean", c, dtype, updated)
-    rv = running_stat(running_var, "running_var", c, dtype, updated)
+def running_pair(running_mean, running_var, c, dtype, required, updated=True, data_dtype=None):
+    rm = running_stat(running_mean, "running_mean", c, dtype, updated, data_dtype)
+    rv = running_stat(running_var, "running_var", c, dtype, updated, data_dtype)
     if (rm is None) != (rv is None) or (required and rm is None):
         what = "must be given when training=False" if required else "must be given together"
         raise ValueError(f"running_mean and running_var {what}")

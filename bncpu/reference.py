@@ -7,7 +7,9 @@ formula above it line by line, so the tests can hold the kernels to it and the b
 
 Conventions, shared with the kernels and taken from PyTorch, whose semantics these follow:
 
-* Inputs may be any array-likes. All arithmetic is in float64 and results are new float64 arrays.
+* Inputs may be any array-likes. All arithmetic is in float64 and results are new float64 arrays,
+  except that batch norm's output and grad_input for float16 and bfloat16 (ml_dtypes) input are
+  the float64 truth rounded once to the input's dtype, as the half-precision kernels promise.
   Statistics are two-pass: the mean first, then the squared deviations from it, which avoids the
   cancellation of E[x^2] - E[x]^2 when the mean is large against the spread.
 * Batch, group and instance norm see an input of shape (N, C, *) as (N, C, S), S the product of
@@ -64,6 +66,14 @@ __all__ = [
 
 def _float64(array):
     return np.asarray(array, dtype=np.float64)
+
+
+def _rounded_like(result, input):
+    """The float64 result rounded to the dtype of a float16 or bfloat16 input, else as is."""
+    dtype = np.asarray(input).dtype
+    if dtype == np.float16 or (dtype.kind == "V" and dtype.name == "bfloat16"):
+        return result.astype(dtype)
+    return result
 
 
 def _channels(x):
@@ -192,7 +202,8 @@ def batch_norm(input: ArrayLike, running_mean: NDArray | None, running_var: NDAr
     ----------
     input : array_like
         Data of at least 2 dimensions, channels along ``axis``.
-        Any real dtype, computed in float64.
+        Any real dtype, computed in float64 (float16 and bfloat16: the output rounded to
+        that dtype).
     running_mean, running_var : ndarray of shape (C,) or None
         Running statistics; required when ``training=False``, updated in place in training.
     weight, bias : array_like of shape (C,), optional
@@ -249,7 +260,8 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
     ----------
     input : array_like
         Data of at least 2 dimensions, channels along ``axis``.
-        Any real dtype, computed in float64.
+        Any real dtype, computed in float64 (float16 and bfloat16: the output rounded to
+        that dtype).
     running_mean, running_var : ndarray of shape (C,) or None
         Running statistics; required when ``training=False``, updated in place in training.
     weight, bias : array_like of shape (C,), optional
@@ -280,7 +292,7 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
             raise ValueError("running_mean and running_var must be given in evaluation mode")
         invstd = 1.0 / np.sqrt(_float64(running_var) + eps)
         output = batch_norm_elemt(x, weight, bias, running_mean, invstd)
-        return _channels_back(output, axis), np.empty(0), np.empty(0)
+        return _rounded_like(_channels_back(output, axis), input), np.empty(0), np.empty(0)
 
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
         raise ValueError(
@@ -293,7 +305,7 @@ def batch_norm_forward(input: ArrayLike, weight: ArrayLike | None, bias: ArrayLi
         unbiased_running_var=unbiased_running_var,
     )
     output = batch_norm_elemt(x, weight, bias, save_mean, save_invstd)
-    return _channels_back(output, axis), save_mean, save_invstd
+    return _rounded_like(_channels_back(output, axis), input), save_mean, save_invstd
 
 
 def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayLike | None,
@@ -322,7 +334,8 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
         dL/dy, of the input's shape.
     input : array_like
         Data of at least 2 dimensions, channels along ``axis``.
-        Any real dtype, computed in float64.
+        Any real dtype, computed in float64 (float16 and bfloat16: the output rounded to
+        that dtype).
     weight : array_like of shape (C,), optional
         The forward's weight (1 when None).
     running_mean, running_var : array_like of shape (C,)
@@ -359,7 +372,7 @@ def batch_norm_backward(grad_output: ArrayLike, input: ArrayLike, weight: ArrayL
     else:
         dy = _channels(grad_output)
         grad_input = _affine(dy * invstd[:, None], weight, None, (-1, 1)).reshape(x.shape)
-    return _channels_back(grad_input, axis), grad_weight, grad_bias
+    return _rounded_like(_channels_back(grad_input, axis), input), grad_weight, grad_bias
 
 
 # Split phase: the building blocks of synchronized batch norm, where P processes each hold a part

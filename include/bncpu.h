@@ -111,7 +111,7 @@ typedef enum {
  * packages of the same major version (it only sees the members it was compiled with). */
 /* ---- the API table: generated from bncpu/_kernels/manifest.py ---- */
 #define BNCPU_API_VERSION_MAJOR 3
-#define BNCPU_API_VERSION_MINOR 0
+#define BNCPU_API_VERSION_MINOR 1
 
 /* Half-precision data, as bits. bfloat16: sign, 8 exponent and 7
  * fraction bits, the upper half of a float32 of the same sign and
@@ -312,6 +312,65 @@ typedef struct bncpu_api {
         int64_t d, const float *rstd, const float *weight, float *dweight);
     int (*rms_norm_backward_f64)(const double *dy, const double *x, double *dx, int64_t rows,
         int64_t d, const double *rstd, const double *weight, double *dweight);
+
+    /* ==== members of API version 3.1 ==== */
+    int (*batch_norm_forward_train_bf16)(const bncpu_bf16 *x, bncpu_bf16 *y, int64_t n,
+        int64_t c, int64_t s, const float *weight, const float *bias, float *running_mean,
+        float *running_var, double momentum, double eps, float *save_mean, float *save_invstd,
+        int unbiased);
+    int (*batch_norm_forward_train_f16)(const bncpu_f16 *x, bncpu_f16 *y, int64_t n, int64_t c,
+        int64_t s, const float *weight, const float *bias, float *running_mean,
+        float *running_var, double momentum, double eps, float *save_mean, float *save_invstd,
+        int unbiased);
+    int (*batch_norm_forward_eval_bf16)(const bncpu_bf16 *x, bncpu_bf16 *y, int64_t n,
+        int64_t c, int64_t s, const float *weight, const float *bias, const float *running_mean,
+        const float *running_var, double eps);
+    int (*batch_norm_forward_eval_f16)(const bncpu_f16 *x, bncpu_f16 *y, int64_t n, int64_t c,
+        int64_t s, const float *weight, const float *bias, const float *running_mean,
+        const float *running_var, double eps);
+    int (*batch_norm_backward_bf16)(const bncpu_bf16 *dy, const bncpu_bf16 *x, bncpu_bf16 *dx,
+        int64_t n, int64_t c, int64_t s, const float *weight, const float *running_mean,
+        const float *running_var, const float *save_mean, const float *save_invstd,
+        int training, double eps, float *dweight, float *dbias);
+    int (*batch_norm_backward_f16)(const bncpu_f16 *dy, const bncpu_f16 *x, bncpu_f16 *dx,
+        int64_t n, int64_t c, int64_t s, const float *weight, const float *running_mean,
+        const float *running_var, const float *save_mean, const float *save_invstd,
+        int training, double eps, float *dweight, float *dbias);
+    int (*batch_norm_stats_bf16)(const bncpu_bf16 *x, int64_t n, int64_t c, int64_t s,
+        double *mean, double *m2);
+    int (*batch_norm_stats_f16)(const bncpu_f16 *x, int64_t n, int64_t c, int64_t s,
+        double *mean, double *m2);
+    int (*batch_norm_elemt_bf16)(const bncpu_bf16 *x, bncpu_bf16 *y, int64_t n, int64_t c,
+        int64_t s, const double *mean, const double *invstd, const float *weight,
+        const float *bias);
+    int (*batch_norm_elemt_f16)(const bncpu_f16 *x, bncpu_f16 *y, int64_t n, int64_t c,
+        int64_t s, const double *mean, const double *invstd, const float *weight,
+        const float *bias);
+    int (*batch_norm_backward_reduce_bf16)(const bncpu_bf16 *dy, const bncpu_bf16 *x, int64_t n,
+        int64_t c, int64_t s, const double *mean, double *sum_dy, double *sum_dy_xmu);
+    int (*batch_norm_backward_reduce_f16)(const bncpu_f16 *dy, const bncpu_f16 *x, int64_t n,
+        int64_t c, int64_t s, const double *mean, double *sum_dy, double *sum_dy_xmu);
+    int (*batch_norm_backward_elemt_bf16)(const bncpu_bf16 *dy, const bncpu_bf16 *x,
+        bncpu_bf16 *dx, int64_t n, int64_t c, int64_t s, const double *mean,
+        const double *invstd, const float *weight, const double *sum_dy,
+        const double *sum_dy_xmu, int64_t count);
+    int (*batch_norm_backward_elemt_f16)(const bncpu_f16 *dy, const bncpu_f16 *x, bncpu_f16 *dx,
+        int64_t n, int64_t c, int64_t s, const double *mean, const double *invstd,
+        const float *weight, const double *sum_dy, const double *sum_dy_xmu, int64_t count);
+    int (*batch_norm_relu_forward_train_bf16)(const bncpu_bf16 *x, const bncpu_bf16 *residual,
+        bncpu_bf16 *y, int64_t n, int64_t c, int64_t s, const float *weight, const float *bias,
+        float *running_mean, float *running_var, double momentum, double eps, float *save_mean,
+        float *save_invstd, int unbiased);
+    int (*batch_norm_relu_forward_train_f16)(const bncpu_f16 *x, const bncpu_f16 *residual,
+        bncpu_f16 *y, int64_t n, int64_t c, int64_t s, const float *weight, const float *bias,
+        float *running_mean, float *running_var, double momentum, double eps, float *save_mean,
+        float *save_invstd, int unbiased);
+    int (*batch_norm_relu_forward_eval_bf16)(const bncpu_bf16 *x, const bncpu_bf16 *residual,
+        bncpu_bf16 *y, int64_t n, int64_t c, int64_t s, const float *weight, const float *bias,
+        const float *running_mean, const float *running_var, double eps);
+    int (*batch_norm_relu_forward_eval_f16)(const bncpu_f16 *x, const bncpu_f16 *residual,
+        bncpu_f16 *y, int64_t n, int64_t c, int64_t s, const float *weight, const float *bias,
+        const float *running_mean, const float *running_var, double eps);
 } bncpu_api;
 /* ---- end of the generated table ---- */
 
@@ -639,6 +698,24 @@ static inline int bncpu_set_num_threads(int n)
 #define bncpu_rms_norm_forward_f64(...) BNCPU_CALL_(rms_norm_forward_f64, __VA_ARGS__)
 #define bncpu_rms_norm_backward_f32(...) BNCPU_CALL_(rms_norm_backward_f32, __VA_ARGS__)
 #define bncpu_rms_norm_backward_f64(...) BNCPU_CALL_(rms_norm_backward_f64, __VA_ARGS__)
+#define bncpu_batch_norm_forward_train_bf16(...) BNCPU_CALL_(batch_norm_forward_train_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_forward_train_f16(...) BNCPU_CALL_(batch_norm_forward_train_f16, __VA_ARGS__)
+#define bncpu_batch_norm_forward_eval_bf16(...) BNCPU_CALL_(batch_norm_forward_eval_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_forward_eval_f16(...) BNCPU_CALL_(batch_norm_forward_eval_f16, __VA_ARGS__)
+#define bncpu_batch_norm_backward_bf16(...) BNCPU_CALL_(batch_norm_backward_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_backward_f16(...) BNCPU_CALL_(batch_norm_backward_f16, __VA_ARGS__)
+#define bncpu_batch_norm_stats_bf16(...) BNCPU_CALL_(batch_norm_stats_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_stats_f16(...) BNCPU_CALL_(batch_norm_stats_f16, __VA_ARGS__)
+#define bncpu_batch_norm_elemt_bf16(...) BNCPU_CALL_(batch_norm_elemt_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_elemt_f16(...) BNCPU_CALL_(batch_norm_elemt_f16, __VA_ARGS__)
+#define bncpu_batch_norm_backward_reduce_bf16(...) BNCPU_CALL_(batch_norm_backward_reduce_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_backward_reduce_f16(...) BNCPU_CALL_(batch_norm_backward_reduce_f16, __VA_ARGS__)
+#define bncpu_batch_norm_backward_elemt_bf16(...) BNCPU_CALL_(batch_norm_backward_elemt_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_backward_elemt_f16(...) BNCPU_CALL_(batch_norm_backward_elemt_f16, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_train_bf16(...) BNCPU_CALL_(batch_norm_relu_forward_train_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_train_f16(...) BNCPU_CALL_(batch_norm_relu_forward_train_f16, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_eval_bf16(...) BNCPU_CALL_(batch_norm_relu_forward_eval_bf16, __VA_ARGS__)
+#define bncpu_batch_norm_relu_forward_eval_f16(...) BNCPU_CALL_(batch_norm_relu_forward_eval_f16, __VA_ARGS__)
 /* ---- end of the generated macros ---- */
 
 #ifdef __cplusplus

@@ -52,7 +52,7 @@ from bncpu._kernels._common cimport (
     BNCPU_ERR_ALIASED_STATS, BNCPU_ERR_NO_MEMORY, Region, region, check_aliasing,
     alloc_values, check_sizes, check_eps, check_momentum)
 from bncpu._kernels._primitives cimport (
-    real, LANES, STATS_BLOCK, span_stats, merge_stats, sum_dy_xmu_span, split_center,
+    real, LANES, STATS_BLOCK, span_stats, block_stats, merge_stats, sum_dy_xmu_span, split_center,
     zero_lanes, sum_lanes, add_span, add_dev_span, add_dev_span_f64, finish_dev,
     add_dy_xmu_span, finish_dy_xmu, f32_add_column_sums, f32_add_column_dev_sums,
     f32_add_column_grad_sums, add_grad_sums_f64, affine_span, affine_relu_span, scale_span,
@@ -116,6 +116,7 @@ include "_bn_column.pxi"
 include "_bn_channel.pxi"
 include "_bn_split.pxi"
 include "_bn_passes.pxi"
+include "_bn_half.pxi"
 
 # --------------------------------------------------------------------------------
 # Statistics of all channels (shared by the fused and split-phase entry points)
@@ -238,18 +239,14 @@ cdef int all_channel_grad_sums(const real* dy, const real* mask, const real* x, 
 # --------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------
-cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, int64_t n,
-                       int64_t c, int64_t s, const real* weight, const real* bias,
-                       real* running_mean, real* running_var, double momentum, double eps,
-                       real* save_mean, real* save_invstd, int unbiased) noexcept nogil:
-    """The training forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+cdef int train_status(const void* x, const void* residual, const void* y, int64_t n,
+                      int64_t c, int64_t s, const void* weight, const void* bias,
+                      const void* running_mean, const void* running_var, double momentum,
+                      double eps, const void* save_mean, const void* save_invstd,
+                      size_t data_size, size_t param_size) noexcept nogil:
+    """The training forward's argument checks, data of data_size bytes a value and
+    parameters and statistics of param_size: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j, chunk, n_chunks, run, count = n * s
-    cdef bint stream = use_streaming(y, x, residual, n * c * s * sizeof(real))
-    cdef double* mean
-    cdef double* var
-    cdef real* coefs
     cdef Region outputs[5]
     cdef Region inputs[4]
     if status == BNCPU_OK:
@@ -264,28 +261,65 @@ cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, 
         return BNCPU_ERR_NULL_POINTER
     if running_mean != NULL and running_mean == running_var and c > 0:
         return BNCPU_ERR_ALIASED_STATS
-    if count == 1:
+    if n * s == 1:
         return BNCPU_ERR_ONE_VALUE
-    outputs[0] = region(y, n * c * s, sizeof(real), True)
-    outputs[1] = region(running_mean, c, sizeof(real), False)
-    outputs[2] = region(running_var, c, sizeof(real), False)
-    outputs[3] = region(save_mean, c, sizeof(real), False)
-    outputs[4] = region(save_invstd, c, sizeof(real), False)
-    inputs[0] = region(x, n * c * s, sizeof(real), True)
-    inputs[1] = region(residual, n * c * s, sizeof(real), True)
-    inputs[2] = region(weight, c, sizeof(real), False)
-    inputs[3] = region(bias, c, sizeof(real), False)
-    status = check_aliasing(outputs, 5, inputs, 4)
+    outputs[0] = region(y, n * c * s, data_size, True)
+    outputs[1] = region(running_mean, c, param_size, False)
+    outputs[2] = region(running_var, c, param_size, False)
+    outputs[3] = region(save_mean, c, param_size, False)
+    outputs[4] = region(save_invstd, c, param_size, False)
+    inputs[0] = region(x, n * c * s, data_size, True)
+    inputs[1] = region(residual, n * c * s, data_size, True)
+    inputs[2] = region(weight, c, param_size, False)
+    inputs[3] = region(bias, c, param_size, False)
+    return check_aliasing(outputs, 5, inputs, 4)
+
+
+cdef void empty_batch_stats(int64_t c, double eps, real* save_mean,
+                            real* save_invstd) noexcept nogil:
+    """Empty batch: nothing to normalize, running statistics untouched; the saved
+    statistics are those of mean 0 and variance 0."""
+    cdef int64_t j
+    for j in range(c if save_mean != NULL or save_invstd != NULL else 0):
+        if save_mean != NULL:
+            save_mean[j] = 0
+        if save_invstd != NULL:
+            save_invstd[j] = <real>invstd_of(0.0, eps)
+
+
+cdef void save_train_stats(int64_t c, const double* mean, const double* var, double count,
+                           double eps, real* running_mean, real* running_var,
+                           double momentum, int unbiased, real* save_mean,
+                           real* save_invstd) noexcept nogil:
+    """The training forward's results besides y: the saved and running statistics."""
+    cdef int64_t j
+    for j in range(c):
+        if save_mean != NULL:
+            save_mean[j] = <real>mean[j]
+        if save_invstd != NULL:
+            save_invstd[j] = <real>invstd_of(var[j], eps)
+        update_running(running_mean, running_var, j, mean[j], var[j], count, momentum,
+                       unbiased)
+
+
+cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                       int64_t c, int64_t s, const real* weight, const real* bias,
+                       real* running_mean, real* running_var, double momentum, double eps,
+                       real* save_mean, real* save_invstd, int unbiased) noexcept nogil:
+    """The training forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+    cdef int status = train_status(x, residual, y, n, c, s, weight, bias, running_mean,
+                                   running_var, momentum, eps, save_mean, save_invstd,
+                                   sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j, chunk, n_chunks, run, count = n * s
+    cdef bint stream = use_streaming(y, x, residual, n * c * s * sizeof(real))
+    cdef double* mean
+    cdef double* var
+    cdef real* coefs
     if status != BNCPU_OK or c == 0:
         return status
     if count == 0:
-        # Empty batch: nothing to normalize, running statistics untouched; the saved
-        # statistics are those of mean 0 and variance 0.
-        for j in range(c if save_mean != NULL or save_invstd != NULL else 0):
-            if save_mean != NULL:
-                save_mean[j] = 0
-            if save_invstd != NULL:
-                save_invstd[j] = <real>invstd_of(0.0, eps)
+        empty_batch_stats(c, eps, save_mean, save_invstd)
         return BNCPU_OK
     mean = <double*>alloc_values(2, c, sizeof(double), False)
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
@@ -315,13 +349,8 @@ cdef int forward_train(Pass kind, const real* x, const real* residual, real* y, 
                           coefs, stream)
     threads_end(n_threads)
     if status == BNCPU_OK:
-        for j in range(c):
-            if save_mean != NULL:
-                save_mean[j] = <real>mean[j]
-            if save_invstd != NULL:
-                save_invstd[j] = <real>invstd_of(var[j], eps)
-            update_running(running_mean, running_var, j, mean[j], var[j], <double>count, momentum,
-                           unbiased)
+        save_train_stats(c, mean, var, <double>count, eps, running_mean, running_var, momentum,
+                         unbiased, save_mean, save_invstd)
     free(mean)
     free(coefs)
     return status
@@ -348,15 +377,13 @@ cdef int bn_relu_forward_train(const real* x, const real* residual, real* y, int
                          unbiased)
 
 
-cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, int64_t n,
-                      int64_t c, int64_t s, const real* weight, const real* bias,
-                      const real* running_mean, const real* running_var,
-                      double eps) noexcept nogil:
-    """The evaluation forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+cdef int eval_status(const void* x, const void* residual, const void* y, int64_t n,
+                     int64_t c, int64_t s, const void* weight, const void* bias,
+                     const void* running_mean, const void* running_var, double eps,
+                     size_t data_size, size_t param_size) noexcept nogil:
+    """The evaluation forward's argument checks, data of data_size bytes a value and
+    parameters of param_size: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
-    cdef real* coefs
     cdef Region output
     cdef Region inputs[6]
     if status == BNCPU_OK:
@@ -367,14 +394,26 @@ cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, i
         return BNCPU_ERR_NULL_POINTER
     if (x == NULL or y == NULL) and n * c * s > 0:
         return BNCPU_ERR_NULL_POINTER
-    output = region(y, n * c * s, sizeof(real), True)
-    inputs[0] = region(x, n * c * s, sizeof(real), True)
-    inputs[1] = region(residual, n * c * s, sizeof(real), True)
-    inputs[2] = region(weight, c, sizeof(real), False)
-    inputs[3] = region(bias, c, sizeof(real), False)
-    inputs[4] = region(running_mean, c, sizeof(real), False)
-    inputs[5] = region(running_var, c, sizeof(real), False)
-    status = check_aliasing(&output, 1, inputs, 6)
+    output = region(y, n * c * s, data_size, True)
+    inputs[0] = region(x, n * c * s, data_size, True)
+    inputs[1] = region(residual, n * c * s, data_size, True)
+    inputs[2] = region(weight, c, param_size, False)
+    inputs[3] = region(bias, c, param_size, False)
+    inputs[4] = region(running_mean, c, param_size, False)
+    inputs[5] = region(running_var, c, param_size, False)
+    return check_aliasing(&output, 1, inputs, 6)
+
+
+cdef int forward_eval(Pass kind, const real* x, const real* residual, real* y, int64_t n,
+                      int64_t c, int64_t s, const real* weight, const real* bias,
+                      const real* running_mean, const real* running_var,
+                      double eps) noexcept nogil:
+    """The evaluation forward, its pass PASS_AFFINE or PASS_AFFINE_RELU (with residual)."""
+    cdef int status = eval_status(x, residual, y, n, c, s, weight, bias, running_mean,
+                                  running_var, eps, sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j
+    cdef real* coefs
     if status != BNCPU_OK or n * c * s == 0:
         return status
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
@@ -409,23 +448,17 @@ cdef int bn_relu_forward_eval(const real* x, const real* residual, real* y, int6
 # --------------------------------------------------------------------------------
 # Backward
 # --------------------------------------------------------------------------------
-cdef int backward(const real* dy, const real* mask, const real* x, real* dx, real* g_out,
-                  int64_t n, int64_t c, int64_t s, const real* weight,
-                  const real* running_mean, const real* running_var, const real* save_mean,
-                  const real* save_invstd, int training, double eps, real* dweight,
-                  real* dbias) noexcept nogil:
-    """The backward of g = dy, or of g = dy masked by the fused forward's output `mask`
-    (g also to g_out when given; see Pass)."""
+cdef int backward_status(const void* dy, const void* mask, const void* x, const void* dx,
+                         const void* g_out, int64_t n, int64_t c, int64_t s,
+                         const void* weight, const void* running_mean,
+                         const void* running_var, const void* save_mean,
+                         const void* save_invstd, int training, double eps,
+                         const void* dweight, const void* dbias, size_t data_size,
+                         size_t param_size) noexcept nogil:
+    """The backward's argument checks, data of data_size bytes a value and parameters
+    and statistics of param_size: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j, chunk, run, count = n * s
-    cdef double* mean
-    cdef double* invstd
-    cdef double* sum_dy
-    cdef double* sum_dy_xmu
-    cdef real* coefs
     cdef bint need_sums = training or dweight != NULL or dbias != NULL
-    cdef bint fused_scale
     cdef Region outputs[4]
     cdef Region inputs[6]
     if status == BNCPU_OK:
@@ -438,39 +471,41 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
         return BNCPU_ERR_NULL_POINTER
     if c > 0 and not training and (running_mean == NULL or running_var == NULL):
         return BNCPU_ERR_NULL_POINTER
-    outputs[0] = region(dx, n * c * s, sizeof(real), True)
-    outputs[1] = region(g_out, n * c * s, sizeof(real), True)
-    outputs[2] = region(dweight, c, sizeof(real), False)
-    outputs[3] = region(dbias, c, sizeof(real), False)
-    inputs[0] = region(dy, n * c * s, sizeof(real), True)
-    inputs[1] = region(mask, n * c * s, sizeof(real), True)
-    inputs[2] = region(x, n * c * s, sizeof(real), True)
-    inputs[3] = region(weight, c, sizeof(real), False)
+    outputs[0] = region(dx, n * c * s, data_size, True)
+    outputs[1] = region(g_out, n * c * s, data_size, True)
+    outputs[2] = region(dweight, c, param_size, False)
+    outputs[3] = region(dbias, c, param_size, False)
+    inputs[0] = region(dy, n * c * s, data_size, True)
+    inputs[1] = region(mask, n * c * s, data_size, True)
+    inputs[2] = region(x, n * c * s, data_size, True)
+    inputs[3] = region(weight, c, param_size, False)
     # The statistics the mode reads (the others may be anything).
-    inputs[4] = region(save_mean if training else running_mean, c, sizeof(real), False)
-    inputs[5] = region(save_invstd if training else running_var, c, sizeof(real), False)
-    status = check_aliasing(outputs, 4, inputs, 6)
-    if status != BNCPU_OK or c == 0:
-        return status
-    if count == 0:
-        # No values: the sums are empty (0), and dweight = 0·invstd (NaN for an infinite
-        # invstd, as the formula gives).
-        for j in range(c if dweight != NULL or dbias != NULL else 0):
-            if dweight != NULL:
-                dweight[j] = <real>(0.0 * (save_invstd[j] if training
-                                           else invstd_of(running_var[j], eps)))
-            if dbias != NULL:
-                dbias[j] = 0
-        return BNCPU_OK
-    mean = <double*>alloc_values(4, c, sizeof(double), False)
-    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
-    if mean == NULL or coefs == NULL:
-        free(mean)
-        free(coefs)
-        return BNCPU_ERR_NO_MEMORY
-    invstd = mean + c
-    sum_dy = mean + 2 * c
-    sum_dy_xmu = mean + 3 * c
+    inputs[4] = region(save_mean if training else running_mean, c, param_size, False)
+    inputs[5] = region(save_invstd if training else running_var, c, param_size, False)
+    return check_aliasing(outputs, 4, inputs, 6)
+
+
+cdef void empty_backward(int64_t c, const real* running_var, const real* save_invstd,
+                         int training, double eps, real* dweight, real* dbias) noexcept nogil:
+    """No values: the sums are empty (0), and dweight = 0·invstd (NaN for an infinite
+    invstd, as the formula gives)."""
+    cdef int64_t j
+    for j in range(c if dweight != NULL or dbias != NULL else 0):
+        if dweight != NULL:
+            dweight[j] = <real>(0.0 * (save_invstd[j] if training
+                                       else invstd_of(running_var[j], eps)))
+        if dbias != NULL:
+            dbias[j] = 0
+
+
+cdef void backward_stats(int64_t c, const real* weight, const real* running_mean,
+                         const real* running_var, const real* save_mean,
+                         const real* save_invstd, int training, double eps, double* mean,
+                         double* invstd, double* sum_dy, double* sum_dy_xmu,
+                         real* coefs) noexcept nogil:
+    """The backward's per-channel mean and invstd (saved, or from the running statistics),
+    zeroed sums and, in evaluation, the scale of dx = dy·w·invstd."""
+    cdef int64_t j
     for j in range(c):
         if training:
             mean[j] = save_mean[j]
@@ -482,6 +517,54 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
             coefs[COEF_SCALE * c + j] = <real>(invstd[j] * (weight[j] if weight != NULL else 1.0))
         sum_dy[j] = 0
         sum_dy_xmu[j] = 0
+
+
+cdef void save_backward_grads(int64_t c, const double* invstd, const double* sum_dy,
+                              const double* sum_dy_xmu, real* dweight,
+                              real* dbias) noexcept nogil:
+    cdef int64_t j
+    for j in range(c):
+        if dweight != NULL:
+            dweight[j] = <real>(sum_dy_xmu[j] * invstd[j])
+        if dbias != NULL:
+            dbias[j] = <real>sum_dy[j]
+
+
+cdef int backward(const real* dy, const real* mask, const real* x, real* dx, real* g_out,
+                  int64_t n, int64_t c, int64_t s, const real* weight,
+                  const real* running_mean, const real* running_var, const real* save_mean,
+                  const real* save_invstd, int training, double eps, real* dweight,
+                  real* dbias) noexcept nogil:
+    """The backward of g = dy, or of g = dy masked by the fused forward's output `mask`
+    (g also to g_out when given; see Pass)."""
+    cdef int status = backward_status(dy, mask, x, dx, g_out, n, c, s, weight, running_mean,
+                                      running_var, save_mean, save_invstd, training, eps,
+                                      dweight, dbias, sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j, chunk, run, count = n * s
+    cdef double* mean
+    cdef double* invstd
+    cdef double* sum_dy
+    cdef double* sum_dy_xmu
+    cdef real* coefs
+    cdef bint need_sums = training or dweight != NULL or dbias != NULL
+    cdef bint fused_scale
+    if status != BNCPU_OK or c == 0:
+        return status
+    if count == 0:
+        empty_backward(c, running_var, save_invstd, training, eps, dweight, dbias)
+        return BNCPU_OK
+    mean = <double*>alloc_values(4, c, sizeof(double), False)
+    coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
+    if mean == NULL or coefs == NULL:
+        free(mean)
+        free(coefs)
+        return BNCPU_ERR_NO_MEMORY
+    invstd = mean + c
+    sum_dy = mean + 2 * c
+    sum_dy_xmu = mean + 3 * c
+    backward_stats(c, weight, running_mean, running_var, save_mean, save_invstd, training, eps,
+                   mean, invstd, sum_dy, sum_dy_xmu, coefs)
     n_threads = threads_begin(n * c * s)
     if use_column_mode(s) or use_split_mode(c, s, n_threads) or not need_sums:
         # Evaluation in column mode: dx = dy·scale computed with the sums, tile by tile.
@@ -508,11 +591,7 @@ cdef int backward(const real* dy, const real* mask, const real* x, real* dx, rea
                               and <const real*>dx != mask)
     threads_end(n_threads)
     if status == BNCPU_OK:
-        for j in range(c):
-            if dweight != NULL:
-                dweight[j] = <real>(sum_dy_xmu[j] * invstd[j])
-            if dbias != NULL:
-                dbias[j] = <real>sum_dy[j]
+        save_backward_grads(c, invstd, sum_dy, sum_dy_xmu, dweight, dbias)
     free(mean)
     free(coefs)
     return status
@@ -544,11 +623,10 @@ cdef int bn_relu_backward(const real* dy, const real* y, const real* x, real* dx
 # --------------------------------------------------------------------------------
 # Split phase: the building blocks of synchronized batch norm
 # --------------------------------------------------------------------------------
-cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
-                  double* mean, double* m2) noexcept nogil:
+cdef int stats_status(const void* x, int64_t n, int64_t c, int64_t s, const double* mean,
+                      const double* m2, size_t data_size) noexcept nogil:
+    """batch_norm_stats' argument checks, data of data_size bytes a value: a status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
     cdef Region outputs[2]
     cdef Region data
     if status != BNCPU_OK:
@@ -557,14 +635,25 @@ cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
         return BNCPU_ERR_NULL_POINTER
     outputs[0] = region(mean, c, sizeof(double), False)
     outputs[1] = region(m2, c, sizeof(double), False)
-    data = region(x, n * c * s, sizeof(real), True)
-    status = check_aliasing(outputs, 2, &data, 1)
+    data = region(x, n * c * s, data_size, True)
+    return check_aliasing(outputs, 2, &data, 1)
+
+
+cdef void zero_stats(int64_t c, double* a, double* b) noexcept nogil:
+    cdef int64_t j
+    for j in range(c):
+        a[j] = 0
+        b[j] = 0
+
+
+cdef int bn_stats(const real* x, int64_t n, int64_t c, int64_t s,
+                  double* mean, double* m2) noexcept nogil:
+    cdef int status = stats_status(x, n, c, s, mean, m2, sizeof(real))
+    cdef int n_threads
     if status != BNCPU_OK:
         return status
     if n * s == 0:
-        for j in range(c):
-            mean[j] = 0
-            m2[j] = 0
+        zero_stats(c, mean, m2)
         return BNCPU_OK
     n_threads = threads_begin(n * c * s)
     status = all_channel_stats(x, n, c, s, n_threads, mean, m2)
@@ -627,29 +716,36 @@ cdef int bn_gather_stats(int64_t p, int64_t c, const double* mean, const double*
     return BNCPU_OK
 
 
+cdef int elemt_status(const void* x, const void* y, int64_t n, int64_t c, int64_t s,
+                      const double* mean, const double* invstd, const void* weight,
+                      const void* bias, size_t data_size, size_t param_size) noexcept nogil:
+    """batch_norm_elemt's argument checks (none beyond the sizes for empty data), data of
+    data_size bytes a value and parameters of param_size: a status."""
+    cdef int status = check_sizes(n, c, s)
+    cdef Region output
+    cdef Region inputs[5]
+    if status != BNCPU_OK or n * c * s == 0:
+        return status
+    if x == NULL or y == NULL or mean == NULL or invstd == NULL:
+        return BNCPU_ERR_NULL_POINTER
+    output = region(y, n * c * s, data_size, True)
+    inputs[0] = region(x, n * c * s, data_size, True)
+    inputs[1] = region(mean, c, sizeof(double), False)
+    inputs[2] = region(invstd, c, sizeof(double), False)
+    inputs[3] = region(weight, c, param_size, False)
+    inputs[4] = region(bias, c, param_size, False)
+    return check_aliasing(&output, 1, inputs, 5)
+
+
 cdef int bn_elemt(const real* x, real* y, int64_t n, int64_t c, int64_t s,
                   const double* mean, const double* invstd,
                   const real* weight, const real* bias) noexcept nogil:
-    cdef int status = check_sizes(n, c, s)
+    cdef int status = elemt_status(x, y, n, c, s, mean, invstd, weight, bias, sizeof(real),
+                                   sizeof(real))
     cdef int n_threads
     cdef int64_t j
     cdef real* coefs
-    cdef Region output
-    cdef Region inputs[5]
-    if status != BNCPU_OK:
-        return status
-    if n * c * s == 0:
-        return BNCPU_OK
-    if x == NULL or y == NULL or mean == NULL or invstd == NULL:
-        return BNCPU_ERR_NULL_POINTER
-    output = region(y, n * c * s, sizeof(real), True)
-    inputs[0] = region(x, n * c * s, sizeof(real), True)
-    inputs[1] = region(mean, c, sizeof(double), False)
-    inputs[2] = region(invstd, c, sizeof(double), False)
-    inputs[3] = region(weight, c, sizeof(real), False)
-    inputs[4] = region(bias, c, sizeof(real), False)
-    status = check_aliasing(&output, 1, inputs, 5)
-    if status != BNCPU_OK:
+    if status != BNCPU_OK or n * c * s == 0:
         return status
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if coefs == NULL:
@@ -663,11 +759,12 @@ cdef int bn_elemt(const real* x, real* y, int64_t n, int64_t c, int64_t s,
     return BNCPU_OK
 
 
-cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
-                            const double* mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+cdef int reduce_status(const void* dy, const void* x, int64_t n, int64_t c, int64_t s,
+                       const double* mean, const double* sum_dy, const double* sum_dy_xmu,
+                       size_t data_size) noexcept nogil:
+    """batch_norm_backward_reduce's argument checks, data of data_size bytes a value: a
+    status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
     cdef Region outputs[2]
     cdef Region inputs[3]
     if status != BNCPU_OK:
@@ -677,16 +774,20 @@ cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c,
         return BNCPU_ERR_NULL_POINTER
     outputs[0] = region(sum_dy, c, sizeof(double), False)
     outputs[1] = region(sum_dy_xmu, c, sizeof(double), False)
-    inputs[0] = region(dy, n * c * s, sizeof(real), True)
-    inputs[1] = region(x, n * c * s, sizeof(real), True)
+    inputs[0] = region(dy, n * c * s, data_size, True)
+    inputs[1] = region(x, n * c * s, data_size, True)
     inputs[2] = region(mean, c, sizeof(double), False)
-    status = check_aliasing(outputs, 2, inputs, 3)
+    return check_aliasing(outputs, 2, inputs, 3)
+
+
+cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c, int64_t s,
+                            const double* mean, double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    cdef int status = reduce_status(dy, x, n, c, s, mean, sum_dy, sum_dy_xmu, sizeof(real))
+    cdef int n_threads
     if status != BNCPU_OK:
         return status
     if n * s == 0:
-        for j in range(c):
-            sum_dy[j] = 0
-            sum_dy_xmu[j] = 0
+        zero_stats(c, sum_dy, sum_dy_xmu)
         return BNCPU_OK
     n_threads = threads_begin(n * c * s)
     status = all_channel_grad_sums(dy, NULL, x, n, c, s, mean, n_threads, sum_dy, sum_dy_xmu)
@@ -694,14 +795,15 @@ cdef int bn_backward_reduce(const real* dy, const real* x, int64_t n, int64_t c,
     return status
 
 
-cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
-                           const double* mean, const double* invstd, const real* weight,
-                           const double* sum_dy, const double* sum_dy_xmu,
-                           int64_t count) noexcept nogil:
+cdef int backward_elemt_status(const void* dy, const void* x, const void* dx, int64_t n,
+                               int64_t c, int64_t s, const double* mean, const double* invstd,
+                               const void* weight, const double* sum_dy,
+                               const double* sum_dy_xmu, int64_t count, size_t data_size,
+                               size_t param_size) noexcept nogil:
+    """batch_norm_backward_elemt's argument checks (none beyond the sizes and count for
+    empty data), data of data_size bytes a value and the weight of param_size: a
+    status."""
     cdef int status = check_sizes(n, c, s)
-    cdef int n_threads
-    cdef int64_t j
-    cdef real* coefs
     cdef Region output
     cdef Region inputs[7]
     if status != BNCPU_OK:
@@ -713,16 +815,27 @@ cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, i
     if (dy == NULL or x == NULL or dx == NULL or mean == NULL or invstd == NULL
             or sum_dy == NULL or sum_dy_xmu == NULL):
         return BNCPU_ERR_NULL_POINTER
-    output = region(dx, n * c * s, sizeof(real), True)
-    inputs[0] = region(dy, n * c * s, sizeof(real), True)
-    inputs[1] = region(x, n * c * s, sizeof(real), True)
+    output = region(dx, n * c * s, data_size, True)
+    inputs[0] = region(dy, n * c * s, data_size, True)
+    inputs[1] = region(x, n * c * s, data_size, True)
     inputs[2] = region(mean, c, sizeof(double), False)
     inputs[3] = region(invstd, c, sizeof(double), False)
-    inputs[4] = region(weight, c, sizeof(real), False)
+    inputs[4] = region(weight, c, param_size, False)
     inputs[5] = region(sum_dy, c, sizeof(double), False)
     inputs[6] = region(sum_dy_xmu, c, sizeof(double), False)
-    status = check_aliasing(&output, 1, inputs, 7)
-    if status != BNCPU_OK:
+    return check_aliasing(&output, 1, inputs, 7)
+
+
+cdef int bn_backward_elemt(const real* dy, const real* x, real* dx, int64_t n, int64_t c, int64_t s,
+                           const double* mean, const double* invstd, const real* weight,
+                           const double* sum_dy, const double* sum_dy_xmu,
+                           int64_t count) noexcept nogil:
+    cdef int status = backward_elemt_status(dy, x, dx, n, c, s, mean, invstd, weight, sum_dy,
+                                            sum_dy_xmu, count, sizeof(real), sizeof(real))
+    cdef int n_threads
+    cdef int64_t j
+    cdef real* coefs
+    if status != BNCPU_OK or n * c * s == 0:
         return status
     coefs = <real*>alloc_values(CHANNEL_COEFS, c, sizeof(real), False)
     if coefs == NULL:

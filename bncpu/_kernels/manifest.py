@@ -16,7 +16,10 @@ noexcept nogil`` over the family's fused type), append an ``Entry`` to ENTRIES w
 member fails the build (the table is typed, and setup.py compiles with
 -Werror=incompatible-pointer-types).
 Adding a data dtype: instantiate the kernels for it, append a ``Dtype`` to DTYPES with
-``since`` = the next minor version, and run ``--write``.
+``since`` = the next minor version, and run ``--write``. A dtype whose data type is not
+its arithmetic type (bfloat16, float16: float32 arithmetic) has its own kernel variant,
+``<kernel><Dtype.kernels>`` (``bn_forward_train_half``); the entries that have it list the
+variant in ``Entry.kernels``, so the table has a member exactly where a kernel exists.
 
 API versions (as NumPy's C API): the table only grows. Members are never removed,
 reordered or retyped; new ones are appended, grouped by the minor version that added
@@ -42,7 +45,7 @@ import sys
 # "baseline" build is portable x86-64 (SSE2), or the only build off x86.
 ISA_LEVELS = collections.OrderedDict([
     ("baseline", ("", [])),
-    ("avx2", ("_avx2", ["-mavx2", "-mfma"])),
+    ("avx2", ("_avx2", ["-mavx2", "-mfma", "-mf16c"])),
     ("avx512", ("_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                             "-mprefer-vector-width=512"])),
 ])
@@ -55,19 +58,23 @@ API_VERSION_MAJOR = 3
 # One data dtype of the table: member <entry><suffix> takes data (x, y, dy, dx, residual:
 # `T` in Entry.params) of C type `data` and parameters and statistics (weight, bias,
 # running and saved statistics, their gradients: `P`) of C type `param`; the kernel
-# written into it is <kernel>[<fused>]; `numpy` is the NumPy scalar type of the data
+# written into it is <kernel><kernels>[<fused>]; `numpy` is the NumPy scalar type of the data
 # ("module.name": numpy.float32, ml_dtypes.bfloat16).
 # A half-precision dtype has a uint16_t data type (bncpu_bf16, bncpu_f16, declared in
-# include/bncpu.h) and float parameters.
-Dtype = collections.namedtuple("Dtype", "suffix data param fused numpy since")
+# include/bncpu.h) and float parameters; its kernels are the family's half-precision
+# kernels, <kernel>_half, fused over the one-member structs bncpu_bf16_lane and
+# bncpu_f16_lane (distinct types, unlike the two uint16_t typedefs).
+Dtype = collections.namedtuple("Dtype", "suffix data param kernels fused numpy since")
 
 DTYPES = (
-    Dtype("_f32", "float", "float", "float", "numpy.float32", 0),
-    Dtype("_f64", "double", "double", "double", "numpy.float64", 0),
+    Dtype("_f32", "float", "float", "", "float", "numpy.float32", 0),
+    Dtype("_f64", "double", "double", "", "double", "numpy.float64", 0),
+    Dtype("_bf16", "bncpu_bf16", "float", "_half", "bncpu_bf16_lane", "ml_dtypes.bfloat16", 1),
+    Dtype("_f16", "bncpu_f16", "float", "_half", "bncpu_f16_lane", "numpy.float16", 1),
 )
 
 # One C API entry: a table member per dtype, <name><suffix>, filled with the kernel
-# <kernel>[<fused>] of <family>.
+# <kernel><Dtype.kernels>[<Dtype.fused>] of <family>.
 # params: the C parameters, T the data type and P the parameter type of the dtype; a
 #   pointer whose name ends in "?" may be NULL (NULL is None in Python; the header says
 #   so in the doc).
@@ -77,7 +84,16 @@ DTYPES = (
 #   bncpu._ops.<family>.<op>; its dtype is that of the first non-optional T array),
 #   or None where bncpu._ops routes the entry by hand.
 # since: the API minor version that added the entry.
-Entry = collections.namedtuple("Entry", "name family kernel params doc section python since")
+# kernels: the variants of its kernel that its family defines, as Dtype.kernels names
+#   them ("": <kernel>, "_half": <kernel>_half); the table has a member <name><suffix>
+#   for every dtype whose variant is among them. A member belongs to the minor version
+#   max(entry since, dtype since): give an entry a new variant only while that minor
+#   version is unreleased (the table only grows, see below).
+Entry = collections.namedtuple("Entry", "name family kernel params doc section python since "
+                                        "kernels", defaults=(("", "_half"),))
+
+# The entries without a half-precision kernel (yet).
+FULL_PRECISION = ("",)
 
 ENTRIES = (
     Entry("batch_norm_forward_train", "batch_norm", "bn_forward_train",
@@ -131,7 +147,7 @@ global mean and invstd = 1/sqrt(M2/count + eps), and update the running statisti
 (may be NULL) as the training forward does, with the total count (unbiased as
 there). A total count of 0 leaves everything unchanged and gives mean 0,
 invstd 1/sqrt(eps).""",
-          None, None, 0),
+          None, None, 0, FULL_PRECISION),
     Entry("batch_norm_elemt", "batch_norm", "bn_elemt",
           "const T* x, T* y, int64_t n, int64_t c, int64_t s, const double* mean, "
           "const double* invstd, const P* weight?, const P* bias?",
@@ -176,7 +192,7 @@ output passes), else 0, applied as dy is read; dx, dweight, dbias are
 batch_norm_backward's for g (training or not, as there), and dresidual = g
 (may be NULL: not written). dx is required and may be dy, y or x; dresidual must
 not alias dx.""",
-          None, "bn_relu_backward", 0),
+          None, "bn_relu_backward", 0, FULL_PRECISION),
     Entry("layer_norm_forward", "row_norm", "layer_norm_forward",
           "const T* x, T* y, int64_t rows, int64_t d, const P* weight?, const P* bias?, "
           "double eps, P* save_mean?, P* save_rstd?",
@@ -184,7 +200,7 @@ not alias dx.""",
 y = (x - mean_r)*rstd_r*weight[k] + bias[k], mean_r and rstd_r = 1/sqrt(var_r + eps)
 over each row r; weight/bias (d values) may be NULL; save_mean/save_rstd (rows
 values) may be NULL.""",
-          "layer norm: rows of d values", None, 0),
+          "layer norm: rows of d values", None, 0, FULL_PRECISION),
     Entry("layer_norm_backward", "row_norm", "layer_norm_backward",
           "const T* dy, const T* x, T* dx?, int64_t rows, int64_t d, const P* mean, "
           "const P* rstd, const P* weight?, P* dweight?, P* dbias?",
@@ -192,18 +208,18 @@ values) may be NULL.""",
 xhat = (x - mean)*rstd, g = dy*weight:
 dx = rstd*(g - mean_k(g) - xhat*mean_k(g*xhat)); dweight = Σ_r dy*xhat; dbias = Σ_r dy.
 dx, dweight, dbias may be NULL.""",
-          None, None, 0),
+          None, None, 0, FULL_PRECISION),
     Entry("group_norm_forward", "row_norm", "group_norm_forward",
           "const T* x, T* y, int64_t n, int64_t c, int64_t s, int64_t groups, "
           "const P* weight?, const P* bias?, double eps, P* save_mean?, P* save_rstd?",
           """\
 Statistics per (sample, group) over (c/groups)*s values; weight/bias per channel.
 save_mean/save_rstd hold n*groups values. groups == c is instance norm.""",
-          "group norm: (n, c, s), groups of c/groups contiguous channels", None, 0),
+          "group norm: (n, c, s), groups of c/groups contiguous channels", None, 0, FULL_PRECISION),
     Entry("group_norm_backward", "row_norm", "group_norm_backward",
           "const T* dy, const T* x, T* dx?, int64_t n, int64_t c, int64_t s, int64_t groups, "
           "const P* mean, const P* rstd, const P* weight?, P* dweight?, P* dbias?",
-          "", None, None, 0),
+          "", None, None, 0, FULL_PRECISION),
     Entry("group_norm_channels_last_forward", "row_norm", "group_norm_channels_last_forward",
           "const T* x, T* y, int64_t n, int64_t c, int64_t s, int64_t groups, "
           "const P* weight?, const P* bias?, double eps, P* save_mean?, P* save_rstd?",
@@ -216,11 +232,11 @@ dx may be dy or x. The results equal those of group_norm_* on the same values
 laid out channels first to rounding (the sums run in another order; bit for bit
 when s <= 1, where the two layouts are one), and are bitwise identical for any
 number of threads. groups == c is instance norm.""",
-          None, None, 0),
+          None, None, 0, FULL_PRECISION),
     Entry("group_norm_channels_last_backward", "row_norm", "group_norm_channels_last_backward",
           "const T* dy, const T* x, T* dx?, int64_t n, int64_t c, int64_t s, int64_t groups, "
           "const P* mean, const P* rstd, const P* weight?, P* dweight?, P* dbias?",
-          "", None, None, 0),
+          "", None, None, 0, FULL_PRECISION),
     Entry("rms_norm_forward", "row_norm", "rms_norm_forward",
           "const T* x, T* y, int64_t rows, int64_t d, const P* weight?, double eps, "
           "P* save_rstd?",
@@ -228,11 +244,11 @@ number of threads. groups == c is instance norm.""",
 y = x*rstd_r*weight[k], rstd_r = 1/sqrt(mean_k(x²) + eps); weight and save_rstd
 may be NULL. Backward: g = dy*weight, dx = rstd*(g - x*rstd²*mean_k(g*x)),
 dweight = Σ_r dy*x*rstd.""",
-          "RMS norm: rows of d values", None, 0),
+          "RMS norm: rows of d values", None, 0, FULL_PRECISION),
     Entry("rms_norm_backward", "row_norm", "rms_norm_backward",
           "const T* dy, const T* x, T* dx?, int64_t rows, int64_t d, const P* rstd, "
           "const P* weight?, P* dweight?",
-          "", None, None, 0),
+          "", None, None, 0, FULL_PRECISION),
 )
 
 API_VERSION_MINOR = max(row.since for row in DTYPES + ENTRIES)
@@ -272,8 +288,13 @@ def members():
     """Every kernel member of the table, in table order: entries and dtypes of a minor
     version after those of every earlier one (the table only grows), entry by entry."""
     rows = [Member(entry.name + dtype.suffix, entry, dtype, max(entry.since, dtype.since))
-            for entry in ENTRIES for dtype in DTYPES]
+            for entry in ENTRIES for dtype in DTYPES if instantiated(entry, dtype)]
     return sorted(rows, key=lambda member: member.since)
+
+
+def instantiated(entry, dtype):
+    """Whether the entry has a kernel for the dtype (see Entry.kernels)."""
+    return dtype.kernels in entry.kernels
 
 
 def params(entry):
@@ -288,15 +309,16 @@ def params(entry):
     return found
 
 
-def _ctype(param, dtype):
-    return {"T": dtype.data, "P": dtype.param}.get(param.base, param.base)
+def _ctype(param, dtype, data):
+    return {"T": data or dtype.data, "P": dtype.param}.get(param.base, param.base)
 
 
-def c_params(entry, dtype, style="c"):
-    """The member's parameter list: C style ("const float *x") or Cython ("const float* x")."""
+def c_params(entry, dtype, style="c", data=None):
+    """The member's parameter list: C style ("const float *x") or Cython ("const float* x"),
+    the data typed `data` when given (default: the dtype's C type)."""
     out = []
     for param in params(entry):
-        ctype = ("const " if param.const else "") + _ctype(param, dtype)
+        ctype = ("const " if param.const else "") + _ctype(param, dtype, data)
         if param.pointer:
             out.append(f"{ctype} *{param.name}" if style == "c" else f"{ctype}* {param.name}")
         else:
@@ -438,7 +460,18 @@ def cython_table():
     for member in members():
         lines.append(f"        int (*{member.name})("
                      f"{', '.join(c_params(member.entry, member.dtype, 'cython'))}) noexcept nogil")
+    # The members' pointer types where a kernel's data type differs (fill_source's casts).
+    lines.append("")
+    for member in _cast_members():
+        lines.append(f"ctypedef int (*{member.name}_t)("
+                     f"{', '.join(c_params(member.entry, member.dtype, 'cython'))}) "
+                     "noexcept nogil")
     return "\n".join(lines) + "\n"
+
+
+def _cast_members():
+    """The members whose kernel takes its data as a lane struct, not the member's type."""
+    return [member for member in members() if member.dtype.fused != member.dtype.data]
 
 
 def fill_source(family):
@@ -446,14 +479,30 @@ def fill_source(family):
     whose signature differs from the member's is a compile error)."""
     lines = [GENERATED,
              "from cpython.pycapsule cimport PyCapsule_GetPointer",
-             "from bncpu._kernels._api_table cimport bncpu_api", "", "",
+             "from bncpu._kernels._api_table cimport "
+             + ", ".join(["bncpu_api"] + [f"{m.name}_t" for m in _cast_members()
+                                         if m.entry.family == family]), "", "",
              "def _fill_api(object table_capsule):",
              '    """Write this module\'s kernels into the C API table held by the capsule."""',
              "    cdef bncpu_api* table = <bncpu_api*>PyCapsule_GetPointer(table_capsule, "
              '"bncpu._capi.table")']
+    casts = []
     for member in members():
-        if member.entry.family == family:
-            lines.append(f"    table.{member.name} = {member.entry.kernel}[{member.dtype.fused}]")
+        if member.entry.family != family:
+            continue
+        kernel = f"{member.entry.kernel}{member.dtype.kernels}[{member.dtype.fused}]"
+        if member.dtype.fused == member.dtype.data:
+            lines.append(f"    table.{member.name} = {kernel}")
+        else:
+            # Typed as the kernel (a signature that drifts fails to compile), then cast
+            # to the member's bits-typed pointer.
+            lines += [f"    cdef {member.name}_kernel {member.name} = {kernel}",
+                      f"    table.{member.name} = <{member.name}_t>{member.name}"]
+            casts += _wrap(f"ctypedef int (*{member.name}_kernel)(",
+                           c_params(member.entry, member.dtype, "cython", member.dtype.fused),
+                           ") noexcept nogil", " " * 4)
+    if casts:
+        lines[5:5] = casts + ["", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -471,6 +520,23 @@ def ops_wrappers():
              + ", ".join(name for name, _, _ in C_TYPEDEFS), ""]
     for dtype in DTYPES:
         lines.append(f'cdef int {_typenum_name(dtype)} = typenum_of("{dtype.numpy}")')
+    # A dtype of another module (ml_dtypes.bfloat16) has a type number once that module
+    # is imported, which bncpu leaves to its user (the import is slow): until then no
+    # array has that dtype, and a call that finds no kernel looks again.
+    user = [dtype for dtype in DTYPES if not dtype.numpy.startswith("numpy.")]
+    lines += ["", "", "cdef bint refresh_typenums() except -1:",
+              '    """Look again for the type numbers of dtypes of other modules: whether one '
+              'changed."""']
+    if user:
+        lines.append("    global " + ", ".join(_typenum_name(dtype) for dtype in user))
+        lines.append("    cdef bint changed = False")
+        for dtype in user:
+            lines += [f'    if {_typenum_name(dtype)} != typenum_of("{dtype.numpy}"):',
+                      f'        {_typenum_name(dtype)} = typenum_of("{dtype.numpy}")',
+                      "        changed = True"]
+        lines.append("    return changed")
+    else:
+        lines.append("    return False")
     wrappers = collections.defaultdict(list)
     for entry in ENTRIES:
         entry_params = params(entry)
@@ -484,6 +550,8 @@ def ops_wrappers():
                 lines.append(f"    cdef void* {p.name}_ = data_pointer({p.name})")
         lines.append("    cdef int status")
         for dtype in DTYPES:
+            if not instantiated(entry, dtype):
+                continue
             casts = []
             for p, text in zip(entry_params, c_params(entry, dtype, "cython")):
                 if p.pointer:
@@ -495,6 +563,9 @@ def ops_wrappers():
             lines += _wrap(f"            status = API.{entry.name}{dtype.suffix}(", casts, ")",
                            " " * 16)
             lines.append("        return status")
+        lines.append("    if refresh_typenums():")
+        lines += _wrap(f"        return call_{entry.name}(",
+                       ["typenum"] + [p.name for p in entry_params], ")", " " * 12)
         lines += [f'    raise TypeError(f"{entry.name}: no kernel for data of "',
                   '                    f"NumPy type number {typenum}")']
         if entry.python is None:
