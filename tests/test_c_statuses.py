@@ -1,4 +1,4 @@
-"""Every C entry, in both dtypes, called with each fault it can have: the status that
+"""Every C entry, in every dtype, called with each fault it can have: the status that
 include/bncpu.h names, the same for the same fault in every entry, and nothing written.
 
 The entries are called as a C program reaches them: through the function table behind
@@ -172,14 +172,15 @@ class Call:
     """Arguments of one call of a table member: buffers (CAPACITY bytes each) viewed as
     the arrays the entry reads and writes, and the scalars."""
 
-    def __init__(self, member, entry, dtype):
+    def __init__(self, member, entry, dtype, param_dtype):
         self.member, self.entry, self.dtype = member, entry, dtype
         self.params = parameters(entry)
         self.buffers, self.arrays, self.values = {}, {}, {}
         rng = np.random.default_rng(0)
         for name, kind in self.params:
             if kind.endswith("*"):
-                element = {"T": dtype, "P": dtype, "double": np.float64, "int64_t": np.int64}[
+                element = {"T": dtype, "P": param_dtype, "double": np.float64,
+                           "int64_t": np.int64}[
                     kind.split()[-1][:-1]]
                 buffer = np.zeros(CAPACITY, np.uint8)
                 array = buffer[:length(entry, name) * np.dtype(element).itemsize].view(element)
@@ -230,8 +231,15 @@ MEMBERS = [(member.name, member.entry, member.dtype.data)
 IDS = [member for member, _, _ in MEMBERS]
 
 
+# The NumPy storage of a member's data (T) and parameters (P). Half data is stored as
+# float16 bits for both 16-bit formats: read as bfloat16 they are finite values too.
+DATA_STORAGE = {"float": np.float32, "double": np.float64, "bncpu_bf16": np.float16,
+                "bncpu_f16": np.float16}
+
+
 def make_call(member, entry, ctype):
-    return Call(member, entry, np.float32 if ctype == "float" else np.float64)
+    param = np.float64 if ctype == "double" else np.float32
+    return Call(member, entry, DATA_STORAGE[ctype], param)
 
 
 @pytest.mark.parametrize("member, entry, ctype", MEMBERS, ids=IDS)
