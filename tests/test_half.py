@@ -409,8 +409,10 @@ def test_bncpu_imports_without_ml_dtypes_and_takes_bfloat16_once_imported():
               "y = bncpu.batch_norm(x.astype(ml_dtypes.bfloat16), None, None, training=True)\n"
               "assert y.dtype == ml_dtypes.bfloat16\n")
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bncpu.__file__)))
+    from conftest import CHILD_CWD   # not the repository root: its source tree is unbuilt
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": package_parent}, timeout=120)
+                            env={**os.environ, "PYTHONPATH": package_parent}, timeout=120,
+                            cwd=CHILD_CWD)
     assert result.returncode == 0, result.stderr
 
 
