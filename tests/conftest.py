@@ -9,6 +9,8 @@ import atexit
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -170,3 +172,26 @@ def torch():
 def to_torch(torch, array):
     """A tensor holding a copy of ``array`` (None stays None)."""
     return None if array is None else torch.tensor(np.array(array))
+
+
+def runs_under_every_isa(script, tmp_path):
+    """Run ``script`` (which saves its results to the .npz path in sys.argv[1], with an
+    "isa" entry) in a child Python per instruction-set build this CPU runs; returns
+    {isa: loaded results}. Skips when the CPU runs only one build."""
+    isas = bncpu._capi.cpu_isas()
+    if len(isas) < 2:
+        pytest.skip(f"this CPU runs only the {isas[0]} build")
+    # The bncpu this process runs, installed or built in place.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bncpu.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    runs = {}
+    for isa in isas:
+        path = tmp_path / f"{isa}.npz"
+        result = subprocess.run([sys.executable, "-c", script, str(path)], cwd=tmp_path,
+                                env={**env, "BNCPU_ISA": isa}, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        runs[isa] = np.load(path)
+        assert str(runs[isa]["isa"]) == isa
+    return runs

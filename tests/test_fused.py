@@ -8,9 +8,7 @@ and residual, values of exactly 0 before the ReLU, NaN, out= and in place, bad i
 every work mode of the kernels at several thread counts, every instruction-set build, and
 the C API entries.
 """
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,8 @@ import pytest
 import bncpu
 from bncpu import reference
 from conftest import (AFFINE, DTYPES, assert_all_bitwise_equal, assert_bitwise_equal,
-                      assert_close, channel_params, num_threads, random_input, running_stats)
+                      assert_close, channel_params, num_threads, random_input, running_stats,
+                      runs_under_every_isa)
 from test_c_api import compile_c, example_env, toolchain  # noqa: F401 (toolchain: a fixture)
 
 EPS = 1e-5
@@ -493,22 +492,8 @@ np.savez(sys.argv[1], **results)
 
 
 def test_every_instruction_set_build_gives_the_same_bits(tmp_path):
-    isas = bncpu._capi.cpu_isas()
-    if len(isas) < 2:
-        pytest.skip(f"this CPU runs only the {isas[0]} build")
-    runs = {}
-    # The bncpu this process runs, installed or built in place.
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bncpu.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    for isa in isas:
-        path = tmp_path / f"{isa}.npz"
-        result = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(path)], cwd=tmp_path,
-                                env={**env, "BNCPU_ISA": isa}, capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 0, result.stderr
-        runs[isa] = np.load(path)
-        assert str(runs[isa]["isa"]) == isa
+    runs = runs_under_every_isa(ISA_SCRIPT, tmp_path)
+    isas = list(runs)
     first = runs[isas[0]]
     for isa in isas[1:]:
         for key in first.files:

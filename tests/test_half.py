@@ -15,7 +15,7 @@ import pytest
 import bncpu
 from bncpu import reference
 from bncpu import _ops
-from conftest import num_threads
+from conftest import num_threads, runs_under_every_isa
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -304,21 +304,8 @@ np.savez(sys.argv[1], **results)
 
 
 def test_every_instruction_set_build_gives_the_same_bits(tmp_path):
-    isas = bncpu._capi.cpu_isas()
-    if len(isas) < 2:
-        pytest.skip(f"this CPU runs only the {isas[0]} build")
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(bncpu.__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [package_parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    runs = {}
-    for isa in isas:
-        path = tmp_path / f"{isa}.npz"
-        result = subprocess.run([sys.executable, "-c", ISA_SCRIPT, str(path)], cwd=tmp_path,
-                                env={**env, "BNCPU_ISA": isa}, capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 0, result.stderr
-        runs[isa] = np.load(path)
-        assert str(runs[isa]["isa"]) == isa
+    runs = runs_under_every_isa(ISA_SCRIPT, tmp_path)
+    isas = list(runs)
     first = runs[isas[0]]
     for isa in isas[1:]:
         for key in first.files:

@@ -99,6 +99,17 @@ def test_an_infinite_input_gives_an_infinite_mean(shape, dtype):
 # ----------------------------------------------------------------------------------
 # float32 data whose spread is beyond 1e19 (squares past float32's range)
 # ----------------------------------------------------------------------------------
+def assert_finite_and_close_to_twin(results, expected, label):
+    """Each result finite and within 1e-4 (relative, and of its largest value) of the
+    float64 twin's."""
+    for got, want in zip(results, expected):
+        if want is None:
+            continue
+        assert np.all(np.isfinite(got)), label
+        scale = float(np.max(np.abs(want))) if want.size else 0.0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale, err_msg=label)
+
+
 FORWARDS = ["batch_norm_forward", "layer_norm_forward", "group_norm_forward",
             "instance_norm_forward", "rms_norm_forward"]
 
@@ -117,13 +128,7 @@ def test_float32_spread_beyond_1e19_normalizes_like_float64(name):
                 for k, v in args.items()}
         results = spec.call(spec.copy_args(args))
         expected = spec.call_twin(wide)
-        for got, want in zip(results, expected):
-            if want is None:
-                continue
-            assert np.all(np.isfinite(got)), (name, shape)
-            scale = float(np.max(np.abs(want))) if want.size else 0.0
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale,
-                                       err_msg=f"{name} {shape}")
+        assert_finite_and_close_to_twin(results, expected, f"{name} {shape}")
 
 
 @pytest.mark.parametrize("shape", [(4, 9, 9, 8), (2, 64, 64, 16), (3, 700, 4)])
@@ -173,13 +178,7 @@ def test_float32_backward_beyond_1e19_is_the_float64_result(name):
         with num_threads(1):   # the float64 sums, too, are cut by the shape alone
             assert_all_bitwise_equal(spec.call(spec.copy_args(args)), results)
         expected = spec.call_twin(wide)
-        for got, want in zip(results, expected):
-            if want is None:
-                continue
-            assert np.all(np.isfinite(got)), (name, shape)
-            scale = float(np.max(np.abs(want))) if want.size else 0.0
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale,
-                                       err_msg=f"{name} {shape}")
+        assert_finite_and_close_to_twin(results, expected, f"{name} {shape}")
 
 
 @pytest.mark.parametrize("shape", [(4, 9, 9, 8), (2, 64, 64, 16), (3, 700, 4)])
